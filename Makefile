@@ -1,0 +1,21 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv on first use; later runs reuse it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/kvlab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: demo test clean
+demo: $(BIN)/kvlab
+	$(BIN)/kvlab plan --preset llama2-7b --memory 80GiB --context 4096
+	$(BIN)/kvlab plan --preset smollm2-135m --memory 24GiB --context 8192
+
+test: $(BIN)/kvlab
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

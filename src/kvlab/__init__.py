@@ -1,0 +1,21 @@
+"""kvlab: transformer LMs with small, fast KV caches (MHA, GQA, MQA, Cross-Layer Attention)."""
+
+from kvlab.cache import KVCache
+from kvlab.config import PRESETS, ModelConfig, kv_bytes_per_token
+from kvlab.errors import CacheOverflowError, CheckpointError, ConfigError, KvlabError
+from kvlab.model import Transformer
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "CacheOverflowError", "CheckpointError", "ConfigError", "KVCache", "KvlabError",
+           "ModelConfig", "Transformer", "kv_bytes_per_token", "generate", "load"]
+
+
+def __getattr__(name):  # lazy: generation pulls in sampling code most imports do not need
+    if name == "generate":
+        from kvlab.generate import generate
+        return generate
+    if name == "load":
+        from kvlab.checkpoints import load_checkpoint
+        return load_checkpoint
+    raise AttributeError(name)

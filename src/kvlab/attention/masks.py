@@ -1,0 +1,79 @@
+"""Boolean "may attend" masks, built in one place.
+
+Every query and key carries a *position* (its index in its own sequence, not counting padding)
+and a *valid* flag (False for padding). Query ``q`` may attend to key ``k`` of the same row when
+both are valid, ``pos_k <= pos_q`` (causal) and ``pos_q - pos_k < window`` (sliding window).
+That one rule covers a padded batch without a cache (positions count real tokens, so left and
+right padding behave the same), a prefill or decode step against a KV cache (key positions are
+cache slots), and their combination.
+
+:class:`AttentionMask` keeps the rule in that structured form so a tiled kernel can evaluate it
+per tile; :meth:`AttentionMask.dense` materializes the ``(B, 1, Tq, Tk)`` boolean tensor for
+backends that take one. A query with nothing to attend to (a padding query) has an all-False
+row; every backend turns that row into zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def positions_from_attention_mask(attention_mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token positions for a ``(B, T)`` 0/1 mask: real tokens count 0, 1, 2... from ``start``.
+
+    Padding tokens get the position of the previous real token (clamped at ``start``); they are
+    masked out anyway, and the clamp keeps them inside RoPE / embedding tables.
+    """
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    if start is not None:
+        pos = pos + start.view(-1, 1)
+    return pos
+
+
+def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tensor | None = None,
+               k_valid: torch.Tensor | None = None, causal: bool = True,
+               window: int | None = None) -> torch.Tensor:
+    """The boolean mask ``(B, 1, Tq, Tk)`` from positions ``(B|1, Tq)``, ``(B|1, Tk)`` and validity."""
+    qp = q_pos.unsqueeze(-1)            # (B, Tq, 1)
+    kp = k_pos.unsqueeze(-2)            # (B, 1, Tk)
+    allowed = torch.ones(torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=q_pos.device)
+    if causal:
+        allowed &= kp <= qp
+    if window is not None:
+        allowed &= (qp - kp) < window
+    if q_valid is not None:
+        allowed &= q_valid.bool().unsqueeze(-1)
+    if k_valid is not None:
+        allowed &= k_valid.bool().unsqueeze(-2)
+    return allowed.unsqueeze(1)
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query may attend to, in the structured form described above.
+
+    ``plain_causal`` marks the common case where queries and keys are the same unpadded
+    sequence starting at 0 with no window: backends may then use their built-in causal path.
+    """
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_valid: torch.Tensor | None = None
+    k_valid: torch.Tensor | None = None
+    causal: bool = True
+    window: int | None = None
+    plain_causal: bool = False
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def dense(self) -> torch.Tensor:
+        """``(B, 1, Tq, Tk)`` booleans; computed once and shared by every layer of a forward."""
+        if self._dense is None:
+            self._dense = may_attend(self.q_pos, self.k_pos, q_valid=self.q_valid,
+                                     k_valid=self.k_valid, causal=self.causal, window=self.window)
+        return self._dense
+
+    def row_has_keys(self) -> torch.Tensor:
+        """``(B, 1, Tq, 1)``: False for queries that may attend to nothing (their output is 0)."""
+        return self.dense().any(dim=-1, keepdim=True)

@@ -1,0 +1,217 @@
+"""The decoder-only LM: embeddings, sequential or parallel blocks, final norm, LM head.
+
+Parameter names follow HF Llama (``embed_tokens``, ``layers.N.self_attn.q_proj``, ``mlp.gate_proj``,
+``input_layernorm``...) so that checkpoints map onto each other name for name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlab.attention.masks import AttentionMask, positions_from_attention_mask
+from kvlab.attention.module import Attention, ForwardContext
+from kvlab.attention.rope import rope_cos_sin, rope_inv_freq
+from kvlab.cache import KVCache
+from kvlab.config import ModelConfig
+from kvlab.errors import ConfigError
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as HF Llama does (matters in bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU (``down(gelu(up(x)))``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Sequential pre-norm ``h = x + attn(n1(x)); h + mlp(n2(h))`` or parallel
+    ``x + attn(n(x)) + mlp(n(x))`` with one shared norm (GPT-J / PaLM)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.parallel = cfg.block == "parallel"
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        if not self.parallel:
+            self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.parallel:
+            return x + self.self_attn(h, ctx) + self.mlp(h)
+        x = x + self.self_attn(h, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder LM built from a :class:`ModelConfig`.
+
+    ``model(tokens)`` returns logits ``(B, T, vocab)``. ``attention_mask (B, T)`` marks real
+    tokens (1) and padding (0), left or right. ``model(tokens, cache=cache)`` appends the tokens
+    to the KV cache and returns the logits of the new tokens. ``backend`` overrides
+    ``cfg.attn_backend`` for one call.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.pos == "rope":
+            self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.init_buffers()
+        self.reset_parameters()
+
+    def init_buffers(self) -> None:
+        """(Re)compute the non-persistent buffers, e.g. after ``to_empty`` from the meta device."""
+        if self.cfg.pos == "rope":
+            self.rope_inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
+
+    # ------------------------------------------------------------------------ parameters
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2·n_layer)."""
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def param_counts(self) -> dict[str, int]:
+        """Real counts by the same parts as :meth:`ModelConfig.param_counts` (tied weights once)."""
+        seen: set[int] = set()
+        counts = dict.fromkeys(("embedding", "attention", "mlp", "norm", "lm_head"), 0)
+        for name, p in self.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            part = ("embedding" if name.startswith("embed_") else "lm_head" if name.startswith("lm_head")
+                    else "attention" if ".self_attn." in name else "mlp" if ".mlp." in name else "norm")
+            counts[part] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,
+                  device: str | torch.device | None = None) -> KVCache:
+        """A preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens."""
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len,
+                       dtype=dtype or self.dtype, device=device or self.device)
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens, attention_mask=attention_mask, cache=cache, backend=backend))
+
+    def hidden_states(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:
+        """The final-norm hidden states ``(B, T, d_model)`` (what the LM head reads)."""
+        cfg = self.cfg
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ConfigError(f"tokens must be an integer tensor of shape (batch, seq), got "
+                              f"{tuple(tokens.shape)} {tokens.dtype}")
+        B, T = tokens.shape
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have "
+                              f"{tuple(tokens.shape)}; give one 0/1 flag per token")
+        if cache is not None and cache.batch_size != B:
+            raise ConfigError(f"the cache was allocated for batch_size={cache.batch_size} but tokens "
+                              f"have batch {B}; allocate model.new_cache({B}, ...)")
+
+        step = None
+        if cache is None:
+            if cfg.pos == "learned" and T > cfg.max_seq_len:
+                raise ConfigError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len} of a model "
+                                  f"with learned positions")
+            if attention_mask is None:
+                pos = torch.arange(T, device=tokens.device).unsqueeze(0)
+                mask = AttentionMask(pos, pos, window=cfg.sliding_window,
+                                     plain_causal=cfg.sliding_window is None)
+            else:
+                valid = attention_mask.bool()
+                pos = positions_from_attention_mask(valid)
+                mask = AttentionMask(pos, pos, q_valid=valid, k_valid=valid, window=cfg.sliding_window)
+        else:
+            step = cache.prepare(T, attention_mask)
+            pos = step.q_pos
+            if step.uniform_start is not None and cfg.sliding_window is None and T == 1:
+                mask = None                           # one new token, uniform rows: every key is visible
+            else:
+                k_pos = torch.arange(step.k_len, device=tokens.device).unsqueeze(0)
+                mask = AttentionMask(pos, k_pos, q_valid=step.q_valid, k_valid=step.k_valid,
+                                     window=cfg.sliding_window,
+                                     plain_causal=step.uniform_start == 0 and cfg.sliding_window is None)
+
+        x = self.embed_tokens(tokens)
+        ctx = ForwardContext(mask=mask, backend=backend or cfg.attn_backend, cache=cache, step=step)
+        if cfg.pos == "learned":
+            x = x + self.embed_positions(pos)
+        else:
+            ctx.cos, ctx.sin = rope_cos_sin(pos, self.rope_inv_freq, x.dtype)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if cache is not None:
+            cache.commit(step, T)
+        return self.norm(x)
+
+    # ------------------------------------------------------------------------ conveniences
+    def save(self, directory, **kwargs):
+        """Write a kvlab checkpoint directory (see :func:`kvlab.checkpoints.save_checkpoint`)."""
+        from kvlab.checkpoints import save_checkpoint
+
+        return save_checkpoint(self, directory, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Transformer":
+        return cls(ModelConfig.from_preset(name, **overrides))

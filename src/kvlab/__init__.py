@@ -11,10 +11,10 @@ __all__ = ["PRESETS", "CacheOverflowError", "CheckpointError", "ConfigError", "K
            "ModelConfig", "Transformer", "kv_bytes_per_token", "generate", "load"]
 
 
-def __getattr__(name):  # lazy: generation pulls in sampling code most imports do not need
-    if name == "generate":
-        from kvlab.generate import generate
-        return generate
+from kvlab.generation import generate
+
+
+def __getattr__(name):  # lazy: the checkpoint code pulls in safetensors
     if name == "load":
         from kvlab.checkpoints import load_checkpoint
         return load_checkpoint

@@ -145,7 +145,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from kvlab.checkpoints import load_checkpoint
-    from kvlab.generate import generate
+    from kvlab.generation import generate
 
     if args.prompt is None and args.prompt_ids is None:
         raise UsageError("kvlab generate: give --prompt TEXT or --prompt-ids 1,2,3")

@@ -36,17 +36,18 @@ def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tenso
                k_valid: torch.Tensor | None = None, causal: bool = True,
                window: int | None = None) -> torch.Tensor:
     """The boolean mask ``(B, 1, Tq, Tk)`` from positions ``(B|1, Tq)``, ``(B|1, Tk)`` and validity."""
-    qp = q_pos.unsqueeze(-1)            # (B, Tq, 1)
-    kp = k_pos.unsqueeze(-2)            # (B, 1, Tk)
+    qp = q_pos.unsqueeze(-1)            # (B|1, Tq, 1)
+    kp = k_pos.unsqueeze(-2)            # (B|1, 1, Tk)
     allowed = torch.ones(torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=q_pos.device)
+    # Out of place: a validity mask may have a larger batch than the positions.
     if causal:
-        allowed &= kp <= qp
+        allowed = allowed & (kp <= qp)
     if window is not None:
-        allowed &= (qp - kp) < window
+        allowed = allowed & ((qp - kp) < window)
     if q_valid is not None:
-        allowed &= q_valid.bool().unsqueeze(-1)
+        allowed = allowed & q_valid.bool().unsqueeze(-1)
     if k_valid is not None:
-        allowed &= k_valid.bool().unsqueeze(-2)
+        allowed = allowed & k_valid.bool().unsqueeze(-2)
     return allowed.unsqueeze(1)
 
 

@@ -46,6 +46,18 @@ def test_ragged_rows_are_compacted_and_lengths_tracked():
     assert cache.lengths.tolist() == [0, 0]
 
 
+def test_cache_used_under_inference_mode_can_be_reset_outside_it():
+    model = make_model()
+    cache = model.new_cache(2, 8)
+    with torch.inference_mode():
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    cache.reset()
+    cache.assume_filled(5)
+    assert cache.lengths.tolist() == [5, 5]
+    out = model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    assert out.shape == (2, 1, 320) and cache.lengths.tolist() == [6, 6]
+
+
 def test_cache_errors():
     model = make_model()
     with pytest.raises(ConfigError, match="batch_size=0"):

@@ -69,9 +69,20 @@ class KVCache:
         """Bytes held by the K/V buffers: ``kv_bytes_per_token(dtype) × batch_size × max_len``."""
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
+    def assume_filled(self, n_tokens: int) -> None:
+        """Declare that every row holds ``n_tokens`` tokens already in the buffers.
+
+        For benchmarks and tests that write the buffers directly instead of prefilling.
+        """
+        if not 0 <= n_tokens <= self.max_len:
+            raise ConfigError(f"n_tokens={n_tokens} must be in [0, max_len={self.max_len}]")
+        # New tensors rather than in-place updates: after a step under torch.inference_mode the
+        # lengths are an inference tensor, which may not be modified in place outside it.
+        self.lengths = torch.full_like(self.lengths, n_tokens)
+        self._bound, self._uniform = n_tokens, True
+
     def reset(self) -> None:
-        self.lengths.zero_()
-        self._bound, self._uniform = 0, True
+        self.assume_filled(0)
 
     # ----------------------------------------------------------------------------- stepping
     def prepare(self, n_tokens: int, attention_mask: torch.Tensor | None = None) -> CacheStep:

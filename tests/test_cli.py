@@ -60,6 +60,8 @@ def test_plan_table(capsys):
     code, out, _ = run(capsys, "plan", "--preset", "llama2-7b", "--memory", "80GiB", "--context", "4096")
     assert code == 0
     assert "* MHA" in out and "MQA-CLA2" in out and "64.00x smaller" in out
+    code, out, _ = run(capsys, "plan", "--preset", "smollm2-135m")
+    assert "* GQA-3" in out and "3.00x larger" in out and "6.00x smaller" in out
 
 
 def test_plan_weights_do_not_fit(capsys):

@@ -106,6 +106,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relative(value: int, base: int) -> str:
+    if value == base:
+        return "-"
+    return f"{base / value:.2f}x smaller" if value < base else f"{value / base:.2f}x larger"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from kvlab.plan import format_bytes, parse_size, plan, plan_as_dicts
 
@@ -130,8 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       f"{r.params / 1e6:,.1f}M", format_bytes(r.weight_bytes), f"{r.kv_bytes_per_token:,}",
                       format_bytes(r.kv_bytes_per_sequence),
                       f"{r.max_batch:,}" if r.max_batch else "0 (weights do not fit)",
-                      f"{base.kv_bytes_per_token / r.kv_bytes_per_token:.2f}x smaller"
-                      if r.kv_bytes_per_token != base.kv_bytes_per_token else "-")
+                      _relative(r.kv_bytes_per_token, base.kv_bytes_per_token))
     console = _console()
     console.print(table)
     console.print("* = this model. max batch = (memory - weights) // KV per sequence; activations "

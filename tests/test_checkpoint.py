@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model
 from kvlab import CheckpointError, load
-from kvlab.checkpoints.kvlab_format import write_dir_atomically
+from kvlab.checkpoints.kvlab_format import load_checkpoint, write_dir_atomically
 from kvlab.tokenizer import ByteTokenizer
 
 
@@ -42,11 +42,15 @@ def test_overwrite_is_atomic_and_leaves_no_temp_dirs(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="model '.*nope' not found: give a kvlab or HF checkpoint directory"):
         load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match="neither a kvlab nor a HF checkpoint directory"):
         load(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path / "empty")
     make_model().save(tmp_path / "ckpt")
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

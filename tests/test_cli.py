@@ -76,7 +76,7 @@ def test_plan_weights_do_not_fit(capsys):
     (["plan", "--preset", "tiny", "--context", "0"], "context=0 must be a positive"),
     (["info", "--preset", "smollm2-135m", "--n-kv-head", "2"], "n_head=9 is not divisible by n_kv_head=2"),
     (["info", "--preset", "tiny", "--cla", "9"], "cla=9 exceeds n_layer=4"),
-    (["info"], "give exactly one of CHECKPOINT_DIR, --preset NAME or --config FILE"),
+    (["info"], "give exactly one of MODEL, --preset NAME or --config FILE"),
     (["info", "--preset", "tiny", "--dtype", "int3"], "invalid choice: 'int3'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: VERB"),
@@ -91,7 +91,7 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
 
 def test_failures_exit_1(capsys, tmp_path):
     code, _, err = run(capsys, "generate", str(tmp_path / "missing"), "--prompt-ids", "1,2")
-    assert code == 1 and "does not exist" in err
+    assert code == 1 and "not found" in err
 
 
 @pytest.mark.parametrize("verb", [[], ["info"], ["plan"], ["generate"]])
@@ -124,3 +124,55 @@ def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "kvlab", "info", "--preset", "tiny", "--json"],
                           capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["n_kv_head"] == 2
+
+
+@pytest.mark.parametrize("verb", [["eval"], ["convert"], ["export"]])
+def test_help_on_new_verbs(capsys, verb):
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0 and "usage: kvlab" in capsys.readouterr().out
+
+
+def test_convert_smollm2_to_mqa_and_info_shows_new_kv_bytes(capsys, tmp_path):
+    code, out, _ = run(capsys, "convert", "smollm2-135m", "--mqa", "--method", "mean", "-o", str(tmp_path / "mqa"))
+    assert code == 0 and "3 -> 1 KV heads" in out and "23,040 -> 7,680" in out
+    code, out, _ = run(capsys, "info", str(tmp_path / "mqa"), "--json")
+    info = json.loads(out)
+    assert (info["n_kv_head"], info["kv_bytes_per_token"]) == (1, 7680)
+    prov = json.loads((tmp_path / "mqa" / "provenance.json").read_text())
+    assert prov["source"]["builtin"] == "smollm2-135m" and prov["steps"][0]["method"] == "mean"
+    assert (tmp_path / "mqa" / "tokenizer.json").is_file()
+
+
+def test_info_reads_gguf_and_hf_configs_without_weights(capsys):
+    code, out, _ = run(capsys, "info", "smollm2-135m", "--json")
+    assert code == 0 and json.loads(out)["kv_bytes_per_token"] == 23040
+
+
+def test_convert_export_eval_generate_on_a_small_checkpoint(capsys, tmp_path):
+    model = make_model(n_kv_head=4)
+    model.save(tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--cla", "2",
+                       "-o", str(tmp_path / "gqa-cla"))
+    assert code == 0 and "4 -> 2 KV heads, 4 -> 2 KV layers" in out
+    code, _, err = run(capsys, "export", str(tmp_path / "gqa-cla"), "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert code == 2 and "Cross-Layer Attention" in err and not (tmp_path / "hf").exists()
+    code, _, _ = run(capsys, "export", str(tmp_path / "base"), "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert code == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 5)
+    code, out, _ = run(capsys, "eval", str(tmp_path / "gqa-cla"), "--data", str(tmp_path / "t.txt"),
+                       "--seq-len", "64", "--json", "--no-progress")
+    res = json.loads(out)
+    assert code == 0 and res["tokens"] == 220 and res["kv_bytes_per_token_bf16"] == 2 * 2 * 2 * 16 * 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["convert", "smollm2-135m", "-o", "x"], "give --kv-heads G, --mqa and/or --cla K"),
+    (["convert", "smollm2-135m", "--mqa", "--kv-heads", "1", "-o", "x"], "not both"),
+    (["convert", "smollm2-135m", "--kv-heads", "2", "-o", "x"], "cannot pool n_kv_head=3 into 2"),
+    (["eval", "smollm2-135m", "--data", "/no/such/file"], "data '/no/such/file' not found"),
+])
+def test_new_verbs_usage_errors(capsys, argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

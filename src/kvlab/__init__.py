@@ -16,6 +16,6 @@ from kvlab.generation import generate
 
 def __getattr__(name):  # lazy: the checkpoint code pulls in safetensors
     if name == "load":
-        from kvlab.checkpoints import load_checkpoint
-        return load_checkpoint
+        from kvlab.checkpoints import load
+        return load
     raise AttributeError(name)

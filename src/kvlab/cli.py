@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------- model source
 def _add_model_source(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (give one)")
-    src.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_DIR", help="a kvlab checkpoint directory")
+    src.add_argument("checkpoint", nargs="?", metavar="MODEL",
+                     help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
     src.add_argument("--preset", metavar="NAME", help="a built-in preset (kvlab info --list-presets)")
     src.add_argument("--config", metavar="FILE", help="a JSON file of ModelConfig fields")
     p.add_argument("--n-kv-head", type=int, metavar="N", help="override the number of KV heads (1 = MQA)")
@@ -42,16 +43,16 @@ def _model_config(args: argparse.Namespace):
 
     given = [x for x in (args.checkpoint, args.preset, args.config) if x]
     if len(given) != 1:
-        raise UsageError(f"kvlab {args.verb}: give exactly one of CHECKPOINT_DIR, --preset NAME or "
+        raise UsageError(f"kvlab {args.verb}: give exactly one of MODEL, --preset NAME or "
                          f"--config FILE (got {len(given)})")
     if args.preset:
         cfg = ModelConfig.from_preset(args.preset)
     elif args.config:
         cfg = ModelConfig.from_json(args.config)
     else:
-        from kvlab.checkpoints.kvlab_format import read_config
+        from kvlab.checkpoints import load_config
 
-        cfg = read_config(args.checkpoint)
+        cfg = load_config(args.checkpoint)
     changes = {}
     if args.n_kv_head is not None:
         changes["n_kv_head"] = args.n_kv_head
@@ -146,20 +147,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+def _load_model(args: argparse.Namespace):
+    from kvlab.checkpoints import load
+    from kvlab.dtypes import parse_dtype
 
-    from kvlab.checkpoints import load_checkpoint
+    dtype = parse_dtype(args.model_dtype) if getattr(args, "model_dtype", None) else None
+    return load(args.model, dtype=dtype, device=args.device)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from kvlab.generation import generate
 
     if args.prompt is None and args.prompt_ids is None:
         raise UsageError("kvlab generate: give --prompt TEXT or --prompt-ids 1,2,3")
-    model = load_checkpoint(args.checkpoint, device=args.device)
+    model = _load_model(args)
     tok = model.tokenizer
     if args.prompt is not None:
         if tok is None:
-            raise UsageError(f"kvlab generate: {args.checkpoint} has no tokenizer; pass --prompt-ids instead")
-        prompts = [tok.encode(p) for p in args.prompt]
+            raise UsageError(f"kvlab generate: {args.model} has no tokenizer; pass --prompt-ids instead")
+        if args.chat:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in args.prompt]
+        else:
+            prompts = [tok.encode(p) for p in args.prompt]
     else:
         try:
             prompts = [[int(t) for t in ids.split(",")] for ids in args.prompt_ids]
@@ -176,25 +185,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
         shown.append(token)
         if tok is None:
             print(token, end=" ", flush=True)
-        else:  # decode everything so far: multi-byte characters may span several tokens
-            text = tok.decode(shown)
+        else:  # decode everything so far: a character may span several tokens
+            text = tok.decode(shown, skip_special_tokens=True)
             print(text[len(text_so_far):], end="", flush=True)
             text_so_far = text
 
-    if stream and args.prompt is not None:
+    if stream and args.prompt is not None and not args.chat:
         print(args.prompt[0], end="", flush=True)
-    with torch.inference_mode():
-        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, stop_tokens=stop, backend=args.backend,
-                        on_token=on_token if stream else None)
+    outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop_tokens=stop, backend=args.backend,
+                    on_token=on_token if stream else None)
     if stream:
         print()
     if args.json:
-        print(json.dumps([{"prompt_ids": p, "new_ids": o, "text": tok.decode(o) if tok else None}
+        print(json.dumps([{"prompt_ids": p, "new_ids": o, "text": tok.decode(o, skip_special_tokens=True) if tok else None}
                           for p, o in zip(prompts, outs)], indent=2))
     elif not stream:
         for i, (p, o) in enumerate(zip(prompts, outs)):
-            print(f"[{i}] " + (tok.decode(p) + tok.decode(o) if tok else " ".join(map(str, p + o))))
+            print(f"[{i}] " + (tok.decode(o, skip_special_tokens=True) if tok else " ".join(map(str, p + o))))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvlab.corpus import corpus_fingerprint, read_documents
+    from kvlab.evaluate import evaluate
+
+    docs = read_documents(args.data)
+    model = _load_model(args)
+    result = evaluate(model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
+                      max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.no_progress,
+                      backend=args.backend)
+    out = {"model": str(args.model), "data": args.data, "data_fingerprint": corpus_fingerprint(docs),
+           "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16"), **result.to_dict()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.model} on {args.data}: perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} "
+              f"bits/byte, {result.tokens:,} tokens ({result.bytes:,} bytes, {result.documents} documents), "
+              f"windows of {result.seq_len} with stride {result.stride}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from kvlab.convert import convert
+
+    if args.kv_heads is None and not args.mqa and args.cla is None:
+        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K")
+    if args.kv_heads is not None and args.mqa:
+        raise UsageError("kvlab convert: give --kv-heads G or --mqa, not both")
+    model = _load_model(args)
+    before = model.cfg
+    new = convert(model, n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method,
+                  seed=args.seed)
+    new.save(args.output)
+    print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "
+          f"{before.n_kv_layers} -> {new.cfg.n_kv_layers} KV layers ({args.method}); KV bytes per token (bf16) "
+          f"{before.kv_bytes_per_token('bf16'):,} -> {new.cfg.kv_bytes_per_token('bf16'):,}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kvlab.checkpoints.hf import config_to_hf, export_hf
+    from kvlab.checkpoints import load_config
+    from kvlab.dtypes import parse_dtype
+
+    if args.format == "hf":  # fail on an unexportable architecture before loading any weights
+        config_to_hf(load_config(args.model), parse_dtype(args.dtype or "fp32"))
+    model = _load_model(args)
+    if args.format == "hf":
+        export_hf(model, args.output, dtype=parse_dtype(args.dtype) if args.dtype else None)
+    else:
+        if args.dtype:
+            model = model.to(parse_dtype(args.dtype))
+        model.save(args.output)
+    print(f"wrote {args.format} checkpoint {args.output}")
     return 0
 
 
@@ -219,11 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint",
-                       description="Generate from a kvlab checkpoint: prefill, then decode with the KV cache.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", metavar="MODEL",
+                       help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
+                       help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
+
+    p = sub.add_parser("generate", help="generate text from a model",
+                       description="Generate from a model: prefill, then decode with the KV cache.")
+    model_args(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", metavar="IDS", help="a prompt as token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int)
@@ -231,9 +303,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="makes sampling deterministic")
     p.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (default EOS)")
     p.add_argument("--backend", help="attention backend (reference, sdpa, auto)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print prompts and outputs as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity and bits per byte on a corpus",
+                       description="Perplexity and bits per byte. Documents are scored separately, each after "
+                                   "one BOS/EOS context token, long ones in windows of --seq-len tokens advancing "
+                                   "by --stride, every token scored once.")
+    model_args(p)
+    p.add_argument("--data", default="builtin", help="'builtin' (validation split), 'builtin:train', a text "
+                                                     "file, a .jsonl file (field 'text') or a directory of .txt")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--stride", type=int, help="window advance (default seq-len / 2)")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--backend", help="attention backend (reference, sdpa, auto)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="MHA/GQA -> fewer KV heads and/or cross-layer KV sharing",
+                       description="Convert a model's K/V heads by pooling contiguous groups (GQA/MQA) and/or "
+                                   "share KV across layers (CLA); writes a kvlab checkpoint with provenance.")
+    model_args(p)
+    p.add_argument("--kv-heads", type=int, metavar="G", help="new number of KV heads (must divide the current)")
+    p.add_argument("--mqa", action="store_true", help="one KV head (same as --kv-heads 1)")
+    p.add_argument("--cla", type=int, metavar="K", help="share each producer's KV with the next K-1 layers")
+    p.add_argument("--method", choices=["mean", "first", "random"], default="mean")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a model as a HF or kvlab checkpoint",
+                       description="Export to HF transformers (LlamaForCausalLM; Qwen2/Mistral when biases or "
+                                   "a sliding window need it) or to the kvlab format.")
+    model_args(p)
+    p.add_argument("--format", choices=["hf", "kvlab"], default="hf")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="dtype of the written weights")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

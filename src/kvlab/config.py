@@ -66,6 +66,7 @@ class ModelConfig:
     kv_source: list[int] | None = None
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False
     sliding_window: int | None = None
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"
@@ -186,7 +187,8 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         q_out, kv_out = self.n_head * hd, self.n_kv_head * hd
         bias = 1 if self.qkv_bias else 0
-        attn = self.n_layer * ((d + bias) * q_out + q_out * d)            # q_proj, o_proj
+        o_bias = d if self.o_bias else 0
+        attn = self.n_layer * ((d + bias) * q_out + q_out * d + o_bias)   # q_proj, o_proj
         attn += self.n_kv_layers * 2 * (d + bias) * kv_out                # k_proj, v_proj
         n_mats = 3 if self.mlp == "swiglu" else 2
         mlp = self.n_layer * n_mats * d * self.d_ff

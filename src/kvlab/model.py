@@ -96,15 +96,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.pos == "rope":
-            self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
-        self.init_buffers()
+        # RoPE frequencies live outside the module state, in float32, so that model.to(bf16) or
+        # loading from the meta device can never degrade them.
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters()
 
-    def init_buffers(self) -> None:
-        """(Re)compute the non-persistent buffers, e.g. after ``to_empty`` from the meta device."""
-        if self.cfg.pos == "rope":
-            self.rope_inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
+    def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(device)
+        return self._inv_freq[device]
 
     # ------------------------------------------------------------------------ parameters
     def reset_parameters(self) -> None:
@@ -198,7 +198,7 @@ class Transformer(nn.Module):
         if cfg.pos == "learned":
             x = x + self.embed_positions(pos)
         else:
-            ctx.cos, ctx.sin = rope_cos_sin(pos, self.rope_inv_freq, x.dtype)
+            ctx.cos, ctx.sin = rope_cos_sin(pos, self.rope_inv_freq(x.device), x.dtype)
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:

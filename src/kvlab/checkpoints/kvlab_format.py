@@ -74,6 +74,13 @@ def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None
     return write_dir_atomically(directory, fill)
 
 
+def is_kvlab_dir(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / CONFIG_FILE).read_text()).get("format") == "kvlab"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def read_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -95,6 +102,34 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: invalid model config: {e}") from None
 
 
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], *, where: str,
+                device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """A model for ``cfg`` holding exactly the tensors of ``state``, checked name by name and shape
+    by shape (a tied LM head is not expected in ``state``). Nothing half-loaded is ever returned."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: the weights do not match the config: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(state[k].shape)}, the config "
+                                  f"implies {tuple(v.shape)}")
+    model = model.to_empty(device=device)
+    if dtype is not None:
+        model = model.to(dtype)
+    else:  # keep the stored dtype
+        model = model.to(next(iter(state.values())).dtype)
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model
+
+
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> Transformer:
     """Load a kvlab checkpoint; the model carries ``.tokenizer`` and ``.provenance``."""
@@ -111,26 +146,8 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e}); the file is corrupt or truncated") from None
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items()
-                if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match its config: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, the config "
-                                  f"implies {tuple(v.shape)}")
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=False)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.init_buffers()
-    if dtype is not None:
-        model = model.to(dtype)
+    model = build_model(cfg, state, where=str(weights), device=device, dtype=dtype)
     model.tokenizer = load_tokenizer(directory)
     prov_path = directory / PROVENANCE_FILE
     model.provenance = json.loads(prov_path.read_text()) if prov_path.is_file() else None
-    return model.eval()
+    return model

@@ -73,7 +73,7 @@ def random_kquant(rows: int, cols: int, qtype, rng) -> tuple[np.ndarray, np.ndar
     return raw.reshape(rows, -1), values
 
 
-def write_gguf(path, rng, *, arch="llama", tied=False, extra_tensor=None):
+def write_gguf(path, rng, *, arch="llama", tied=False, extra_tensor=None, vocab=VOCAB, add_meta=None):
     """A tiny llama GGUF using a different tensor type per tensor; returns the HF-layout tensors."""
     w = GGUFWriter(str(path), arch)
     w.add_block_count(LAYERS)
@@ -85,7 +85,9 @@ def write_gguf(path, rng, *, arch="llama", tied=False, extra_tensor=None):
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(VOCAB)
+    w.add_vocab_size(vocab)
+    if add_meta:
+        add_meta(w)
     expected = {}
 
     def add(name, key, array, qtype, permute_heads=None):
@@ -102,7 +104,7 @@ def write_gguf(path, rng, *, arch="llama", tied=False, extra_tensor=None):
         expected[key] = torch.from_numpy(np.asarray(exact, dtype=np.float32))
 
     std = 0.05
-    add("token_embd.weight", "embed_tokens.weight", rng.normal(0, std, (VOCAB, D)), Q.F16)
+    add("token_embd.weight", "embed_tokens.weight", rng.normal(0, std, (vocab, D)), Q.F16)
     types = [dict(q=Q.Q8_0, k=Q.Q4_0, v=Q.Q4_1, o=Q.BF16, gate=Q.Q5_0, up=Q.F32, down=Q.Q6_K),
              dict(q=Q.Q5_1, k=Q.F16, v=Q.Q8_0, o=Q.F32, gate=Q.Q4_1, up=Q.Q8_0, down=Q.Q4_K)]
     for i in range(LAYERS):
@@ -118,7 +120,7 @@ def write_gguf(path, rng, *, arch="llama", tied=False, extra_tensor=None):
         add(f"blk.{i}.ffn_down.weight", f"layers.{i}.mlp.down_proj.weight", rng.normal(0, std, (D, FF)), t["down"])
     add("output_norm.weight", "norm.weight", rng.normal(1, 0.1, D), Q.F32)
     if not tied:
-        add("output.weight", "lm_head.weight", rng.normal(0, std, (VOCAB, D)), Q.Q8_0)
+        add("output.weight", "lm_head.weight", rng.normal(0, std, (vocab, D)), Q.Q8_0)
     if extra_tensor:
         w.add_tensor(extra_tensor, np.zeros(4, np.float32))
     w.write_header_to_file()
@@ -172,6 +174,45 @@ def test_gguf_errors(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
         load(tmp_path / "junk.gguf")
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory):
+    """A SentencePiece BPE model trained here with Llama's settings (identity normalization, a
+    dummy prefix, byte fallback), as the reference for the GGUF SentencePiece tokenizer."""
+    import sentencepiece as spm
+
+    from kvlab.corpus import builtin_corpus
+
+    d = tmp_path_factory.mktemp("spm")
+    (d / "train.txt").write_text("\n".join(doc.text for doc in builtin_corpus("train")[:30]))
+    spm.SentencePieceTrainer.train(input=str(d / "train.txt"), model_prefix=str(d / "sp"), vocab_size=800,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(d / "sp.model"))
+
+
+@pytest.mark.parametrize("text", ["Hello world", "The return value is None.\n\n  Indented   spaces",
+                                  "ünïcödé → ✓ 漢字", "x=1; y = x ** 2"])
+def test_sentencepiece_gguf_tokenizer_matches_sentencepiece(tmp_path, sentencepiece_model, text):
+    sp = sentencepiece_model
+    n = sp.get_piece_size()
+
+    def meta(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+        w.add_token_scores([sp.get_score(i) for i in range(n)])
+        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                           for i in range(n)])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+
+    write_gguf(tmp_path / "sp.gguf", np.random.default_rng(4), vocab=n, add_meta=meta)
+    tok = load(tmp_path / "sp.gguf").tokenizer
+    assert tok.encode(text) == [1, *sp.encode(text)]
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text)) == text
 
 
 # ------------------------------------------------------------------ the real model: SmolLM2-135M

@@ -121,9 +121,29 @@ def _gguf_version() -> str:
     return version("gguf")
 
 
+# llama.cpp token types
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces of
+    the vocabulary, ranked by the score of the merged piece (SentencePiece merges the pair whose
+    result scores highest first), ties by the ids of the halves."""
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] in (_NORMAL, _USER_DEFINED)}
+    ranked = []
+    for piece, pid in vocab.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[pid], vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
 def build_tokenizer(meta: _Meta):
-    """An HF ``tokenizers`` tokenizer from the GGUF tokenizer metadata (byte-level BPE models)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    """An HF ``tokenizers`` tokenizer from the GGUF tokenizer metadata: byte-level BPE ('gpt2')
+    or SentencePiece BPE with byte fallback ('llama', as in Llama 2 and TinyLlama)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTok
 
     from kvlab.tokenizer import HFTokenizer
@@ -132,38 +152,57 @@ def build_tokenizer(meta: _Meta):
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         return None
-    if kind != "gpt2":
-        raise CheckpointError(f"{meta.where}: tokenizer model {kind!r} is not supported yet (kvlab builds byte-level "
-                              f"BPE tokenizers, tokenizer.ggml.model 'gpt2', from GGUF metadata)")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    split = _PRE_TOKENIZERS.get(pre)
-    if split is None:
-        raise CheckpointError(f"{meta.where}: pre-tokenizer {pre!r} is not supported; supported: "
-                              f"{sorted(_PRE_TOKENIZERS)}")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=split == "llama3"))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt2", "digits+gpt2"))
-    if split == "gpt2":
-        tok.pre_tokenizer = byte_level
-    elif split == "digits+gpt2":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if kind == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        split = _PRE_TOKENIZERS.get(pre)
+        if split is None:
+            raise CheckpointError(f"{meta.where}: pre-tokenizer {pre!r} is not supported; supported: "
+                                  f"{sorted(_PRE_TOKENIZERS)}")
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        tok = HFTok(models.BPE(vocab=vocab, merges=merges, ignore_merges=split == "llama3"))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in ("gpt2", "digits+gpt2"))
+        if split == "gpt2":
+            tok.pre_tokenizer = byte_level
+        elif split == "digits+gpt2":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            pattern = _LLAMA3_SPLIT if split == "llama3" else _QWEN2_SPLIT
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                         byte_level])
+        tok.decoder = decoders.ByteLevel()
+        add_bos_default = False
+    elif kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise CheckpointError(f"{meta.where}: a SentencePiece tokenizer needs tokenizer.ggml.scores")
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None else next((t for t, ty in zip(tokens, types) if ty == _UNKNOWN), None)
+        tok = HFTok(models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), unk_token=unk,
+                               byte_fallback=True, fuse_unk=True))
+        # SentencePiece writes spaces as "▁" and, with add_space_prefix, starts text with one;
+        # llama.cpp adds that prefix to each text fragment between special tokens, as this does.
+        prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+        steps = [normalizers.Prepend("\u2581")] if prefix else []
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+        add_bos_default = True
     else:
-        pattern = _LLAMA3_SPLIT if split == "llama3" else _QWEN2_SPLIT
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                                     byte_level])
-    tok.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    # 3 = CONTROL (special, kept whole, e.g. <|im_start|>), 4 = USER_DEFINED (kept whole, not special).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4])
+        raise CheckpointError(f"{meta.where}: tokenizer model {kind!r} is not supported (kvlab builds byte-level "
+                              f"BPE, 'gpt2', and SentencePiece BPE, 'llama', tokenizers from GGUF metadata)")
+    # CONTROL tokens (special, kept whole, e.g. <|im_start|>, <s>) and USER_DEFINED ones (kept whole).
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
 
     def name(key: str) -> str | None:
         i = meta.get(key)
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos = name("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+    if meta.get("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, vocab[bos])])
     return HFTokenizer(tok, bos_token=bos, eos_token=name("tokenizer.ggml.eos_token_id"),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from kvlab.attention import AttentionMask, attention, may_attend, positions_from_attention_mask
 from kvlab.errors import ConfigError
 
-BACKENDS = ["reference", "sdpa"]
+BACKENDS = ["reference", "sdpa", "flash"]
 
 
 def naive_attention_f64(q, k, v, allowed):
@@ -81,6 +81,33 @@ def test_backends_match_float64_loop(backend, heads, case):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_gradients_match_float64_loop(backend, heads, case):
+    B, T, D = 2, 13, 8
+    q, k, v = _qkv(B, heads[0], heads[1], T, T, D, seed=5)
+    mask = CASES[case](B, T)
+    g = torch.randn(B, heads[0], T, D, generator=torch.Generator().manual_seed(9))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    grads = torch.autograd.grad(attention(*leaves, mask, backend=backend), leaves, g)
+    leaves64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = torch.autograd.grad(naive_attention_f64(*leaves64, _allowed(mask, B, T, T)), leaves64, g.double())
+    for name, got, want in zip("qkv", grads, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_within_tolerance(backend):
+    B, T, D = 2, 19, 16
+    q, k, v = _qkv(B, 8, 2, T, T, D, seed=7)
+    mask = CASES["left-padded-causal"](B, T)
+    ref = naive_attention_f64(q, k, v, _allowed(mask, B, T, T))
+    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_reference_in_float64_is_exact_to_float64_loop():
     q, k, v = _qkv(2, 4, 2, 5, 7, 8, dtype=torch.float64)
     mask = AttentionMask(torch.tensor([[2, 3, 4, 5, 6]]), torch.arange(7)[None])
@@ -131,6 +158,30 @@ def test_shape_errors_are_clear(shapes, match):
     for backend in BACKENDS:
         with pytest.raises(ConfigError, match=match):
             attention(q, k, v, backend=backend)
+
+
+@settings(max_examples=30, deadline=None)
+@given(Tq=st.integers(1, 40), Tk_extra=st.integers(0, 20), block_q=st.integers(1, 17), block_k=st.integers(1, 17),
+       group=st.sampled_from([1, 3]), causal=st.booleans(), seed=st.integers(0, 999))
+def test_property_flash_tiles_of_any_size(Tq, Tk_extra, block_q, block_k, group, causal, seed):
+    """Lengths that are not tile multiples, tiles larger than the sequence, queries at an offset."""
+    from kvlab.attention.flash import flash_attention
+
+    Tk = Tq + Tk_extra
+    q, k, v = _qkv(2, 2 * group, 2, Tq, Tk, 8, seed=seed, dtype=torch.float64)
+    mask = AttentionMask((Tk_extra + torch.arange(Tq))[None], torch.arange(Tk)[None], causal=causal)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, lse = flash_attention(q, k, v, mask, block_q=block_q, block_k=block_k, return_lse=True)
+    ref = attention(q, k, v, mask, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    # The log-sum-exp is that of the masked, scaled scores.
+    scores = (q.view(2, 2, group, Tq, 8) @ k.unsqueeze(2).transpose(-1, -2)) * 8 ** -0.5
+    scores = scores.masked_fill(~mask.dense().unsqueeze(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).reshape(2, 2 * group, Tq), rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=40, deadline=None)

@@ -139,3 +139,25 @@ def test_import_truncated_weights(tmp_path):
 def test_unknown_source():
     with pytest.raises(CheckpointError, match="model 'no/such/model' not found.*built-in name"):
         load("no/such/model")
+
+
+def test_converted_smollm2_exports_to_transformers(smollm2, tmp_path):
+    from kvlab.convert import convert
+
+    mqa = convert(smollm2, n_kv_head=1, method="mean")
+    export_hf(mqa, tmp_path / "mqa")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa", dtype=torch.float32).eval()
+    assert hf.config.num_key_value_heads == 1 and hf.config.tie_word_embeddings
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "mqa")
+    msgs = [{"role": "user", "content": "Hi!"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(ids) == mqa.tokenizer.apply_chat_template(msgs)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = hf(x).logits
+    assert ((mqa(x) - theirs).abs().max() / theirs.abs().max()) < 1e-4
+    back = load(tmp_path / "mqa")                      # and kvlab reads its own export
+    assert torch.equal(back(x), mqa(x))

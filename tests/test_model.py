@@ -5,7 +5,7 @@ from conftest import VARIANTS, make_model
 from kvlab import ConfigError, ModelConfig, Transformer
 from naive import naive_sequence_logits
 
-BACKENDS = ["reference", "sdpa"]
+BACKENDS = ["reference", "sdpa", "flash"]
 
 
 def _tokens(B, T, seed=1, vocab=256):

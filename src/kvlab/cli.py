@@ -227,16 +227,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from kvlab.convert import convert
+    from kvlab.checkpoints import load_config
+    from kvlab.convert import convert, plan_conversion
 
     if args.kv_heads is None and not args.mqa and args.cla is None:
         raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K")
     if args.kv_heads is not None and args.mqa:
         raise UsageError("kvlab convert: give --kv-heads G or --mqa, not both")
+    change = dict(n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method)
+    plan_conversion(load_config(args.model), **change)          # fail before loading any weights
     model = _load_model(args)
     before = model.cfg
-    new = convert(model, n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method,
-                  seed=args.seed)
+    new = convert(model, seed=args.seed, **change)
     new.save(args.output)
     print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "
           f"{before.n_kv_layers} -> {new.cfg.n_kv_layers} KV layers ({args.method}); KV bytes per token (bf16) "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.config import ModelConfig
 from kvlab.errors import ConfigError
 from kvlab.model import Transformer
 
@@ -43,11 +44,10 @@ def pool_kv_heads(weight: torch.Tensor, n_kv_old: int, n_kv_new: int, method: st
     return torch.stack(groups).reshape(n_kv_new * heads.shape[1], *weight.shape[1:])
 
 
-def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None = None,
-            kv_source: list[int] | None = None, method: str = "mean", seed: int = 0) -> Transformer:
-    """A new model with ``n_kv_head`` KV heads and/or KV shared across layers (``cla`` or an
-    explicit ``kv_source``). Everything else is copied; the provenance gets a step."""
-    cfg = model.cfg
+def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int | None = None,
+                    kv_source: list[int] | None = None, method: str = "mean") -> ModelConfig:
+    """The config a conversion produces, or a :class:`ConfigError` — without touching weights, so
+    callers can reject a conversion before loading a checkpoint."""
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not one of {list(METHODS)}")
     if n_kv_head is None and cla is None and kv_source is None:
@@ -62,7 +62,16 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
         wiring = {"cla": cla}
     if kv_source is not None:
         wiring = {"kv_source": kv_source}
-    new_cfg = cfg.replace(n_kv_head=new_heads, **wiring)
+    return cfg.replace(n_kv_head=new_heads, **wiring)
+
+
+def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None = None,
+            kv_source: list[int] | None = None, method: str = "mean", seed: int = 0) -> Transformer:
+    """A new model with ``n_kv_head`` KV heads and/or KV shared across layers (``cla`` or an
+    explicit ``kv_source``). Everything else is copied; the provenance gets a step."""
+    cfg = model.cfg
+    new_cfg = plan_conversion(cfg, n_kv_head=n_kv_head, cla=cla, kv_source=kv_source, method=method)
+    new_heads = new_cfg.n_kv_head
     old_src = cfg.kv_sources
     gen = torch.Generator().manual_seed(seed)
     std = 0.02   # the init scale of a new kvlab model (Transformer.reset_parameters)

@@ -151,8 +151,14 @@ class Transformer(nn.Module):
 
     # --------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(tokens, attention_mask=attention_mask, cache=cache, backend=backend))
+                cache: KVCache | None = None, backend: str | None = None,
+                logits_to_keep: int | None = None) -> torch.Tensor:
+        """Logits ``(B, T, vocab)``; with ``logits_to_keep=n`` only those of the last n positions
+        (generation needs one: the LM head over a long prompt is a large share of prefill)."""
+        h = self.hidden_states(tokens, attention_mask=attention_mask, cache=cache, backend=backend)
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h)
 
     def hidden_states(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""Triton kernels: FlashAttention-2 prefill forward/backward and split-KV decode (Flash-Decoding).
+
+Layouts: q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` with arbitrary strides; query head ``h``
+reads KV head ``h // G``. Masks are the structured rule of :mod:`kvlab.attention.masks`: per row
+query/key positions and validity, causal, sliding window; evaluated per tile from int32 vectors.
+Accumulation is fp32 whatever the input dtype. These kernels run on NVIDIA GPUs and, for tests,
+on the CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (set only under TRITON_INTERPRET for bf16 inputs)
+    multiplies in fp32, because Triton 3.9's interpreter computes bf16 dots wrongly."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b).to(tl.float32)
+
+
+@triton.jit
+def _tile_allowed(qp_ptr, qv_ptr, kp_ptr, kv_ptr, b, offs_m, offs_n, Tq, Tk,
+                  s_qp, s_qv, s_kp, s_kv, HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) booleans: in range, valid, causal and inside the window."""
+    ok = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    if HAS_MASK:
+        qp = tl.load(qp_ptr + b * s_qp + offs_m, mask=offs_m < Tq, other=0)
+        kp = tl.load(kp_ptr + b * s_kp + offs_n, mask=offs_n < Tk, other=0)
+        if CAUSAL:
+            ok = ok & (kp[None, :] <= qp[:, None])
+        if WINDOW > 0:
+            ok = ok & ((qp[:, None] - kp[None, :]) < WINDOW)
+        if HAS_QV:
+            qv = tl.load(qv_ptr + b * s_qv + offs_m, mask=offs_m < Tq, other=0)
+            ok = ok & (qv[:, None] != 0)
+        if HAS_KV:
+            kv = tl.load(kv_ptr + b * s_kv + offs_n, mask=offs_n < Tk, other=0)
+            ok = ok & (kv[None, :] != 0)
+    return ok
+
+
+@triton.jit
+def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
+                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
+                     s_qp, s_qv, s_kp, s_kv, Hq, G, Tq, Tk, scale,
+                     HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
+                     PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = scale * 1.4426950408889634          # work in base 2: exp(x) = exp2(x·log2 e)
+    hi = Tk
+    if PLAIN_CAUSAL:                               # positions are 0..T-1: later tiles are all masked
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
+                           HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < Tq)
+    # LSE in natural log; -inf for rows with nothing to attend to.
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def flash_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, Hq, Tq,
+                                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """delta = rowsum(dO ∘ O), fp32, laid out (B, Hq, Tq) contiguous."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < Tq
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
+                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, slb, slh,
+                          sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
+                          s_qp, s_qv, s_kp, s_kv, Hq, Hkv, G, Tq, Tk, scale,
+                          HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
+                          PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (key tile, b, KV head): loops over the G query heads of the group and
+    every query tile, so each KV head's gradient is summed over its group without atomics."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b, hk = bhk // Hkv, bhk % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo = 0
+    if PLAIN_CAUSAL:
+        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        for start_m in range(lo, Tq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+            lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Tq, other=float("-inf"))
+            delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST) * scale
+            ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
+                               HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
+            ok = ok & (lse[:, None] != float("-inf"))
+            p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
+            dp = _dot(do, tl.trans(v), UPCAST)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST)
+    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=offs_n[:, None] < Tk)
+    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=offs_n[:, None] < Tk)
+
+
+@triton.jit
+def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, slb, slh, sdqb, sdqh, sdqt,
+                        s_qp, s_qv, s_kp, s_kv, Hq, G, Tq, Tk, scale,
+                        HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
+                        PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+    lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Tq, other=float("-inf"))
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = Tk
+    if PLAIN_CAUSAL:
+        hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * scale
+        ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
+                           HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
+        ok = ok & (lse[:, None] != float("-inf"))
+        p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST)
+    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=offs_m[:, None] < Tq)
+
+
+@triton.jit
+def decode_split_kernel(Q, K, V, LENS, PO, PM, PL,
+                        sqb, sqh, skb, skh, skt, svb, svh, svt, Hkv, G, split_len, scale,
+                        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Flash-Decoding, phase 1. One program per (b, KV head, split): the G query heads of the
+    group form one (BLOCK_G, D) tile, so each K/V tile of the split is read once for all of them.
+    Writes the split's unnormalized output, row maximum and denominator (base 2)."""
+    bhk = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b, hk = bhk // Hkv, bhk % Hkv
+    length = tl.load(LENS + b)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + (hk * G + offs_g)[:, None] * sqh + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_range = offs_n < hi
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        m_i = m_new
+    row = (bhk * n_splits + split) * BLOCK_G + offs_g
+    tl.store(PO + row[:, None] * HEAD_DIM + offs_d[None, :], acc)
+    tl.store(PM + row, m_i)
+    tl.store(PL + row, l_i)
+
+
+@triton.jit
+def decode_combine_kernel(PO, PM, PL, O, sob, soh, Hkv, G, n_splits,
+                          BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Flash-Decoding, phase 2: merge the splits of one (b, KV head) with their maxima."""
+    bhk = tl.program_id(0)
+    b, hk = bhk // Hkv, bhk % Hkv
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        m = tl.maximum(m, tl.load(PM + (bhk * n_splits + s) * BLOCK_G + offs_g))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for s in range(0, n_splits):
+        row = (bhk * n_splits + s) * BLOCK_G + offs_g
+        w = tl.exp2(tl.load(PM + row) - m_safe)
+        l += w * tl.load(PL + row)
+        acc += w[:, None] * tl.load(PO + row[:, None] * HEAD_DIM + offs_d[None, :])
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(O + b * sob + (hk * G + offs_g)[:, None] * soh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=offs_g[:, None] < G)

@@ -98,13 +98,14 @@ def test_backend_gradients_match_float64_loop(backend, heads, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_within_tolerance(backend):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_tolerance(backend, dtype):
     B, T, D = 2, 19, 16
     q, k, v = _qkv(B, 8, 2, T, T, D, seed=7)
     mask = CASES["left-padded-causal"](B, T)
     ref = naive_attention_f64(q, k, v, _allowed(mask, B, T, T))
-    out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, backend=backend)
-    assert out.dtype == torch.bfloat16
+    out = attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, backend=backend)
+    assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -229,3 +230,29 @@ def test_property_sdpa_matches_float64_with_cache_offsets(B, n_kv, group, Tq, ex
     ref = naive_attention_f64(q, k, v, _allowed(mask, B, Tq, Tk))
     for backend in BACKENDS:
         torch.testing.assert_close(attention(q, k, v, mask, backend=backend).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_sdpa_on_cpu_and_says_so(caplog):
+    import logging
+
+    from kvlab.attention.backends import auto_backend_name
+
+    q, k, v = _qkv(1, 4, 2, 5, 5, 16)
+    with caplog.at_level(logging.DEBUG, logger="kvlab.attention.backends"):
+        out = attention(q, k, v, None, backend="auto")
+    assert "auto -> sdpa" in caplog.text
+    torch.testing.assert_close(out, attention(q, k, v, None, backend="sdpa"))
+    assert auto_backend_name(q.to(torch.bfloat16)) == "sdpa"          # bf16 on a CPU: still not triton
+
+
+def test_auto_would_pick_triton_for_half_precision_cuda_tensors():
+    from kvlab.attention.backends import auto_backend_name
+
+    q = torch.empty(1, 4, 5, 64, dtype=torch.bfloat16, device="meta")
+    assert auto_backend_name(q) == "sdpa"                               # not CUDA
+    fake = type("FakeCuda", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16, "shape": (1, 4, 5, 64)})()
+    assert auto_backend_name(fake) == "triton"
+    fake.shape = (1, 4, 5, 90)
+    assert auto_backend_name(fake) == "sdpa"                            # head_dim not a power of two
+    fake.shape, fake.dtype = (1, 4, 5, 64), torch.float32
+    assert auto_backend_name(fake) == "sdpa"                            # fp32: PyTorch's kernels

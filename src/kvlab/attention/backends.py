@@ -86,12 +86,29 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.masked_fill(~mask.row_has_keys(), 0.0)
 
 
+def auto_backend_name(q: torch.Tensor | None) -> str:
+    """The best registered backend for q's device, dtype and head size.
+
+    NVIDIA GPU, fp16/bf16, head_dim a power of two in [16, 256], triton installed -> ``triton``
+    (FlashAttention-2 prefill, Flash-Decoding with per-row lengths). Everything else -> ``sdpa``,
+    PyTorch's fused kernels (on CPUs the fastest measured here for prefill; see BENCHMARKS.md).
+    """
+    if q is not None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        from kvlab.attention.triton_backend import triton_available
+
+        d = q.shape[-1]
+        if triton_available() and not d & (d - 1) and 16 <= d <= 256:
+            return "triton"
+    return "sdpa"
+
+
 def resolve_backend(name: str, q: torch.Tensor | None = None) -> Backend:
-    """The backend function for ``name``; ``auto`` picks the best registered one for q's device."""
+    """The backend function for ``name``; ``auto`` picks the best registered one for q."""
     if name == "auto":
-        name = "sdpa"
-        log.debug("attention backend auto -> %s (device %s, dtype %s)", name,
-                  None if q is None else q.device, None if q is None else q.dtype)
+        name = auto_backend_name(q)
+        log.debug("attention backend auto -> %s (device %s, dtype %s, head_dim %s)", name,
+                  None if q is None else q.device, None if q is None else q.dtype,
+                  None if q is None else q.shape[-1])
     try:
         return BACKENDS[name]
     except KeyError:

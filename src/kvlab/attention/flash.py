@@ -24,6 +24,9 @@ from kvlab.attention.masks import AttentionMask, may_attend
 
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128
+# With few queries (decoding) a key tile costs G·Tq × block_k floats, so larger key tiles keep
+# memory small and save the per-tile Python overhead that dominates such steps.
+DECODE_MAX_QUERIES, DECODE_BLOCK_K = 16, 2048
 
 
 def _tile_mask(mask: AttentionMask | None, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor | None:
@@ -164,4 +167,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
 
 @register_backend("flash")
 def flash_backend(q, k, v, mask, scale):
-    return flash_attention(q, k, v, mask, scale)
+    block_k = DECODE_BLOCK_K if q.shape[2] <= DECODE_MAX_QUERIES else DEFAULT_BLOCK_K
+    return flash_attention(q, k, v, mask, scale, block_k=block_k)

@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, help="makes sampling deterministic")
     p.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (default EOS)")
-    p.add_argument("--backend", help="attention backend (reference, sdpa, auto)")
+    p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     p.add_argument("--json", action="store_true", help="print prompts and outputs as JSON")
     p.set_defaults(func=cmd_generate)
 
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="window advance (default seq-len / 2)")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--backend", help="attention backend (reference, sdpa, auto)")
+    p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -264,6 +264,71 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from kvlab.corpus import builtin_corpus, read_documents
+    from kvlab.data import Windows, tokenize_to_file
+    from kvlab.model import Transformer
+    from kvlab.tokenizer import ByteTokenizer
+    from kvlab.train import TrainConfig, steps_for_budget, train
+
+    sources = [x for x in (args.preset, args.config, args.init) if x]
+    if len(sources) != 1:
+        raise UsageError("kvlab train: give exactly one of --preset NAME, --config FILE (pretraining) or "
+                         "--init MODEL (uptraining a checkpoint)")
+    if args.init:
+        model = _load_model(argparse.Namespace(model=args.init, model_dtype=None, device="cpu"))
+        tokenizer = model.tokenizer
+    else:
+        ns = argparse.Namespace(checkpoint=None, preset=args.preset, config=args.config, n_kv_head=args.n_kv_head,
+                                cla=args.cla, verb="train")
+        cfg = _model_config(ns)
+        torch_seed(args.seed)
+        model = Transformer(cfg)
+        tokenizer = ByteTokenizer()
+        if cfg.vocab_size < tokenizer.vocab_size:
+            raise UsageError(f"kvlab train: a model trained from scratch uses kvlab's byte tokenizer "
+                             f"({tokenizer.vocab_size} ids); vocab_size={cfg.vocab_size} is too small")
+        model.tokenizer = tokenizer
+    if tokenizer is None:
+        raise UsageError(f"kvlab train: {args.init} has no tokenizer to read the data with")
+    if args.data in ("builtin", "builtin:train"):
+        train_docs, val_docs = builtin_corpus("train"), builtin_corpus("validation")
+    else:
+        docs = read_documents(args.data, field=args.data_field)
+        train_docs = [d for d in docs if d.split == "train"] or docs
+        val_docs = [d for d in docs if d.split == "validation"]
+    train_tokens = tokenize_to_file(train_docs, tokenizer, cache_dir=args.cache_dir).tokens
+    val_tokens = tokenize_to_file(val_docs, tokenizer, cache_dir=args.cache_dir).tokens if val_docs else None
+    tokens_per_step = args.batch_size * args.seq_len
+    max_steps = args.max_steps or steps_for_budget(tokens_per_step, tokens=args.tokens, alpha=args.alpha,
+                                                   reference_tokens=args.reference_tokens)
+    cfg = TrainConfig(out_dir=args.out, max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
+                      eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+                      keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
+                      data_mode=args.data_mode, log_every=args.log_every)
+    train_windows = Windows(train_tokens, cfg.seq_len, cfg.batch_size, mode=cfg.data_mode, seed=cfg.seed)
+    val_windows = (Windows(val_tokens, cfg.seq_len, cfg.batch_size, mode="sequential", seed=cfg.seed)
+                   if val_tokens is not None and len(val_tokens) > cfg.seq_len + 1 else None)
+    summary = train(model, train_windows, val_windows, cfg, resume=args.resume, device=args.device)
+    prov = getattr(model, "provenance", None) or {"source": {"kind": "init", "config": model.cfg.name}, "steps": []}
+    step = {"op": "train", "steps": max_steps, "tokens": max_steps * tokens_per_step, "data": args.data,
+            "train_only": args.train_only, "lr": args.lr, "seed": args.seed}
+    if args.alpha is not None:
+        step.update(alpha=args.alpha, reference_tokens=args.reference_tokens)
+    model.provenance = {**prov, "steps": [*prov.get("steps", []), step]}
+    final = Path(args.out) / "final"
+    model.save(final)
+    print(json.dumps({"final": str(final), **{k: v for k, v in summary.items() if k != "start_step"}}))
+    return 0
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvlab", description="Transformer LMs with small, fast KV caches.")
@@ -335,6 +400,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="pretrain from a config, or uptrain a checkpoint",
+                       description="Train with AdamW, warm-up + cosine decay, gradient clipping and exact resume "
+                                   "from atomic checkpoints. Pretrain a --preset/--config (byte tokenizer) or "
+                                   "uptrain --init MODEL, e.g. the output of kvlab convert.")
+    src = p.add_argument_group("model (give one)")
+    src.add_argument("--preset", metavar="NAME")
+    src.add_argument("--config", metavar="FILE")
+    src.add_argument("--init", metavar="MODEL", help="a checkpoint to continue training (uptraining)")
+    p.add_argument("--n-kv-head", type=int, help="with --preset/--config: override KV heads")
+    p.add_argument("--cla", type=int, help="with --preset/--config: override the CLA sharing factor")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/, final/")
+    p.add_argument("--data", default="builtin", help="'builtin', a text file, a .jsonl file or a directory of .txt")
+    p.add_argument("--data-field", default="text", help="the JSONL field holding the text (default 'text')")
+    budget = p.add_argument_group("budget (give one)")
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--tokens", type=int, help="training tokens")
+    budget.add_argument("--alpha", type=float, help="a fraction of --reference-tokens (uptraining budget)")
+    budget.add_argument("--reference-tokens", type=int, help="the pretraining budget --alpha refers to")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-only", choices=["all", "attention", "kv"], default="all")
+    p.add_argument("--data-mode", choices=["random", "sequential"], default="random")
+    p.add_argument("--cache-dir", help="where tokenized data is cached (default ~/.cache/kvlab or $KVLAB_CACHE)")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a model as a HF or kvlab checkpoint",
                        description="Export to HF transformers (LlamaForCausalLM; Qwen2/Mistral when biases or "

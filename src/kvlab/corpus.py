@@ -92,9 +92,9 @@ def corpus_fingerprint(docs: list[Document]) -> str:
     return h.hexdigest()[:16]
 
 
-def read_documents(source: str) -> list[Document]:
-    """``builtin`` (validation split), ``builtin:train``, a text file, a ``.jsonl`` file (field
-    ``text``) or a directory of ``.txt`` files, each file one document."""
+def read_documents(source: str, field: str = "text") -> list[Document]:
+    """``builtin`` (validation split), ``builtin:train``, a text file, a ``.jsonl`` file (one JSON
+    object per line, text under ``field``) or a directory of ``.txt`` files, each file one document."""
     import json
     from pathlib import Path
 
@@ -115,8 +115,8 @@ def read_documents(source: str) -> list[Document]:
             if not line.strip():
                 continue
             try:
-                docs.append(Document(f"{path.name}:{i + 1}", json.loads(line)["text"]))
+                docs.append(Document(f"{path.name}:{i + 1}", json.loads(line)[field]))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{source} line {i + 1} is not a JSON object with a 'text' field") from None
+                raise ConfigError(f"{source} line {i + 1} is not a JSON object with a {field!r} field") from None
         return docs
     return [Document(path.name, path.read_text(encoding="utf-8"))]

@@ -52,8 +52,9 @@ def write_dir_atomically(target: str | Path, fill) -> Path:
 
 
 def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None,
-                    provenance: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (and its tokenizer and provenance) as a kvlab checkpoint directory."""
+                    provenance: dict[str, Any] | None = None, extra=None) -> Path:
+    """Write ``model`` (and its tokenizer and provenance) as a kvlab checkpoint directory.
+    ``extra(tmpdir)`` may add files (e.g. a trainer state) inside the same atomic write."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     prov = provenance if provenance is not None else getattr(model, "provenance", None)
     if prov is None:
@@ -70,6 +71,8 @@ def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None
         if tokenizer is not None:
             tokenizer.save(tmp)
         _json(tmp / PROVENANCE_FILE, prov)
+        if extra is not None:
+            extra(tmp)
 
     return write_dir_atomically(directory, fill)
 

@@ -1,0 +1,246 @@
+"""The training loop: pretraining from a config and uptraining from a checkpoint.
+
+AdamW (β 0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay to 10 % of
+the peak learning rate, gradient clipping, gradient accumulation, bf16 autocast on GPUs.
+
+Exact resume: the learning rate and the training batches are pure functions of the step (see
+:class:`kvlab.data.Windows`), so a checkpoint holds only the weights, the optimizer state, the RNG
+state and the step. Checkpoints are directories written atomically (a temporary name, renamed
+when complete); a run killed at any moment resumes from the last complete one and reproduces the
+uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.data import Windows
+from kvlab.errors import ConfigError, KvlabError
+from kvlab.model import Transformer
+
+TRAIN_ONLY = ("all", "attention", "kv")
+
+
+class TrainingError(KvlabError, RuntimeError):
+    """The run cannot continue (e.g. the loss became NaN)."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    max_steps: int
+    batch_size: int = 8            # sequences per optimizer step (all accumulation micro-steps)
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    train_only: str = "all"
+    data_mode: str = "random"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every",
+                     "keep_last", "log_every", "eval_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        if self.train_only not in TRAIN_ONLY:
+            raise ConfigError(f"train_only={self.train_only!r} is not one of {list(TRAIN_ONLY)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def steps_for_budget(tokens_per_step: int, *, tokens: int | None = None, alpha: float | None = None,
+                     reference_tokens: int | None = None) -> int:
+    """Optimizer steps for a token budget, or for ``alpha × reference_tokens`` (an uptraining budget
+    expressed as a fraction of a pretraining budget, as in the GQA paper's α)."""
+    if alpha is not None:
+        if reference_tokens is None:
+            raise ConfigError("--alpha needs --reference-tokens (the pretraining budget it is a fraction of)")
+        tokens = int(alpha * reference_tokens)
+    if tokens is None:
+        raise ConfigError("give --max-steps, --tokens, or --alpha with --reference-tokens")
+    return max(1, math.ceil(tokens / tokens_per_step))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr_ratio·lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """``all``; ``attention`` (every attention projection); ``kv`` (K/V projections only — the
+    part a KV conversion changed)."""
+    chosen = []
+    for name, p in model.named_parameters():
+        keep = (train_only == "all" or (train_only == "attention" and ".self_attn." in name)
+                or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)))
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append((name, p))
+    if not chosen:
+        raise ConfigError(f"train_only={train_only!r} selects no parameters of this model")
+    return chosen
+
+
+def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=False)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary (dot-named) and incomplete ones are ignored."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.name.startswith("step_") and (d / STATE_FILE).is_file() and (d / "model.safetensors").is_file():
+            found.append(d)
+    return sorted(found, key=lambda d: int(d.name.removeprefix("step_")))
+
+
+def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, cfg: TrainConfig) -> Path:
+    from kvlab.checkpoints.kvlab_format import save_checkpoint
+
+    target = out_dir / "checkpoints" / f"step_{step:07d}"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "train_config": asdict(cfg)}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    # The model (and its provenance) via the kvlab format; the trainer state beside it, in the
+    # same temporary directory, so the rename publishes both at once.
+    save_checkpoint(model, target, extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
+    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------- training
+def evaluate_loss(model: Transformer, windows: Windows, n_batches: int, device) -> float:
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(n_batches):
+            x, y = windows.batch(i)
+            logits = model(x.to(device))
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()))
+    model.train()
+    return total / n_batches
+
+
+def train(model: Transformer, train_windows: Windows, val_windows: Windows | None, cfg: TrainConfig, *,
+          resume: bool = False, device: str | torch.device = "cpu", quiet: bool = False) -> dict:
+    """Run (or resume) training; returns a summary. Metrics go to ``out_dir/metrics.jsonl``."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    model.to(device).train()
+    params = trainable_parameters(model, cfg.train_only)
+    optimizer = make_optimizer(params, cfg)
+    start = 0
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume:
+        found = checkpoint_dirs(out_dir)
+        if not found:
+            raise ConfigError(f"--resume: no complete checkpoint in {out_dir / 'checkpoints'}")
+        from safetensors.torch import load_file
+
+        last = found[-1]
+        state = torch.load(last / STATE_FILE, weights_only=False)
+        weights = load_file(str(last / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise ConfigError(f"--resume: {last} does not hold this model's weights")
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
+        if metrics_path.is_file():   # drop what was logged after the checkpoint: it will be redone
+            keep = [line for line in metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= start]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    micro = cfg.batch_size // cfg.grad_accum
+    t_last, tokens_since = time.perf_counter(), 0
+    summary = {"start_step": start}
+    last_good = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
+    for step in range(start, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = train_windows.batch(step)
+        loss_sum = 0.0
+        for m in range(cfg.grad_accum):
+            xs, ys = x[m * micro:(m + 1) * micro].to(device), y[m * micro:(m + 1) * micro].to(device)
+            if autocast is not None:
+                with autocast:
+                    logits = model(xs)
+            else:
+                logits = model(xs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten()) / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping. The last good checkpoint is "
+                                f"{last_good or '(none yet)'}; lower --lr or check the data, then --resume")
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_since += cfg.tokens_per_step
+        record = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": loss_sum, "lr": lr}
+        if val_windows is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            record["val_loss"] = evaluate_loss(model, val_windows, cfg.eval_batches, device)
+        now = time.perf_counter()
+        if done % cfg.log_every == 0 or done == cfg.max_steps or "val_loss" in record:
+            record["tokens_per_s"] = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0
+            if not quiet:
+                val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                print(f"step {done}/{cfg.max_steps} loss {loss_sum:.4f}{val} lr {lr:.2e} "
+                      f"{record['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg)
+        summary.update(record)
+    model.eval()
+    return summary

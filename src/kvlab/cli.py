@@ -269,7 +269,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kvlab.data import Windows, tokenize_to_file
     from kvlab.model import Transformer
     from kvlab.tokenizer import ByteTokenizer
-    from kvlab.train import TrainConfig, steps_for_budget, train
+    import torch
+
+    from kvlab.train import Dist, TrainConfig, full_model_state, steps_for_budget, train
 
     sources = [x for x in (args.preset, args.config, args.init) if x]
     if len(sources) != 1:
@@ -307,19 +309,36 @@ def cmd_train(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
                       keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
                       data_mode=args.data_mode, log_every=args.log_every)
-    train_windows = Windows(train_tokens, cfg.seq_len, cfg.batch_size, mode=cfg.data_mode, seed=cfg.seed)
-    val_windows = (Windows(val_tokens, cfg.seq_len, cfg.batch_size, mode="sequential", seed=cfg.seed)
+    device = torch.device(args.device)
+    dist_ctx = Dist.from_env(args.strategy, device)
+    if dist_ctx.enabled and device.type == "cuda":
+        import os
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    shard = dict(rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    train_windows = Windows(train_tokens, cfg.seq_len, cfg.batch_size, mode=cfg.data_mode, seed=cfg.seed, **shard)
+    val_windows = (Windows(val_tokens, cfg.seq_len, cfg.batch_size, mode="sequential", seed=cfg.seed, **shard)
                    if val_tokens is not None and len(val_tokens) > cfg.seq_len + 1 else None)
-    summary = train(model, train_windows, val_windows, cfg, resume=args.resume, device=args.device)
+    summary = train(model, train_windows, val_windows, cfg, resume=args.resume, device=device, dist_ctx=dist_ctx)
     prov = getattr(model, "provenance", None) or {"source": {"kind": "init", "config": model.cfg.name}, "steps": []}
     step = {"op": "train", "steps": max_steps, "tokens": max_steps * tokens_per_step, "data": args.data,
             "train_only": args.train_only, "lr": args.lr, "seed": args.seed}
     if args.alpha is not None:
         step.update(alpha=args.alpha, reference_tokens=args.reference_tokens)
+    if dist_ctx.enabled:
+        step.update(world_size=dist_ctx.world_size, strategy=dist_ctx.strategy)
     model.provenance = {**prov, "steps": [*prov.get("steps", []), step]}
     final = Path(args.out) / "final"
-    model.save(final)
-    print(json.dumps({"final": str(final), **{k: v for k, v in summary.items() if k != "start_step"}}))
+    state = full_model_state(model, dist_ctx)                # collective under FSDP
+    if dist_ctx.is_main:
+        model.save(final, state_dict=state)
+        print(json.dumps({"final": str(final), **{k: v for k, v in summary.items() if k != "start_step"}}))
+    dist_ctx.barrier()
+    if dist_ctx.enabled:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
@@ -434,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mode", choices=["random", "sequential"], default="random")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default ~/.cache/kvlab or $KVLAB_CACHE)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: DDP, or FSDP2 (fully_shard per block)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train)
 

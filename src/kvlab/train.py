@@ -28,6 +28,91 @@ from kvlab.errors import ConfigError, KvlabError
 from kvlab.model import Transformer
 
 TRAIN_ONLY = ("all", "attention", "kv")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    strategy: str = "ddp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, strategy: str = "ddp", device: torch.device | None = None) -> "Dist":
+        """Join the process group torchrun describes (gloo on CPU, NCCL on GPU), if any."""
+        import os
+
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={strategy!r} is not one of {list(STRATEGIES)}")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls(strategy=strategy)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device is not None and device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), strategy=strategy)
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def wrap_model(model: Transformer, dist_ctx: Dist, device: torch.device):
+    """DDP, or FSDP2 (``fully_shard`` on every block, then the whole model)."""
+    if not dist_ctx.enabled:
+        return model
+    if dist_ctx.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_model_state(model: Transformer, dist_ctx: Dist) -> dict:
+    """The unsharded model state dict (collective under FSDP: every rank must call it)."""
+    if dist_ctx.enabled and dist_ctx.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def _full_state(model: Transformer, wrapped, optimizer, dist_ctx: Dist) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts; collective under FSDP."""
+    if dist_ctx.enabled and dist_ctx.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return model.state_dict(), optimizer.state_dict()
 
 
 class TrainingError(KvlabError, RuntimeError):
@@ -134,24 +219,33 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: int(d.name.removeprefix("step_")))
 
 
-def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, cfg: TrainConfig) -> Path:
+def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, cfg: TrainConfig,
+                             dist_ctx: Dist | None = None, wrapped=None) -> Path | None:
+    """Write ``checkpoints/step_N`` (rank 0 only; every rank takes part in gathering under FSDP)."""
     from kvlab.checkpoints.kvlab_format import save_checkpoint
 
+    dist_ctx = dist_ctx or Dist()
+    model_state, optim_state = _full_state(model, wrapped, optimizer, dist_ctx)
     target = out_dir / "checkpoints" / f"step_{step:07d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "train_config": asdict(cfg)}
+    if not dist_ctx.is_main:
+        dist_ctx.barrier()
+        return target
+    state = {"step": step, "optimizer": optim_state, "torch_rng": torch.get_rng_state(),
+             "train_config": asdict(cfg), "world_size": dist_ctx.world_size, "strategy": dist_ctx.strategy}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     # The model (and its provenance) via the kvlab format; the trainer state beside it, in the
     # same temporary directory, so the rename publishes both at once.
-    save_checkpoint(model, target, extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
+    save_checkpoint(model, target, extra=lambda tmp: torch.save(state, tmp / STATE_FILE), state_dict=model_state)
     for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    dist_ctx.barrier()
     return target
 
 
 # --------------------------------------------------------------------------------- training
-def evaluate_loss(model: Transformer, windows: Windows, n_batches: int, device) -> float:
+def evaluate_loss(model, windows: Windows, n_batches: int, device, dist_ctx: Dist | None = None) -> float:
+    """Mean loss over the first ``n_batches`` validation batches (all ranks' rows)."""
     model.eval()
     total = 0.0
     with torch.no_grad():
@@ -160,20 +254,25 @@ def evaluate_loss(model: Transformer, windows: Windows, n_batches: int, device) 
             logits = model(x.to(device))
             total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()))
     model.train()
-    return total / n_batches
+    return (dist_ctx or Dist()).mean(total / n_batches)
 
 
 def train(model: Transformer, train_windows: Windows, val_windows: Windows | None, cfg: TrainConfig, *,
-          resume: bool = False, device: str | torch.device = "cpu", quiet: bool = False) -> dict:
-    """Run (or resume) training; returns a summary. Metrics go to ``out_dir/metrics.jsonl``."""
+          resume: bool = False, device: str | torch.device = "cpu", quiet: bool = False,
+          dist_ctx: Dist | None = None) -> dict:
+    """Run (or resume) training; returns a summary. Metrics go to ``out_dir/metrics.jsonl``.
+
+    Under torchrun pass ``dist_ctx`` (:meth:`Dist.from_env`) and windows built with this rank:
+    each rank computes its rows of the global batch; rank 0 logs and writes checkpoints.
+    """
+    dist_ctx = dist_ctx or Dist()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     model.to(device).train()
-    params = trainable_parameters(model, cfg.train_only)
-    optimizer = make_optimizer(params, cfg)
-    start = 0
     metrics_path = out_dir / "metrics.jsonl"
+    start = 0
+    state = None
     if resume:
         found = checkpoint_dirs(out_dir)
         if not found:
@@ -183,41 +282,57 @@ def train(model: Transformer, train_windows: Windows, val_windows: Windows | Non
         last = found[-1]
         state = torch.load(last / STATE_FILE, weights_only=False)
         weights = load_file(str(last / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)   # before any sharding
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise ConfigError(f"--resume: {last} does not hold this model's weights")
-        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    params = trainable_parameters(model, cfg.train_only)
+    wrapped = wrap_model(model, dist_ctx, device)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # sharded ones under FSDP
+    optimizer = make_optimizer(params, cfg)
+    if state is not None:
+        if dist_ctx.enabled and dist_ctx.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
-        if metrics_path.is_file():   # drop what was logged after the checkpoint: it will be redone
+        if dist_ctx.is_main and metrics_path.is_file():   # drop what was logged after the checkpoint
             keep = [line for line in metrics_path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= start]
             metrics_path.write_text("".join(line + "\n" for line in keep))
-    elif metrics_path.exists():
+    elif dist_ctx.is_main and metrics_path.exists():
         metrics_path.unlink()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // dist_ctx.world_size // cfg.grad_accum
+    if micro < 1 or (cfg.batch_size // dist_ctx.world_size) % cfg.grad_accum:
+        raise ConfigError(f"batch_size={cfg.batch_size} over {dist_ctx.world_size} process(es) with "
+                          f"grad_accum={cfg.grad_accum} leaves no whole micro-batch; adjust them")
     t_last, tokens_since = time.perf_counter(), 0
     summary = {"start_step": start}
-    last_good = checkpoint_dirs(out_dir)[-1] if checkpoint_dirs(out_dir) else None
+    found = checkpoint_dirs(out_dir)
+    last_good = found[-1] if found else None
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = train_windows.batch(step)
+        x, y = train_windows.batch(step)          # this rank's rows of the global batch
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
             xs, ys = x[m * micro:(m + 1) * micro].to(device), y[m * micro:(m + 1) * micro].to(device)
             if autocast is not None:
                 with autocast:
-                    logits = model(xs)
+                    logits = wrapped(xs)
             else:
-                logits = model(xs)
+                logits = wrapped(xs)
             loss = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten()) / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
+        loss_sum = dist_ctx.mean(loss_sum)        # the global batch's loss, identical on every rank
         if not math.isfinite(loss_sum):
             raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping. The last good checkpoint is "
                                 f"{last_good or '(none yet)'}; lower --lr or check the data, then --resume")
@@ -228,19 +343,20 @@ def train(model: Transformer, train_windows: Windows, val_windows: Windows | Non
         tokens_since += cfg.tokens_per_step
         record = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": loss_sum, "lr": lr}
         if val_windows is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            record["val_loss"] = evaluate_loss(model, val_windows, cfg.eval_batches, device)
+            record["val_loss"] = evaluate_loss(wrapped, val_windows, cfg.eval_batches, device, dist_ctx)
         now = time.perf_counter()
         if done % cfg.log_every == 0 or done == cfg.max_steps or "val_loss" in record:
             record["tokens_per_s"] = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
-            if not quiet:
+            if not quiet and dist_ctx.is_main:
                 val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
                 print(f"step {done}/{cfg.max_steps} loss {loss_sum:.4f}{val} lr {lr:.2e} "
                       f"{record['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if dist_ctx.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg)
+            last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped)
         summary.update(record)
     model.eval()
     return summary

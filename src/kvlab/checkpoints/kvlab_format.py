@@ -52,16 +52,18 @@ def write_dir_atomically(target: str | Path, fill) -> Path:
 
 
 def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None,
-                    provenance: dict[str, Any] | None = None, extra=None) -> Path:
+                    provenance: dict[str, Any] | None = None, extra=None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (and its tokenizer and provenance) as a kvlab checkpoint directory.
-    ``extra(tmpdir)`` may add files (e.g. a trainer state) inside the same atomic write."""
+    ``extra(tmpdir)`` may add files (e.g. a trainer state) inside the same atomic write;
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. one gathered from FSDP shards)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     prov = provenance if provenance is not None else getattr(model, "provenance", None)
     if prov is None:
         prov = {"source": {"kind": "init", "config": model.cfg.name}, "steps": []}
     prov = {**prov, "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     # safetensors stores each tensor once: a tied LM head is re-tied from the config on load.
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
 
     def fill(tmp: Path) -> None:

@@ -176,3 +176,17 @@ def test_new_verbs_usage_errors(capsys, argv, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, *argv)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--preset", "tiny", "--out", "o"], "give exactly one budget"),
+    (["train", "--preset", "tiny", "--out", "o", "--max-steps", "5", "--alpha", "0.1"], "got --max-steps, --alpha"),
+    (["train", "--preset", "tiny", "--out", "o", "--max-steps", "0"], "max_steps=0 must be a positive integer"),
+    (["train", "--out", "o", "--max-steps", "5"], "give exactly one of --preset NAME, --config FILE"),
+    (["train", "--preset", "tiny", "--out", "o", "--alpha", "0.1"], "--alpha needs --reference-tokens"),
+])
+def test_train_usage_errors(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    code, _, err = run(capsys, *argv, "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

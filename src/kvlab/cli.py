@@ -277,19 +277,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(sources) != 1:
         raise UsageError("kvlab train: give exactly one of --preset NAME, --config FILE (pretraining) or "
                          "--init MODEL (uptraining a checkpoint)")
+    budgets = [b for b, given in (("--max-steps", args.max_steps is not None), ("--tokens", args.tokens is not None),
+                                  ("--alpha", args.alpha is not None)) if given]
+    if len(budgets) != 1:
+        raise UsageError(f"kvlab train: give exactly one budget: --max-steps N, --tokens N, or --alpha A with "
+                         f"--reference-tokens N (got {', '.join(budgets) or 'none'})")
+    tokens_per_step = args.batch_size * args.seq_len
+    max_steps = args.max_steps if args.max_steps is not None else steps_for_budget(
+        tokens_per_step, tokens=args.tokens, alpha=args.alpha, reference_tokens=args.reference_tokens)
+    cfg = TrainConfig(out_dir=args.out, max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
+                      eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+                      keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
+                      data_mode=args.data_mode, log_every=args.log_every)
     if args.init:
         model = _load_model(argparse.Namespace(model=args.init, model_dtype=None, device="cpu"))
         tokenizer = model.tokenizer
     else:
         ns = argparse.Namespace(checkpoint=None, preset=args.preset, config=args.config, n_kv_head=args.n_kv_head,
                                 cla=args.cla, verb="train")
-        cfg = _model_config(ns)
-        torch_seed(args.seed)
-        model = Transformer(cfg)
+        model_cfg = _model_config(ns)
         tokenizer = ByteTokenizer()
-        if cfg.vocab_size < tokenizer.vocab_size:
+        if model_cfg.vocab_size < tokenizer.vocab_size:
             raise UsageError(f"kvlab train: a model trained from scratch uses kvlab's byte tokenizer "
-                             f"({tokenizer.vocab_size} ids); vocab_size={cfg.vocab_size} is too small")
+                             f"({tokenizer.vocab_size} ids); vocab_size={model_cfg.vocab_size} is too small")
+        torch_seed(args.seed)
+        model = Transformer(model_cfg)
         model.tokenizer = tokenizer
     if tokenizer is None:
         raise UsageError(f"kvlab train: {args.init} has no tokenizer to read the data with")
@@ -301,14 +314,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_docs = [d for d in docs if d.split == "validation"]
     train_tokens = tokenize_to_file(train_docs, tokenizer, cache_dir=args.cache_dir).tokens
     val_tokens = tokenize_to_file(val_docs, tokenizer, cache_dir=args.cache_dir).tokens if val_docs else None
-    tokens_per_step = args.batch_size * args.seq_len
-    max_steps = args.max_steps or steps_for_budget(tokens_per_step, tokens=args.tokens, alpha=args.alpha,
-                                                   reference_tokens=args.reference_tokens)
-    cfg = TrainConfig(out_dir=args.out, max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
-                      eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-                      keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
-                      data_mode=args.data_mode, log_every=args.log_every)
     device = torch.device(args.device)
     dist_ctx = Dist.from_env(args.strategy, device)
     if dist_ctx.enabled and device.type == "cuda":

@@ -22,6 +22,7 @@ import torch
 
 from kvlab.corpus import Document
 from kvlab.errors import ConfigError
+from kvlab.progress import progress as show_progress
 
 DEFAULT_CACHE = Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab"))
 
@@ -74,14 +75,8 @@ def tokenize_to_file(docs: Sequence[Document], tokenizer, *, cache_dir: str | Pa
     if path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return TokenFile(path, np.memmap(path, dtype=dtype, mode="r"), meta["n_documents"])
-    items = docs
-    if progress:
-        from rich.console import Console
-        from rich.progress import track
-
-        items = track(docs, description="tokenizing", console=Console(stderr=True), transient=True)
     chunks = []
-    for d in items:
+    for d in show_progress(docs, "tokenizing", progress):
         ids = tokenizer.encode(d.text, add_special_tokens=False)
         chunks.append(np.asarray([*ids, eos], dtype=dtype))
     tokens = np.concatenate(chunks)

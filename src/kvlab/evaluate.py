@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from kvlab.corpus import Document
 from kvlab.errors import ConfigError
 from kvlab.model import Transformer
+from kvlab.progress import progress as show_progress
 
 
 @dataclass
@@ -108,7 +109,7 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
     total_nll, scored = 0.0, 0
     device = model.device
     batches = [all_windows[i:i + batch_size] for i in range(0, len(all_windows), batch_size)]
-    for batch in _progress(batches, progress, "scoring"):
+    for batch in show_progress(batches, "scoring", progress):
         width = max(len(w.tokens) for w in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         targets = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -126,11 +127,3 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
                       nll=total_nll, tokens=scored, bytes=n_bytes, documents=len(work), seq_len=seq_len,
                       stride=stride)
 
-
-def _progress(items, enabled: bool, label: str):
-    if not enabled:
-        return items
-    from rich.console import Console
-    from rich.progress import track
-
-    return track(items, description=label, console=Console(stderr=True), transient=True)

@@ -286,7 +286,7 @@ def train(model: Transformer, train_windows: Windows, val_windows: Windows | Non
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise ConfigError(f"--resume: {last} does not hold this model's weights")
         start = state["step"]
-    params = trainable_parameters(model, cfg.train_only)
+    trainable_parameters(model, cfg.train_only)        # sets requires_grad; wrapping keeps the flags
     wrapped = wrap_model(model, dist_ctx, device)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # sharded ones under FSDP
     optimizer = make_optimizer(params, cfg)

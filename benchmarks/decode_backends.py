@@ -1,8 +1,8 @@
 """Decode-step time of the attention backends on a GQA model at a long context.
 
 One decode step = one new token per row against a KV cache already holding `--context` tokens.
-Measured side by side in one run: the whole model step and the attention call alone, for each
-backend; plus, for the attention call only, the naive baseline that repeats K/V per query head
+Measured side by side in one run: the whole model step (kvlab.bench.measure_decode, median of
+`--steps`) and the attention call alone, for each backend; plus, for the attention call only, the naive baseline that repeats K/V per query head
 before SDPA (what kvlab never does) to show what grouping saves.
 
     python benchmarks/decode_backends.py --preset smollm2-135m --batch 16 --context 2048
@@ -20,6 +20,7 @@ from torch.utils.benchmark import Timer
 
 from kvlab import ModelConfig, Transformer
 from kvlab.attention import attention
+from kvlab.bench import measure_decode
 
 
 def timed(fn, min_run_time: float) -> float:
@@ -35,7 +36,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per measurement")
+    ap.add_argument("--min-run-time", type=float, default=3.0, help="seconds of timing per attention measurement")
+    ap.add_argument("--steps", type=int, default=20, help="timed model decode steps (median reported)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -44,20 +46,9 @@ def main() -> None:
     cfg = ModelConfig.from_preset(args.preset)
     model = Transformer(cfg).to(dtype).eval()
     B, ctx = args.batch, args.context
-    cache = model.new_cache(B, ctx + 1)
-    for t in (*cache.keys.values(), *cache.values.values()):
-        t.normal_()
-    token = torch.randint(0, cfg.vocab_size, (B, 1))
-
-    def model_step(backend):
-        def step():
-            cache.assume_filled(ctx)          # rewind: every call decodes token ctx+1
-            with torch.inference_mode():
-                model(token, cache=cache, backend=backend)
-        return step
-
     q = torch.randn(B, cfg.n_head, 1, cfg.head_dim, dtype=dtype)
-    k, v = cache.keys[0][:, :, :ctx + 1], cache.values[0][:, :, :ctx + 1]
+    k = torch.randn(B, cfg.n_kv_head, ctx + 1, cfg.head_dim, dtype=dtype)
+    v = torch.randn_like(k)
     group = cfg.n_head // cfg.n_kv_head
 
     def attn(backend):
@@ -70,7 +61,7 @@ def main() -> None:
                "context": ctx, "dtype": args.dtype, "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     for backend in ("reference", "sdpa"):
-        results[f"model_step_ms_{backend}"] = 1e3 * timed(model_step(backend), args.min_run_time)
+        results[f"model_step_ms_{backend}"] = measure_decode(model, B, ctx, steps=args.steps, backend=backend).step_ms
         results[f"attention_ms_{backend}"] = 1e3 * timed(attn(backend), args.min_run_time)
     results["attention_ms_repeat_kv_sdpa"] = 1e3 * timed(repeat_then_sdpa, args.min_run_time)
     # What one attention call must read (each KV head once), against what a plain copy reaches.

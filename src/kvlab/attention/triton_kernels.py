@@ -23,6 +23,12 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, b, h, sb, sh, st, rows, cols, n_rows):
+    """Rows ``rows`` of the (T, D) matrix of batch ``b``, head ``h``; zeros for rows >= n_rows."""
+    return tl.load(ptr + b * sb + h * sh + rows[:, None] * st + cols[None, :], mask=rows[:, None] < n_rows, other=0.0)
+
+
+@triton.jit
 def _tile_allowed(qp_ptr, qv_ptr, kp_ptr, kv_ptr, b, offs_m, offs_n, Tq, Tk,
                   s_qp, s_qv, s_kp, s_kv, HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
@@ -57,7 +63,7 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
     hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+    q = _load_tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, Tq)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -67,8 +73,8 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+        k = _load_tile(K, b, hk, skb, skh, skt, offs_n, offs_d, Tk)
+        v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
         ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
                            HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
@@ -98,9 +104,8 @@ def flash_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, Hq, 
     b, h = bh // Hq, bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    mask = offs_m[:, None] < Tq
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    o = _load_tile(O, b, h, sob, soh, sot, offs_m, offs_d, Tq).to(tl.float32)
+    do = _load_tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, Tq).to(tl.float32)
     tl.store(DELTA + bh * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
 
 
@@ -119,8 +124,8 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
     b, hk = bhk // Hkv, bhk % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+    k = _load_tile(K, b, hk, skb, skh, skt, offs_n, offs_d, Tk)
+    v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     lo = 0
@@ -130,8 +135,8 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
         h = hk * G + g
         for start_m in range(lo, Tq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+            q = _load_tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, Tq)
+            do = _load_tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, Tq)
             lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Tq, other=float("-inf"))
             delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
             s = _dot(q, tl.trans(k), UPCAST) * scale
@@ -162,8 +167,8 @@ def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
     hk = h // G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=offs_m[:, None] < Tq, other=0.0)
+    q = _load_tile(Q, b, h, sqb, sqh, sqt, offs_m, offs_d, Tq)
+    do = _load_tile(DO, b, h, sdb, sdh, sdt, offs_m, offs_d, Tq)
     lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Tq, other=float("-inf"))
     delta = tl.load(DELTA + bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -172,8 +177,8 @@ def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
         hi = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=offs_n[:, None] < Tk, other=0.0)
+        k = _load_tile(K, b, hk, skb, skh, skt, offs_n, offs_d, Tk)
+        v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), UPCAST) * scale
         ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
                            HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
@@ -210,8 +215,8 @@ def decode_split_kernel(Q, K, V, LENS, PO, PM, PL,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_range = offs_n < hi
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = _load_tile(K, b, hk, skb, skh, skt, offs_n, offs_d, hi)
+        v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, hi)
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
         s = tl.where(in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -14,8 +14,7 @@ $(BIN)/kvlab: pyproject.toml
 
 .PHONY: demo test clean
 demo: $(BIN)/kvlab
-	$(BIN)/kvlab plan --preset llama2-7b --memory 80GiB --context 4096
-	$(BIN)/kvlab plan --preset smollm2-135m --memory 24GiB --context 8192
+	$(BIN)/kvlab study
 
 test: $(BIN)/kvlab
 	$(BIN)/python -m pytest -q

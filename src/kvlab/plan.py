@@ -80,6 +80,12 @@ class PlanRow:
     max_batch: int
 
 
+def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16") -> int:
+    """The largest batch of ``context``-token sequences whose KV cache fits beside the weights."""
+    weights = cfg.param_counts()["total"] * dtype_bytes(dtype)
+    return max(0, (memory - weights) // (cfg.kv_bytes_per_token(dtype) * context))
+
+
 def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16") -> list[PlanRow]:
     """One row per variant: KV bytes per token and per sequence, and the largest batch that fits."""
     if not isinstance(context, int) or context < 1:
@@ -95,7 +101,7 @@ def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype =
         rows.append(PlanRow(variant=kv_label(v), is_model=_wiring(v) == _wiring(cfg), n_kv_head=v.n_kv_head,
                             n_kv_layers=v.n_kv_layers, params=params, weight_bytes=weights,
                             kv_bytes_per_token=per_token, kv_bytes_per_sequence=per_seq,
-                            max_batch=max(0, (memory - weights) // per_seq)))
+                            max_batch=max_batch(v, memory, context, dtype)))
     return rows
 
 

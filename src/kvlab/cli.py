@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip step 3 (training every variant from scratch)")
     g = p.add_argument_group("uptraining and measurement")
     g.add_argument("--uptrain-tokens", type=_numbers(int, "token counts"),
-                   help="with --model: uptraining budgets in tokens (default 8192)")
+                   help="with --model: uptraining budgets in tokens (default 4096)")
     g.add_argument("--uptrain-lr", type=float, help="peak lr of uptraining (default: --lr / 3, or 1e-4 with --model)")
     g.add_argument("--ablation-uptrain", action="store_true", default=None,
                    help="uptrain the MQA first/random conversions too (default without --model)")

@@ -52,7 +52,7 @@ class StudyConfig:
     gqa_heads: tuple[int, ...] = (4, 2)
     alphas: tuple[float, ...] = (0.05,)   # uptraining budgets as fractions of P
     mqa_alphas: tuple[float, ...] = (0.05, 0.10)
-    uptrain_tokens: tuple[int, ...] = (8192,)     # with model=: uptraining budgets in tokens
+    uptrain_tokens: tuple[int, ...] = (4096,)     # with model=: uptraining budgets in tokens
     # Uptraining peak lr. Default lr / 3: of lr, lr/3 and lr/10 it recovered most at α = 5 % on the
     # default study (a full-lr restart undoes more than 10 short steps can relearn); 1e-4 with model=.
     uptrain_lr: float | None = None
@@ -114,8 +114,8 @@ class StudyConfig:
         parse_size(self.plan_memory)
 
 
-# A 135M-parameter model on a CPU: a few minutes of uptraining per conversion.
-MODEL_DEFAULTS = dict(seq_len=256, batch_size=8, uptrain_tokens=(8192,), eval_tokens=4096)
+# A 135M-parameter model on a CPU: two optimizer steps (about 1.5 minutes) per uptraining run.
+MODEL_DEFAULTS = dict(seq_len=256, batch_size=8, uptrain_tokens=(4096,), eval_tokens=4096)
 # Every step at tiny sizes: well under 3 minutes on 2 CPU cores (tests, a first look).
 QUICK = dict(d_model=64, n_layer=4, n_head=4, d_ff=192, pretrain_tokens=98_304, gqa_heads=(2,), seq_len=128,
              batch_size=16, eval_tokens=8192, decode_batch=4, decode_context=256, decode_steps=3)
@@ -211,8 +211,9 @@ class Study:
         steps = steps_for_budget(c.batch_size * c.seq_len, tokens=tokens)
         run_dir = self.dir / "runs" / name
         tc = TrainConfig(out_dir=str(run_dir), max_steps=steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=lr,
-                         warmup_steps=max(1, round(c.warmup_frac * steps)), eval_every=max(1, steps // 8),
-                         eval_batches=2, save_every=steps, keep_last=1, log_every=max(1, steps // 10), seed=seed)
+                         # Validation 4 times a run (and at its end); short runs only at the end.
+                         warmup_steps=max(1, round(c.warmup_frac * steps)),
+                         eval_every=steps if steps < 8 else steps // 4, eval_batches=2, save_every=steps, keep_last=1, log_every=max(1, steps // 10), seed=seed)
         t = time.perf_counter()
         train(model, self.windows(seed), self.val_windows, tc, device=self.device, quiet=not c.verbose)
         seconds = time.perf_counter() - t

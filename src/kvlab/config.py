@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kvlab.dtypes import dtype_bytes
-from kvlab.errors import ConfigError
+from kvlab.errors import ConfigError, require_positive_ints
 
 MLP_TYPES = ("swiglu", "gelu")
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -94,11 +94,8 @@ class ModelConfig:
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first impossible value, the rule and the fix."""
-        for name in ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
-                     "d_ff", "max_seq_len", "cla"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        require_positive_ints(self, ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
+                                     "d_ff", "max_seq_len", "cla"))
         if self.n_kv_head > self.n_head:
             raise ConfigError(f"n_kv_head={self.n_kv_head} exceeds n_head={self.n_head}; "
                               f"a KV head serves one or more query heads, so use n_kv_head <= n_head")

@@ -20,3 +20,12 @@ class CacheOverflowError(KvlabError, RuntimeError):
 
 class CheckpointError(KvlabError, RuntimeError):
     """A checkpoint directory or file that cannot be read or written."""
+
+
+def require_positive_ints(obj: object, names: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` for the first of ``obj``'s attributes ``names`` that is not a
+    positive integer (bools excluded) — the check every config dataclass starts with."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")

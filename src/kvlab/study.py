@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from kvlab.errors import ConfigError
+from kvlab.errors import ConfigError, require_positive_ints
 
 SCRATCH, PRETRAINED, CONVERTED, UPTRAINED, LOADED = "from scratch", "pretrained", "converted", "uptrained", "loaded"
 # The control: the unconverted model trained on the same uptraining tokens. It separates what
@@ -91,10 +91,9 @@ class StudyConfig:
         return cls.make(quick=True, **given)
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layer", "n_head", "d_ff", "pretrain_tokens", "seq_len", "batch_size",
-                     "eval_tokens", "decode_batch", "decode_context", "decode_steps", "plan_context"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        require_positive_ints(self, ("d_model", "n_layer", "n_head", "d_ff", "pretrain_tokens", "seq_len",
+                                     "batch_size", "eval_tokens", "decode_batch", "decode_context", "decode_steps",
+                                     "plan_context"))
         for a in (*self.alphas, *self.mqa_alphas):
             if not 0 < a <= 1:
                 raise ConfigError(f"alpha={a} must be in (0, 1]: a fraction of the pretraining budget")

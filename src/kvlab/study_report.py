@@ -148,16 +148,18 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             f"decode tok/s (B{m['decode']['batch']} @ {m['decode']['context']:,})", "Pareto"]
     rows = []
     for e in results["models"]:
-        e = _Obj(e)
+        e = _entry(e)
         rows.append([e.name, e.variant, _how(e), _budget(e), f"{e.kv_bytes_per_token:,}", _fmt_ppl(e.val_ppl),
                      f"{e.val_bits_per_byte:.3f}", f"{e.max_batch:,}", f"{e.decode_tokens_per_s:,.0f}",
                      "yes" if e.pareto else ""])
     return head, rows
 
 
-class _Obj:
-    def __init__(self, d: dict):
-        self.__dict__.update(d)
+def _entry(d: dict):
+    """A results.json model row as the :class:`kvlab.study.Entry` it was written from."""
+    from kvlab.study import Entry
+
+    return Entry(**d)
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -174,7 +176,7 @@ def _change(a: float, b: float) -> str:
 
 def reading(results: dict) -> list[str]:
     """Sentences computed from the numbers: the questions the study exists to answer."""
-    models = [_Obj(e) for e in results["models"]]
+    models = [_entry(e) for e in results["models"]]
     base = next((e for e in models if e.origin in ("pretrained", "loaded")), None)
     if base is None:
         return []
@@ -264,16 +266,16 @@ def write_report(results: dict, out: Path) -> None:
     up_rows = []
     up = [e for e in results["models"] if e["method"]]
     control = [e for e in results["models"] if e["origin"] == "continued"]
-    order = {_budget(_Obj(e)): (e["alpha"] if e["alpha"] is not None else e["uptrain_tokens"]) for e in up}
+    order = {_budget(_entry(e)): (e["alpha"] if e["alpha"] is not None else e["uptrain_tokens"]) for e in up}
     budgets = sorted(order, key=order.get)
     for v, meth in sorted({(e["variant"], e["method"]) for e in up}, key=lambda x: (x[0], x[1])):
-        cells = {_budget(_Obj(e)): _fmt_ppl(e["val_ppl"]) for e in up if e["variant"] == v and e["method"] == meth}
+        cells = {_budget(_entry(e)): _fmt_ppl(e["val_ppl"]) for e in up if e["variant"] == v and e["method"] == meth}
         scratch = [e for e in results["models"] if e["variant"] == v and e["origin"] == "from scratch"]
         up_rows.append([f"{v} ({meth})", *[cells.get(b, "") for b in budgets],
                         _fmt_ppl(scratch[0]["val_ppl"]) if scratch else ""])
     if control:
         base = next(e for e in results["models"] if e["origin"] in ("pretrained", "loaded"))
-        cells = {_budget(_Obj(e)): _fmt_ppl(e["val_ppl"]) for e in control}
+        cells = {_budget(_entry(e)): _fmt_ppl(e["val_ppl"]) for e in control}
         up_rows.insert(0, [f"{base['variant']}, not converted (control)", _fmt_ppl(base["val_ppl"]),
                            *[cells.get(b, "") for b in budgets[1:]], ""])
     text = [f"# kvlab study — {m['date']}", "",
@@ -296,14 +298,12 @@ def write_report(results: dict, out: Path) -> None:
 def rerender(out: str | Path) -> dict:
     """Rewrite the plots and report.md of a finished study from its results.json."""
     from kvlab.errors import ConfigError
-    from kvlab.study import Entry
-
     out = Path(out)
     path = out / "results.json"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; --replot takes the directory of a finished study")
     results = json.loads(path.read_text())
-    entries = [Entry(**m) for m in results["models"]]
+    entries = [_entry(m) for m in results["models"]]
     write_plots(entries, out, results["meta"])
     write_report(results, out)
     return results

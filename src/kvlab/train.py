@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.data import Windows
-from kvlab.errors import ConfigError, KvlabError
+from kvlab.errors import ConfigError, KvlabError, require_positive_ints
 from kvlab.model import Transformer
 
 TRAIN_ONLY = ("all", "attention", "kv")
@@ -141,10 +141,8 @@ class TrainConfig:
     data_mode: str = "random"
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every",
-                     "keep_last", "log_every", "eval_batches"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        require_positive_ints(self, ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every",
+                                     "save_every", "keep_last", "log_every", "eval_batches"))
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if self.train_only not in TRAIN_ONLY:

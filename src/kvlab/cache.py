@@ -84,6 +84,23 @@ class KVCache:
     def reset(self) -> None:
         self.assume_filled(0)
 
+    @property
+    def is_empty(self) -> bool:
+        return self._bound == 0
+
+    def write_prefix(self, per_layer: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Fill slots ``[0, P)`` of every row with trained prefixes ``(1|B, n_kv_head, P, D)`` per
+        producer (prefix tuning); the prompt then starts at position ``P``."""
+        if not self.is_empty:
+            raise ConfigError("a prefix goes into an empty cache; call cache.reset() first")
+        n = next(iter(per_layer.values()))[0].shape[2]
+        if n > self.max_len:
+            raise CacheOverflowError(f"the prefix has {n} tokens but the cache holds max_len={self.max_len}")
+        for layer, (k, v) in per_layer.items():
+            self.keys[layer][:, :, :n] = k.to(self.dtype)
+            self.values[layer][:, :, :n] = v.to(self.dtype)
+        self.assume_filled(n)
+
     # ----------------------------------------------------------------------------- stepping
     def prepare(self, n_tokens: int, attention_mask: torch.Tensor | None = None) -> CacheStep:
         """Plan appending ``n_tokens`` per row (``attention_mask`` marks real ones); no writes yet."""

@@ -152,7 +152,12 @@ def _load_model(args: argparse.Namespace):
     from kvlab.dtypes import parse_dtype
 
     dtype = parse_dtype(args.model_dtype) if getattr(args, "model_dtype", None) else None
-    return load(args.model, dtype=dtype, device=args.device)
+    model = load(args.model, dtype=dtype, device=args.device)
+    if getattr(args, "adapter", None):
+        from kvlab.peft import load_adapter
+
+        load_adapter(model, args.adapter)
+    return model
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -347,6 +352,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from kvlab.finetune import finetune
+    from kvlab.peft import AdapterSpec
+    from kvlab.sft import read_chat_jsonl
+    from kvlab.train import TrainConfig
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise UsageError(f"kvlab finetune: --out {out} is not empty; choose a new directory or pass --resume")
+    options = {}
+    if args.method in ("lora", "qlora", "adalora"):
+        options = dict(alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules.split(","))
+        if args.method == "adalora":
+            options.update(init_r=args.init_r, target_r=args.r)
+        else:
+            options.update(r=args.r, rslora=args.rslora)
+    else:
+        options = dict(num_virtual_tokens=args.virtual_tokens)
+        if args.method == "prefix":
+            options["reparam_hidden"] = args.reparam_hidden
+    spec = AdapterSpec(args.method, options)
+    train_convs = read_chat_jsonl(args.data)
+    eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
+    if args.max_steps is None and args.epochs is None:
+        raise UsageError("kvlab finetune: give --max-steps N or --epochs E")
+    model = _load_model(argparse.Namespace(model=args.model, model_dtype=args.model_dtype, device=args.device))
+    if model.tokenizer is None:
+        raise UsageError(f"kvlab finetune: {args.model} has no tokenizer to render the chat data with")
+    max_steps = args.max_steps
+    if max_steps is None:
+        from kvlab.sft import ChatBatches
+
+        rows = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack).stats["rows"]
+        max_steps = max(1, round(args.epochs * rows / args.batch_size))
+    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
+                      weight_decay=0.0, eval_every=max_steps, save_every=args.save_every, keep_last=args.keep_last,
+                      log_every=args.log_every, seed=args.seed, train_only="adapter")
+    torch_seed(args.seed)
+    summary = finetune(model, model.tokenizer, spec, train_convs, cfg, eval_conversations=eval_convs, pack=args.pack,
+                       merge=args.merge, resume=args.resume, device=args.device)
+    keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
+            "adapter", "peft", "merged")
+    brief = {k: summary[k] for k in keys if k in summary}
+    for k in ("accuracy_before", "accuracy_after"):
+        if k in summary:
+            brief[k] = summary[k]["accuracy"]
+    print(json.dumps(brief))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from kvlab.instruct import write_task_files
+
+    paths = write_task_files(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
 def _numbers(kind, what: str):
     def parse(text: str):
         try:
@@ -420,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu")
         p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
                        help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
+        p.add_argument("--adapter", metavar="DIR", help="a kvlab adapter (from kvlab finetune) to apply to MODEL")
 
     p = sub.add_parser("generate", help="generate text from a model",
                        description="Generate from a model: prefill, then decode with the KV cache.")
@@ -547,6 +612,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", default=None, help="training progress lines")
     p.add_argument("--cache-dir", help="where tokenized data is cached")
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("finetune", help="fine-tune an adapter (LoRA, QLoRA, AdaLoRA, prefix, P-tuning v2, prompt) "
+                                        "on chat data",
+                       description="Supervised fine-tuning on chat JSONL ({\"messages\": [...]} per line) with the "
+                                   "model's chat template and the loss on assistant tokens only. Writes OUT/adapter "
+                                   "(kvlab), OUT/peft (HF PEFT, LoRA family), OUT/merged (--merge) and "
+                                   "OUT/summary.json; checkpoints for --resume.")
+    model_args(p)
+    p.add_argument("--method", required=True, choices=["lora", "qlora", "adalora", "prefix", "ptuning", "prompt"])
+    p.add_argument("--data", required=True, metavar="FILE", help="chat JSONL to train on (kvlab tasks writes one)")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out chat JSONL: exact-match accuracy before and after")
+    p.add_argument("--eval-limit", type=int, help="score at most this many held-out conversations")
+    p.add_argument("--out", required=True, metavar="DIR")
+    budget = p.add_argument_group("budget (give one)")
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256, help="row length; longer conversations are truncated")
+    p.add_argument("--pack", action="store_true", help="pack several conversations per row (segment-masked)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--merge", action="store_true", help="also write OUT/merged: LoRA/AdaLoRA folded into the base")
+    lora = p.add_argument_group("LoRA / QLoRA / AdaLoRA")
+    lora.add_argument("--r", type=int, default=8, help="rank (AdaLoRA: the target rank)")
+    lora.add_argument("--init-r", type=int, default=12, help="AdaLoRA: the initial rank")
+    lora.add_argument("--alpha", type=float, default=16.0)
+    lora.add_argument("--dropout", type=float, default=0.0)
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    lora.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
+                      help="comma-separated layer names or regular expressions over full names")
+    prompt = p.add_argument_group("prefix / P-tuning v2 / prompt tuning")
+    prompt.add_argument("--virtual-tokens", type=int, default=16)
+    prompt.add_argument("--reparam-hidden", type=int, default=512, help="prefix tuning's MLP width")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("tasks", help="write the built-in instruction set (train.jsonl, test.jsonl)",
+                       description="Deterministic chat tasks with checkable answers: addition, upper-casing, "
+                                   "sorting, date formatting, maximum.")
+    p.add_argument("out", metavar="DIR")
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("export", help="write a model as a HF or kvlab checkpoint",
                        description="Export to HF transformers (LlamaForCausalLM; Qwen2/Mistral when biases or "

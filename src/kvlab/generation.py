@@ -113,7 +113,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     outputs: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return outputs
-    cache = model.new_cache(B, tokens.shape[1] + max_new_tokens, dtype=cache_dtype)
+    cache = model.new_cache(B, model.n_virtual_tokens + tokens.shape[1] + max_new_tokens, dtype=cache_dtype)
     logits = model(tokens, attention_mask=mask, cache=cache, backend=backend, logits_to_keep=1)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlab.attention.masks import AttentionMask, positions_from_attention_mask
+from kvlab.attention.masks import AttentionMask, positions_from_attention_mask, positions_in_segments
 from kvlab.attention.module import Attention, ForwardContext
 from kvlab.attention.rope import rope_cos_sin, rope_inv_freq
 from kvlab.cache import KVCache
@@ -99,6 +99,7 @@ class Transformer(nn.Module):
         # RoPE frequencies live outside the module state, in float32, so that model.to(bf16) or
         # loading from the meta device can never degrade them.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.prompt_adapter: nn.Module | None = None    # prefix / P-tuning v2 / prompt tuning (kvlab.peft)
         self.reset_parameters()
 
     def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -143,6 +144,11 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    @property
+    def n_virtual_tokens(self) -> int:
+        """Cache slots a prompt adapter takes before the first real token (0 without one)."""
+        return self.prompt_adapter.n_tokens if self.prompt_adapter is not None else 0
+
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,
                   device: str | torch.device | None = None) -> KVCache:
         """A preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens."""
@@ -152,22 +158,26 @@ class Transformer(nn.Module):
     # --------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, backend: str | None = None,
-                logits_to_keep: int | None = None) -> torch.Tensor:
+                logits_to_keep: int | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, T, vocab)``; with ``logits_to_keep=n`` only those of the last n positions
-        (generation needs one: the LM head over a long prompt is a large share of prefill)."""
-        h = self.hidden_states(tokens, attention_mask=attention_mask, cache=cache, backend=backend)
+        (generation needs one: the LM head over a long prompt is a large share of prefill).
+        ``segment_ids`` ``(B, T)`` (packed rows, no cache): tokens attend only within their
+        segment, whose positions restart at 0; id 0 marks padding."""
+        h = self.hidden_states(tokens, attention_mask=attention_mask, cache=cache, backend=backend,
+                               segment_ids=segment_ids)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
 
     def hidden_states(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                      cache: KVCache | None = None, backend: str | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, backend: str | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final-norm hidden states ``(B, T, d_model)`` (what the LM head reads)."""
         cfg = self.cfg
         if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ConfigError(f"tokens must be an integer tensor of shape (batch, seq), got "
                               f"{tuple(tokens.shape)} {tokens.dtype}")
-        B, T = tokens.shape
+        B = tokens.shape[0]
         if attention_mask is not None and attention_mask.shape != tokens.shape:
             raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have "
                               f"{tuple(tokens.shape)}; give one 0/1 flag per token")
@@ -175,19 +185,51 @@ class Transformer(nn.Module):
             raise ConfigError(f"the cache was allocated for batch_size={cache.batch_size} but tokens "
                               f"have batch {B}; allocate model.new_cache({B}, ...)")
 
+        if segment_ids is not None:
+            if segment_ids.shape != tokens.shape:
+                raise ConfigError(f"segment_ids has shape {tuple(segment_ids.shape)} but tokens have "
+                                  f"{tuple(tokens.shape)}; give one segment id per token")
+            if cache is not None or attention_mask is not None or self.prompt_adapter is not None:
+                raise ConfigError("segment_ids (packed rows) go without a cache, an attention_mask or a prompt "
+                                  "adapter; for prefix/prompt tuning turn packing off")
+
+        x = self.embed_tokens(tokens)
+        # A prompt adapter enters once per sequence: on a call without a cache, or on the first
+        # call into an empty cache (which then keeps it). See kvlab.peft.prefix.
+        adapter = self.prompt_adapter
+        n_virtual = prefix_len = 0
+        if adapter is not None and (cache is None or cache.is_empty):
+            if adapter.kind == "embeddings":             # prompt tuning: virtual input tokens
+                n_virtual = adapter.n_tokens
+                x = torch.cat([adapter.embeddings.to(x.dtype).expand(B, -1, -1), x], 1)
+                if attention_mask is not None:
+                    attention_mask = torch.cat([attention_mask.new_ones(B, n_virtual), attention_mask], 1)
+            elif cache is not None:                       # KV prefixes: into cache slots [0, P)
+                cache.write_prefix(adapter.per_layer(1))
+            else:                                         # KV prefixes in front of this call's keys
+                prefix_len = adapter.n_tokens
+        T = x.shape[1]
+
         step = None
-        if cache is None:
-            if cfg.pos == "learned" and T > cfg.max_seq_len:
-                raise ConfigError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len} of a model "
-                                  f"with learned positions")
-            if attention_mask is None:
-                pos = torch.arange(T, device=tokens.device).unsqueeze(0)
-                mask = AttentionMask(pos, pos, window=cfg.sliding_window,
-                                     plain_causal=cfg.sliding_window is None)
-            else:
-                valid = attention_mask.bool()
-                pos = positions_from_attention_mask(valid)
-                mask = AttentionMask(pos, pos, q_valid=valid, k_valid=valid, window=cfg.sliding_window)
+        if segment_ids is not None:
+            pos = positions_in_segments(segment_ids)
+            valid = segment_ids > 0
+            mask = AttentionMask(pos, pos, q_valid=valid, k_valid=valid, window=cfg.sliding_window,
+                                 q_seg=segment_ids, k_seg=segment_ids)
+        elif cache is None:
+            if cfg.pos == "learned" and T + prefix_len > cfg.max_seq_len:
+                raise ConfigError(f"sequence length {T + prefix_len} exceeds max_seq_len={cfg.max_seq_len} of a "
+                                  f"model with learned positions")
+            valid = attention_mask.bool() if attention_mask is not None else None
+            pos = (positions_from_attention_mask(valid) if valid is not None
+                   else torch.arange(T, device=tokens.device).unsqueeze(0)) + prefix_len
+            k_pos, k_valid = pos, valid
+            if prefix_len:
+                k_pos = torch.cat([torch.arange(prefix_len, device=tokens.device).expand(pos.shape[0], -1), pos], 1)
+                if valid is not None:
+                    k_valid = torch.cat([valid.new_ones(B, prefix_len), valid], 1)
+            mask = AttentionMask(pos, k_pos, q_valid=valid, k_valid=k_valid, window=cfg.sliding_window,
+                                 plain_causal=valid is None and not prefix_len and cfg.sliding_window is None)
         else:
             step = cache.prepare(T, attention_mask)
             pos = step.q_pos
@@ -199,8 +241,8 @@ class Transformer(nn.Module):
                                      window=cfg.sliding_window,
                                      plain_causal=step.uniform_start == 0 and cfg.sliding_window is None)
 
-        x = self.embed_tokens(tokens)
-        ctx = ForwardContext(mask=mask, backend=backend or cfg.attn_backend, cache=cache, step=step)
+        ctx = ForwardContext(mask=mask, backend=backend or cfg.attn_backend, cache=cache, step=step,
+                             prefix=adapter.per_layer(B) if prefix_len else None)
         if cfg.pos == "learned":
             x = x + self.embed_positions(pos)
         else:
@@ -209,7 +251,8 @@ class Transformer(nn.Module):
             x = layer(x, ctx)
         if cache is not None:
             cache.commit(step, T)
-        return self.norm(x)
+        h = self.norm(x)
+        return h[:, n_virtual:] if n_virtual else h
 
     # ------------------------------------------------------------------------ conveniences
     def save(self, directory, **kwargs):

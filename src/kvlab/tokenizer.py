@@ -139,7 +139,15 @@ class ByteTokenizer:
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                             tokenize: bool = True, **extra: Any) -> list[int] | str:
-        raise ConfigError("the byte tokenizer has no chat template; encode the prompt as plain text instead")
+        """A fixed chat format for byte-level models: ``<|role|>\n`` + content, each turn ending
+        in ``\n`` except an assistant turn, which ends in EOS (so generation stops there)."""
+        ids: list[int] = []
+        for m in messages:
+            ids += self.encode(f"<|{m['role']}|>\n{m['content']}", add_special_tokens=False)
+            ids += [self.eos_token_id] if m["role"] == "assistant" else self.encode("\n", add_special_tokens=False)
+        if add_generation_prompt:
+            ids += self.encode("<|assistant|>\n", add_special_tokens=False)
+        return ids if tokenize else self.decode(ids)
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps(

@@ -8,6 +8,12 @@ Exact resume: the learning rate and the training batches are pure functions of t
 state and the step. Checkpoints are directories written atomically (a temporary name, renamed
 when complete); a run killed at any moment resumes from the last complete one and reproduces the
 uninterrupted run's losses exactly.
+
+Fine-tuning (``train_only="adapter"``, :mod:`kvlab.peft`): only the adapter's parameters train and
+a checkpoint holds only the adapter (a 4-bit base cannot be written as safetensors, and need not
+be: it never changes). Targets of ``-100`` (SFT prompts, padding) carry no loss; the loss is the
+mean over the global batch's counted tokens, so gradient accumulation weighs every token alike.
+Batches may add a third element, segment ids for packed rows.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from kvlab.data import Windows
 from kvlab.errors import ConfigError, KvlabError, require_positive_ints
 from kvlab.model import Transformer
 
-TRAIN_ONLY = ("all", "attention", "kv")
+TRAIN_ONLY = ("all", "attention", "kv", "adapter")
+IGNORE_INDEX = -100
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -178,12 +185,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name or name.startswith("prompt_adapter.")
+
+
 def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
     """``all``; ``attention`` (every attention projection); ``kv`` (K/V projections only — the
-    part a KV conversion changed)."""
+    part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters)."""
     chosen = []
     for name, p in model.named_parameters():
-        keep = (train_only == "all" or (train_only == "attention" and ".self_attn." in name)
+        if train_only == "adapter":
+            # Prefix tuning's merged prefixes are frozen on purpose; everything else adapter trains.
+            keep = _is_adapter(name) and p.requires_grad
+        else:
+            keep = not _is_adapter(name) and (
+                train_only == "all" or (train_only == "attention" and ".self_attn." in name)
                 or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)))
         p.requires_grad_(keep)
         if keep:
@@ -205,6 +221,12 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfi
 STATE_FILE = "trainer_state.pt"
 
 
+def _has_weights(d: Path) -> bool:
+    from kvlab.peft.adapter import WEIGHTS_FILE
+
+    return (d / "model.safetensors").is_file() or (d / WEIGHTS_FILE).is_file()
+
+
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first. Temporary (dot-named) and incomplete ones are ignored."""
     root = out_dir / "checkpoints"
@@ -212,17 +234,19 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
         return []
     found = []
     for d in root.iterdir():
-        if d.name.startswith("step_") and (d / STATE_FILE).is_file() and (d / "model.safetensors").is_file():
+        if d.name.startswith("step_") and (d / STATE_FILE).is_file() and _has_weights(d):
             found.append(d)
     return sorted(found, key=lambda d: int(d.name.removeprefix("step_")))
 
 
 def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optimizer, cfg: TrainConfig,
-                             dist_ctx: Dist | None = None, wrapped=None) -> Path | None:
+                             dist_ctx: Dist | None = None, wrapped=None, hooks=None) -> Path | None:
     """Write ``checkpoints/step_N`` (rank 0 only; every rank takes part in gathering under FSDP)."""
     from kvlab.checkpoints.kvlab_format import save_checkpoint
 
     dist_ctx = dist_ctx or Dist()
+    if cfg.train_only == "adapter":
+        return _save_adapter_checkpoint(out_dir, step, model, optimizer, cfg, dist_ctx, hooks)
     model_state, optim_state = _full_state(model, wrapped, optimizer, dist_ctx)
     target = out_dir / "checkpoints" / f"step_{step:07d}"
     if not dist_ctx.is_main:
@@ -241,33 +265,67 @@ def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optim
     return target
 
 
+def _save_adapter_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, dist_ctx: Dist,
+                             hooks) -> Path:
+    from kvlab.peft.adapter import save_adapter
+
+    if dist_ctx.enabled:
+        raise ConfigError("adapter fine-tuning runs in one process; launch kvlab finetune without torchrun")
+    target = out_dir / "checkpoints" / f"step_{step:07d}"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "train_config": asdict(cfg), "world_size": 1, "strategy": dist_ctx.strategy,
+             "hooks": hooks.state_dict() if hooks is not None else None}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    save_adapter(model, target, extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
+    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _loss_and_count(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over counted targets (not -100) and their number."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+def _forward(model, x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    return model(x) if segments is None else model(x, segment_ids=segments)
+
+
 # --------------------------------------------------------------------------------- training
 def evaluate_loss(model, windows: Windows, n_batches: int, device, dist_ctx: Dist | None = None) -> float:
     """Mean loss over the first ``n_batches`` validation batches (all ranks' rows)."""
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     with torch.no_grad():
         for i in range(n_batches):
-            x, y = windows.batch(i)
-            logits = model(x.to(device))
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten()))
+            x, y, *seg = windows.batch(i)
+            logits = _forward(model, x.to(device), seg[0].to(device) if seg else None)
+            loss, n = _loss_and_count(logits, y.to(device))
+            total, count = total + float(loss), count + n
     model.train()
-    return (dist_ctx or Dist()).mean(total / n_batches)
+    return (dist_ctx or Dist()).mean(total / max(count, 1))
 
 
 def train(model: Transformer, train_windows: Windows, val_windows: Windows | None, cfg: TrainConfig, *,
           resume: bool = False, device: str | torch.device = "cpu", quiet: bool = False,
-          dist_ctx: Dist | None = None) -> dict:
+          dist_ctx: Dist | None = None, hooks=None) -> dict:
     """Run (or resume) training; returns a summary. Metrics go to ``out_dir/metrics.jsonl``.
 
     Under torchrun pass ``dist_ctx`` (:meth:`Dist.from_env`) and windows built with this rank:
     each rank computes its rows of the global batch; rank 0 logs and writes checkpoints.
+    ``hooks`` (AdaLoRA's rank allocator): ``regularizer()`` is added to the loss, ``after_step(n)``
+    runs after optimizer step ``n`` with the gradients still present.
     """
     dist_ctx = dist_ctx or Dist()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    model.to(device).train()
+    if model.device != device:     # (a 4-bit NF4 base cannot be moved in place; it is made on its device)
+        model.to(device)
+    model.train()
     metrics_path = out_dir / "metrics.jsonl"
     start = 0
     state = None
@@ -279,10 +337,17 @@ def train(model: Transformer, train_windows: Windows, val_windows: Windows | Non
 
         last = found[-1]
         state = torch.load(last / STATE_FILE, weights_only=False)
-        weights = load_file(str(last / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)   # before any sharding
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise ConfigError(f"--resume: {last} does not hold this model's weights")
+        if cfg.train_only == "adapter":
+            from kvlab.peft.adapter import load_adapter_weights
+
+            load_adapter_weights(model, last)
+        else:
+            weights = load_file(str(last / "model.safetensors"))
+            missing, unexpected = model.load_state_dict(weights, strict=False)   # before any sharding
+            if unexpected or [k for k in missing if k != "lm_head.weight"]:
+                raise ConfigError(f"--resume: {last} does not hold this model's weights")
+        if hooks is not None and state.get("hooks") is not None:
+            hooks.load_state_dict(state["hooks"])
         start = state["step"]
     trainable_parameters(model, cfg.train_only)        # sets requires_grad; wrapping keeps the flags
     wrapped = wrap_model(model, dist_ctx, device)
@@ -318,24 +383,31 @@ def train(model: Transformer, train_windows: Windows, val_windows: Windows | Non
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = train_windows.batch(step)          # this rank's rows of the global batch
+        x, y, *seg = train_windows.batch(step)    # this rank's rows of the global batch
+        n_counted = max(1, int((y != IGNORE_INDEX).sum()))
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
-            xs, ys = x[m * micro:(m + 1) * micro].to(device), y[m * micro:(m + 1) * micro].to(device)
+            rows = slice(m * micro, (m + 1) * micro)
+            xs, ys = x[rows].to(device), y[rows].to(device)
+            segs = seg[0][rows].to(device) if seg else None
             if autocast is not None:
                 with autocast:
-                    logits = wrapped(xs)
+                    logits = _forward(wrapped, xs, segs)
             else:
-                logits = wrapped(xs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), ys.flatten()) / cfg.grad_accum
+                logits = _forward(wrapped, xs, segs)
+            loss = _loss_and_count(logits, ys)[0] / n_counted
+            loss_sum += float(loss.detach())      # the reported loss is the LM loss alone
+            if hooks is not None:
+                loss = loss + hooks.regularizer() / cfg.grad_accum
             loss.backward()
-            loss_sum += float(loss.detach())
         loss_sum = dist_ctx.mean(loss_sum)        # the global batch's loss, identical on every rank
         if not math.isfinite(loss_sum):
             raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping. The last good checkpoint is "
                                 f"{last_good or '(none yet)'}; lower --lr or check the data, then --resume")
         torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
         optimizer.step()
+        if hooks is not None:
+            hooks.after_step(step + 1)
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         tokens_since += cfg.tokens_per_step
@@ -354,7 +426,7 @@ def train(model: Transformer, train_windows: Windows, val_windows: Windows | Non
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped)
+            last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped, hooks)
         summary.update(record)
     model.eval()
     return summary

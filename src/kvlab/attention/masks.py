@@ -3,7 +3,8 @@
 Every query and key carries a *position* (its index in its own sequence, not counting padding)
 and a *valid* flag (False for padding). Query ``q`` may attend to key ``k`` of the same row when
 both are valid, ``pos_k <= pos_q`` (causal) and ``pos_q - pos_k < window`` (sliding window).
-That one rule covers a padded batch without a cache (positions count real tokens, so left and
+Packed rows (several documents in one row, SFT packing) add a *segment* id per token: a query
+attends only to keys of its own segment. That one rule covers a padded batch without a cache (positions count real tokens, so left and
 right padding behave the same), a prefill or decode step against a KV cache (key positions are
 cache slots), and their combination.
 
@@ -34,8 +35,10 @@ def positions_from_attention_mask(attention_mask: torch.Tensor, start: torch.Ten
 
 def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tensor | None = None,
                k_valid: torch.Tensor | None = None, causal: bool = True,
-               window: int | None = None) -> torch.Tensor:
-    """The boolean mask ``(B, 1, Tq, Tk)`` from positions ``(B|1, Tq)``, ``(B|1, Tk)`` and validity."""
+               window: int | None = None, q_seg: torch.Tensor | None = None,
+               k_seg: torch.Tensor | None = None) -> torch.Tensor:
+    """The boolean mask ``(B, 1, Tq, Tk)`` from positions ``(B|1, Tq)``, ``(B|1, Tk)``, validity
+    and (packed rows) segment ids."""
     qp = q_pos.unsqueeze(-1)            # (B|1, Tq, 1)
     kp = k_pos.unsqueeze(-2)            # (B|1, 1, Tk)
     allowed = torch.ones(torch.broadcast_shapes(qp.shape, kp.shape), dtype=torch.bool, device=q_pos.device)
@@ -48,7 +51,19 @@ def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tenso
         allowed = allowed & q_valid.bool().unsqueeze(-1)
     if k_valid is not None:
         allowed = allowed & k_valid.bool().unsqueeze(-2)
+    if q_seg is not None:
+        allowed = allowed & (q_seg.unsqueeze(-1) == k_seg.unsqueeze(-2))
     return allowed.unsqueeze(1)
+
+
+def positions_in_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token positions ``(B, T)`` that restart at 0 where the segment id changes (packed rows)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - first
 
 
 @dataclass
@@ -66,13 +81,16 @@ class AttentionMask:
     causal: bool = True
     window: int | None = None
     plain_causal: bool = False
+    q_seg: torch.Tensor | None = None      # packed rows: segment id per query / key
+    k_seg: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
         """``(B, 1, Tq, Tk)`` booleans; computed once and shared by every layer of a forward."""
         if self._dense is None:
             self._dense = may_attend(self.q_pos, self.k_pos, q_valid=self.q_valid,
-                                     k_valid=self.k_valid, causal=self.causal, window=self.window)
+                                     k_valid=self.k_valid, causal=self.causal, window=self.window,
+                                     q_seg=self.q_seg, k_seg=self.k_seg)
         return self._dense
 
     def row_has_keys(self) -> torch.Tensor:

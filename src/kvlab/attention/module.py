@@ -24,6 +24,7 @@ class ForwardContext:
     cache: "object | None" = None              # kvlab.cache.KVCache
     step: "object | None" = None               # kvlab.cache.CacheStep
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # producer -> K, V
+    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None   # producer -> prefix K, V (no cache)
 
 
 class Attention(nn.Module):
@@ -60,6 +61,9 @@ class Attention(nn.Module):
             v = self._heads(self.v_proj(x), self.n_kv_head)
             if self.use_rope:
                 k = apply_rope(k, ctx.cos, ctx.sin)
+            if ctx.prefix is not None:    # prefix tuning without a cache: trained keys come first
+                pk, pv = ctx.prefix[self.layer_idx]
+                k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
             if ctx.cache is not None:
                 k, v = ctx.cache.write(self.layer_idx, k, v, ctx.step)
             ctx.kv[self.layer_idx] = (k, v)

@@ -57,6 +57,9 @@ def _upcast(q: torch.Tensor) -> bool:
 def _mask_args(mask: AttentionMask | None, device: torch.device):
     """Int32 position/validity vectors with their batch strides (0 = shared by all rows)."""
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    if mask is not None and mask.q_seg is not None:
+        raise ConfigError("the triton backend has no packed-row (segment) masking; train packed SFT rows with "
+                          "backend 'sdpa' or 'flash', or turn packing off")
     if mask is None:
         return dict(tensors=(dummy, dummy, dummy, dummy), strides=(0, 0, 0, 0),
                     flags=dict(HAS_MASK=False, HAS_QV=False, HAS_KV=False, CAUSAL=False, PLAIN_CAUSAL=False, WINDOW=0))

@@ -24,6 +24,9 @@ PEFT_VARIANTS = {
     "cla2": dict(n_kv_head=2, cla=2),
     "mqa-cla2": dict(n_kv_head=1, cla=2),
     "kv-source": dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 0, 4]),
+    "parallel": dict(n_kv_head=2, block="parallel"),
+    "learned-pos": dict(n_kv_head=2, pos="learned"),
+    "sliding-window": dict(n_kv_head=2, sliding_window=5),
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECS = {
@@ -135,7 +138,7 @@ def test_short_sft_run_lowers_loss(tmp_path, variant, spec_name):
 
 @pytest.mark.parametrize("spec_name", ["lora", "lora-attn-rslora", "adalora"])
 @pytest.mark.parametrize("variant", ["mha", "mqa-cla2", "kv-source"])
-def test_lora_merge_matches_unmerged(variant, spec_name):
+def test_lora_merge_matches_unmerged(tmp_path, variant, spec_name):
     model = make_model(**PEFT_VARIANTS[variant])
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     attach(model, SPECS[spec_name])
@@ -149,8 +152,11 @@ def test_lora_merge_matches_unmerged(variant, spec_name):
         layer.unmerge()
     for k, v in base_state.items():                      # unmerge restores the base weights
         assert torch.allclose(model.state_dict()[k], v, atol=1e-6), k
+    with pytest.raises(ConfigError, match="adapter attached"):
+        model.save(tmp_path / "ckpt")
     merged = merge_and_unload(model)
     assert not lora_layers(merged)
+    merged.save(tmp_path / "ckpt")                       # a plain checkpoint again
     assert (merged(x) - unmerged).abs().max() < 1e-5
 
 
@@ -234,7 +240,7 @@ def test_nf4_error_matches_the_codebook_expectation():
     assert ((dequantize(q).double().reshape(-1, 64) - blocks).abs() <= absmax * half_gap * 1.02 + 1e-3).all()
 
 
-@pytest.mark.parametrize("variant", ["mqa", "cla2"])
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "cla2", "mqa-cla2", "kv-source"])
 def test_qlora_memory_forward_and_training(tmp_path, variant):
     torch.manual_seed(0)
     model = make_model(**NF4_SHAPE, **PEFT_VARIANTS[variant])
@@ -258,11 +264,14 @@ def test_qlora_memory_forward_and_training(tmp_path, variant):
     assert (out - reference(x)).abs().max() < 1e-5
     assert (out - full_precision).abs().max() > 1e-3          # and they are not the full-precision weights
     batches = ChatBatches(conversations(), ByteTokenizer(), seq_len=96, batch_size=8)
-    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=12, batch_size=8, seq_len=96, lr=1e-2, warmup_steps=2,
-                      weight_decay=0.0, save_every=12, log_every=100, train_only="adapter")
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=8, batch_size=8, seq_len=96, lr=1e-2, warmup_steps=2,
+                      weight_decay=0.0, save_every=8, log_every=100, train_only="adapter")
+    held_out = ChatBatches(conversations(8, seed=1), ByteTokenizer(), seq_len=96, batch_size=8)
+    before_loss = evaluate_loss(model, held_out, 1, "cpu")
     train(model, batches, None, cfg, quiet=True)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert losses[-1] < losses[0]
+    assert evaluate_loss(model, held_out, 1, "cpu") < before_loss - 0.2
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == \
+        closed_form(model.cfg, SPECS["lora"])       # only the adapter trained
     save_adapter(model, tmp_path / "adapter")
     fresh = make_model(**NF4_SHAPE, **PEFT_VARIANTS[variant])
     load_adapter(fresh, tmp_path / "adapter", compute_dtype=torch.float32)

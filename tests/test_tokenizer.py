@@ -12,8 +12,12 @@ def test_byte_tokenizer_round_trip(tmp_path):
     assert ids[0] == 256 and tok.decode(ids) == text and max(ids) < tok.vocab_size
     tok.save(tmp_path)
     assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)
-    with pytest.raises(ConfigError, match="no chat template"):
-        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    # Its fixed chat format: the generation prompt is a prefix of the rendered answer, which ends in EOS.
+    chat = [{"role": "user", "content": "hi"}]
+    prompt = tok.apply_chat_template(chat)
+    assert tok.decode(prompt) == "<|user|>\nhi\n<|assistant|>\n"
+    done = tok.apply_chat_template(chat + [{"role": "assistant", "content": "yo"}], add_generation_prompt=False)
+    assert done[:len(prompt)] == prompt and done[len(prompt):] == [*b"yo", tok.eos_token_id]
 
 
 def test_smollm2_tokenizer_saves_in_a_layout_autotokenizer_reads(smollm2, tmp_path):

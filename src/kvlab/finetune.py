@@ -93,7 +93,6 @@ def finetune(model, tokenizer, spec: AdapterSpec, train_conversations: Sequence,
         _say(quiet, f"accuracy after: {summary['accuracy_after']['accuracy']:.1%}")
     if merge:
         merged = merge_and_unload(model)
-        merged.adapter_spec = None
         merged.tokenizer = tokenizer
         merged.save(out / "merged")
         summary["merged"] = str(out / "merged")

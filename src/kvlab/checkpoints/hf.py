@@ -170,8 +170,9 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
 
 def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a HF checkpoint directory that ``transformers`` loads as it is."""
-    from kvlab.checkpoints.kvlab_format import write_dir_atomically
+    from kvlab.checkpoints.kvlab_format import refuse_adapter, write_dir_atomically
 
+    refuse_adapter(model)
     dtype = dtype or model.dtype
     hf_config = config_to_hf(model.cfg, dtype)
     state = {}

@@ -51,12 +51,23 @@ def write_dir_atomically(target: str | Path, fill) -> Path:
     return target
 
 
+def refuse_adapter(model) -> None:
+    """A base checkpoint holds base weights only: an attached adapter is saved on its own or merged."""
+    spec = getattr(model, "adapter_spec", None)
+    if spec is not None:
+        fix = "kvlab.peft.merge_and_unload(model) first" if spec.method in ("lora", "adalora") else \
+            "load the base model without it"
+        raise ConfigError(f"the model has a {spec.method} adapter attached; save it with kvlab.peft.save_adapter, "
+                          f"or to write a full checkpoint, {fix}")
+
+
 def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None,
                     provenance: dict[str, Any] | None = None, extra=None,
                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (and its tokenizer and provenance) as a kvlab checkpoint directory.
     ``extra(tmpdir)`` may add files (e.g. a trainer state) inside the same atomic write;
     ``state_dict`` replaces ``model.state_dict()`` (e.g. one gathered from FSDP shards)."""
+    refuse_adapter(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     prov = provenance if provenance is not None else getattr(model, "provenance", None)
     if prov is None:

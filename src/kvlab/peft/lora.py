@@ -167,8 +167,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         plain.weight, plain.bias = layer.weight, layer.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    for attr in ("lora_config", "adalora_config", "adapter_spec"):      # the adapter is gone
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

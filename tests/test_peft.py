@@ -37,8 +37,8 @@ SPECS = {
     "ptuning": AdapterSpec("ptuning", dict(num_virtual_tokens=5)),
     "prompt": AdapterSpec("prompt", dict(num_virtual_tokens=5)),
 }
-# A width at which every linear weight is a multiple of torchao's 16,384-weight NF4 unit.
-NF4_SHAPE = dict(d_model=256, n_head=4, d_ff=512)
+# Tiny models quantize too: their block counts take scale groups of 16 to 64 blocks.
+NF4_SHAPE = dict()
 
 
 def conversations(n=24, seed=0):
@@ -220,12 +220,14 @@ def test_prefix_merge_removes_the_mlp_and_keeps_the_function(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- NF4
-def test_nf4_error_matches_the_codebook_expectation():
-    from kvlab.peft.nf4 import _torchao, dequantize, nf4_codebook
+@pytest.mark.parametrize("shape, group", [((256, 256), 256), ((576, 576), 64), ((192, 576), 64)])
+def test_nf4_error_matches_the_codebook_expectation(shape, group):
+    from kvlab.peft.nf4 import _torchao, dequantize, nf4_codebook, scaler_block_size
 
     _, to_nf4 = _torchao()
-    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
-    q = to_nf4(w, 64, 256)
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert scaler_block_size(w) == group       # 256 blocks per scale group where the size allows (SmolLM2: 64)
+    q = to_nf4(w, 64, group)
     levels = nf4_codebook(q).double()
     # The expectation, in float64 from the codebook: each block of 64 scaled by its absmax, each
     # weight rounded to the nearest level (exact scales; torchao's scales are 8-bit, so slightly off).
@@ -282,8 +284,9 @@ def test_qlora_memory_forward_and_training(tmp_path, variant):
 
 
 def test_qlora_refuses_a_model_with_nothing_quantizable():
-    with pytest.raises(ConfigError, match="16,384"):
-        attach(make_model(), AdapterSpec("qlora", {}), compute_dtype=torch.float32)
+    # 72 x 72 = 81 blocks of 64, 72 x 36 and 72 x 136 no whole number of blocks in groups of 8.
+    with pytest.raises(ConfigError, match="divisible by 512"):
+        attach(make_model(d_model=72, d_ff=136), AdapterSpec("qlora", {}), compute_dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------- AdaLoRA

@@ -394,7 +394,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = finetune(model, model.tokenizer, spec, train_convs, cfg, eval_conversations=eval_convs, pack=args.pack,
                        merge=args.merge, resume=args.resume, device=args.device)
     keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
-            "adapter", "peft", "merged")
+            "base_weight_memory", "adapter", "peft", "merged")
     brief = {k: summary[k] for k in keys if k in summary}
     for k in ("accuracy_before", "accuracy_after"):
         if k in summary:

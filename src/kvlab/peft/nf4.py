@@ -6,8 +6,12 @@ weight is the index of the nearest of the 16 NF4 levels (quantiles of a standard
 ("double quantization"). ``F.linear`` on an NF4 weight dequantizes it to its compute dtype (bf16,
 or fp32 on CPUs without fast bf16) for the matmul, so nothing 16-bit is kept between calls.
 
-torchao needs a tensor's size to be a multiple of 64 × 256 = 16,384 weights; a smaller or oddly
-sized layer stays in the compute dtype and :func:`weight_memory` reports it as such.
+The scales are double-quantized in groups of 256 blocks (the paper's choice) where the layer's
+block count allows; torchao needs the group to divide the block count, so for other sizes
+(SmolLM2's 576-wide projections have 5,184 blocks) the group is the largest power of two from 128
+down to 8 that does — a few more fp32 group factors, 0.008 bits per weight at 64. A layer whose
+size is not a multiple of 64 × 8 weights stays in the compute dtype, and :func:`weight_memory`
+reports it as such.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from kvlab.errors import ConfigError
 
 BLOCK, SCALER_BLOCK = 64, 256
+SMALLEST_SCALER_BLOCK = 8
 
 
 def _torchao():
@@ -50,8 +55,18 @@ def dequantize(t: torch.Tensor) -> torch.Tensor:
     return t.get_original_weight() if type(t).__name__ == "NF4Tensor" else t
 
 
-def quantizable(weight: torch.Tensor) -> bool:
-    return weight.dim() == 2 and weight.numel() % (BLOCK * SCALER_BLOCK) == 0
+def scaler_block_size(weight: torch.Tensor) -> int | None:
+    """Blocks per double-quantization group: 256, else the largest power of two (≥ 8) dividing the
+    block count; None when the weight cannot be stored as NF4."""
+    if weight.dim() != 2 or weight.numel() % BLOCK:
+        return None
+    n_blocks = weight.numel() // BLOCK
+    size = SCALER_BLOCK
+    while size >= SMALLEST_SCALER_BLOCK:
+        if n_blocks % size == 0:
+            return size
+        size //= 2
+    return None
 
 
 def default_compute_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -78,13 +93,15 @@ def quantize_linear_weights(model: nn.Module, compute_dtype: torch.dtype) -> lis
     model.to(compute_dtype)
     done = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith("layers.") and quantizable(module.weight):
-            q = to_nf4(module.weight.detach().to(compute_dtype), BLOCK, SCALER_BLOCK)
+        group = scaler_block_size(module.weight) if isinstance(module, nn.Linear) else None
+        if group is not None and name.startswith("layers."):
+            q = to_nf4(module.weight.detach().to(compute_dtype), BLOCK, group)
             module.weight = nn.Parameter(q, requires_grad=False)
             done.append(name)
     if not done:
-        raise ConfigError("no linear layer of this model has a size divisible by 16,384 weights (64-weight blocks "
-                          "x 256-block scale groups), so nothing can be stored as NF4; use LoRA instead of QLoRA")
+        raise ConfigError(f"no linear layer of this model has a size divisible by {BLOCK * SMALLEST_SCALER_BLOCK} "
+                          f"weights ({BLOCK}-weight blocks in scale groups of at least {SMALLEST_SCALER_BLOCK}), so "
+                          f"nothing can be stored as NF4; use LoRA instead of QLoRA")
     for p in model.parameters():
         p.requires_grad_(False)
     return done

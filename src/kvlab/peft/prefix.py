@@ -17,10 +17,16 @@ same positions, so training and cached generation compute the same function.
 Virtual tokens are initialised from real ones (Lester et al.: sampled vocabulary tokens; for KV
 prefixes, the base model's own keys and values for those tokens), so tuning starts from a prefix
 the model already knows how to read.
+
+On a sliding-window model the virtual tokens obey the window like any other token (they are tokens
+at positions ``0..P-1``): after ``L`` layers of window ``W`` a real token at index ``t >= L*(W-1)``
+no longer sees them, directly or through earlier tokens. kvlab keeps the model's attention rule
+rather than making prefixes a permanent sink, and says so with a warning when one is attached.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -151,6 +157,12 @@ def add_prompt_adapter(model, cfg: PromptConfig) -> nn.Module:
     if model.cfg.pos == "learned" and cfg.num_virtual_tokens >= model.cfg.max_seq_len:
         raise ConfigError(f"num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in max_seq_len="
                           f"{model.cfg.max_seq_len} of a model with learned positions")
+    window = model.cfg.sliding_window
+    if window is not None:
+        reach = model.cfg.n_layer * (window - 1)
+        warnings.warn(f"{cfg.method} tuning on a model with sliding_window={window}: the virtual tokens fall out "
+                      f"of the window like real ones, so tokens from index {reach} on "
+                      f"(n_layer*(window-1)) are not steered by them", UserWarning, stacklevel=3)
     adapter = PromptAdapter(model, cfg) if cfg.method == "prompt" else PrefixAdapter(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -2,7 +2,7 @@
 fine-tuning measured in the same run (one command):
 
     python benchmarks/finetune_methods.py                       # SmolLM2-135M, writes results/finetune_methods.json
-    python benchmarks/finetune_methods.py --model tiny --steps 3  # a tiny random model: checks the script
+    python benchmarks/finetune_methods.py --model tiny --steps 3 --seq-len 128 --out /tmp/fm.json  # checks the script (byte tokens need longer rows)
 
 Each method runs in a fresh process (so peak memory is its own): load the model, attach the adapter
 (``full`` trains every weight instead), then ``--steps`` optimizer steps of SFT on the built-in

@@ -260,9 +260,9 @@ def test_prefix_merge_removes_the_mlp_and_keeps_the_function(tmp_path):
 # ------------------------------------------------------------------------------------- NF4
 @pytest.mark.parametrize("shape, group", [((256, 256), 256), ((576, 576), 64), ((192, 576), 64)])
 def test_nf4_error_matches_the_codebook_expectation(shape, group):
-    from kvlab.peft.nf4 import _torchao, dequantize, nf4_codebook, scaler_block_size
+    from kvlab.peft.nf4 import _to_nf4, dequantize, nf4_codebook, scaler_block_size
 
-    _, to_nf4 = _torchao()
+    to_nf4 = _to_nf4()
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     assert scaler_block_size(w) == group       # 256 blocks per scale group where the size allows (SmolLM2: 64)
     q = to_nf4(w, 64, group)

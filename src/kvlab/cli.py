@@ -354,15 +354,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from kvlab.finetune import finetune
-    from kvlab.peft import AdapterSpec
-    from kvlab.sft import read_chat_jsonl
+    from kvlab.peft import LORA_FAMILY, AdapterSpec
+    from kvlab.sft import ChatBatches, read_chat_jsonl
     from kvlab.train import TrainConfig
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise UsageError(f"kvlab finetune: --out {out} is not empty; choose a new directory or pass --resume")
-    options = {}
-    if args.method in ("lora", "qlora", "adalora"):
+    if args.method in LORA_FAMILY:
         options = dict(alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules.split(","))
         if args.method == "adalora":
             options.update(init_r=args.init_r, target_r=args.r)
@@ -380,18 +379,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     model = _load_model(argparse.Namespace(model=args.model, model_dtype=args.model_dtype, device=args.device))
     if model.tokenizer is None:
         raise UsageError(f"kvlab finetune: {args.model} has no tokenizer to render the chat data with")
+    batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack, seed=args.seed)
     max_steps = args.max_steps
     if max_steps is None:
-        from kvlab.sft import ChatBatches
-
-        rows = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack).stats["rows"]
-        max_steps = max(1, round(args.epochs * rows / args.batch_size))
+        max_steps = max(1, round(args.epochs * len(batches.rows) / args.batch_size))
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
                       weight_decay=0.0, eval_every=max_steps, save_every=args.save_every, keep_last=args.keep_last,
                       log_every=args.log_every, seed=args.seed, train_only="adapter")
     torch_seed(args.seed)
-    summary = finetune(model, model.tokenizer, spec, train_convs, cfg, eval_conversations=eval_convs, pack=args.pack,
+    summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
                        merge=args.merge, resume=args.resume, device=args.device)
     keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
             "base_weight_memory", "adapter", "peft", "merged")

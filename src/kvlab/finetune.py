@@ -23,6 +23,8 @@ import torch
 from kvlab.errors import ConfigError
 from kvlab.peft import (LORA_FAMILY, AdapterSpec, adapter_parameters, attach, export_peft, merge_and_unload,
                         merge_prompt_reparameterization, parameter_count, save_adapter)
+from kvlab.peft.adapter import MERGEABLE
+from kvlab.peft.prefix import PREFIX_METHODS
 from kvlab.sft import ChatBatches
 from kvlab.train import TrainConfig, train
 
@@ -34,18 +36,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024     # Linux reports KiB
 
 
-def finetune(model, tokenizer, spec: AdapterSpec, train_conversations: Sequence, cfg: TrainConfig, *,
-             eval_conversations: Sequence | None = None, pack: bool = False, merge: bool = False,
+def finetune(model, tokenizer, spec: AdapterSpec, batches: ChatBatches, cfg: TrainConfig, *,
+             eval_conversations: Sequence | None = None, merge: bool = False,
              resume: bool = False, device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None,
              eval_max_new_tokens: int = 16, quiet: bool = False) -> dict:
     from kvlab.instruct import task_accuracy
 
     if cfg.train_only != "adapter":
         raise ConfigError("finetune trains adapters: TrainConfig(train_only='adapter')")
-    if pack and spec.method in ("prefix", "ptuning", "prompt"):
+    if batches.pack and spec.method in PREFIX_METHODS:
         raise ConfigError(f"--pack puts several conversations in one row, but a {spec.method} adapter is one prefix per "
                           f"row; fine-tune {spec.method} without --pack")
-    if merge and spec.method not in ("lora", "adalora"):
+    if merge and spec.method not in MERGEABLE:
         raise ConfigError(f"--merge folds LoRA/AdaLoRA into the base weights; {spec.method} has nothing to merge"
                           + (" into a 4-bit base (save the adapter, or use --method lora)" if spec.method == "qlora" else ""))
     device = torch.device(device)
@@ -53,9 +55,8 @@ def finetune(model, tokenizer, spec: AdapterSpec, train_conversations: Sequence,
     if spec.method == "adalora" and "total_steps" not in spec.options:
         spec = AdapterSpec("adalora", {**spec.options, "total_steps": cfg.max_steps})
     model.to(device)
-    summary: dict = {"method": spec.method, "options": spec.config.to_dict(), "train_config": asdict(cfg)}
-    batches = ChatBatches(train_conversations, tokenizer, cfg.seq_len, cfg.batch_size, pack=pack, seed=cfg.seed)
-    summary["data"] = batches.stats
+    summary: dict = {"method": spec.method, "options": spec.config.to_dict(), "train_config": asdict(cfg),
+                     "data": batches.stats}
     if eval_conversations and not resume:
         summary["accuracy_before"] = task_accuracy(model, tokenizer, eval_conversations,
                                                    max_new_tokens=eval_max_new_tokens)

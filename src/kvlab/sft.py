@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from kvlab.errors import ConfigError
-
-IGNORE_INDEX = -100
+from kvlab.train import IGNORE_INDEX
 ROLES = ("system", "user", "assistant")
 
 

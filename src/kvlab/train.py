@@ -185,20 +185,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _is_adapter(name: str) -> bool:
-    return ".lora_" in name or name.startswith("prompt_adapter.")
-
-
 def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
     """``all``; ``attention`` (every attention projection); ``kv`` (K/V projections only — the
     part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters)."""
+    from kvlab.peft.adapter import is_adapter_parameter
+
     chosen = []
     for name, p in model.named_parameters():
         if train_only == "adapter":
             # Prefix tuning's merged prefixes are frozen on purpose; everything else adapter trains.
-            keep = _is_adapter(name) and p.requires_grad
+            keep = is_adapter_parameter(name) and p.requires_grad
         else:
-            keep = not _is_adapter(name) and (
+            keep = not is_adapter_parameter(name) and (
                 train_only == "all" or (train_only == "attention" and ".self_attn." in name)
                 or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)))
         p.requires_grad_(keep)
@@ -252,17 +250,28 @@ def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optim
     if not dist_ctx.is_main:
         dist_ctx.barrier()
         return target
-    state = {"step": step, "optimizer": optim_state, "torch_rng": torch.get_rng_state(),
-             "train_config": asdict(cfg), "world_size": dist_ctx.world_size, "strategy": dist_ctx.strategy}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    state = _trainer_state(step, optim_state, cfg, dist_ctx)
     # The model (and its provenance) via the kvlab format; the trainer state beside it, in the
     # same temporary directory, so the rename publishes both at once.
     save_checkpoint(model, target, extra=lambda tmp: torch.save(state, tmp / STATE_FILE), state_dict=model_state)
-    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _drop_old_checkpoints(out_dir, cfg)
     dist_ctx.barrier()
     return target
+
+
+def _trainer_state(step: int, optim_state: dict, cfg: TrainConfig, dist_ctx: Dist, hooks=None) -> dict:
+    """What resuming needs besides the weights: step, optimizer, RNG, config, hooks' state."""
+    state = {"step": step, "optimizer": optim_state, "torch_rng": torch.get_rng_state(),
+             "train_config": asdict(cfg), "world_size": dist_ctx.world_size, "strategy": dist_ctx.strategy,
+             "hooks": hooks.state_dict() if hooks is not None else None}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _drop_old_checkpoints(out_dir: Path, cfg: TrainConfig) -> None:
+    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_adapter_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: TrainConfig, dist_ctx: Dist,
@@ -272,14 +281,9 @@ def _save_adapter_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: Tr
     if dist_ctx.enabled:
         raise ConfigError("adapter fine-tuning runs in one process; launch kvlab finetune without torchrun")
     target = out_dir / "checkpoints" / f"step_{step:07d}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "train_config": asdict(cfg), "world_size": 1, "strategy": dist_ctx.strategy,
-             "hooks": hooks.state_dict() if hooks is not None else None}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    state = _trainer_state(step, optimizer.state_dict(), cfg, dist_ctx, hooks)
     save_adapter(model, target, extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
-    for old in checkpoint_dirs(out_dir)[:-cfg.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    _drop_old_checkpoints(out_dir, cfg)
     return target
 
 

@@ -55,7 +55,9 @@ def refuse_adapter(model) -> None:
     """A base checkpoint holds base weights only: an attached adapter is saved on its own or merged."""
     spec = getattr(model, "adapter_spec", None)
     if spec is not None:
-        fix = "kvlab.peft.merge_and_unload(model) first" if spec.method in ("lora", "adalora") else \
+        from kvlab.peft.adapter import MERGEABLE
+
+        fix = "kvlab.peft.merge_and_unload(model) first" if spec.method in MERGEABLE else \
             "load the base model without it"
         raise ConfigError(f"the model has a {spec.method} adapter attached; save it with kvlab.peft.save_adapter, "
                           f"or to write a full checkpoint, {fix}")

@@ -122,6 +122,7 @@ class RankAllocator:
         self.ipt: dict[str, torch.Tensor] = {}       # smoothed sensitivity per parameter
         self.unc: dict[str, torch.Tensor] = {}       # smoothed uncertainty per parameter
         self.budget = self.init_budget
+        self._final_mask: dict[str, torch.Tensor] | None = None   # fixed once the final phase starts
 
     def regularizer(self) -> torch.Tensor:
         return self.cfg.orth_reg_weight * orthogonality_penalty(self.model)
@@ -164,7 +165,7 @@ class RankAllocator:
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Update the importance scores from this step's gradients; mask to the budget when due."""
-        if step > self.cfg.total_steps - self.cfg.final_warmup and getattr(self, "_final_mask", None):
+        if step > self.cfg.total_steps - self.cfg.final_warmup and self._final_mask:
             for name, keep in self._final_mask.items():          # the final pattern stays fixed
                 self.layers[name].lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
             return
@@ -187,9 +188,8 @@ class RankAllocator:
     # Exact resume: the smoothed scores are training state.
     def state_dict(self) -> dict:
         return {"ipt": self.ipt, "unc": self.unc, "budget": self.budget,
-                "final_mask": getattr(self, "_final_mask", None)}
+                "final_mask": self._final_mask}
 
     def load_state_dict(self, state: dict) -> None:
         self.ipt, self.unc, self.budget = state["ipt"], state["unc"], state["budget"]
-        if state.get("final_mask") is not None:
-            self._final_mask = state["final_mask"]
+        self._final_mask = state.get("final_mask")

@@ -18,10 +18,11 @@ from torch import nn
 from kvlab.errors import CheckpointError, ConfigError
 from kvlab.peft.adalora import AdaLoraConfig, RankAllocator, adalora_parameter_count, apply_adalora
 from kvlab.peft.lora import LoraConfig, apply_lora, lora_layers, lora_parameter_count, lora_state_dict
-from kvlab.peft.prefix import PromptConfig, add_prompt_adapter, prompt_parameter_count
+from kvlab.peft.prefix import PREFIX_METHODS, PromptConfig, add_prompt_adapter, prompt_parameter_count
 
 METHODS = ("lora", "qlora", "adalora", "prefix", "ptuning", "prompt")
 LORA_FAMILY = ("lora", "qlora", "adalora")
+MERGEABLE = ("lora", "adalora")        # folded into full-precision base weights (QLoRA's base is 4-bit)
 CONFIG_FILE, WEIGHTS_FILE = "kvlab_adapter.json", "adapter.safetensors"
 # What must match between the model an adapter was trained on and the one it is loaded onto.
 SHAPE_FIELDS = ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff", "kv_sources")
@@ -96,10 +97,14 @@ def parameter_count(model_cfg, spec: AdapterSpec) -> int:
     return prompt_parameter_count(model_cfg, cfg)
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a model parameter belongs to an adapter (``*.lora_*`` or ``prompt_adapter.*``)."""
+    return ".lora_" in name or name.startswith("prompt_adapter.")
+
+
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The adapter's trainable parameters, by name (``lora_*`` or ``prompt_adapter.*``)."""
-    return [(n, p) for n, p in model.named_parameters()
-            if (".lora_" in n or n.startswith("prompt_adapter.")) and p.requires_grad]
+    """The adapter's trainable parameters, by name."""
+    return [(n, p) for n, p in model.named_parameters() if is_adapter_parameter(n) and p.requires_grad]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,7 +139,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, extra=None) -> Path
             "base_shape": _shape(model.cfg), "base_name": getattr(model.cfg, "name", None),
             "parameters": int(sum(v.numel() for v in tensors.values())),
             "prefix_merged": spec.method == "prefix" and not model.prompt_adapter.reparameterized}
-    if spec.method in ("prefix", "ptuning", "prompt"):
+    if spec.method in PREFIX_METHODS:
         meta["options"].pop("method", None)
 
     def write(tmp: Path) -> None:
@@ -206,7 +211,7 @@ def export_peft(model: nn.Module, directory: str | Path, *, base_model_name_or_p
     layers = lora_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise ConfigError("the adapter is merged into the base weights; unmerge it before exporting it alone")
-    tensors, targets, r, scaling, rslora = {}, [], None, None, False
+    tensors, targets, r, scaling = {}, [], None, None
     for name, layer in layers.items():
         a, b, s = layer.low_rank()
         hf = name if name == "lm_head" else f"model.{name}"
@@ -216,8 +221,7 @@ def export_peft(model: nn.Module, directory: str | Path, *, base_model_name_or_p
         r, scaling = a.shape[0], s
     cfg = spec.config
     lora_cfg = cfg.lora if spec.method == "adalora" else cfg
-    if lora_cfg.rslora:
-        rslora = True
+    rslora = lora_cfg.rslora
     # PEFT's scaling is lora_alpha / r (or / sqrt(r) with rsLoRA): choose lora_alpha to give ours.
     alpha = scaling * (r ** 0.5 if rslora else r)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvlab.errors import ConfigError
+from kvlab.peft.nf4 import is_quantized
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = (*ATTENTION_TARGETS, "gate_proj", "up_proj", "down_proj")
@@ -72,7 +73,8 @@ class LoraLinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        factory = dict(device=base.weight.device, dtype=_float_dtype(base.weight))
+        # Adapters train in the base's compute dtype (an NF4 weight reports the dtype it dequantizes to).
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(cfg.r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))     # as nn.Linear (and PEFT) initialise A
@@ -110,17 +112,6 @@ class LoraLinear(nn.Linear):
         with torch.no_grad():
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
         self.merged = False
-
-
-def _float_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters are trained in the base's compute dtype (an NF4 weight reports the dtype it
-    dequantizes to)."""
-    return weight.dtype
-
-
-def is_quantized(weight: torch.Tensor) -> bool:
-    """A 4-bit base weight (torchao's NF4Tensor, possibly inside a Parameter)."""
-    return type(weight).__name__ == "NF4Tensor" or type(getattr(weight, "data", None)).__name__ == "NF4Tensor"
 
 
 def _check_mergeable(layer: LoraLinear) -> None:

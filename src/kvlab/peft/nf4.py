@@ -27,7 +27,7 @@ BLOCK, SCALER_BLOCK = 64, 256
 SMALLEST_SCALER_BLOCK = 8
 
 
-def _torchao():
+def _to_nf4():
     # torchao logs a line for every optional GPU extension it cannot load, and its import makes
     # torch warn about a deprecated registration; on a CPU box that is noise.
     quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
@@ -35,13 +35,19 @@ def _torchao():
     for log in quiet:
         log.setLevel(logging.ERROR)
     try:
-        from torchao.quantization import NF4Tensor, to_nf4
+        from torchao.quantization import to_nf4
     except ImportError as e:
         raise ConfigError(f"QLoRA needs torchao ({e}); pip install 'torchao>=0.18'") from None
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
-    return NF4Tensor, to_nf4
+    return to_nf4
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A 4-bit weight: torchao's NF4Tensor, possibly inside a Parameter (checked by type name, so
+    that asking never imports torchao)."""
+    return "NF4Tensor" in (type(weight).__name__, type(getattr(weight, "data", None)).__name__)
 
 
 def nf4_codebook(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +58,7 @@ def nf4_codebook(t: torch.Tensor) -> torch.Tensor:
 def dequantize(t: torch.Tensor) -> torch.Tensor:
     """An NF4 weight back in its compute dtype (for a merge, an export or a check)."""
     t = t.data if isinstance(t, nn.Parameter) else t
-    return t.get_original_weight() if type(t).__name__ == "NF4Tensor" else t
+    return t.get_original_weight() if is_quantized(t) else t
 
 
 def scaler_block_size(weight: torch.Tensor) -> int | None:
@@ -89,7 +95,7 @@ def quantize_linear_weights(model: nn.Module, compute_dtype: torch.dtype) -> lis
     """Store every transformer-block linear weight as NF4 (dequantizing to ``compute_dtype``); the
     embeddings, norms and LM head stay in ``compute_dtype``, as in QLoRA. Returns the quantized
     layers' names; all base parameters end up frozen."""
-    _, to_nf4 = _torchao()
+    to_nf4 = _to_nf4()
     model.to(compute_dtype)
     done = []
     for name, module in model.named_modules():
@@ -109,9 +115,8 @@ def quantize_linear_weights(model: nn.Module, compute_dtype: torch.dtype) -> lis
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """Storage of a tensor; for NF4, its 4-bit codes, int8 scales, their scale factors and mean."""
-    NF4Tensor, _ = _torchao()
     t = t.data if isinstance(t, nn.Parameter) else t
-    if isinstance(t, NF4Tensor):
+    if is_quantized(t):
         parts = (t.quantized_data, t.quantized_scalers, t.quantization_factor, t.scaler_mean)
         return sum(p.numel() * p.element_size() for p in parts)
     return t.numel() * t.element_size()
@@ -125,6 +130,6 @@ def weight_memory(model: nn.Module) -> dict[str, int]:
             now += tensor_bytes(module.weight)
             bf16 += module.weight.numel() * 2
             n_linear += 1
-            n_quantized += type(module.weight).__name__ == "NF4Tensor"
+            n_quantized += is_quantized(module.weight)
     return {"linear_weight_bytes": now, "linear_weight_bytes_bf16": bf16, "quantized_layers": n_quantized,
             "linear_layers": n_linear}

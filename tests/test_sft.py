@@ -228,6 +228,15 @@ def test_finetune_cli_writes_adapter_peft_merged_and_summary(tiny_checkpoint, tm
     assert json.loads(capsys.readouterr().out) != with_adapter
 
 
+def test_adapter_option_only_where_the_model_is_run(tiny_checkpoint, capsys):
+    """--adapter belongs to generate/eval; finetune, convert and export reject it instead of ignoring it."""
+    root = tiny_checkpoint
+    for cmd in (["finetune", "--method", "lora", "--data", "x", "--out", "y"], ["convert", "--kv-heads", "1", "-o", "y"],
+                ["export", "-o", "z"]):
+        assert main([cmd[0], str(root / "base"), *cmd[1:], "--adapter", str(root / "base")]) == 2
+        assert "unrecognized arguments: --adapter" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--method", "prefix", "--pack"], "without --pack"),
     (["--method", "qlora", "--merge"], "nothing to merge into a 4-bit base"),

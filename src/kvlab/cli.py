@@ -376,7 +376,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
     if args.max_steps is None and args.epochs is None:
         raise UsageError("kvlab finetune: give --max-steps N or --epochs E")
-    model = _load_model(argparse.Namespace(model=args.model, model_dtype=args.model_dtype, device=args.device))
+    model = _load_model(args)
     if model.tokenizer is None:
         raise UsageError(f"kvlab finetune: {args.model} has no tokenizer to render the chat data with")
     batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack, seed=args.seed)
@@ -475,17 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.set_defaults(func=cmd_plan)
 
-    def model_args(p: argparse.ArgumentParser) -> None:
+    def model_args(p: argparse.ArgumentParser, adapter: bool = False) -> None:
         p.add_argument("model", metavar="MODEL",
                        help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
                        help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
-        p.add_argument("--adapter", metavar="DIR", help="a kvlab adapter (from kvlab finetune) to apply to MODEL")
+        if adapter:    # where the adapted model is only run (finetune attaches its own; export/convert refuse)
+            p.add_argument("--adapter", metavar="DIR", help="a kvlab adapter (from kvlab finetune) to apply to MODEL")
 
     p = sub.add_parser("generate", help="generate text from a model",
                        description="Generate from a model: prefill, then decode with the KV cache.")
-    model_args(p)
+    model_args(p, adapter=True)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", metavar="IDS", help="a prompt as token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Perplexity and bits per byte. Documents are scored separately, each after "
                                    "one BOS/EOS context token, long ones in windows of --seq-len tokens advancing "
                                    "by --stride, every token scored once.")
-    model_args(p)
+    model_args(p, adapter=True)
     p.add_argument("--data", default="builtin", help="'builtin' (validation split), 'builtin:train', a text "
                                                      "file, a .jsonl file (field 'text') or a directory of .txt")
     p.add_argument("--seq-len", type=int, default=1024)

@@ -17,6 +17,7 @@ demo: $(BIN)/kvlab
 	$(BIN)/kvlab study
 
 test: $(BIN)/kvlab
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

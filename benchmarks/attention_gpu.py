@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.attention import AttentionMask
-from kvlab.attention.triton_backend import triton_decode, triton_prefill
+from kvlab.attention.kernels.triton_backend import triton_decode, triton_prefill
 
 
 def bench(fn, smoke: bool) -> float:
@@ -142,7 +142,8 @@ def main() -> None:
     if not args.smoke:
         fwd = [r["fwd_ratio"] for r in result["prefill"]]
         dec = [r["triton_vs_copy"] for r in result["decode"]]
-        print(f"prefill forward triton/sdpa: min {min(fwd):.2f}, geomean {math.exp(sum(map(math.log, fwd)) / len(fwd)):.2f} "
+        print(f"prefill forward triton/sdpa: min {min(fwd):.2f}, "
+              f"geomean {math.exp(sum(map(math.log, fwd)) / len(fwd)):.2f} "
               f"(target >= 0.9); decode bandwidth / copy: min {min(dec):.2f}, max {max(dec):.2f} (target >= 0.7)")
 
 

@@ -91,7 +91,8 @@ def plot_and_table(rows: list[dict], args) -> None:
     by = {(r["backend"], r["T"]): r for r in rows}
     for T in map(int, args.lengths.split(",")):
         ref, fl = by.get(("reference", T), {}), by.get(("flash", T), {})
-        print(f"| {T:,} | {ref.get('extra_peak_MiB', float('nan')):,.1f} | {fl.get('extra_peak_MiB', float('nan')):,.1f} | "
+        print(f"| {T:,} | {ref.get('extra_peak_MiB', float('nan')):,.1f} | "
+              f"{fl.get('extra_peak_MiB', float('nan')):,.1f} | "
               f"{ref.get('seconds', float('nan')):.2f} | {fl.get('seconds', float('nan')):.2f} |")
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 import kvlab
-from kvlab.convert import convert
-from kvlab.corpus import builtin_corpus, corpus_fingerprint
-from kvlab.evaluate import evaluate
+from kvlab.convert.heads import convert
+from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
+from kvlab.eval.perplexity import evaluate
 
 VARIANTS = [  # (label, conversion kwargs or None for the original model)
     ("SmolLM2-135M (GQA-3, original)", None),

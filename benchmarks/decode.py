@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kvlab
-from kvlab.checkpoints import builtin_model_path
+from kvlab.io import builtin_model_path
 
 
 class Stamps:

@@ -1,8 +1,9 @@
 """Decode-step time of the attention backends on a GQA model at a long context.
 
 One decode step = one new token per row against a KV cache already holding `--context` tokens.
-Measured side by side in one run: the whole model step (kvlab.bench.measure_decode, median of
-`--steps`) and the attention call alone, for each backend; plus, for the attention call only, the naive baseline that repeats K/V per query head
+Measured side by side in one run: the whole model step (kvlab.eval.bench.measure_decode, median of
+`--steps`) and the attention call alone, for each backend; plus, for the attention call only, the naive
+baseline that repeats K/V per query head
 before SDPA (what kvlab never does) to show what grouping saves.
 
     python benchmarks/decode_backends.py --preset smollm2-135m --batch 16 --context 2048
@@ -20,7 +21,7 @@ from torch.utils.benchmark import Timer
 
 from kvlab import ModelConfig, Transformer
 from kvlab.attention import attention
-from kvlab.bench import measure_decode
+from kvlab.eval.bench import measure_decode
 
 
 def timed(fn, min_run_time: float) -> float:
@@ -83,7 +84,8 @@ def main() -> None:
     print(f"{'':28}{'reference':>12}{'sdpa':>12}{'ref/sdpa':>10}")
     for what in ("model_step", "attention"):
         r, s = results[f"{what}_ms_reference"], results[f"{what}_ms_sdpa"]
-        print(f"{what + ' (ms, one layer)' if what == 'attention' else what + ' (ms)':28}{r:12.2f}{s:12.2f}{r / s:10.2f}")
+        print(f"{what + ' (ms, one layer)' if what == 'attention' else what + ' (ms)':28}"
+              f"{r:12.2f}{s:12.2f}{r / s:10.2f}")
     print(f"attention, repeat K/V then SDPA: {results['attention_ms_repeat_kv_sdpa']:.2f} ms "
           f"({results['attention_ratio_repeat_over_sdpa']:.1f}x the grouped sdpa call)")
     print(f"KV read rate of one attention call: reference {results['attention_kv_read_GBps_reference']:.1f} GB/s, "

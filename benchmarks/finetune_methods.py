@@ -2,7 +2,8 @@
 fine-tuning measured in the same run (one command):
 
     python benchmarks/finetune_methods.py                       # SmolLM2-135M, writes results/finetune_methods.json
-    python benchmarks/finetune_methods.py --model tiny --steps 3 --seq-len 128 --out /tmp/fm.json  # checks the script (byte tokens need longer rows)
+    python benchmarks/finetune_methods.py --model tiny --steps 3 --seq-len 128 --out /tmp/fm.json
+        # checks the script (byte tokens need longer rows)
 
 Each method runs in a fresh process (so peak memory is its own): load the model, attach the adapter
 (``full`` trains every weight instead), then ``--steps`` optimizer steps of SFT on the built-in
@@ -70,13 +71,13 @@ def load_model(name: str, device):
 
     if name == "tiny":
         from kvlab import ModelConfig, Transformer
-        from kvlab.tokenizer import ByteTokenizer
+        from kvlab.io.tokenizer import ByteTokenizer
 
         torch.manual_seed(0)
         model = Transformer(ModelConfig.from_preset("tiny", d_model=256, n_head=4, d_ff=512))
         model.tokenizer = ByteTokenizer()
         return model.to(device)
-    from kvlab.checkpoints import load
+    from kvlab.io import load
 
     return load(name, device=device)
 
@@ -84,12 +85,12 @@ def load_model(name: str, device):
 def one(method: str, args) -> dict:
     import torch
 
-    from kvlab.finetune import peak_memory_bytes
-    from kvlab.instruct import make_tasks
+    from kvlab.data.chat import ChatBatches
+    from kvlab.data.instruct import make_tasks
     from kvlab.peft import AdapterSpec, attach, parameter_count
     from kvlab.peft.nf4 import weight_memory
-    from kvlab.sft import ChatBatches
-    from kvlab.train import IGNORE_INDEX, make_optimizer, trainable_parameters
+    from kvlab.recipes.finetune import peak_memory_bytes
+    from kvlab.training import IGNORE_INDEX, make_optimizer, trainable_parameters
 
     device = torch.device(args.device)
     model = load_model(args.model, device)
@@ -99,7 +100,8 @@ def one(method: str, args) -> dict:
         params = trainable_parameters(model, "all")
         hooks = None
     else:
-        spec = AdapterSpec(method, dict(OPTIONS[method], **({"total_steps": args.steps + 1} if method == "adalora" else {})))
+        spec = AdapterSpec(method, dict(OPTIONS[method],
+                                        **({"total_steps": args.steps + 1} if method == "adalora" else {})))
         attached = attach(model, spec)
         hooks = attached.allocator
         params = trainable_parameters(model, "adapter")

@@ -9,22 +9,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvlab import ModelConfig, Transformer
+from kvlab.registry import KINDS, get_kind
 
-# Every attention variant the core must support, on the tiny shape (d_model 64, 4 heads).
-VARIANTS = {
-    "mha": dict(n_kv_head=4),
-    "gqa": dict(n_kv_head=2),
-    "mqa": dict(n_kv_head=1),
-    "cla2": dict(n_kv_head=2, cla=2),
-    "cla3-7layers": dict(n_kv_head=2, cla=3, n_layer=7),
-    "mqa-cla2": dict(n_kv_head=1, cla=2),
-    "kv-source": dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 0, 4]),
-    "parallel": dict(n_kv_head=2, block="parallel"),
-    "learned-pos": dict(n_kv_head=2, pos="learned"),
-    "gelu-layernorm-bias-tied": dict(n_kv_head=2, mlp="gelu", norm="layernorm", qkv_bias=True,
-                                     o_bias=True, tie_embeddings=True),
-    "sliding-window": dict(n_kv_head=2, sliding_window=5),
-}
+# Every attention variant the core must support, on the tiny shape (d_model 64, 4 heads): the
+# examples every registered attention kind gives (kvlab.registry.AttentionKind.examples), so a
+# newly registered kind is tested everywhere these are.
+VARIANTS = {name: overrides for kind in KINDS.values() for name, overrides in kind.examples.items()}
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
@@ -57,10 +47,19 @@ def hf_smollm2():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvlab.checkpoints import builtin_model_path
+    from kvlab.io import builtin_model_path
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = builtin_model_path("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tok
+
+
+def pytest_generate_tests(metafunc):
+    """Contract tests (tests/kind_contract.py): a test class naming an attention ``kind`` runs on each
+    of that kind's registered examples, read from the registry when the class is collected."""
+    kind = getattr(metafunc.cls, "kind", None)
+    if kind is not None and "variant" in metafunc.fixturenames:
+        examples = get_kind(kind).examples
+        metafunc.parametrize("variant", list(examples.values()), ids=list(examples))

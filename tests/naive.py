@@ -72,8 +72,9 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
             hk = hq // group
             scores = (q[:, hq] @ k[:, hk].T) / math.sqrt(D)
             allowed = pos[None, :] <= pos[:, None]
-            if cfg.sliding_window is not None:
-                allowed &= (pos[:, None] - pos[None, :]) < cfg.sliding_window
+            window = cfg.layer_window(i)          # the layer's own window, else the model's
+            if window is not None:
+                allowed &= (pos[:, None] - pos[None, :]) < window
             scores = scores.masked_fill(~allowed, float("-inf"))
             heads.append(torch.softmax(scores, -1) @ v[:, hk])
         attn = _linear(P, pre + ".self_attn.o_proj", torch.cat(heads, -1))

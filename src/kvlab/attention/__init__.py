@@ -1,9 +1,12 @@
-"""Attention: masks, backends, RoPE and the layer module."""
+"""Attention: the kinds (each registered once, in a file named after it), masks, score biases and
+the kernels that compute attention for every kind."""
 
-from kvlab.attention.backends import BACKENDS, attention, register_backend, resolve_backend
-from kvlab.attention import flash as _flash  # noqa: F401  (registers the "flash" backend)
-from kvlab.attention import triton_backend as _triton  # noqa: F401  (registers "triton"; imports triton lazily)
+from kvlab.attention import gqa  # noqa: F401  (registers the "gqa" kind)
+from kvlab.attention.bias import ScoreBias
+from kvlab.attention.context import ForwardContext
+from kvlab.attention.kernels import attention, resolve_backend
 from kvlab.attention.masks import AttentionMask, may_attend, positions_from_attention_mask
+from kvlab.registry import BACKENDS, KINDS, register_backend, register_kind
 
-__all__ = ["BACKENDS", "AttentionMask", "attention", "may_attend", "positions_from_attention_mask",
-           "register_backend", "resolve_backend"]
+__all__ = ["BACKENDS", "KINDS", "AttentionMask", "ForwardContext", "ScoreBias", "attention", "may_attend",
+           "positions_from_attention_mask", "register_backend", "register_kind", "resolve_backend"]

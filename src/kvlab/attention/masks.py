@@ -4,7 +4,8 @@ Every query and key carries a *position* (its index in its own sequence, not cou
 and a *valid* flag (False for padding). Query ``q`` may attend to key ``k`` of the same row when
 both are valid, ``pos_k <= pos_q`` (causal) and ``pos_q - pos_k < window`` (sliding window).
 Packed rows (several documents in one row, SFT packing) add a *segment* id per token: a query
-attends only to keys of its own segment. That one rule covers a padded batch without a cache (positions count real tokens, so left and
+attends only to keys of its own segment. That one rule covers a padded batch without a cache (positions
+count real tokens, so left and
 right padding behave the same), a prefill or decode step against a KV cache (key positions are
 cache slots), and their combination.
 
@@ -20,17 +21,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvlab.layers.positions import positions_from_attention_mask, positions_in_segments
 
-def positions_from_attention_mask(attention_mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token positions for a ``(B, T)`` 0/1 mask: real tokens count 0, 1, 2... from ``start``.
-
-    Padding tokens get the position of the previous real token (clamped at ``start``); they are
-    masked out anyway, and the clamp keeps them inside RoPE / embedding tables.
-    """
-    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    if start is not None:
-        pos = pos + start.view(-1, 1)
-    return pos
+__all__ = ["AttentionMask", "may_attend", "positions_from_attention_mask", "positions_in_segments"]
 
 
 def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tensor | None = None,
@@ -56,16 +49,6 @@ def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tenso
     return allowed.unsqueeze(1)
 
 
-def positions_in_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Per-token positions ``(B, T)`` that restart at 0 where the segment id changes (packed rows)."""
-    B, T = segment_ids.shape
-    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
-    return idx - first
-
-
 @dataclass
 class AttentionMask:
     """Which keys each query may attend to, in the structured form described above.
@@ -83,6 +66,7 @@ class AttentionMask:
     plain_causal: bool = False
     q_seg: torch.Tensor | None = None      # packed rows: segment id per query / key
     k_seg: torch.Tensor | None = None
+    k_lengths: torch.Tensor | None = None  # (B,) keys per row when a cache knows them (decode kernels)
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:

@@ -57,7 +57,7 @@ class AdaLoraConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"AdaLoRA {name}={getattr(self, name)!r} must be in [0, 1)")
-        self.lora  # validates alpha, dropout, targets
+        _ = self.lora  # validates alpha, dropout, targets
 
     @property
     def lora(self) -> LoraConfig:
@@ -158,7 +158,8 @@ class RankAllocator:
         """Per layer, ``(r,)``: the score of Λᵢ plus the mean scores of Pᵢ's and Qᵢ's entries."""
         out = {}
         for name in self.layers:
-            s = {leaf: self.ipt[f"{name}.{leaf}"] * self.unc[f"{name}.{leaf}"] for leaf in ("lora_A", "lora_B", "lora_E")}
+            s = {leaf: self.ipt[f"{name}.{leaf}"] * self.unc[f"{name}.{leaf}"]
+                 for leaf in ("lora_A", "lora_B", "lora_E")}
             out[name] = s["lora_E"].view(-1) + s["lora_A"].mean(1) + s["lora_B"].mean(0)
         return out
 

@@ -38,7 +38,12 @@ class AdapterSpec:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not one of {list(METHODS)}")
-        self.config  # validates the options
+        _ = self.config  # validates the options
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the adapter folds into the base weights (``merge_and_unload``)."""
+        return self.method in MERGEABLE
 
     @property
     def config(self) -> LoraConfig | AdaLoraConfig | PromptConfig:
@@ -131,7 +136,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, extra=None) -> Path
     ``extra(tmpdir)`` may add files inside the same atomic write (a trainer state)."""
     from safetensors.torch import save_file
 
-    from kvlab.checkpoints.kvlab_format import write_dir_atomically
+    from kvlab.io.atomic import write_dir_atomically
 
     spec = model.adapter_spec
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
@@ -202,7 +207,7 @@ def export_peft(model: nn.Module, directory: str | Path, *, base_model_name_or_p
     AdaLoRA goes out as plain LoRA: ``A ⊙ E`` as ``lora_A`` (pruned ranks are zero rows)."""
     from safetensors.torch import save_file
 
-    from kvlab.checkpoints.kvlab_format import write_dir_atomically
+    from kvlab.io.atomic import write_dir_atomically
 
     spec = getattr(model, "adapter_spec", None)
     if spec is None or spec.method not in LORA_FAMILY:

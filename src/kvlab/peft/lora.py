@@ -158,9 +158,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         plain.weight, plain.bias = layer.weight, layer.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)
-    for attr in ("lora_config", "adalora_config", "adapter_spec"):      # the adapter is gone
+    for attr in ("lora_config", "adalora_config"):      # the adapter is gone
         if hasattr(model, attr):
             delattr(model, attr)
+    if hasattr(model, "adapter_spec"):
+        model.adapter_spec = None
     return model
 
 

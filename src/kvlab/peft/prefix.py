@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from kvlab.errors import ConfigError
+from kvlab.models.decoder import InputEntry
 
 PREFIX_METHODS = ("prefix", "ptuning", "prompt")
 
@@ -101,6 +102,14 @@ class PrefixAdapter(nn.Module):
         return {p: (t[i, 0].expand(batch_size, -1, -1, -1), t[i, 1].expand(batch_size, -1, -1, -1))
                 for i, p in enumerate(self.producers)}
 
+    def enter(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache):
+        """The model's input hook: into an empty cache, the prefixes go to slots ``[0, P)``;
+        without a cache, each producer layer puts them before the call's own keys."""
+        if cache is not None:
+            cache.write_prefix(self.per_layer(1))
+            return InputEntry(x, attention_mask)
+        return InputEntry(x, attention_mask, prefix=self.per_layer(x.shape[0]))
+
     def merge(self) -> None:
         """Replace the reparameterisation MLP by the prefixes it produces (after training)."""
         if self.reparameterized:
@@ -125,6 +134,14 @@ class PromptAdapter(nn.Module):
         ids = _sampled_tokens(model, cfg.num_virtual_tokens, cfg.init_seed)
         self.n_tokens = cfg.num_virtual_tokens
         self.embeddings = nn.Parameter(model.embed_tokens.weight[ids].detach().clone())
+
+    def enter(self, x: torch.Tensor, attention_mask: torch.Tensor | None, cache):
+        """The model's input hook: virtual input tokens before the real ones (dropped from the output)."""
+        B = x.shape[0]
+        x = torch.cat([self.embeddings.to(x.dtype).expand(B, -1, -1), x], 1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(B, self.n_tokens), attention_mask], 1)
+        return InputEntry(x, attention_mask, n_virtual=self.n_tokens)
 
     def merge(self) -> None:
         pass
@@ -154,6 +171,10 @@ def add_prompt_adapter(model, cfg: PromptConfig) -> nn.Module:
     ``model.prompt_adapter``) and freeze the rest of the model."""
     if getattr(model, "prompt_adapter", None) is not None:
         raise ConfigError("the model already has a prompt adapter; load a fresh model to add another")
+    kinds = sorted({s.kind for s in model.cfg.layer_specs} - {"gqa"})
+    if kinds and cfg.method != "prompt":
+        raise ConfigError(f"{cfg.method} tuning writes K/V prefixes, which layers of kind(s) {kinds} do not keep; "
+                          f"use prompt tuning (virtual input tokens) or LoRA on this model")
     if model.cfg.pos == "learned" and cfg.num_virtual_tokens >= model.cfg.max_seq_len:
         raise ConfigError(f"num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in max_seq_len="
                           f"{model.cfg.max_seq_len} of a model with learned positions")

@@ -1,0 +1,56 @@
+"""What every layer of one forward call shares: positions, masks, RoPE tables, the cache step.
+
+The model fills a :class:`ForwardContext` once per call; each attention module asks it for what
+its kind needs — :meth:`ForwardContext.mask` for its window (built once per distinct window and
+shared by the layers that use it), the RoPE tables, its cache layer, the K/V an earlier layer
+produced (CLA), or keys that come before the call's own (prefix tuning without a cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlab.attention.masks import AttentionMask
+
+
+@dataclass
+class ForwardContext:
+    """State shared by all layers during one forward call of the model.
+
+    ``q_pos``/``k_pos`` and the validity and segment tensors describe queries and keys as in
+    :class:`AttentionMask`. ``plain`` says queries and keys are one unpadded sequence from position
+    0 (a backend's built-in causal path applies when there is no window); ``all_visible`` says every
+    key is visible to every query unless a window hides some (one decode token over uniform rows).
+    """
+
+    backend: str
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_valid: torch.Tensor | None = None
+    k_valid: torch.Tensor | None = None
+    q_seg: torch.Tensor | None = None
+    k_seg: torch.Tensor | None = None
+    k_lengths: torch.Tensor | None = None
+    plain: bool = False
+    all_visible: bool = False
+    cos: torch.Tensor | None = None            # RoPE tables for the new tokens, (B|1, 1, T, D)
+    sin: torch.Tensor | None = None
+    cache: "object | None" = None              # kvlab.cache.KVCache
+    step: "object | None" = None               # kvlab.cache.CacheStep
+    kv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # producer layer -> what it made
+    prefix: dict[int, tuple[torch.Tensor, ...]] | None = None   # producer -> prefix K, V (no cache)
+    _masks: dict[int | None, AttentionMask | None] = field(default_factory=dict, repr=False)
+
+    def mask(self, window: int | None = None) -> AttentionMask | None:
+        """The mask for a layer with this sliding window (None: attend to every key)."""
+        if window not in self._masks:
+            if self.all_visible and window is None:
+                self._masks[window] = None
+            else:
+                self._masks[window] = AttentionMask(
+                    self.q_pos, self.k_pos, q_valid=self.q_valid, k_valid=self.k_valid, window=window,
+                    plain_causal=self.plain and window is None, q_seg=self.q_seg, k_seg=self.k_seg,
+                    k_lengths=self.k_lengths)
+        return self._masks[window]

@@ -1,0 +1,120 @@
+"""The ``gqa`` attention kind: MHA / GQA / MQA by ``n_kv_head``, CLA producer or consumer by
+``kv_source``, optionally windowed per layer.
+
+Producers own ``k_proj``/``v_proj`` and a full K/V cache layer; consumers own only
+``q_proj``/``o_proj``, cache nothing, and rotate only their queries, because the K they read was
+stored after RoPE by the producer. Options of a layer spec: ``window`` (a sliding window for this
+layer, overriding the model's ``sliding_window``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvlab.attention.context import ForwardContext
+from kvlab.attention.kernels import attention
+from kvlab.cache.full import FullKVLayer
+from kvlab.config.model import ModelConfig, kv_bytes_per_token
+from kvlab.errors import ConfigError
+from kvlab.layers.rope import apply_rope
+from kvlab.registry import AttentionKind, CacheBytes, register_kind
+
+
+class GQAAttention(nn.Module):
+    """Self-attention whose K/V come from this layer (producer) or an earlier one (CLA consumer)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kv_source = cfg.kv_sources[layer_idx]
+        self.is_producer = self.kv_source == layer_idx
+        self.window = cfg.layer_window(layer_idx)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.use_rope = cfg.pos == "rope"
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        if self.is_producer:
+            self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)        # (B, n, T, D)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_head)
+        if self.use_rope:
+            q = apply_rope(q, ctx.cos, ctx.sin)
+        if self.is_producer:
+            k = self._heads(self.k_proj(x), self.n_kv_head)
+            v = self._heads(self.v_proj(x), self.n_kv_head)
+            if self.use_rope:
+                k = apply_rope(k, ctx.cos, ctx.sin)
+            if ctx.prefix is not None:    # prefix tuning without a cache: trained keys come first
+                pk, pv = ctx.prefix[self.layer_idx]
+                k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(self.layer_idx, k, v, step=ctx.step)
+            ctx.kv[self.layer_idx] = (k, v)
+        else:
+            k, v = ctx.kv[self.kv_source]
+        if k.dtype != q.dtype:            # a cache kept in another dtype than the model
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = attention(q, k, v, ctx.mask(self.window), backend=ctx.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def _is_producer(cfg: ModelConfig, layer: int) -> bool:
+    return cfg.kv_sources[layer] == layer
+
+
+def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device) -> FullKVLayer | None:
+    if not _is_producer(cfg, layer):
+        return None
+    return FullKVLayer(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype=dtype, device=device)
+
+
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
+    return CacheBytes(per_token=kv_bytes_per_token(int(_is_producer(cfg, layer)), cfg.n_kv_head, cfg.head_dim, dtype))
+
+
+def _param_count(cfg: ModelConfig, layer: int) -> int:
+    d, hd = cfg.d_model, cfg.head_dim
+    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
+    bias = 1 if cfg.qkv_bias else 0
+    count = (d + bias) * q_out + q_out * d + (d if cfg.o_bias else 0)      # q_proj, o_proj
+    if _is_producer(cfg, layer):
+        count += 2 * (d + bias) * kv_out                                   # k_proj, v_proj
+    return count
+
+
+def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
+    window = options.get("window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ConfigError(f"layer {layer}: window={window!r} must be a positive integer or None")
+
+
+GQA = register_kind(AttentionKind(
+    name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
+    param_count=_param_count, options=("window",), validate=_validate,
+    description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
+    examples={
+        "mha": dict(n_kv_head=4),
+        "gqa": dict(n_kv_head=2),
+        "mqa": dict(n_kv_head=1),
+        "cla2": dict(n_kv_head=2, cla=2),
+        "cla3-7layers": dict(n_kv_head=2, cla=3, n_layer=7),
+        "mqa-cla2": dict(n_kv_head=1, cla=2),
+        "kv-source": dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 0, 4]),
+        "parallel": dict(n_kv_head=2, block="parallel"),
+        "learned-pos": dict(n_kv_head=2, pos="learned"),
+        "gelu-layernorm-bias-tied": dict(n_kv_head=2, mlp="gelu", norm="layernorm", qkv_bias=True,
+                                         o_bias=True, tie_embeddings=True),
+        "sliding-window": dict(n_kv_head=2, sliding_window=5),
+        # A hybrid: windows per layer (one global layer), with CLA pairs sharing KV across windows.
+        "hybrid-windows": dict(n_kv_head=2, cla=2, attention_layers=[
+            {"kind": "gqa", "window": 3}, {"kind": "gqa", "window": 6}, "gqa", {"kind": "gqa", "window": 4}]),
+    }))

@@ -1,0 +1,234 @@
+"""The ``triton`` attention backend: launches the kernels of :mod:`kvlab.attention.kernels.triton_kernels`.
+
+- Prefill / training: FlashAttention-2 forward and backward (autograd), any mask kvlab builds.
+- Decode (one query per row, no gradient, the allowed keys of each row a prefix ``[0, len)`` —
+  what a kvlab KV cache gives): split-KV Flash-Decoding with per-row lengths.
+
+Needs CUDA tensors, or ``TRITON_INTERPRET=1`` to run the same kernels on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from kvlab.attention.kernels.common import check_shapes
+from kvlab.attention.masks import AttentionMask
+from kvlab.errors import ConfigError
+from kvlab.registry import Backend, register_backend
+
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+DECODE_BLOCK_N = 64
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                mask: AttentionMask | None = None, bias=None) -> str | None:
+    """Why the kernels cannot compute this call, or None."""
+    if not triton_available():
+        return "the triton backend needs the 'triton' package: pip install triton"
+    if q.device.type != "cuda" and not interpreting():
+        return (f"the triton backend runs on CUDA tensors (got {q.device}); on the CPU set "
+                f"TRITON_INTERPRET=1 (slow, for tests) or use backend 'flash' or 'sdpa'")
+    D = q.shape[-1]
+    if D & (D - 1) or not 16 <= D <= 256:
+        return f"the triton backend needs head_dim a power of two in [16, 256], got {D}; use backend 'flash' or 'sdpa'"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the triton backend takes fp16, bf16 or fp32 tensors, got {q.dtype}"
+    if v is not None and v.shape[-1] != D:
+        return f"the triton kernels need value width = key width, got {v.shape[-1]} and {D}"
+    if bias is not None:
+        return "the triton kernels add no score bias; use 'flash', 'sdpa' or 'reference'"
+    if mask is not None and mask.q_seg is not None:
+        return ("the triton backend has no packed-row (segment) masking; train packed SFT rows with "
+                "backend 'sdpa' or 'flash', or turn packing off")
+    return None
+
+
+def _check(q: torch.Tensor) -> None:
+    reason = unsupported(q)
+    if reason is not None:
+        raise ConfigError(reason)
+
+
+def _upcast(q: torch.Tensor) -> bool:
+    """Multiply in fp32 inside the kernels: only for bf16 under the interpreter (see _dot)."""
+    return interpreting() and q.dtype == torch.bfloat16
+
+
+def _mask_args(mask: AttentionMask | None, device: torch.device):
+    """Int32 position/validity vectors with their batch strides (0 = shared by all rows)."""
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    if mask is None:
+        return dict(tensors=(dummy, dummy, dummy, dummy), strides=(0, 0, 0, 0),
+                    flags=dict(HAS_MASK=False, HAS_QV=False, HAS_KV=False, CAUSAL=False, PLAIN_CAUSAL=False, WINDOW=0))
+
+    def prep(t):
+        if t is None:
+            return dummy, 0
+        t = t.to(device=device, dtype=torch.int32).contiguous()
+        return t, (t.stride(0) if t.shape[0] > 1 else 0)
+
+    (qp, s_qp), (qv, s_qv), (kp, s_kp), (kv, s_kv) = (prep(mask.q_pos), prep(mask.q_valid), prep(mask.k_pos),
+                                                      prep(mask.k_valid))
+    return dict(tensors=(qp, qv, kp, kv), strides=(s_qp, s_qv, s_kp, s_kv),
+                flags=dict(HAS_MASK=True, HAS_QV=mask.q_valid is not None, HAS_KV=mask.k_valid is not None,
+                           CAUSAL=mask.causal, PLAIN_CAUSAL=mask.plain_causal, WINDOW=mask.window or 0))
+
+
+def _prefill_forward(q, k, v, mask, scale):
+    from kvlab.attention.kernels.triton_kernels import flash_fwd_kernel
+
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    m = _mask_args(mask, q.device)
+    grid = (math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)
+    flash_fwd_kernel[grid](q, k, v, out, lse, *m["tensors"],
+                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+                           *m["strides"], Hq, Hq // Hkv, Tq, Tk, scale, **m["flags"],
+                           BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
+    return out, lse
+
+
+def _prefill_backward(do, q, k, v, out, lse, mask, scale):
+    from kvlab.attention.kernels.triton_kernels import (
+        flash_bwd_dkdv_kernel,
+        flash_bwd_dq_kernel,
+        flash_bwd_preprocess_kernel,
+    )
+
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    delta = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    flash_bwd_preprocess_kernel[(math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)](
+        out, do, delta, *out.stride()[:3], *do.stride()[:3], Hq, Tq, BLOCK_M=PREFILL_BLOCK_M, HEAD_DIM=D)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    m = _mask_args(mask, q.device)
+    common = (*m["strides"],)
+    flash_bwd_dkdv_kernel[(math.ceil(Tk / PREFILL_BLOCK_N), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, *m["tensors"],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2],
+        *dk.stride()[:3], *dv.stride()[:3], *common, Hq, Hkv, G, Tq, Tk, scale, **m["flags"],
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
+    flash_bwd_dq_kernel[(math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)](
+        q, k, v, do, lse, delta, dq, *m["tensors"],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2], *dq.stride()[:3],
+        *common, Hq, G, Tq, Tk, scale, **m["flags"],
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
+    return dq, dk, dv
+
+
+class TritonFlashFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = _prefill_forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale = mask, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _prefill_backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def triton_prefill(q, k, v, mask: AttentionMask | None = None, scale: float | None = None, *, return_lse=False):
+    check_shapes(q, k, v)
+    _check(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = TritonFlashFunction.apply(q, k, v, mask, scale)
+    return (out, lse) if return_lse else out
+
+
+def decode_splits(lengths_max: int, batch_kv_programs: int, block_n: int = DECODE_BLOCK_N,
+                  target_programs: int = 256) -> tuple[int, int]:
+    """(number of splits, keys per split): enough programs to fill the GPU, splits a multiple of
+    the key tile, at most one split per tile."""
+    tiles = max(1, math.ceil(lengths_max / block_n))
+    n_splits = max(1, min(tiles, math.ceil(target_programs / batch_kv_programs)))
+    split_len = math.ceil(tiles / n_splits) * block_n
+    return math.ceil(lengths_max / split_len) if lengths_max else 1, split_len
+
+
+def triton_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                  scale: float | None = None, *, max_length: int | None = None) -> torch.Tensor:
+    """One new query per row against a KV cache: ``q (B, Hq, 1, D)``, ``k, v (B, Hkv, S, D)``,
+    ``lengths (B,)`` keys per row (slots ``[0, len)``). Each KV head is read once for its group."""
+    import triton
+
+    from kvlab.attention.kernels.triton_kernels import decode_combine_kernel, decode_split_kernel
+
+    check_shapes(q, k, v)
+    _check(q)
+    B, Hq, Tq, D = q.shape
+    if Tq != 1:
+        raise ConfigError(f"triton_decode takes one query per row, got Tq={Tq}")
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    max_length = k.shape[2] if max_length is None else max_length
+    n_splits, split_len = decode_splits(max_length, B * Hkv)
+    block_g = max(16, triton.next_power_of_2(G)) if not interpreting() else triton.next_power_of_2(G)
+    part_o = torch.empty(B * Hkv * n_splits * block_g, D, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(B * Hkv * n_splits * block_g, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    decode_split_kernel[(B * Hkv, n_splits)](q, k, v, lengths, part_o, part_m, part_l,
+                                             q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
+                                             Hkv, G, split_len, scale, BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N,
+                                             HEAD_DIM=D, UPCAST=_upcast(q))
+    out = torch.empty_like(q)
+    decode_combine_kernel[(B * Hkv,)](part_o, part_m, part_l, out, out.stride(0), out.stride(1), Hkv, G, n_splits,
+                                      BLOCK_G=block_g, HEAD_DIM=D)
+    return out
+
+
+def prefix_lengths(mask: AttentionMask | None, batch: int, Tk: int) -> torch.Tensor | None:
+    """Per-row key counts when each row may attend to exactly the keys ``[0, len)``, else None."""
+    if mask is None:
+        return torch.full((batch,), Tk, dtype=torch.int32)
+    if mask.k_lengths is not None and mask.window is None and mask.q_valid is None and mask.causal:
+        return mask.k_lengths.to(torch.int32)        # set by the cache: no device-to-host sync needed
+    allowed = mask.dense()[:, 0, 0].expand(batch, Tk)                 # (B, Tk) for Tq = 1
+    lengths = allowed.sum(-1)
+    prefix = torch.arange(Tk, device=allowed.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return lengths.to(torch.int32) if bool((prefix == allowed).all()) else None
+
+
+def triton_backend(q, k, v, mask, scale, bias=None):
+    check_shapes(q, k, v)
+    _check(q)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.shape[2] == 1 and not needs_grad:
+        lengths = prefix_lengths(mask, q.shape[0], k.shape[2])
+        if lengths is not None:
+            return triton_decode(q, k, v, lengths, scale)
+    return triton_prefill(q, k, v, mask, scale)
+
+
+def _auto_rank(q) -> int | None:
+    # Chosen automatically only where it is fast: fp16/bf16 on an NVIDIA GPU.
+    if q is not None and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        return 20
+    return None
+
+
+register_backend(Backend("triton", triton_backend, unsupported, auto_rank=_auto_rank))

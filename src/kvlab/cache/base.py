@@ -1,0 +1,47 @@
+"""The cache protocol: one cache object for the model, made of one cache layer per layer that
+caches something, each layer's kind bringing its own.
+
+The model-wide :class:`~kvlab.cache.cache.KVCache` owns what all layers share — the batch, each
+row's length, and the plan of one forward call (:class:`CacheStep`: which positions and slots the
+new tokens take). A :class:`CacheLayer` owns one layer's state: full K/V today; rolling windows,
+latents, recurrent states, cross-attention K/V and quantized K/V are further layer types. A kind's
+attention module calls ``ctx.cache.layer(i).update(..., step)`` and gets back what it attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class CacheStep:
+    """Where the tokens of one forward call go, computed once and used by every layer."""
+
+    q_pos: torch.Tensor                 # (B|1, T) positions (= slots) of the new tokens
+    q_valid: torch.Tensor | None        # (B, T) False for padding tokens; None if no padding
+    k_len: int                          # keys to read: slots [0, k_len) cover every row
+    k_valid: torch.Tensor | None        # (B, k_len) slot < new length; None if rows are uniform
+    new_lengths: torch.Tensor           # (B,) lengths after this step
+    uniform_start: int | None           # all rows start at this length (fast slice writes)
+    write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (row, token, slot)
+
+
+@runtime_checkable
+class CacheLayer(Protocol):
+    """One layer's cached state."""
+
+    def update(self, *new: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, ...]:
+        """Store this call's new entries; return everything the layer attends to so far."""
+        ...
+
+    def write_prefix(self, *prefix: torch.Tensor) -> None:
+        """Put trained prefix entries (prefix tuning) into the first slots of every row."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer's buffers hold."""
+        ...

@@ -1,0 +1,97 @@
+"""What the verbs share: model sources and overrides, loading, console output, list arguments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvlab.errors import KvlabError
+
+
+class UsageError(KvlabError):
+    """Bad command-line usage: exit 2 with one line."""
+
+
+# ------------------------------------------------------------------------------- model source
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (give one)")
+    src.add_argument("checkpoint", nargs="?", metavar="MODEL",
+                     help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
+    src.add_argument("--preset", metavar="NAME", help="a built-in preset (kvlab info --list-presets)")
+    src.add_argument("--config", metavar="FILE", help="a JSON file of ModelConfig fields")
+    p.add_argument("--n-kv-head", type=int, metavar="N", help="override the number of KV heads (1 = MQA)")
+    p.add_argument("--cla", type=int, metavar="K", help="override the cross-layer KV sharing factor")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
+                   help="dtype of the KV cache and weights for byte counts (default bf16)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
+
+
+def model_config_from_args(args: argparse.Namespace):
+    from kvlab.config.model import ModelConfig
+
+    given = [x for x in (args.checkpoint, args.preset, args.config) if x]
+    if len(given) != 1:
+        raise UsageError(f"kvlab {args.verb}: give exactly one of MODEL, --preset NAME or "
+                         f"--config FILE (got {len(given)})")
+    if args.preset:
+        cfg = ModelConfig.from_preset(args.preset)
+    elif args.config:
+        cfg = ModelConfig.from_json(args.config)
+    else:
+        from kvlab.io import load_config
+
+        cfg = load_config(args.checkpoint)
+    changes = {}
+    if args.n_kv_head is not None:
+        changes["n_kv_head"] = args.n_kv_head
+    if args.cla is not None:
+        changes["cla"] = args.cla
+    return cfg.replace(**changes) if changes else cfg
+
+
+def make_console():
+    from rich.console import Console
+
+    # Not a terminal (pipes, CI, tests): wide enough that tables never wrap.
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+# ----------------------------------------------------------------------------------- verbs
+
+
+def load_model(args: argparse.Namespace):
+    from kvlab.dtypes import parse_dtype
+    from kvlab.io import load
+
+    dtype = parse_dtype(args.model_dtype) if getattr(args, "model_dtype", None) else None
+    model = load(args.model, dtype=dtype, device=args.device)
+    if getattr(args, "adapter", None):
+        from kvlab.peft import load_adapter
+
+        load_adapter(model, args.adapter)
+    return model
+
+
+def number_list(kind, what: str):
+    def parse(text: str):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+    return parse
+
+
+def model_args(p: argparse.ArgumentParser, adapter: bool = False) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
+                   help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
+    if adapter:    # where the adapted model is only run (finetune attaches its own; export/convert refuse)
+        p.add_argument("--adapter", metavar="DIR", help="a kvlab adapter (from kvlab finetune) to apply to MODEL")
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)

@@ -1,0 +1,99 @@
+"""``kvlab finetune``: an adapter on chat data (:mod:`kvlab.recipes.finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from kvlab.cli.common import UsageError, load_model, model_args, torch_seed
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune an adapter (LoRA, QLoRA, AdaLoRA, prefix, P-tuning v2, prompt) "
+                                        "on chat data",
+                       description="Supervised fine-tuning on chat JSONL ({\"messages\": [...]} per line) with the "
+                                   "model's chat template and the loss on assistant tokens only. Writes OUT/adapter "
+                                   "(kvlab), OUT/peft (HF PEFT, LoRA family), OUT/merged (--merge) and "
+                                   "OUT/summary.json; checkpoints for --resume.")
+    model_args(p)
+    p.add_argument("--method", required=True, choices=["lora", "qlora", "adalora", "prefix", "ptuning", "prompt"])
+    p.add_argument("--data", required=True, metavar="FILE", help="chat JSONL to train on (kvlab tasks writes one)")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out chat JSONL: exact-match accuracy before and after")
+    p.add_argument("--eval-limit", type=int, help="score at most this many held-out conversations")
+    p.add_argument("--out", required=True, metavar="DIR")
+    budget = p.add_argument_group("budget (give one)")
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256, help="row length; longer conversations are truncated")
+    p.add_argument("--pack", action="store_true", help="pack several conversations per row (segment-masked)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--merge", action="store_true", help="also write OUT/merged: LoRA/AdaLoRA folded into the base")
+    lora = p.add_argument_group("LoRA / QLoRA / AdaLoRA")
+    lora.add_argument("--r", type=int, default=8, help="rank (AdaLoRA: the target rank)")
+    lora.add_argument("--init-r", type=int, default=12, help="AdaLoRA: the initial rank")
+    lora.add_argument("--alpha", type=float, default=16.0)
+    lora.add_argument("--dropout", type=float, default=0.0)
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    lora.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
+                      help="comma-separated layer names or regular expressions over full names")
+    prompt = p.add_argument_group("prefix / P-tuning v2 / prompt tuning")
+    prompt.add_argument("--virtual-tokens", type=int, default=16)
+    prompt.add_argument("--reparam-hidden", type=int, default=512, help="prefix tuning's MLP width")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.data.chat import ChatBatches, read_chat_jsonl
+    from kvlab.peft import LORA_FAMILY, AdapterSpec
+    from kvlab.recipes.finetune import finetune
+    from kvlab.training import TrainConfig
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise UsageError(f"kvlab finetune: --out {out} is not empty; choose a new directory or pass --resume")
+    if args.method in LORA_FAMILY:
+        options = dict(alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules.split(","))
+        if args.method == "adalora":
+            options.update(init_r=args.init_r, target_r=args.r)
+        else:
+            options.update(r=args.r, rslora=args.rslora)
+    else:
+        options = dict(num_virtual_tokens=args.virtual_tokens)
+        if args.method == "prefix":
+            options["reparam_hidden"] = args.reparam_hidden
+    spec = AdapterSpec(args.method, options)
+    train_convs = read_chat_jsonl(args.data)
+    eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
+    if args.max_steps is None and args.epochs is None:
+        raise UsageError("kvlab finetune: give --max-steps N or --epochs E")
+    model = load_model(args)
+    if model.tokenizer is None:
+        raise UsageError(f"kvlab finetune: {args.model} has no tokenizer to render the chat data with")
+    batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack, seed=args.seed)
+    max_steps = args.max_steps
+    if max_steps is None:
+        max_steps = max(1, round(args.epochs * len(batches.rows) / args.batch_size))
+    cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
+                      weight_decay=0.0, eval_every=max_steps, save_every=args.save_every, keep_last=args.keep_last,
+                      log_every=args.log_every, seed=args.seed, train_only="adapter")
+    torch_seed(args.seed)
+    summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
+                       merge=args.merge, resume=args.resume, device=args.device)
+    keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
+            "base_weight_memory", "adapter", "peft", "merged")
+    brief = {k: summary[k] for k in keys if k in summary}
+    for k in ("accuracy_before", "accuracy_after"):
+        if k in summary:
+            brief[k] = summary[k]["accuracy"]
+    print(json.dumps(brief))
+    return 0

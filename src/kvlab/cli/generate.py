@@ -1,0 +1,78 @@
+"""``kvlab generate``: text from a model, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvlab.cli.common import UsageError, load_model, model_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model",
+                       description="Generate from a model: prefill, then decode with the KV cache.")
+    model_args(p, adapter=True)
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", metavar="IDS", help="a prompt as token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, help="makes sampling deterministic")
+    p.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (default EOS)")
+    p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print prompts and outputs as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.inference.generation import generate
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise UsageError("kvlab generate: give --prompt TEXT or --prompt-ids 1,2,3")
+    model = load_model(args)
+    tok = model.tokenizer
+    if args.prompt is not None:
+        if tok is None:
+            raise UsageError(f"kvlab generate: {args.model} has no tokenizer; pass --prompt-ids instead")
+        if args.chat:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in args.prompt]
+        else:
+            prompts = [tok.encode(p) for p in args.prompt]
+    else:
+        try:
+            prompts = [[int(t) for t in ids.split(",")] for ids in args.prompt_ids]
+        except ValueError:
+            raise UsageError(f"kvlab generate: --prompt-ids {args.prompt_ids} must be comma-separated "
+                             f"integers such as 1,2,3") from None
+    stop = args.stop_token if args.stop_token else None
+    stream = len(prompts) == 1 and not args.json
+    shown: list[int] = []
+    text_so_far = ""
+
+    def on_token(row: int, token: int) -> None:
+        nonlocal text_so_far
+        shown.append(token)
+        if tok is None:
+            print(token, end=" ", flush=True)
+        else:  # decode everything so far: a character may span several tokens
+            text = tok.decode(shown, skip_special_tokens=True)
+            print(text[len(text_so_far):], end="", flush=True)
+            text_so_far = text
+
+    if stream and args.prompt is not None and not args.chat:
+        print(args.prompt[0], end="", flush=True)
+    outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop_tokens=stop, backend=args.backend,
+                    on_token=on_token if stream else None)
+    if stream:
+        print()
+    if args.json:
+        print(json.dumps([{"prompt_ids": p, "new_ids": o,
+                           "text": tok.decode(o, skip_special_tokens=True) if tok else None}
+                          for p, o in zip(prompts, outs)], indent=2))
+    elif not stream:
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            print(f"[{i}] " + (tok.decode(o, skip_special_tokens=True) if tok else " ".join(map(str, p + o))))
+    return 0

@@ -1,0 +1,54 @@
+"""``kvlab info``: a model's shape, parameters and cache bytes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvlab.cli.common import add_model_source, model_config_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="parameters, heads and KV bytes per token of a model",
+                       description="Show a model's shape, parameter counts and KV bytes per token.")
+    add_model_source(p)
+    p.add_argument("--list-presets", action="store_true", help="list the built-in presets and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.config.model import PRESETS
+    from kvlab.eval.plan import format_bytes, kv_label
+
+    if args.list_presets:
+        for name in PRESETS:
+            print(name)
+        return 0
+    cfg = model_config_from_args(args)
+    counts = cfg.param_counts()
+    info = {
+        "name": cfg.name, "variant": kv_label(cfg), "params": counts["total"],
+        "attention_params": counts["attention"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+        "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim,
+        "n_kv_layers": cfg.n_kv_layers, "kv_sources": cfg.kv_sources, "dtype": args.dtype,
+        "kv_bytes_per_token": cfg.kv_bytes_per_token(args.dtype),
+        "param_counts": counts,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("model", f"{cfg.name or '(custom)'}  [{info['variant']}]"),
+        ("parameters", f"{counts['total']:,} (attention {counts['attention']:,}, mlp {counts['mlp']:,}, "
+                       f"embedding {counts['embedding']:,})"),
+        ("layers", f"{cfg.n_layer} x d_model {cfg.d_model}, {cfg.block} blocks, {cfg.mlp}, {cfg.norm}, {cfg.pos}"),
+        ("heads", f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
+        ("KV-producing layers", f"{cfg.n_kv_layers} of {cfg.n_layer}"
+         + ("" if cfg.n_kv_layers == cfg.n_layer else f"  (kv_source {cfg.kv_sources})")),
+        (f"KV bytes per token ({args.dtype})", f"{info['kv_bytes_per_token']:,} "
+         f"({format_bytes(info['kv_bytes_per_token'] * 1024)} per 1k tokens)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0

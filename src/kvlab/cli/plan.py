@@ -1,0 +1,60 @@
+"""``kvlab plan``: KV memory and the largest batch per KV variant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kvlab.cli.common import add_model_source, make_console, model_config_from_args
+
+
+def _relative(value: int, base: int) -> str:
+    if value == base:
+        return "-"
+    return f"{base / value:.2f}x smaller" if value < base else f"{value / base:.2f}x larger"
+
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="KV memory and the largest batch per KV variant",
+                       description="For a model and its MHA/GQA/MQA/CLA variants: KV bytes per token, KV "
+                                   "memory per sequence and the largest batch that fits the memory "
+                                   "after the weights.")
+    add_model_source(p)
+    p.add_argument("--memory", default="24GiB", help="accelerator memory, e.g. 24GiB, 80GB (default 24GiB)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.eval.plan import format_bytes, parse_size, plan, plan_as_dicts
+
+    cfg = model_config_from_args(args)
+    memory = parse_size(args.memory)
+    rows = plan(cfg, memory, args.context, args.dtype)
+    if args.json:
+        print(json.dumps({"model": cfg.name, "memory_bytes": memory, "context": args.context,
+                          "dtype": args.dtype, "variants": plan_as_dicts(rows)}, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name or 'model'}: KV cache at {args.context:,} tokens of context, "
+                        f"{format_bytes(memory)} memory, {args.dtype}")
+    for col, justify in (("variant", "left"), ("KV heads", "right"), ("KV layers", "right"),
+                         ("params", "right"), ("weights", "right"), ("KV bytes/token", "right"),
+                         ("KV / sequence", "right"), ("max batch", "right"), ("vs model", "right")):
+        table.add_column(col, justify=justify)
+    base = next(r for r in rows if r.is_model)
+    for r in rows:
+        table.add_row(("* " if r.is_model else "  ") + r.variant, str(r.n_kv_head), str(r.n_kv_layers),
+                      f"{r.params / 1e6:,.1f}M", format_bytes(r.weight_bytes), f"{r.kv_bytes_per_token:,}",
+                      format_bytes(r.kv_bytes_per_sequence),
+                      f"{r.max_batch:,}" if r.max_batch else "0 (weights do not fit)",
+                      _relative(r.kv_bytes_per_token, base.kv_bytes_per_token))
+    console = make_console()
+    console.print(table)
+    console.print("* = this model. max batch = (memory - weights) // KV per sequence; activations "
+                  "and allocator overhead are not counted.")
+    if cfg.max_seq_len < args.context:
+        console.print(f"note: context {args.context} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    return 0

@@ -1,0 +1,33 @@
+"""Cache accounting: the one function that says what a model's cache costs.
+
+Summed over the layers' attention kinds, each bringing its own closed form (registered with the
+kind): bytes that grow with every token (full K/V, a latent) and bytes fixed per sequence (a
+recurrent state, a rolling window). The planner, ``kvlab info``, the study, the cache allocator's
+checks and every report call this; for the full-attention kind the answer is DESIGN's formula
+``2 × n_kv_layers × n_kv_head × head_dim × bytes(dtype)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.config.model import ModelConfig
+from kvlab.registry import CacheBytes, get_kind
+
+
+def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16") -> list[CacheBytes]:
+    """Per layer, what it adds to the cache (zero for layers that read another layer's cache)."""
+    return [get_kind(spec.kind).cache_bytes(cfg, i, dtype) for i, spec in enumerate(cfg.layer_specs)]
+
+
+def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16") -> CacheBytes:
+    """The model's cache: bytes per token and bytes per sequence."""
+    total = CacheBytes()
+    for b in layer_cache_bytes(cfg, dtype):
+        total = total + b
+    return total
+
+
+def cache_bytes_for(cfg: ModelConfig, batch_size: int, n_tokens: int, dtype: str | torch.dtype = "bf16") -> int:
+    """Bytes of a cache holding ``batch_size`` sequences of ``n_tokens`` tokens."""
+    return batch_size * cache_bytes(cfg, dtype).for_sequence(n_tokens)

@@ -1,0 +1,325 @@
+"""Model configuration: one dataclass, its validation, and closed forms over it.
+
+Everything that depends only on the shape of a model (cache bytes, parameter counts, which layers
+produce KV) is computed from the config, in closed form, so the planner can size models that are
+never instantiated and the tests can check the formulas against real modules. What depends on an
+attention kind comes from that kind's registration (:mod:`kvlab.registry`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from kvlab.registry import CacheBytes
+
+from kvlab.config.presets import PRESETS
+from kvlab.dtypes import dtype_bytes
+from kvlab.errors import ConfigError, require_positive_ints
+from kvlab.registry import KINDS, backend_names, get_kind
+
+DEFAULT_KIND = "gqa"
+
+MLP_TYPES = ("swiglu", "gelu")
+NORM_TYPES = ("rmsnorm", "layernorm")
+POS_TYPES = ("rope", "learned")
+BLOCK_TYPES = ("sequential", "parallel")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return multiple * math.ceil(x / multiple)
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+    """Llama's SwiGLU width (2/3 of 4·d, rounded up to 256) or 4·d for a GELU MLP."""
+    if mlp == "swiglu":
+        return _round_up(int(2 * 4 * d_model / 3), 256)
+    return 4 * d_model
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder-only transformer LM.
+
+    ``n_kv_head`` defaults to ``n_head`` (MHA); 1 is MQA, anything between that divides
+    ``n_head`` is GQA. Query head ``h`` reads KV head ``h // (n_head // n_kv_head)``.
+
+    Cross-Layer Attention: ``cla=k`` makes layer ``i`` read the KV of layer ``k*(i//k)``; or
+    ``kv_source`` names, for each layer, the layer whose KV it reads (itself or an earlier
+    producer). Give one or the other. :attr:`kv_sources` is the resolved per-layer list.
+
+    Attention kinds: ``attn_kind`` names the kind of every layer (the flat, common case);
+    ``attention_layers`` instead gives one spec per layer, a kind name or a dict
+    ``{"kind": name, **options}`` (e.g. ``{"kind": "gqa", "window": 512}``), so hybrids such as
+    "every 4th layer global, the rest windowed" are expressible. :attr:`layer_specs` is the
+    resolved per-layer list of :class:`LayerSpec`.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    mlp: str = "swiglu"
+    d_ff: int | None = None
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    pos: str = "rope"
+    rope_theta: float = 10000.0
+    block: str = "sequential"
+    cla: int = 1
+    kv_source: list[int] | None = None
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    sliding_window: int | None = None
+    max_seq_len: int = 2048
+    attn_backend: str = "sdpa"
+    attn_kind: str = DEFAULT_KIND
+    attention_layers: list[Any] | None = None
+    # Special token ids, where the model has them (used by generation and the tokenizer).
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if isinstance(self.n_head, int) and self.n_head > 0 and self.d_model % self.n_head:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                    f"give head_dim explicitly or choose n_head dividing d_model")
+            self.head_dim = self.d_model // self.n_head if self.n_head else 0
+        if self.d_ff is None and self.mlp in MLP_TYPES:
+            self.d_ff = default_d_ff(self.d_model, self.mlp)
+        if self.kv_source is not None:
+            self.kv_source = [int(s) for s in self.kv_source]
+        if self.attention_layers is not None:
+            self.attention_layers = [dict(s) if isinstance(s, dict) else s for s in self.attention_layers]
+        self.validate()
+
+    # ----------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first impossible value, the rule and the fix."""
+        require_positive_ints(self, ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
+                                     "d_ff", "max_seq_len", "cla"))
+        if self.n_kv_head > self.n_head:
+            raise ConfigError(f"n_kv_head={self.n_kv_head} exceeds n_head={self.n_head}; "
+                              f"a KV head serves one or more query heads, so use n_kv_head <= n_head")
+        if self.n_head % self.n_kv_head:
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ConfigError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                              f"n_kv_head must be one of {divisors}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions, "
+                              f"so use an even head_dim or pos='learned'")
+        for name, allowed in (("mlp", MLP_TYPES), ("norm", NORM_TYPES), ("pos", POS_TYPES),
+                              ("block", BLOCK_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps={self.norm_eps!r} must be a positive number")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta={self.rope_theta!r} must be a positive number")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer or None")
+        if self.cla > self.n_layer:
+            raise ConfigError(f"cla={self.cla} exceeds n_layer={self.n_layer}; "
+                              f"a sharing factor can be at most the number of layers")
+        if self.kv_source is not None:
+            if self.cla != 1:
+                raise ConfigError(f"both cla={self.cla} and kv_source are set; give one of them "
+                                  f"(cla=k is kv_source[i] = k*(i//k))")
+            self._validate_kv_source(self.kv_source)
+        if self.attn_backend not in backend_names():
+            raise ConfigError(f"attn_backend={self.attn_backend!r} is not one of {backend_names()}")
+        self._validate_layer_specs()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            tok = getattr(self, name)
+            if tok is not None and not (0 <= tok < self.vocab_size):
+                raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _validate_kv_source(self, src: list[int]) -> None:
+        if len(src) != self.n_layer:
+            raise ConfigError(f"kv_source has {len(src)} entries but n_layer={self.n_layer}; "
+                              f"give one source layer per layer")
+        for i, s in enumerate(src):
+            if not 0 <= s <= i:
+                raise ConfigError(f"kv_source[{i}]={s}: a layer reads KV from itself or an earlier "
+                                  f"layer, so it must be in [0, {i}]")
+            if src[s] != s:
+                raise ConfigError(f"kv_source[{i}]={s} but layer {s} does not produce KV "
+                                  f"(kv_source[{s}]={src[s]}); point layer {i} at a producer layer "
+                                  f"(one whose kv_source is itself)")
+
+    def _validate_layer_specs(self) -> None:
+        if self.attention_layers is not None and len(self.attention_layers) != self.n_layer:
+            raise ConfigError(f"attention_layers has {len(self.attention_layers)} entries but n_layer="
+                              f"{self.n_layer}; give one spec per layer")
+        specs = self.layer_specs
+        sources = self.kv_sources
+        for i, spec in enumerate(specs):
+            kind = get_kind(spec.kind)
+            unknown = sorted(set(spec.options) - set(kind.options))
+            if unknown:
+                raise ConfigError(f"layer {i}: attention kind {spec.kind!r} has no option(s) {unknown}; "
+                                  f"its options are {list(kind.options)}")
+            if sources[i] != i and specs[sources[i]].kind != spec.kind:
+                raise ConfigError(f"layer {i} ({spec.kind}) reads the KV of layer {sources[i]} "
+                                  f"({specs[sources[i]].kind}); a layer can share KV only with a layer of its kind")
+            if kind.validate is not None:
+                kind.validate(self, i, spec.options)
+
+    # ------------------------------------------------------------------------ attention kinds
+    @property
+    def layer_specs(self) -> list["LayerSpec"]:
+        """The attention spec of every layer (``attn_kind`` for all, unless ``attention_layers``)."""
+        if self.attention_layers is None:
+            return [LayerSpec(self.attn_kind)] * self.n_layer
+        return [LayerSpec.parse(s, i) for i, s in enumerate(self.attention_layers)]
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``: its spec's ``window`` option, else ``sliding_window``."""
+        return self.layer_specs[layer].options.get("window", self.sliding_window)
+
+    # ------------------------------------------------------------------------ KV accounting
+    @property
+    def kv_sources(self) -> list[int]:
+        """For each layer, the layer whose K/V it attends to (itself if it is a producer)."""
+        if self.kv_source is not None:
+            return list(self.kv_source)
+        return [self.cla * (i // self.cla) for i in range(self.n_layer)]
+
+    @property
+    def kv_producers(self) -> list[int]:
+        """The layers that compute and cache K/V, in order."""
+        return [i for i, s in enumerate(self.kv_sources) if s == i]
+
+    @property
+    def n_kv_layers(self) -> int:
+        return len(self.kv_producers)
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads per KV head (the group size G)."""
+        return self.n_head // self.n_kv_head
+
+    def cache_bytes(self, dtype: str | torch.dtype = "bf16") -> "CacheBytes":
+        """Cache bytes per token and per sequence, summed over the layers' kinds
+        (:func:`kvlab.config.accounting.cache_bytes`, the one accounting function)."""
+        from kvlab.config.accounting import cache_bytes
+
+        return cache_bytes(self, dtype)
+
+    def kv_bytes_per_token(self, dtype: str | torch.dtype = "bf16") -> int:
+        """Bytes one token adds to the cache; for full attention DESIGN's formula
+        2 × n_kv_layers × n_kv_head × head_dim × bytes(dtype)."""
+        return self.cache_bytes(dtype).per_token
+
+    # --------------------------------------------------------------------- parameter counts
+    def param_counts(self) -> dict[str, int]:
+        """Closed-form parameter counts by part: embedding, attention, mlp, norm, lm_head, total.
+
+        The test suite checks these against the modules' real ``numel``; the planner uses them
+        to size models it never instantiates.
+        """
+        d = self.d_model
+        attn = sum(get_kind(spec.kind).param_count(self, i) for i, spec in enumerate(self.layer_specs))
+        n_mats = 3 if self.mlp == "swiglu" else 2
+        mlp = self.n_layer * n_mats * d * self.d_ff
+        per_norm = d if self.norm == "rmsnorm" else 2 * d
+        norms_per_block = 1 if self.block == "parallel" else 2
+        norm = (self.n_layer * norms_per_block + 1) * per_norm
+        embedding = self.vocab_size * d + (self.max_seq_len * d if self.pos == "learned" else 0)
+        lm_head = 0 if self.tie_embeddings else self.vocab_size * d
+        total = attn + mlp + norm + embedding + lm_head
+        return {"embedding": embedding, "attention": attn, "mlp": mlp, "norm": norm,
+                "lm_head": lm_head, "total": total}
+
+    # ------------------------------------------------------------------------- conversions
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with some fields changed.
+
+        Changing ``n_kv_head``/``cla`` keeps everything else; passing ``cla`` clears an explicit
+        ``kv_source`` and vice versa, since the two describe the same wiring.
+        """
+        if "cla" in changes and "kv_source" not in changes:
+            changes["kv_source"] = None
+        if "kv_source" in changes and changes["kv_source"] is not None and "cla" not in changes:
+            changes["cla"] = 1
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a JSON object of ModelConfig fields")
+        # A kvlab checkpoint's config.json wraps the fields; accept both forms.
+        if "model" in data and isinstance(data["model"], dict):
+            data = data["model"]
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        try:
+            fields = PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        return cls(**{**fields, "name": name, **overrides})
+
+
+def kv_bytes_per_token(n_kv_layers: int, n_kv_head: int, head_dim: int,
+                       dtype: str | torch.dtype = "bf16") -> int:
+    """Bytes of K and V that one token adds to a full-attention cache (the ``gqa`` kind's
+    formula; every total goes through :func:`kvlab.config.accounting.cache_bytes`)."""
+    return 2 * n_kv_layers * n_kv_head * head_dim * dtype_bytes(dtype)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer's attention: a registered kind and its options."""
+
+    kind: str = DEFAULT_KIND
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: Any, layer: int) -> "LayerSpec":
+        if isinstance(spec, str):
+            return cls(spec)
+        if isinstance(spec, dict) and isinstance(spec.get("kind"), str):
+            return cls(spec["kind"], {k: v for k, v in spec.items() if k != "kind"})
+        raise ConfigError(f"attention_layers[{layer}]={spec!r} is not a kind name or a dict with a 'kind' "
+                          f"key; registered kinds are {sorted(KINDS)}")
+
+    def __hash__(self) -> int:
+        return hash((self.kind, tuple(sorted(self.options.items()))))
+
+

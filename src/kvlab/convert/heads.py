@@ -1,0 +1,111 @@
+"""Checkpoint conversion to fewer KV heads (GQA/MQA) and to Cross-Layer Attention — step 1 of
+uptraining (the GQA paper, Ainslie et al. 2023; the CLA paper, Brandon et al. 2024).
+
+Methods, for both kinds of sharing:
+- ``mean``: the new K/V projection of a group is the mean of the projections it replaces
+  (weights and biases) — the GQA paper's choice;
+- ``first``: keep the group's first head (or first layer);
+- ``random``: a fresh projection, initialised as kvlab initialises new models (the ablation).
+
+KV heads are pooled over contiguous groups (new KV head ``j`` replaces old heads
+``j·r … j·r + r - 1``), matching contiguous query grouping, so query head ``h`` keeps reading
+(a pool of) the heads it read before. RoPE is linear and position-wise, so pooling projections
+before rotation equals pooling rotated keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.config.model import ModelConfig
+from kvlab.errors import ConfigError
+from kvlab.io.provenance import record_step
+from kvlab.io.weights import build_model
+from kvlab.models.decoder import Transformer
+
+METHODS = ("mean", "first", "random")
+
+
+def _pool(tensors: list[torch.Tensor], method: str, generator: torch.Generator, std: float) -> torch.Tensor:
+    """Combine same-shaped tensors by ``method`` (float64 mean, cast back)."""
+    if method == "mean":
+        return torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype)
+    if method == "first":
+        return tensors[0].clone()
+    if tensors[0].dim() == 1:                                   # a fresh bias starts at zero
+        return torch.zeros_like(tensors[0])
+    return (torch.randn(tensors[0].shape, generator=generator, dtype=torch.float64) * std).to(tensors[0].dtype)
+
+
+def pool_kv_heads(weight: torch.Tensor, n_kv_old: int, n_kv_new: int, method: str,
+                  generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    """``(n_kv_old·D, ...)`` K or V projection rows -> ``(n_kv_new·D, ...)`` by contiguous groups."""
+    per = n_kv_old // n_kv_new
+    heads = weight.reshape(n_kv_old, -1, *weight.shape[1:])       # (H_old, D, ...)
+    groups = [_pool([heads[g * per + i] for i in range(per)], method, generator, std) for g in range(n_kv_new)]
+    return torch.stack(groups).reshape(n_kv_new * heads.shape[1], *weight.shape[1:])
+
+
+def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int | None = None,
+                    kv_source: list[int] | None = None, method: str = "mean") -> ModelConfig:
+    """The config a conversion produces, or a :class:`ConfigError` — without touching weights, so
+    callers can reject a conversion before loading a checkpoint."""
+    kinds = sorted({s.kind for s in cfg.layer_specs} - {"gqa"})
+    if kinds:
+        raise ConfigError(f"K/V head pooling and CLA conversion work on the 'gqa' kind; this model has layers of "
+                          f"kind(s) {kinds}")
+    if method not in METHODS:
+        raise ConfigError(f"method={method!r} is not one of {list(METHODS)}")
+    if n_kv_head is None and cla is None and kv_source is None:
+        raise ConfigError("nothing to convert: give n_kv_head (--kv-heads/--mqa) and/or cla / kv_source")
+    new_heads = cfg.n_kv_head if n_kv_head is None else n_kv_head
+    if not isinstance(new_heads, int) or new_heads < 1 or cfg.n_kv_head % new_heads:
+        divisors = [d for d in range(1, cfg.n_kv_head + 1) if cfg.n_kv_head % d == 0]
+        raise ConfigError(f"cannot pool n_kv_head={cfg.n_kv_head} into {new_heads!r} KV heads: groups of existing "
+                          f"heads are averaged, so the new count must divide {cfg.n_kv_head} (one of {divisors})")
+    wiring: dict = {}
+    if cla is not None:
+        wiring = {"cla": cla}
+    if kv_source is not None:
+        wiring = {"kv_source": kv_source}
+    return cfg.replace(n_kv_head=new_heads, **wiring)
+
+
+def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None = None,
+            kv_source: list[int] | None = None, method: str = "mean", seed: int = 0) -> Transformer:
+    """A new model with ``n_kv_head`` KV heads and/or KV shared across layers (``cla`` or an
+    explicit ``kv_source``). Everything else is copied; the provenance gets a step."""
+    cfg = model.cfg
+    new_cfg = plan_conversion(cfg, n_kv_head=n_kv_head, cla=cla, kv_source=kv_source, method=method)
+    new_heads = new_cfg.n_kv_head
+    old_src = cfg.kv_sources
+    gen = torch.Generator().manual_seed(seed)
+    std = 0.02   # the init scale of a new kvlab model (Transformer.reset_parameters)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    kv_keys = [k for k in state if ".self_attn.k_proj." in k or ".self_attn.v_proj." in k]
+    old = {k: state.pop(k) for k in kv_keys}
+
+    def effective(layer: int, leaf: str) -> torch.Tensor | None:
+        """Layer ``layer``'s K/V projection in the old model (a consumer's is its producer's)."""
+        return old.get(f"layers.{old_src[layer]}.self_attn.{leaf}")
+
+    for p in new_cfg.kv_producers:
+        group = [i for i, s in enumerate(new_cfg.kv_sources) if s == p]
+        for leaf in ("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"):
+            if effective(p, leaf) is None:
+                continue
+            # Pool heads first (within each layer), then across the layers of the group.
+            per_layer = [pool_kv_heads(effective(i, leaf), cfg.n_kv_head, new_heads, method, gen, std)
+                         for i in group]
+            state[f"layers.{p}.self_attn.{leaf}"] = _pool(per_layer, method, gen, std)
+    new = build_model(new_cfg, state, where="conversion", device=model.device, dtype=model.dtype)
+    new.tokenizer = model.tokenizer
+    step = dict(method=method, seed=seed, n_kv_head=[cfg.n_kv_head, new_heads],
+                kv_sources=[old_src, new_cfg.kv_sources],
+                kv_bytes_per_token_bf16=[cfg.kv_bytes_per_token("bf16"), new_cfg.kv_bytes_per_token("bf16")])
+    if cla is not None:
+        step["cla"] = cla
+    record_step(new, "convert", source=model, **step)
+    return new
+

@@ -1,0 +1,129 @@
+"""Perplexity and bits per byte of a model on a set of documents.
+
+Method. Each document is tokenized on its own and preceded by one context token (the
+tokenizer's BOS, else its EOS, as lm-eval-harness does for rolling log-likelihoods), so that every
+token of the text is predicted. A document longer than ``seq_len`` is scored in windows of
+``seq_len`` tokens that advance by ``stride`` (default ``seq_len // 2``): each window scores only
+the tokens the previous one did not, so every token is scored once, with at least
+``seq_len - stride`` tokens of context except near the start of its document.
+
+perplexity = exp(total NLL / tokens scored); bits per byte = total NLL / ln 2 / UTF-8 bytes of
+the text scored — comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.data.corpus import Document
+from kvlab.errors import ConfigError
+from kvlab.models.decoder import Transformer
+from kvlab.progress import progress as show_progress
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    bits_per_byte: float
+    nll: float
+    tokens: int
+    bytes: int
+    documents: int
+    seq_len: int
+    stride: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Window:
+    tokens: list[int]        # model input
+    targets: list[int]       # next tokens; -100 where the token is context only
+
+
+def windows(ids: Sequence[int], seq_len: int, stride: int) -> Iterator[Window]:
+    """Windows over ``ids`` (context token first) that together score ids[1:] exactly once."""
+    n = len(ids)
+    scored_until = 1                   # ids[:scored_until] are already predicted (or the prefix)
+    start = 0
+    while scored_until < n:
+        end = min(start + seq_len + 1, n)
+        chunk = list(ids[start:end])
+        targets = chunk[1:]
+        first_new = scored_until - start - 1          # index in targets of the first unscored token
+        targets = [-100] * first_new + targets[first_new:]
+        yield Window(chunk[:-1], targets)
+        scored_until = end
+        start = min(start + stride, max(n - seq_len - 1, 0)) if end < n else n
+
+
+def document_ids(tokenizer, doc: Document, prefix_id: int) -> list[int]:
+    ids = tokenizer.encode(doc.text, add_special_tokens=False)
+    return [prefix_id, *ids]
+
+
+@torch.inference_mode()
+def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
+             stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+             progress: bool = True, backend: str | None = None) -> EvalResult:
+    """Perplexity and bits per byte of ``model`` on ``docs`` (see the module docstring)."""
+    if tokenizer is None:
+        raise ConfigError("evaluation needs a tokenizer; this model has none")
+    if seq_len < 2:
+        raise ConfigError(f"seq_len={seq_len} must be at least 2")
+    stride = stride or max(seq_len // 2, 1)
+    if not 1 <= stride <= seq_len:
+        raise ConfigError(f"stride={stride} must be in [1, seq_len={seq_len}]")
+    if model.cfg.pos == "learned" and seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start documents with")
+    if not docs:
+        raise ConfigError("no documents to evaluate")
+
+    # Tokenize; stop at max_tokens, cutting the last document if needed.
+    work: list[list[int]] = []
+    n_bytes = n_tokens = 0
+    for doc in docs:
+        ids = document_ids(tokenizer, doc, prefix)
+        if max_tokens is not None and n_tokens + len(ids) - 1 > max_tokens:
+            ids = ids[:max_tokens - n_tokens + 1]
+            if len(ids) < 2:
+                break
+            n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
+        else:
+            n_bytes += len(doc.text.encode("utf-8"))
+        work.append(ids)
+        n_tokens += len(ids) - 1
+        if max_tokens is not None and n_tokens >= max_tokens:
+            break
+    all_windows = [w for ids in work for w in windows(ids, seq_len, stride)]
+
+    total_nll, scored = 0.0, 0
+    device = model.device
+    batches = [all_windows[i:i + batch_size] for i in range(0, len(all_windows), batch_size)]
+    for batch in show_progress(batches, "scoring", progress):
+        width = max(len(w.tokens) for w in batch)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, w in enumerate(batch):               # right padding; padded targets are ignored
+            tokens[i, :len(w.tokens)] = torch.tensor(w.tokens)
+            targets[i, :len(w.targets)] = torch.tensor(w.targets)
+            mask[i, :len(w.tokens)] = 1
+        padded = bool((mask == 0).any())
+        logits = model(tokens.to(device), attention_mask=mask.to(device) if padded else None, backend=backend)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+        total_nll += float(nll)
+        scored += int((targets != -100).sum())
+    return EvalResult(perplexity=math.exp(total_nll / scored), bits_per_byte=total_nll / math.log(2) / n_bytes,
+                      nll=total_nll, tokens=scored, bytes=n_bytes, documents=len(work), seq_len=seq_len,
+                      stride=stride)
+

@@ -1,0 +1,39 @@
+"""Scalar heads beside the LM head: a reward model scores a whole sequence, a value model (PPO)
+scores every position. Both read the decoder's final-norm hidden states, so any attention kind and
+any KV layout serves them unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvlab.models.decoder import Transformer
+
+
+class ScalarHead(nn.Module):
+    """``n_outputs`` scalars from a :class:`Transformer`'s hidden states.
+
+    ``per_token=False`` (a reward model): the hidden state of each row's last real token (the last
+    1 of ``attention_mask``; the last position without one) -> ``(B, n_outputs)``.
+    ``per_token=True`` (a value model): every position -> ``(B, T, n_outputs)``.
+    """
+
+    def __init__(self, backbone: Transformer, n_outputs: int = 1, *, per_token: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.per_token = per_token
+        self.score = nn.Linear(backbone.cfg.d_model, n_outputs, bias=False)
+        nn.init.normal_(self.score.weight, std=backbone.cfg.d_model ** -0.5)
+        self.score.to(device=backbone.device, dtype=backbone.dtype)
+
+    def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+        h = self.backbone.hidden_states(tokens, attention_mask=attention_mask, backend=backend)
+        if self.per_token:
+            return self.score(h)
+        if attention_mask is None:
+            last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+        else:   # the last real token of each row, whether the row is left- or right-padded
+            idx = torch.arange(tokens.shape[1], device=tokens.device)
+            last = torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp_min(0)
+        return self.score(h[torch.arange(tokens.shape[0], device=tokens.device), last])

@@ -1,0 +1,122 @@
+"""The two registries of kvlab: attention kinds and attention backends.
+
+They sit in the lowest layer of the package (next to ``errors`` and ``dtypes``) so that the
+configuration can validate kind and backend names and compute cache accounting, while the
+implementations, which live in higher layers (``kvlab.attention``, ``kvlab.cache``), register
+themselves when they are imported. Importing ``kvlab`` imports every built-in kind and backend.
+
+An **attention kind** is registered once, with everything the rest of kvlab needs to know about
+it: the module a layer of that kind is built from, the cache layer it keeps during generation,
+the closed-form cache bytes of one layer, the closed-form parameter count of one layer, and the
+options a layer spec may give. See ``docs/ARCHITECTURE.md``, "How to add an attention kind".
+
+An **attention backend** computes ``softmax(q·kᵀ·scale + bias, masked)·v`` for grouped queries;
+each says for a given call whether it can serve it (``supports``), so that ``auto`` picks one that
+can and an explicit request that cannot be served fails with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvlab.errors import ConfigError
+
+if TYPE_CHECKING:   # annotations only: the registry imports nothing above it
+    import torch
+
+
+@dataclass(frozen=True)
+class CacheBytes:
+    """What a cache costs: bytes that grow with every token, and bytes fixed per sequence
+    (a recurrent state, a rolling window, quantization scales)."""
+
+    per_token: int = 0
+    per_sequence: int = 0
+
+    def __add__(self, other: "CacheBytes") -> "CacheBytes":
+        return CacheBytes(self.per_token + other.per_token, self.per_sequence + other.per_sequence)
+
+    def for_sequence(self, n_tokens: int) -> int:
+        """Bytes one sequence of ``n_tokens`` tokens holds."""
+        return self.per_token * n_tokens + self.per_sequence
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """One attention kind: how to build, cache, count and validate a layer of it.
+
+    ``module(cfg, layer) -> nn.Module`` builds the layer's attention; its ``forward(x, ctx)``
+    reads and writes what it needs through the :class:`~kvlab.attention.context.ForwardContext`.
+    ``cache_layer(cfg, layer, batch_size, max_len, dtype, device)`` returns the layer's cache
+    layer, or ``None`` when the layer caches nothing itself (a CLA consumer).
+    ``cache_bytes(cfg, layer, dtype) -> CacheBytes`` and ``param_count(cfg, layer) -> int`` are
+    closed forms over the config (the tests check them against real allocations and modules).
+    ``validate(cfg, layer, options)`` raises :class:`ConfigError` for impossible options.
+    ``examples`` are named test configurations (see the field's comment).
+    """
+
+    name: str
+    module: Callable[..., Any]
+    cache_layer: Callable[..., Any]
+    cache_bytes: Callable[..., CacheBytes]
+    param_count: Callable[..., int]
+    options: tuple[str, ...] = ()
+    validate: Callable[..., None] | None = None
+    description: str = ""
+    # Small configurations that exercise every code path of the kind: overrides of the "tiny"
+    # preset by name. The test suite's generic tests (decode == forward, backends vs float64, cache
+    # bytes vs allocation, checkpoint round trip) run on every registered kind's examples.
+    examples: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+KINDS: dict[str, AttentionKind] = {}
+
+
+def register_kind(kind: AttentionKind) -> AttentionKind:
+    if kind.name in KINDS and KINDS[kind.name] is not kind:
+        raise ConfigError(f"attention kind {kind.name!r} is registered already; choose another name")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def unregister_kind(name: str) -> None:
+    """Remove a kind (tests that register a throwaway kind clean up with this)."""
+    KINDS.pop(name, None)
+
+
+def get_kind(name: str) -> AttentionKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown attention kind {name!r}; registered kinds are {sorted(KINDS)}") from None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention backend.
+
+    ``fn(q, k, v, mask, scale, bias) -> out``; ``supports(q, k, v, mask, bias)`` returns ``None``
+    when the backend can compute this call and otherwise one sentence saying why not;
+    ``auto_rank(q)`` is the backend's rank for ``auto`` on q's device and dtype (higher first,
+    ``None`` = never chosen automatically).
+    """
+
+    name: str
+    fn: Callable[..., "torch.Tensor"]
+    supports: Callable[..., str | None] = field(default=lambda *a: None)
+    auto_rank: Callable[..., int | None] = field(default=lambda q: None)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> list[str]:
+    """Every name ``attn_backend`` / ``backend=`` accepts."""
+    return sorted(BACKENDS) + ["auto"]

@@ -1,0 +1,2 @@
+"""``kvlab study``: the GQA and CLA papers' trade-offs reproduced in one command (protocol,
+result rows, report)."""

@@ -1,0 +1,366 @@
+"""``kvlab study``: the KV-cache trade-off study, end to end, in one run.
+
+Default (no ``--model``), the experiment of the GQA and CLA papers at small scale:
+
+1. pretrain a small MHA model (byte-level) on the built-in corpus — the budget P;
+2. convert it to GQA, MQA, CLA2 and MQA-CLA2 by mean pooling, and MQA also by first head and by a
+   fresh projection (the GQA paper's ablation); evaluate each at α = 0 and after uptraining with
+   α·P tokens (α = 5 %, and 10 % for MQA);
+3. train every variant from scratch with the full budget P (the CLA paper's comparison);
+4. measure every model: validation perplexity, KV bytes per token, the largest batch that fits a
+   memory budget at a context, and decode tokens/s at a long-context batch;
+5. write ``results.json``, ``report.md``, ``pareto.png``, ``uptraining.png`` and ``loss_curves.png``.
+
+With ``model=`` (e.g. ``smollm2-135m``) it runs steps 2 and 4 on that checkpoint, the uptraining
+budget given in tokens. All runs share one data stream: the same seed gives pretraining and every
+from-scratch run the same batches, so their differences are the attention variant's alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvlab.errors import ConfigError, require_positive_ints
+from kvlab.io import save_checkpoint
+from kvlab.io.provenance import new_provenance
+from kvlab.study.report import mark_pareto, write_plots, write_report
+from kvlab.study.results import Entry
+
+SCRATCH, PRETRAINED, CONVERTED, UPTRAINED, LOADED = "from scratch", "pretrained", "converted", "uptrained", "loaded"
+# The control: the unconverted model trained on the same uptraining tokens. It separates what
+# uptraining recovers from what more training on this corpus gives any model.
+CONTINUED = "continued"
+
+
+@dataclass
+class StudyConfig:
+    out_dir: str | None = None            # default runs/study-<time>
+    model: str | None = None              # None: pretrain; else a checkpoint / built-in name
+    # The pretrained model (byte-level; ignored with model=).
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 8
+    d_ff: int = 384
+    pretrain_tokens: int = 786_432        # P: pretraining and each from-scratch run (192 steps)
+    lr: float = 3e-3
+    # Variants and budgets.
+    gqa_heads: tuple[int, ...] = (4, 2)
+    alphas: tuple[float, ...] = (0.05,)   # uptraining budgets as fractions of P
+    mqa_alphas: tuple[float, ...] = (0.05, 0.10)
+    uptrain_tokens: tuple[int, ...] = (4096,)     # with model=: uptraining budgets in tokens
+    # Uptraining peak lr. Default lr / 3: of lr, lr/3 and lr/10 it recovered most at α = 5 % on the
+    # default study (a full-lr restart undoes more than 10 short steps can relearn); 1e-4 with model=.
+    uptrain_lr: float | None = None
+    ablation_uptrain: bool | None = None  # uptrain MQA first/random too (default: only without model=)
+    from_scratch: bool = True
+    # Training shape.
+    seq_len: int = 256
+    batch_size: int = 16
+    warmup_frac: float = 0.05
+    # Measurement.
+    eval_tokens: int = 49_152
+    decode_batch: int = 16
+    decode_context: int = 2048
+    decode_steps: int = 8
+    plan_memory: str = "24GiB"
+    plan_context: int = 8192
+    device: str = "cpu"
+    seed: int = 0
+    keep_checkpoints: bool = False
+    verbose: bool = False
+    cache_dir: str | None = None
+
+    @classmethod
+    def make(cls, quick: bool = False, **given) -> "StudyConfig":
+        """The defaults for the path chosen (pretraining, or ``model=``), then ``quick``'s sizes,
+        then what the user gave."""
+        base: dict = {}
+        if given.get("model"):
+            base.update(MODEL_DEFAULTS)
+        if quick:
+            base.update(QUICK_MODEL if given.get("model") else QUICK)
+        return cls(**{**base, **given})
+
+    @classmethod
+    def quick(cls, **given) -> "StudyConfig":
+        return cls.make(quick=True, **given)
+
+    def __post_init__(self) -> None:
+        require_positive_ints(self, ("d_model", "n_layer", "n_head", "d_ff", "pretrain_tokens", "seq_len",
+                                     "batch_size", "eval_tokens", "decode_batch", "decode_context", "decode_steps",
+                                     "plan_context"))
+        for a in (*self.alphas, *self.mqa_alphas):
+            if not 0 < a <= 1:
+                raise ConfigError(f"alpha={a} must be in (0, 1]: a fraction of the pretraining budget")
+        if any(not isinstance(t, int) or t < 1 for t in self.uptrain_tokens):
+            raise ConfigError(f"uptrain_tokens={list(self.uptrain_tokens)} must be positive token counts")
+        if self.model is None:
+            if self.n_layer < 2:
+                raise ConfigError(f"n_layer={self.n_layer}: CLA2 needs at least 2 layers")
+            for g in self.gqa_heads:
+                if not 1 < g < self.n_head or self.n_head % g:
+                    raise ConfigError(f"gqa_heads={g} must divide n_head={self.n_head} and lie strictly between "
+                                      f"1 (MQA) and n_head (MHA)")
+        if not 0 <= self.warmup_frac < 1:
+            raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
+        from kvlab.eval.plan import parse_size
+
+        parse_size(self.plan_memory)
+
+
+# A 135M-parameter model on a CPU: two optimizer steps (about 1.5 minutes) per uptraining run.
+MODEL_DEFAULTS = dict(seq_len=256, batch_size=8, uptrain_tokens=(4096,), eval_tokens=4096)
+# Every step at tiny sizes: well under 3 minutes on 2 CPU cores (tests, a first look).
+QUICK = dict(d_model=64, n_layer=4, n_head=4, d_ff=192, pretrain_tokens=98_304, gqa_heads=(2,), seq_len=128,
+             batch_size=16, eval_tokens=8192, decode_batch=4, decode_context=256, decode_steps=3)
+QUICK_MODEL = dict(seq_len=64, batch_size=4, uptrain_tokens=(1024,), eval_tokens=1024, decode_batch=2,
+                   decode_context=128, decode_steps=3)
+
+
+@dataclass
+class Variant:
+    """A KV wiring to convert to / train: ``n_kv_head`` heads, layers sharing KV in groups of ``cla``."""
+
+    label: str
+    n_kv_head: int
+    cla: int = 1
+
+
+def study_variants(cfg, gqa_heads=()) -> list[Variant]:
+    """The targets for a model with ``cfg``'s heads: GQA (each of ``gqa_heads``), MQA, CLA2 and
+    MQA-CLA2 — those that differ from the model itself."""
+    from kvlab.eval.plan import kv_label
+
+    out = [Variant("", g) for g in gqa_heads if 1 < g < cfg.n_kv_head and cfg.n_kv_head % g == 0]
+    out += [Variant("", 1), Variant("", cfg.n_kv_head, 2), Variant("", 1, 2)]
+    seen, unique = {(cfg.n_kv_head, cfg.cla)}, []
+    for v in out:
+        if (v.n_kv_head, v.cla) not in seen and v.cla <= cfg.n_layer:
+            seen.add((v.n_kv_head, v.cla))
+            v.label = kv_label(cfg.replace(n_kv_head=v.n_kv_head, cla=v.cla))
+            unique.append(v)
+    return unique
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.dir = Path(cfg.out_dir or f"runs/study-{stamp}")
+        self.device = torch.device(cfg.device)
+        self.entries: list[Entry] = []
+        self.decode_cache: dict[tuple, tuple[float, float]] = {}
+        self.t0 = time.perf_counter()
+        self.step_no = 0
+
+    # ----------------------------------------------------------------------------- plumbing
+    def say(self, text: str) -> None:
+        self.log(f"[{time.perf_counter() - self.t0:6.0f}s] {text}")
+
+    def setup_data(self, tokenizer) -> None:
+        from kvlab.data.corpus import builtin_corpus
+        from kvlab.data.windows import Windows, tokenize_to_file
+
+        c = self.cfg
+        self.tokenizer = tokenizer
+        self.val_docs = builtin_corpus("validation")
+        train_tokens = tokenize_to_file(builtin_corpus("train"), tokenizer, cache_dir=c.cache_dir,
+                                        progress=c.verbose).tokens
+        val_tokens = tokenize_to_file(self.val_docs, tokenizer, cache_dir=c.cache_dir, progress=c.verbose).tokens
+        self.windows = lambda seed: Windows(train_tokens, c.seq_len, c.batch_size, seed=seed)
+        self.val_windows = Windows(val_tokens, c.seq_len, c.batch_size, mode="sequential")
+        self.train_corpus_tokens = len(train_tokens)
+
+    def train_run(self, model, name: str, tokens: int, lr: float, seed: int) -> tuple[int, float, str]:
+        """Train ``model`` in place for ``tokens`` tokens; returns (tokens trained, seconds, metrics path)."""
+        from kvlab.training import TrainConfig, steps_for_budget, train
+
+        c = self.cfg
+        steps = steps_for_budget(c.batch_size * c.seq_len, tokens=tokens)
+        run_dir = self.dir / "runs" / name
+        tc = TrainConfig(out_dir=str(run_dir), max_steps=steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=lr,
+                         # Validation 4 times a run (and at its end); short runs only at the end.
+                         warmup_steps=max(1, round(c.warmup_frac * steps)),
+                         eval_every=steps if steps < 8 else steps // 4, eval_batches=2, save_every=steps, keep_last=1,
+                         log_every=max(1, steps // 10), seed=seed)
+        t = time.perf_counter()
+        train(model, self.windows(seed), self.val_windows, tc, device=self.device, quiet=not c.verbose)
+        seconds = time.perf_counter() - t
+        if not c.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return steps * tc.tokens_per_step, seconds, str((run_dir / "metrics.jsonl").relative_to(self.dir))
+
+    def measure(self, model, entry: Entry) -> Entry:
+        """Perplexity, KV bytes, max batch, decode speed (shared by models of the same wiring)."""
+        from kvlab.eval.bench import measure_decode
+        from kvlab.eval.perplexity import evaluate
+        from kvlab.eval.plan import kv_label, max_batch, parse_size
+
+        c, mcfg = self.cfg, model.cfg
+        model.to(self.device).eval()
+        result = evaluate(model, self.tokenizer, self.val_docs, seq_len=c.seq_len, max_tokens=c.eval_tokens,
+                          batch_size=8, progress=c.verbose)
+        key = (mcfg.n_kv_head, tuple(mcfg.kv_sources))
+        if key not in self.decode_cache:
+            speed = measure_decode(model, c.decode_batch, c.decode_context, steps=c.decode_steps, warmup=1)
+            self.decode_cache[key] = (speed.tokens_per_s, speed.step_ms)
+        entry.variant = entry.variant or kv_label(mcfg)
+        entry.params = mcfg.param_counts()["total"]
+        entry.n_kv_head, entry.n_kv_layers = mcfg.n_kv_head, mcfg.n_kv_layers
+        entry.kv_bytes_per_token = mcfg.kv_bytes_per_token("bf16")
+        entry.val_ppl, entry.val_bits_per_byte, entry.val_tokens = (result.perplexity, result.bits_per_byte,
+                                                                   result.tokens)
+        entry.max_batch = max_batch(mcfg, parse_size(c.plan_memory), c.plan_context, "bf16")
+        entry.decode_tokens_per_s, entry.decode_step_ms = self.decode_cache[key]
+        self.entries.append(entry)
+        how = entry.origin + (f" ({entry.method})" if entry.method else "")
+        budget = f", α={entry.alpha:g}" if entry.alpha else (f", {entry.uptrain_tokens:,} tokens"
+                                                             if entry.uptrain_tokens else "")
+        self.say(f"{entry.variant:<12} {how}{budget}: val ppl {entry.val_ppl:,.3f}, "
+                 f"{entry.kv_bytes_per_token:,} KV B/token, decode {entry.decode_tokens_per_s:,.0f} tok/s")
+        return entry
+
+    # ---------------------------------------------------------------------------- the study
+    def run(self) -> dict:
+        from kvlab.convert.heads import convert
+
+        c = self.cfg
+        if self.dir.exists() and any(self.dir.iterdir()):
+            raise ConfigError(f"{self.dir} exists and is not empty; give a new --out directory")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(c.seed)
+        base, base_entry = self.base_model()
+        uptrain_lr = c.uptrain_lr if c.uptrain_lr is not None else (c.lr / 3 if c.model is None else 1e-4)
+        ablation = c.ablation_uptrain if c.ablation_uptrain is not None else c.model is None
+        variants = study_variants(base.cfg, c.gqa_heads)
+
+        # Step 2: conversions at α = 0, then uptraining.
+        for v in variants:
+            methods = ("mean", "first", "random") if v.n_kv_head == 1 and v.cla == 1 else ("mean",)
+            for method in methods:
+                converted = convert(base, n_kv_head=v.n_kv_head, cla=v.cla if v.cla > 1 else None, method=method,
+                                    seed=c.seed)
+                name = f"{v.label}-{method}"
+                self.measure(converted, Entry(name=f"{name}-a0", variant=v.label, origin=CONVERTED, method=method,
+                                              alpha=0.0 if c.model is None else None,
+                                              train_tokens=base_entry.train_tokens))
+                if method != "mean" and not ablation:
+                    continue
+                for alpha, tokens in self.uptrain_budgets(v):
+                    model = convert(base, n_kv_head=v.n_kv_head, cla=v.cla if v.cla > 1 else None, method=method,
+                                    seed=c.seed)
+                    tag = f"a{alpha:g}" if alpha is not None else f"t{tokens}"
+                    trained, secs, metrics = self.train_run(model, f"uptrain-{name}-{tag}", tokens, uptrain_lr,
+                                                            seed=c.seed + 1)
+                    self.measure(model, Entry(name=f"{name}-{tag}", variant=v.label, origin=UPTRAINED, method=method,
+                                              alpha=alpha, uptrain_tokens=trained,
+                                              train_tokens=base_entry.train_tokens + trained, train_seconds=secs,
+                                              metrics=metrics))
+
+        # The control: the unconverted model, trained on each uptraining budget.
+        budgets = sorted({b for v in variants for b in self.uptrain_budgets(v)}, key=lambda b: b[1])
+        for alpha, tokens in budgets:
+            tokenizer, base.tokenizer = base.tokenizer, None      # shared, not copied
+            model = copy.deepcopy(base)
+            base.tokenizer = model.tokenizer = tokenizer
+            tag = f"a{alpha:g}" if alpha is not None else f"t{tokens}"
+            trained, secs, metrics = self.train_run(model, f"continue-{base_entry.variant}-{tag}", tokens, uptrain_lr,
+                                                    seed=c.seed + 1)
+            self.measure(model, Entry(name=f"{base_entry.variant}-continued-{tag}", variant=base_entry.variant,
+                                      origin=CONTINUED, alpha=alpha, uptrain_tokens=trained,
+                                      train_tokens=base_entry.train_tokens + trained, train_seconds=secs,
+                                      metrics=metrics))
+
+        # Step 3: every variant from scratch with the full budget.
+        if c.model is None and c.from_scratch:
+            for v in variants:
+                model = self.new_model(n_kv_head=v.n_kv_head, cla=v.cla)
+                trained, secs, metrics = self.train_run(model, f"scratch-{v.label}", c.pretrain_tokens, c.lr, c.seed)
+                self.measure(model, Entry(name=f"{v.label}-scratch", variant=v.label, origin=SCRATCH,
+                                          train_tokens=trained, train_seconds=secs, metrics=metrics))
+        return self.finish()
+
+    def uptrain_budgets(self, v: Variant) -> list[tuple[float | None, int]]:
+        c = self.cfg
+        if c.model is not None:
+            return [(None, t) for t in c.uptrain_tokens]
+        alphas = c.mqa_alphas if v.n_kv_head == 1 and v.cla == 1 else c.alphas
+        return [(a, round(a * c.pretrain_tokens)) for a in alphas]
+
+    def new_model(self, n_kv_head: int | None = None, cla: int = 1):
+        from kvlab.config.model import ModelConfig
+        from kvlab.io.tokenizer import ByteTokenizer
+        from kvlab.models.decoder import Transformer
+
+        c = self.cfg
+        cfg = ModelConfig.from_preset("tiny", d_model=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
+                                      n_kv_head=n_kv_head or c.n_head, d_ff=c.d_ff, cla=cla,
+                                      max_seq_len=max(c.seq_len, c.decode_context + 1)).replace(name="study")
+        torch.manual_seed(c.seed)                  # every from-scratch model starts from the same seed
+        model = Transformer(cfg)
+        model.tokenizer = ByteTokenizer()
+        model.provenance = new_provenance("init", config="study")
+        return model
+
+    def base_model(self):
+        c = self.cfg
+        if c.model is not None:
+            from kvlab.io import load
+
+            self.say(f"loading {c.model}")
+            model = load(c.model)
+            if model.tokenizer is None:
+                raise ConfigError(f"{c.model} has no tokenizer; the study evaluates on text")
+            self.setup_data(model.tokenizer)
+            model.float()
+            return model, self.measure(model, Entry(name="original", variant="", origin=LOADED))
+        from kvlab.io.tokenizer import ByteTokenizer
+
+        self.setup_data(ByteTokenizer())
+        model = self.new_model()
+        self.say(f"pretraining the MHA model ({model.cfg.param_counts()['total']:,} parameters) on "
+                 f"{c.pretrain_tokens:,} tokens (the corpus has {self.train_corpus_tokens:,})")
+        trained, secs, metrics = self.train_run(model, "pretrain-MHA", c.pretrain_tokens, c.lr, c.seed)
+        save_checkpoint(model, self.dir / "pretrained-mha")    # always kept: the study's one reusable model
+        return model, self.measure(model, Entry(name="MHA-pretrained", variant="", origin=PRETRAINED,
+                                                train_tokens=trained, train_seconds=secs, metrics=metrics))
+
+    # ------------------------------------------------------------------------------ outputs
+    def finish(self) -> dict:
+
+        mark_pareto(self.entries)
+        c = self.cfg
+        meta = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()},
+                "out_dir": str(self.dir), "date": time.strftime("%Y-%m-%d %H:%M"),
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "device": (torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"),
+                "seconds": round(time.perf_counter() - self.t0, 1),
+                "train_corpus_tokens": self.train_corpus_tokens,
+                "kv_bytes_dtype": "bf16", "decode": {"batch": c.decode_batch, "context": c.decode_context},
+                "plan": {"memory": c.plan_memory, "context": c.plan_context}}
+        results = {"meta": meta, "models": [asdict(e) for e in self.entries]}
+        write_plots(self.entries, self.dir, meta)
+        write_report(results, self.dir)
+        tmp = self.dir / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+        tmp.replace(self.dir / "results.json")
+        self.say(f"done: {self.dir}")
+        return results
+
+
+def _json_default(x):
+    raise TypeError(f"not JSON serialisable: {x!r}")
+
+
+def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
+    return Study(cfg, log).run()

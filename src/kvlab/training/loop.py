@@ -1,0 +1,262 @@
+"""The training loop: one loop for every objective and every verb (pretraining, uptraining,
+fine-tuning; distillation and preference/RL objectives plug in the same way).
+
+AdamW (β 0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay to 10 % of
+the peak learning rate, gradient clipping, gradient accumulation, bf16 autocast on GPUs.
+
+Exact resume: the learning rate and the training batches are pure functions of the step (see
+:class:`kvlab.data.windows.Windows`), so a checkpoint holds only the weights, the optimizer state, the RNG
+state and the step. Checkpoints are directories written atomically (a temporary name, renamed
+when complete); a run killed at any moment resumes from the last complete one and reproduces the
+uninterrupted run's losses exactly.
+
+Fine-tuning (``train_only="adapter"``, :mod:`kvlab.peft`): only the adapter's parameters train and
+a checkpoint holds only the adapter (a 4-bit base cannot be written as safetensors, and need not
+be: it never changes).
+
+What is minimized is an :class:`~kvlab.training.objectives.Objective` (cross-entropy by default):
+the loss of each micro-batch is its sum over counted units divided by the whole step's count, so
+gradient accumulation and several processes weigh every unit alike. Devices and torchrun live in
+:mod:`kvlab.training.distributed`, checkpoints in :mod:`kvlab.training.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvlab.errors import ConfigError, KvlabError, require_positive_ints
+from kvlab.models.decoder import Transformer
+from kvlab.training.checkpoints import checkpoint_dirs, restore_checkpoint, save_training_checkpoint
+from kvlab.training.distributed import Dist, wrap_model
+from kvlab.training.objectives import CrossEntropy, Objective
+
+TRAIN_ONLY = ("all", "attention", "kv", "adapter")
+
+
+class TrainingError(KvlabError, RuntimeError):
+    """The run cannot continue (e.g. the loss became NaN)."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    max_steps: int
+    batch_size: int = 8            # sequences per optimizer step (all accumulation micro-steps)
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    train_only: str = "all"
+    data_mode: str = "random"
+
+    def __post_init__(self) -> None:
+        require_positive_ints(self, ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every",
+                                     "save_every", "keep_last", "log_every", "eval_batches"))
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        if self.train_only not in TRAIN_ONLY:
+            raise ConfigError(f"train_only={self.train_only!r} is not one of {list(TRAIN_ONLY)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def steps_for_budget(tokens_per_step: int, *, tokens: int | None = None, alpha: float | None = None,
+                     reference_tokens: int | None = None) -> int:
+    """Optimizer steps for a token budget, or for ``alpha × reference_tokens`` (an uptraining budget
+    expressed as a fraction of a pretraining budget, as in the GQA paper's α)."""
+    if alpha is not None:
+        if reference_tokens is None:
+            raise ConfigError("--alpha needs --reference-tokens (the pretraining budget it is a fraction of)")
+        tokens = int(alpha * reference_tokens)
+    if tokens is None:
+        raise ConfigError("give --max-steps, --tokens, or --alpha with --reference-tokens")
+    return max(1, math.ceil(tokens / tokens_per_step))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr_ratio·lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """``all``; ``attention`` (every attention projection); ``kv`` (K/V projections only — the
+    part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters)."""
+    from kvlab.peft.adapter import is_adapter_parameter
+
+    chosen = []
+    for name, p in model.named_parameters():
+        if train_only == "adapter":
+            # Prefix tuning's merged prefixes are frozen on purpose; everything else adapter trains.
+            keep = is_adapter_parameter(name) and p.requires_grad
+        else:
+            keep = not is_adapter_parameter(name) and (
+                train_only == "all" or (train_only == "attention" and ".self_attn." in name)
+                or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)))
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append((name, p))
+    if not chosen:
+        raise ConfigError(f"train_only={train_only!r} selects no parameters of this model")
+    return chosen
+
+
+def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=False)
+
+
+# --------------------------------------------------------------------------------- training
+def _on_device(batch, device, rows: slice | None = None) -> tuple[torch.Tensor, ...]:
+    return tuple((t if rows is None else t[rows]).to(device) for t in batch)
+
+
+def evaluate_loss(model, windows, n_batches: int, device, dist_ctx: Dist | None = None,
+                  objective: Objective | None = None) -> float:
+    """Mean loss per counted unit over the first ``n_batches`` validation batches (all ranks' rows)."""
+    objective = objective or CrossEntropy()
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n_batches):
+            batch = _on_device(windows.batch(i), device)
+            total += float(objective.loss(model, batch))
+            count += objective.count(batch)
+    model.train()
+    return (dist_ctx or Dist()).mean(total / max(count, 1))
+
+
+def _truncate_metrics(metrics_path: Path, step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint."""
+    if metrics_path.is_file():
+        keep = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
+          resume: bool = False, device: str | torch.device = "cpu", quiet: bool = False,
+          dist_ctx: Dist | None = None, hooks=None, objective: Objective | None = None) -> dict:
+    """Run (or resume) training; returns a summary. Metrics go to ``out_dir/metrics.jsonl``.
+
+    ``train_windows``/``val_windows`` give ``batch(step)``, a tuple of row-first tensors that the
+    ``objective`` (default :class:`CrossEntropy`) reads. Under torchrun pass ``dist_ctx``
+    (:meth:`Dist.from_env`) and windows built with this rank: each rank computes its rows of the
+    global batch; rank 0 logs and writes checkpoints. ``hooks`` (AdaLoRA's rank allocator):
+    ``regularizer()`` is added to the loss, ``after_step(n)`` runs after optimizer step ``n`` with
+    the gradients still present.
+    """
+    dist_ctx = dist_ctx or Dist()
+    objective = objective or CrossEntropy()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    if model.device != device:     # (a 4-bit NF4 base cannot be moved in place; it is made on its device)
+        model.to(device)
+    objective.prepare(device)
+    model.train()
+    metrics_path = out_dir / "metrics.jsonl"
+    state = restore_checkpoint(out_dir, model, cfg, hooks) if resume else None
+    start = state["step"] if state is not None else 0
+    trainable_parameters(model, cfg.train_only)        # sets requires_grad; wrapping keeps the flags
+    wrapped = wrap_model(model, dist_ctx, device)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # sharded ones under FSDP
+    optimizer = make_optimizer(params, cfg)
+    if state is not None:
+        if dist_ctx.enabled and dist_ctx.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if dist_ctx.is_main:
+            _truncate_metrics(metrics_path, start)
+    elif dist_ctx.is_main and metrics_path.exists():
+        metrics_path.unlink()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    micro = cfg.batch_size // dist_ctx.world_size // cfg.grad_accum
+    if micro < 1 or (cfg.batch_size // dist_ctx.world_size) % cfg.grad_accum:
+        raise ConfigError(f"batch_size={cfg.batch_size} over {dist_ctx.world_size} process(es) with "
+                          f"grad_accum={cfg.grad_accum} leaves no whole micro-batch; adjust them")
+    t_last, tokens_since = time.perf_counter(), 0
+    summary = {"start_step": start}
+    found = checkpoint_dirs(out_dir)
+    last_good = found[-1] if found else None
+    for step in range(start, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = train_windows.batch(step)         # this rank's rows of the global batch
+        n_counted = max(1, objective.count(batch))
+        loss_sum = 0.0
+        for m in range(cfg.grad_accum):
+            micro_batch = _on_device(batch, device, slice(m * micro, (m + 1) * micro))
+            if autocast is not None:
+                with autocast:
+                    loss = objective.loss(wrapped, micro_batch) / n_counted
+            else:
+                loss = objective.loss(wrapped, micro_batch) / n_counted
+            loss_sum += float(loss.detach())      # the reported loss is the objective's alone
+            if hooks is not None:
+                loss = loss + hooks.regularizer() / cfg.grad_accum
+            loss.backward()
+        loss_sum = dist_ctx.mean(loss_sum)        # the global batch's loss, identical on every rank
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping. The last good checkpoint is "
+                                f"{last_good or '(none yet)'}; lower --lr or check the data, then --resume")
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+        optimizer.step()
+        if hooks is not None:
+            hooks.after_step(step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_since += cfg.tokens_per_step
+        record = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": loss_sum, "lr": lr}
+        if val_windows is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            record["val_loss"] = evaluate_loss(wrapped, val_windows, cfg.eval_batches, device, dist_ctx, objective)
+        now = time.perf_counter()
+        if done % cfg.log_every == 0 or done == cfg.max_steps or "val_loss" in record:
+            record["tokens_per_s"] = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0
+            if not quiet and dist_ctx.is_main:
+                val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+                print(f"step {done}/{cfg.max_steps} loss {loss_sum:.4f}{val} lr {lr:.2e} "
+                      f"{record['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+        if dist_ctx.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped, hooks)
+        summary.update(record)
+    model.eval()
+    return summary

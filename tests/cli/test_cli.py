@@ -1,0 +1,195 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvlab import generate
+from kvlab.cli import main
+from kvlab.io import save_checkpoint
+from kvlab.io.tokenizer import ByteTokenizer
+
+from conftest import make_model
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_json_smollm2(capsys):
+    code, out, _ = run(capsys, "info", "--preset", "smollm2-135m", "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert {k: info[k] for k in ("n_layer", "n_head", "n_kv_head", "n_kv_layers", "head_dim",
+                                 "kv_bytes_per_token")} == \
+        dict(n_layer=30, n_head=9, n_kv_head=3, n_kv_layers=30, head_dim=64, kv_bytes_per_token=23040)
+    assert info["params"] == 134_515_008
+    code, out, _ = run(capsys, "info", "--preset", "smollm2-135m", "--n-kv-head", "1", "--cla", "2", "--json")
+    info = json.loads(out)
+    assert (info["kv_bytes_per_token"], info["n_kv_layers"], info["variant"]) == (3840, 15, "MQA-CLA2")
+
+
+def test_info_table_and_config_file(capsys, tmp_path):
+    code, out, _ = run(capsys, "info", "--preset", "llama3-8b", "--dtype", "fp32")
+    assert code == 0 and "KV bytes per token (fp32)  262,144" in out and "8,030,261,248" in out
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"d_model": 128, "n_layer": 3, "n_head": 8, "n_kv_head": 2}))
+    code, out, _ = run(capsys, "info", "--config", str(path), "--json")
+    assert json.loads(out)["kv_bytes_per_token"] == 2 * 3 * 2 * 16 * 2
+
+
+def test_info_on_checkpoint_dir(capsys, tmp_path):
+    save_checkpoint(make_model(n_kv_head=1, cla=2), tmp_path / "ckpt")
+    code, out, _ = run(capsys, "info", str(tmp_path / "ckpt"), "--json")
+    assert code == 0 and json.loads(out)["n_kv_layers"] == 2
+
+
+def test_plan_json_rows(capsys):
+    code, out, _ = run(capsys, "plan", "--preset", "llama2-7b", "--memory", "80GiB", "--context", "4096", "--json")
+    assert code == 0
+    rows = {r["variant"]: r for r in json.loads(out)["variants"]}
+    assert list(rows) == ["MHA", "GQA-16", "GQA-8", "GQA-4", "GQA-2", "MQA", "MHA-CLA2", "MHA-CLA3", "MQA-CLA2"]
+    assert rows["MHA"]["is_model"] and not rows["MQA"]["is_model"]
+    for r in rows.values():  # closed form, recomputed here
+        per_seq = 2 * r["n_kv_layers"] * r["n_kv_head"] * 128 * 2 * 4096
+        assert r["kv_bytes_per_sequence"] == per_seq
+        assert r["max_batch"] == (80 * 2**30 - r["params"] * 2) // per_seq
+    assert rows["MHA"]["max_batch"] == 33 and rows["MQA-CLA2"]["kv_bytes_per_token"] == 8192
+
+
+def test_plan_table(capsys):
+    code, out, _ = run(capsys, "plan", "--preset", "llama2-7b", "--memory", "80GiB", "--context", "4096")
+    assert code == 0
+    assert "* MHA" in out and "MQA-CLA2" in out and "64.00x smaller" in out
+    code, out, _ = run(capsys, "plan", "--preset", "smollm2-135m")
+    assert "* GQA-3" in out and "3.00x larger" in out and "6.00x smaller" in out
+
+
+def test_plan_weights_do_not_fit(capsys):
+    code, out, _ = run(capsys, "plan", "--preset", "llama3-8b", "--memory", "8GB", "--json")
+    assert all(r["max_batch"] == 0 for r in json.loads(out)["variants"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--preset", "nope"], "unknown preset 'nope'"),
+    (["plan", "--preset", "tiny", "--memory", "lots"], "memory size 'lots' is not understood"),
+    (["plan", "--preset", "tiny", "--context", "x"], "--context: invalid int value"),
+    (["plan", "--preset", "tiny", "--context", "0"], "context=0 must be a positive"),
+    (["info", "--preset", "smollm2-135m", "--n-kv-head", "2"], "n_head=9 is not divisible by n_kv_head=2"),
+    (["info", "--preset", "tiny", "--cla", "9"], "cla=9 exceeds n_layer=4"),
+    (["info"], "give exactly one of MODEL, --preset NAME or --config FILE"),
+    (["info", "--preset", "tiny", "--dtype", "int3"], "invalid choice: 'int3'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "the following arguments are required: VERB"),
+    (["generate", "somewhere"], "give --prompt TEXT or --prompt-ids"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_failures_exit_1(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", str(tmp_path / "missing"), "--prompt-ids", "1,2")
+    assert code == 1 and "not found" in err
+
+
+@pytest.mark.parametrize("verb", [[], ["info"], ["plan"], ["generate"]])
+def test_help_on_every_verb(capsys, verb):
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0 and "usage: kvlab" in capsys.readouterr().out
+
+
+def test_generate_from_checkpoint(capsys, tmp_path):
+    model = make_model()
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    tok = ByteTokenizer()
+    expected = generate(model, [tok.encode("hi")], 6, stop_tokens=[])[0]
+    code, out, _ = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "6",
+                       "--stop-token", "999999", "--json")
+    assert code == 0
+    assert json.loads(out)[0]["new_ids"] == expected
+    code, out, _ = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt-ids", "256,104,105",
+                       "--prompt-ids", "256,1", "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3",
+                       "--json")
+    outs = json.loads(out)
+    assert len(outs) == 2 and all(len(o["new_ids"]) <= 4 for o in outs)
+    # Streaming mode prints the prompt then the continuation.
+    code, out, _ = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("hi")
+
+
+def test_console_script_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "kvlab", "info", "--preset", "tiny", "--json"],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["n_kv_head"] == 2
+
+
+@pytest.mark.parametrize("verb", [["eval"], ["convert"], ["export"]])
+def test_help_on_new_verbs(capsys, verb):
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0 and "usage: kvlab" in capsys.readouterr().out
+
+
+def test_convert_smollm2_to_mqa_and_info_shows_new_kv_bytes(capsys, tmp_path):
+    code, out, _ = run(capsys, "convert", "smollm2-135m", "--mqa", "--method", "mean", "-o", str(tmp_path / "mqa"))
+    assert code == 0 and "3 -> 1 KV heads" in out and "23,040 -> 7,680" in out
+    code, out, _ = run(capsys, "info", str(tmp_path / "mqa"), "--json")
+    info = json.loads(out)
+    assert (info["n_kv_head"], info["kv_bytes_per_token"]) == (1, 7680)
+    prov = json.loads((tmp_path / "mqa" / "provenance.json").read_text())
+    assert prov["source"]["builtin"] == "smollm2-135m" and prov["steps"][0]["method"] == "mean"
+    assert (tmp_path / "mqa" / "tokenizer.json").is_file()
+
+
+def test_info_reads_gguf_and_hf_configs_without_weights(capsys):
+    code, out, _ = run(capsys, "info", "smollm2-135m", "--json")
+    assert code == 0 and json.loads(out)["kv_bytes_per_token"] == 23040
+
+
+def test_convert_export_eval_generate_on_a_small_checkpoint(capsys, tmp_path):
+    model = make_model(n_kv_head=4)
+    save_checkpoint(model, tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--cla", "2",
+                       "-o", str(tmp_path / "gqa-cla"))
+    assert code == 0 and "4 -> 2 KV heads, 4 -> 2 KV layers" in out
+    code, _, err = run(capsys, "export", str(tmp_path / "gqa-cla"), "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert code == 2 and "Cross-Layer Attention" in err and not (tmp_path / "hf").exists()
+    code, _, _ = run(capsys, "export", str(tmp_path / "base"), "--format", "hf", "-o", str(tmp_path / "hf"))
+    assert code == 0 and (tmp_path / "hf" / "model.safetensors").is_file()
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 5)
+    code, out, _ = run(capsys, "eval", str(tmp_path / "gqa-cla"), "--data", str(tmp_path / "t.txt"),
+                       "--seq-len", "64", "--json", "--no-progress")
+    res = json.loads(out)
+    assert code == 0 and res["tokens"] == 220 and res["kv_bytes_per_token_bf16"] == 2 * 2 * 2 * 16 * 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["convert", "smollm2-135m", "-o", "x"], "give --kv-heads G, --mqa and/or --cla K"),
+    (["convert", "smollm2-135m", "--mqa", "--kv-heads", "1", "-o", "x"], "not both"),
+    (["convert", "smollm2-135m", "--kv-heads", "2", "-o", "x"], "cannot pool n_kv_head=3 into 2"),
+    (["eval", "smollm2-135m", "--data", "/no/such/file"], "data '/no/such/file' not found"),
+])
+def test_new_verbs_usage_errors(capsys, argv, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--preset", "tiny", "--out", "o"], "give exactly one budget"),
+    (["train", "--preset", "tiny", "--out", "o", "--max-steps", "5", "--alpha", "0.1"], "got --max-steps, --alpha"),
+    (["train", "--preset", "tiny", "--out", "o", "--max-steps", "0"], "max_steps=0 must be a positive integer"),
+    (["train", "--out", "o", "--max-steps", "5"], "give exactly one of --preset NAME, --config FILE"),
+    (["train", "--preset", "tiny", "--out", "o", "--alpha", "0.1"], "--alpha needs --reference-tokens"),
+])
+def test_train_usage_errors(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    code, _, err = run(capsys, *argv, "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

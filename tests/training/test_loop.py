@@ -1,0 +1,150 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvlab import ConfigError
+from kvlab.data.windows import Windows
+from kvlab.training import (
+    TrainConfig,
+    TrainingError,
+    checkpoint_dirs,
+    lr_at,
+    steps_for_budget,
+    train,
+    trainable_parameters,
+)
+
+from conftest import make_model
+
+TOKENS = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint16)
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    cfg = TrainConfig(out_dir="x", max_steps=110, lr=1.0, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_budget_from_alpha():
+    assert steps_for_budget(1000, alpha=0.05, reference_tokens=2_000_000) == 100
+    assert steps_for_budget(1000, tokens=1500) == 2
+    with pytest.raises(ConfigError, match="--alpha needs --reference-tokens"):
+        steps_for_budget(1000, alpha=0.1)
+
+
+def test_train_only_kv_updates_only_kv_projections(tmp_path):
+    model = make_model(n_kv_head=1, cla=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=3, seq_len=32, batch_size=4, train_only="kv", warmup_steps=1)
+    train(model, Windows(TOKENS, 32, 4), None, cfg, quiet=True)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"layers.0.self_attn.k_proj.weight", "layers.0.self_attn.v_proj.weight",
+                       "layers.2.self_attn.k_proj.weight", "layers.2.self_attn.v_proj.weight"}
+    assert [n for n, _ in trainable_parameters(model, "attention")][0].startswith("layers.0.self_attn")
+
+
+def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
+    text = np.frombuffer(b"the quick brown fox jumps over the lazy dog. " * 200, dtype=np.uint8).astype(np.uint16)
+    model = make_model()
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=40, seq_len=32, batch_size=8, lr=3e-3, warmup_steps=5,
+                      eval_every=20, save_every=20)
+    train(model, Windows(text, 32, 8), Windows(text, 32, 8, mode="sequential"), cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["loss"] < rows[0]["loss"] / 2
+    assert "val_loss" in rows[19] and "val_loss" in rows[39] and rows[39]["val_loss"] < rows[19]["val_loss"]
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_0000020", "step_0000040"]
+
+
+def _run(out, *extra):
+    return [sys.executable, "-m", "kvlab", "train", "--preset", "tiny", "--out", str(out), "--max-steps", "60",
+            "--seq-len", "64", "--batch-size", "16", "--save-every", "7", "--eval-every", "1000",
+            "--log-every", "1", "--cache-dir", str(out.parent / "cache"), *extra]
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # same threads in every run: bitwise-equal arithmetic
+    subprocess.run(_run(tmp_path / "full"), check=True, capture_output=True, env=env)
+    full = [json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    proc = subprocess.Popen(_run(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:           # kill mid-run, between two checkpoints
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 24:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = len(metrics.read_text().splitlines())
+    assert done < 60
+    subprocess.run(_run(tmp_path / "cut", "--resume"), check=True, capture_output=True, env=env)
+    resumed = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert len(resumed) == 60
+    assert resumed == full                  # exactly, step by step
+
+
+def test_half_written_checkpoints_are_never_picked_up(tmp_path):
+    model = make_model()
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=10, seq_len=16, batch_size=2, save_every=5, keep_last=5)
+    train(model, Windows(TOKENS, 16, 2), None, cfg, quiet=True)
+    root = tmp_path / "checkpoints"
+    (root / ".step_0000015.tmp-123").mkdir()                     # an interrupted atomic write
+    (root / ".step_0000015.tmp-123" / "model.safetensors").write_bytes(b"partial")
+    (root / "step_0000020").mkdir()                              # a copied directory missing its state
+    (root / "step_0000020" / "model.safetensors").write_bytes(b"partial")
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_0000005", "step_0000010"]
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=12, seq_len=16, batch_size=2, save_every=5, keep_last=5)
+    summary = train(make_model(), Windows(TOKENS, 16, 2), None, cfg, resume=True, quiet=True)
+    assert summary["start_step"] == 10 and summary["step"] == 12
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = make_model()
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=4, seq_len=16, batch_size=2, save_every=2)
+    train(model, Windows(TOKENS, 16, 2), None, cfg, quiet=True)
+    with torch.no_grad():
+        model.norm.weight.fill_(float("nan"))
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=8, seq_len=16, batch_size=2, save_every=2)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1.*last good checkpoint is .*step_0000004"):
+        train(model, Windows(TOKENS, 16, 2), None, cfg, quiet=True)
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_0000002", "step_0000004"]
+    metrics = tmp_path / "metrics.jsonl"           # nothing non-finite was ever logged
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in lines)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
+    """gloo on the CPU; the same global batch split over 2 ranks gives the same losses."""
+    common = ["--preset", "tiny", "--max-steps", "4", "--seq-len", "32", "--batch-size", "8", "--save-every", "2",
+              "--eval-every", "2", "--eval-batches", "2", "--log-every", "1", "--warmup-steps", "2",
+              "--cache-dir", str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "kvlab", "train", *common, "--out", str(tmp_path / "one")],
+                   check=True, capture_output=True, env=env)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
+                    "--rdzv-endpoint=localhost:0", "-m", "kvlab", "train", *common, "--strategy", strategy,
+                    "--out", str(tmp_path / "two")], check=True, capture_output=True, env=env, timeout=300)
+    one, two = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+        assert ("val_loss" in a) == ("val_loss" in b)
+        if "val_loss" in a:
+            assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+    # Rank 0 wrote the gathered (unsharded) checkpoint: it loads as a plain model.
+    from kvlab import load
+
+    assert load(tmp_path / "two" / "final").cfg.n_kv_head == 2

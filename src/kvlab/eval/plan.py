@@ -83,7 +83,7 @@ class PlanRow:
 def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16") -> int:
     """The largest batch of ``context``-token sequences whose KV cache fits beside the weights."""
     weights = cfg.param_counts()["total"] * dtype_bytes(dtype)
-    return max(0, (memory - weights) // (cfg.kv_bytes_per_token(dtype) * context))
+    return max(0, (memory - weights) // cfg.cache_bytes(dtype).for_sequence(context))
 
 
 def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16") -> list[PlanRow]:
@@ -96,8 +96,8 @@ def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype =
     for v in variants(cfg):
         params = v.param_counts()["total"]
         weights = params * dtype_bytes(dtype)
-        per_token = v.kv_bytes_per_token(dtype)
-        per_seq = per_token * context
+        cost = v.cache_bytes(dtype)              # per token and per sequence, over the layers' kinds
+        per_token, per_seq = cost.per_token, cost.for_sequence(context)
         rows.append(PlanRow(variant=kv_label(v), is_model=_wiring(v) == _wiring(cfg), n_kv_head=v.n_kv_head,
                             n_kv_layers=v.n_kv_layers, params=params, weight_bytes=weights,
                             kv_bytes_per_token=per_token, kv_bytes_per_sequence=per_seq,

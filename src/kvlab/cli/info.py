@@ -26,12 +26,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = model_config_from_args(args)
     counts = cfg.param_counts()
+    cost = cfg.cache_bytes(args.dtype)
     info = {
         "name": cfg.name, "variant": kv_label(cfg), "params": counts["total"],
         "attention_params": counts["attention"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
         "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "n_kv_layers": cfg.n_kv_layers, "kv_sources": cfg.kv_sources, "dtype": args.dtype,
-        "kv_bytes_per_token": cfg.kv_bytes_per_token(args.dtype),
+        "kv_bytes_per_token": cost.per_token, "cache_bytes_per_sequence": cost.per_sequence,
+        "attention": [{"kind": s.kind, **s.options} for s in cfg.layer_specs],
         "param_counts": counts,
     }
     if args.json:
@@ -48,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
         (f"KV bytes per token ({args.dtype})", f"{info['kv_bytes_per_token']:,} "
          f"({format_bytes(info['kv_bytes_per_token'] * 1024)} per 1k tokens)"),
     ]
+    if cost.per_sequence:
+        rows.append((f"cache bytes per sequence ({args.dtype})", f"{cost.per_sequence:,} (fixed, whatever the length)"))
+    kinds = sorted({s.kind for s in cfg.layer_specs})
+    windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
+    if cfg.attention_layers is not None or kinds != ["gqa"]:
+        rows.insert(4, ("attention per layer", ", ".join(
+            f"{s.kind}" + (f"(window {w})" if w is not None else "") for s, w in zip(cfg.layer_specs, windows))))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -60,8 +60,6 @@ class PromptConfig:
 class PrefixAdapter(nn.Module):
     """Key/value prefixes ``(n_kv_head, P, head_dim)`` for each KV-producing layer."""
 
-    kind = "kv"
-
     def __init__(self, model, cfg: PromptConfig):
         super().__init__()
         mc = model.cfg
@@ -126,8 +124,6 @@ def _flat_per_token(kv: torch.Tensor) -> torch.Tensor:
 
 class PromptAdapter(nn.Module):
     """Trainable input embeddings of ``P`` virtual tokens, prepended to every sequence."""
-
-    kind = "embeddings"
 
     def __init__(self, model, cfg: PromptConfig):
         super().__init__()

@@ -3,7 +3,10 @@
 For each variant: KV bytes per token (bf16) and perplexity / bits per byte on the built-in
 corpus's validation split, all in one run so the rows are comparable.
 
-    python benchmarks/conversion_alpha0.py [--max-tokens N] [--seq-len L] [--out FILE.json]
+    python benchmarks/conversion_alpha0.py [--max-tokens N] [--seq-len L] [--calibration-tokens N] [--out FILE.json]
+
+Calibrated conversions use ``--calibration-tokens`` of the built-in corpus's *train* split
+(random 512-token windows, seed 0); the perplexity is on its validation split.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import kvlab
 from kvlab.convert.heads import convert
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
+from kvlab.data.windows import calibration_batches
 from kvlab.eval.perplexity import evaluate
 
 VARIANTS = [  # (label, conversion kwargs or None for the original model)
@@ -29,6 +33,9 @@ VARIANTS = [  # (label, conversion kwargs or None for the original model)
     ("GQA-3-CLA2, mean", dict(cla=2, method="mean")),
     ("GQA-3-CLA2, first", dict(cla=2, method="first")),
     ("MQA-CLA2, mean", dict(n_kv_head=1, cla=2, method="mean")),
+    ("MQA, calibrated", dict(n_kv_head=1, method="calibrated")),
+    ("MQA-CLA2, calibrated heads then mean layers", [dict(n_kv_head=1, method="calibrated"),
+                                                     dict(cla=2, method="mean")]),
 ]
 
 
@@ -37,15 +44,22 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=None, help="cap on scored tokens (default: whole split)")
+    ap.add_argument("--calibration-tokens", type=int, default=8192)
+    ap.add_argument("--only", help="comma-separated variant labels to run (default: all)")
     ap.add_argument("--out", default="benchmarks/results/alpha0.json")
     args = ap.parse_args()
 
     base = kvlab.load(args.model)
     docs = builtin_corpus("validation")
+    calibration = calibration_batches(base.tokenizer, args.calibration_tokens, seed=0)
     rows = []
-    for label, kw in VARIANTS:
+    chosen = [v for v in VARIANTS if args.only is None or v[0] in args.only.split(",")]
+    for label, steps in chosen:
         t0 = time.perf_counter()
-        model = base if kw is None else convert(base, seed=0, **kw)
+        model = base
+        for kw in [] if steps is None else steps if isinstance(steps, list) else [steps]:
+            extra = dict(calibration=calibration) if kw["method"] == "calibrated" else {}
+            model = convert(model, seed=0, **kw, **extra)
         r = evaluate(model, base.tokenizer, docs, seq_len=args.seq_len, max_tokens=args.max_tokens, progress=False)
         rows.append({"variant": label, "n_kv_head": model.cfg.n_kv_head, "n_kv_layers": model.cfg.n_kv_layers,
                      "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16"), **r.to_dict(),
@@ -53,7 +67,8 @@ def main() -> None:
         print(f"{label:32} KV {rows[-1]['kv_bytes_per_token_bf16']:>6} B/token  ppl {r.perplexity:10.3f}  "
               f"bpb {r.bits_per_byte:.4f}  ({rows[-1]['seconds']:.0f} s)", flush=True)
     meta = {"model": args.model, "data": "builtin:validation", "data_fingerprint": corpus_fingerprint(docs),
-            "seq_len": args.seq_len, "max_tokens": args.max_tokens, "torch": torch.__version__,
+            "seq_len": args.seq_len, "max_tokens": args.max_tokens, "calibration_tokens": args.calibration_tokens,
+            "calibration_data": "builtin:train", "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

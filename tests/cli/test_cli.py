@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import kvlab
 from kvlab import generate
 from kvlab.cli import main
 from kvlab.io import save_checkpoint
@@ -193,3 +195,25 @@ def test_train_usage_errors(capsys, tmp_path, monkeypatch, argv, needle):
     monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
     code, _, err = run(capsys, *argv, "--cache-dir", str(tmp_path / "cache"))
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_calibrated_on_a_small_checkpoint(capsys, tmp_path):
+    model = make_model(n_kv_head=4)
+    save_checkpoint(model, tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--method", "calibrated",
+                       "--calibration-tokens", "2048", "-o", str(tmp_path / "gqa"))
+    assert code == 0 and "4 -> 2 KV heads" in out and "(calibrated)" in out
+    converted = kvlab.load(tmp_path / "gqa")
+    step = converted.provenance["steps"][-1]
+    assert step["method"] == "calibrated" and step["calibration_tokens"] == 2048
+    # the same conversion in Python, on the same calibration windows, gives the same weights
+    from kvlab.convert.heads import convert
+    from kvlab.data.windows import calibration_batches
+
+    same = convert(model, n_kv_head=2, method="calibrated",
+                   calibration=calibration_batches(ByteTokenizer(), 2048))
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v)
+    code, _, err = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--cla", "2", "--method",
+                       "calibrated", "-o", str(tmp_path / "x"))
+    assert code == 2 and "with --method mean" in err and not (tmp_path / "x").exists()

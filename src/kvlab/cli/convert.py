@@ -16,8 +16,16 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-heads", type=int, metavar="G", help="new number of KV heads (must divide the current)")
     p.add_argument("--mqa", action="store_true", help="one KV head (same as --kv-heads 1)")
     p.add_argument("--cla", type=int, metavar="K", help="share each producer's KV with the next K-1 layers")
-    p.add_argument("--method", choices=["mean", "first", "random"], default="mean")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--method", choices=["mean", "first", "random", "calibrated"], default="mean",
+                   help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
+                        "K/V heads to the original ones on calibration text, RoPE-aware, queries and output "
+                        "projection adjusted (heads only)")
+    p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
+                   help="--method calibrated: tokens of calibration text (default 8192)")
+    p.add_argument("--calibration-data", default="builtin", metavar="DATA",
+                   help="--method calibrated: 'builtin' (the built-in corpus's train split), a text file, JSONL or "
+                        "a directory of .txt; validation documents are never used")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random and of the calibration windows")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=run)
 
@@ -34,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
     plan_conversion(load_config(args.model), **change)          # fail before loading any weights
     model = load_model(args)
     before = model.cfg
+    if args.method == "calibrated":
+        from kvlab.data.windows import calibration_batches
+
+        if model.tokenizer is None:
+            raise UsageError(f"kvlab convert: {args.model} has no tokenizer to read calibration text with")
+        change["calibration"] = calibration_batches(model.tokenizer, args.calibration_tokens,
+                                                    data=args.calibration_data, seed=args.seed)
     new = convert(model, seed=args.seed, **change)
     save_checkpoint(new, args.output)
     print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "

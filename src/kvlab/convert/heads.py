@@ -5,7 +5,9 @@ Methods, for both kinds of sharing:
 - ``mean``: the new K/V projection of a group is the mean of the projections it replaces
   (weights and biases) — the GQA paper's choice;
 - ``first``: keep the group's first head (or first layer);
-- ``random``: a fresh projection, initialised as kvlab initialises new models (the ablation).
+- ``random``: a fresh projection, initialised as kvlab initialises new models (the ablation);
+- ``calibrated`` (heads only): fitted on calibration activations, RoPE-aware, with the queries and
+  output projection absorbing what the shared head cannot carry (:mod:`kvlab.convert.calibrated`).
 
 KV heads are pooled over contiguous groups (new KV head ``j`` replaces old heads
 ``j·r … j·r + r - 1``), matching contiguous query grouping, so query head ``h`` keeps reading
@@ -18,12 +20,13 @@ from __future__ import annotations
 import torch
 
 from kvlab.config.model import ModelConfig
+from kvlab.convert.calibrated import attention_input_moments, calibrated_state
 from kvlab.errors import ConfigError
 from kvlab.io.provenance import record_step
 from kvlab.io.weights import build_model
 from kvlab.models.decoder import Transformer
 
-METHODS = ("mean", "first", "random")
+METHODS = ("mean", "first", "random", "calibrated")
 
 
 def _pool(tensors: list[torch.Tensor], method: str, generator: torch.Generator, std: float) -> torch.Tensor:
@@ -63,6 +66,9 @@ def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int 
         divisors = [d for d in range(1, cfg.n_kv_head + 1) if cfg.n_kv_head % d == 0]
         raise ConfigError(f"cannot pool n_kv_head={cfg.n_kv_head} into {new_heads!r} KV heads: groups of existing "
                           f"heads are averaged, so the new count must divide {cfg.n_kv_head} (one of {divisors})")
+    if method == "calibrated" and (cla is not None or kv_source is not None):
+        raise ConfigError("--method calibrated merges KV heads within layers; share layers (--cla) with --method "
+                          "mean, in a second conversion of the calibrated model")
     wiring: dict = {}
     if cla is not None:
         wiring = {"cla": cla}
@@ -72,13 +78,26 @@ def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int 
 
 
 def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None = None,
-            kv_source: list[int] | None = None, method: str = "mean", seed: int = 0) -> Transformer:
+            kv_source: list[int] | None = None, method: str = "mean", seed: int = 0,
+            calibration=None) -> Transformer:
     """A new model with ``n_kv_head`` KV heads and/or KV shared across layers (``cla`` or an
-    explicit ``kv_source``). Everything else is copied; the provenance gets a step."""
+    explicit ``kv_source``). Everything else is copied; the provenance gets a step.
+    ``calibration`` (``method="calibrated"``): token batches ``(B, T)`` run through ``model``."""
     cfg = model.cfg
     new_cfg = plan_conversion(cfg, n_kv_head=n_kv_head, cla=cla, kv_source=kv_source, method=method)
     new_heads = new_cfg.n_kv_head
     old_src = cfg.kv_sources
+    step = dict(method=method, seed=seed, n_kv_head=[cfg.n_kv_head, new_heads],
+                kv_sources=[old_src, new_cfg.kv_sources],
+                kv_bytes_per_token_bf16=[cfg.kv_bytes_per_token("bf16"), new_cfg.kv_bytes_per_token("bf16")])
+    if method == "calibrated":
+        if calibration is None:
+            raise ConfigError("method='calibrated' needs calibration token batches (calibration=[tokens, ...])")
+        calibration = list(calibration)
+        moments = attention_input_moments(model, calibration)
+        state = calibrated_state(model, new_cfg, moments)
+        step["calibration_tokens"] = sum(int(t.numel()) for t in calibration)
+        return _finish(model, new_cfg, state, step)
     gen = torch.Generator().manual_seed(seed)
     std = 0.02   # the init scale of a new kvlab model (Transformer.reset_parameters)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
@@ -99,13 +118,14 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
             per_layer = [pool_kv_heads(effective(i, leaf), cfg.n_kv_head, new_heads, method, gen, std)
                          for i in group]
             state[f"layers.{p}.self_attn.{leaf}"] = _pool(per_layer, method, gen, std)
-    new = build_model(new_cfg, state, where="conversion", device=model.device, dtype=model.dtype)
-    new.tokenizer = model.tokenizer
-    step = dict(method=method, seed=seed, n_kv_head=[cfg.n_kv_head, new_heads],
-                kv_sources=[old_src, new_cfg.kv_sources],
-                kv_bytes_per_token_bf16=[cfg.kv_bytes_per_token("bf16"), new_cfg.kv_bytes_per_token("bf16")])
     if cla is not None:
         step["cla"] = cla
+    return _finish(model, new_cfg, state, step)
+
+
+def _finish(model: Transformer, new_cfg: ModelConfig, state: dict, step: dict) -> Transformer:
+    new = build_model(new_cfg, state, where="conversion", device=model.device, dtype=model.dtype)
+    new.tokenizer = model.tokenizer
     record_step(new, "convert", source=model, **step)
     return new
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlab.data.corpus import Document
+from kvlab.data.corpus import Document, builtin_corpus, read_documents
 from kvlab.errors import ConfigError
 from kvlab.progress import progress as show_progress
 
@@ -123,3 +123,23 @@ class Windows:
         rows = np.stack([np.asarray(self.tokens[o:o + self.seq_len + 1], dtype=np.int64) for o in offs])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
+
+
+def calibration_batches(tokenizer, n_tokens: int, *, seq_len: int = 512, batch_size: int = 8, data: str = "builtin",
+                        seed: int = 0, cache_dir: str | Path | None = None) -> list[torch.Tensor]:
+    """About ``n_tokens`` tokens of calibration text as ``(batch, seq_len)`` batches: random windows
+    of the training split only (``data='builtin'``: the built-in corpus's train split; else a file or
+    directory read as :func:`kvlab.data.corpus.read_documents` does, without its validation
+    documents), so that evaluation text never calibrates a conversion."""
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ConfigError(f"calibration tokens={n_tokens!r} must be a positive integer")
+    if data in ("builtin", "builtin:train"):
+        docs = builtin_corpus("train")
+    else:
+        docs = [d for d in read_documents(data) if d.split != "validation"]
+    tokens = tokenize_to_file(docs, tokenizer, cache_dir=cache_dir, progress=False).tokens
+    seq_len = min(seq_len, n_tokens, len(tokens) - 2)
+    rows = max(1, -(-n_tokens // seq_len))
+    windows = Windows(tokens, seq_len, rows, seed=seed)
+    x = windows.batch(0)[0]
+    return [x[i:i + batch_size] for i in range(0, rows, batch_size)]

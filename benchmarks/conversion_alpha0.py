@@ -34,6 +34,8 @@ VARIANTS = [  # (label, conversion kwargs or None for the original model)
     ("GQA-3-CLA2, first", dict(cla=2, method="first")),
     ("MQA-CLA2, mean", dict(n_kv_head=1, cla=2, method="mean")),
     ("MQA, calibrated", dict(n_kv_head=1, method="calibrated")),
+    ("GQA-3-CLA2, calibrated", dict(cla=2, method="calibrated")),
+    ("MQA-CLA2, calibrated", dict(n_kv_head=1, cla=2, method="calibrated")),
     ("MQA-CLA2, calibrated heads then mean layers", [dict(n_kv_head=1, method="calibrated"),
                                                      dict(cla=2, method="mean")]),
 ]
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=None, help="cap on scored tokens (default: whole split)")
     ap.add_argument("--calibration-tokens", type=int, default=8192)
-    ap.add_argument("--only", help="comma-separated variant labels to run (default: all)")
+    ap.add_argument("--only", help="';'-separated variant labels to run (default: all)")
     ap.add_argument("--out", default="benchmarks/results/alpha0.json")
     args = ap.parse_args()
 
@@ -53,7 +55,9 @@ def main() -> None:
     docs = builtin_corpus("validation")
     calibration = calibration_batches(base.tokenizer, args.calibration_tokens, seed=0)
     rows = []
-    chosen = [v for v in VARIANTS if args.only is None or v[0] in args.only.split(",")]
+    chosen = [v for v in VARIANTS if args.only is None or v[0] in [s.strip() for s in args.only.split(";")]]
+    if not chosen:
+        raise SystemExit(f"--only {args.only!r} names no variant; the labels are: {[v[0] for v in VARIANTS]}")
     for label, steps in chosen:
         t0 = time.perf_counter()
         model = base

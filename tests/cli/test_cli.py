@@ -214,6 +214,6 @@ def test_convert_calibrated_on_a_small_checkpoint(capsys, tmp_path):
                    calibration=calibration_batches(ByteTokenizer(), 2048))
     for k, v in same.state_dict().items():
         torch.testing.assert_close(converted.state_dict()[k], v)
-    code, _, err = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--cla", "2", "--method",
-                       "calibrated", "-o", str(tmp_path / "x"))
-    assert code == 2 and "with --method mean" in err and not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--method", "calibrated",
+                       "--calibration-tokens", "0", "-o", str(tmp_path / "x"))
+    assert code == 2 and "calibration tokens=0 must be a positive integer" in err and not (tmp_path / "x").exists()

@@ -26,10 +26,16 @@ def _rotate_pairs(rows: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.cat([re * a - im * b, im * a + re * b])
 
 
-def test_merging_nothing_reproduces_the_model():
-    model = make_model(n_kv_head=2, qkv_bias=True)
-    same = convert(model, n_kv_head=2, method="calibrated", calibration=CALIB)
-    torch.testing.assert_close(same(TOKENS), model(TOKENS), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("variant, change", [
+    (dict(n_kv_head=2, qkv_bias=True), dict(n_kv_head=2)),
+    (dict(n_kv_head=2, cla=2), dict(cla=2)),                   # the same wiring: two readers, one signal
+    (dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 0, 4]), dict(kv_source=[0, 0, 2, 0, 4])),
+])
+def test_merging_nothing_reproduces_the_model(variant, change):
+    model = make_model(**variant)
+    same = convert(model, method="calibrated", calibration=CALIB, **change)
+    assert same.cfg.kv_sources == model.cfg.kv_sources
+    torch.testing.assert_close(same(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", [dict(n_kv_head=4), dict(n_kv_head=4, cla=2), dict(n_kv_head=4, qkv_bias=True)])
@@ -71,15 +77,17 @@ def test_calibrated_beats_mean_pooling_at_alpha_zero_on_a_trained_model(tmp_path
     val = Windows(val_tokens, 64, 16, mode="sequential")
     calib = calibration_batches(tok, 4096, seq_len=64, cache_dir=tmp_path)
     losses = {"original": evaluate_loss(model, val, 4, "cpu")}
-    for heads in (2, 1):
+    changes = {"gqa-2": dict(n_kv_head=2), "mqa": dict(n_kv_head=1), "cla2": dict(cla=2),
+               "mqa-cla2": dict(n_kv_head=1, cla=2)}
+    for name, change in changes.items():
         for method in ("mean", "calibrated"):
-            converted = convert(model, n_kv_head=heads, method=method, calibration=calib)
-            losses[method, heads] = evaluate_loss(converted, val, 4, "cpu")
-    for heads in (2, 1):
-        assert losses["calibrated", heads] < losses["mean", heads]
+            converted = convert(model, method=method, calibration=calib, **change)
+            losses[method, name] = evaluate_loss(converted, val, 4, "cpu")
+    for name in changes:
+        assert losses["calibrated", name] < losses["mean", name], losses
         # it recovers most of what mean pooling loses
-        gap_mean = losses["mean", heads] - losses["original"]
-        assert losses["calibrated", heads] - losses["original"] < 0.5 * gap_mean, losses
+        gap_mean = losses["mean", name] - losses["original"]
+        assert losses["calibrated", name] - losses["original"] < 0.5 * gap_mean, losses
 
 
 def test_calibration_comes_from_the_training_split_only():
@@ -92,12 +100,10 @@ def test_calibration_comes_from_the_training_split_only():
     assert np.isin(batches[0].numpy(), np.arange(tok.vocab_size)).all()
 
 
-def test_calibrated_needs_calibration_and_refuses_layer_sharing():
+def test_calibrated_needs_calibration_and_rope():
     model = make_model(n_kv_head=4)
     with pytest.raises(ConfigError, match="needs calibration token batches"):
         convert(model, n_kv_head=2, method="calibrated")
-    with pytest.raises(ConfigError, match="share layers \\(--cla\\) with --method mean"):
-        convert(model, n_kv_head=2, cla=2, method="calibrated", calibration=CALIB)
     learned = make_model(n_kv_head=4, pos="learned")
     with pytest.raises(ConfigError, match="needs pos='rope'"):
         convert(learned, n_kv_head=2, method="calibrated", calibration=CALIB)

@@ -2,6 +2,7 @@
 written here (distillation to a frozen teacher) trained by the same loop, with resume."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +80,56 @@ def test_an_objective_with_a_frozen_teacher_trains_in_the_loop_and_resumes_exact
     assert summary["start_step"] == 8
     for (k, v), w in zip(student.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def _kd_closed_form(s, t, T, top_k=None):
+    """Per position, in float64 with numpy: T² Σ_i p_i (log p_i − log q_i) over the teacher's
+    (top-k, renormalized) support, q = softmax(s/T) over the whole vocabulary."""
+    s, t = np.asarray(s, dtype=np.float64) / T, np.asarray(t, dtype=np.float64) / T
+    log_q = s - np.log(np.exp(s).sum())
+    support = np.argsort(-t)[:top_k] if top_k else np.arange(len(t))
+    p = np.exp(t[support]) / np.exp(t[support]).sum()
+    return T * T * float((p * (np.log(p) - log_q[support])).sum())
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' that returns fixed logits (B, T, V), so the loss can be checked by hand."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits, dtype=torch.float32))
+
+    def forward(self, x, **kwargs):
+        return self.logits
+
+
+def test_distillation_loss_matches_its_closed_form():
+    from kvlab.training import Distillation
+
+    student = [[[1.0, 0.5, -1.0, 2.0, 0.0], [0.0, 0.0, 3.0, -2.0, 1.0], [0.3, 0.2, 0.1, 0.0, -0.1]]]
+    teacher = [[[2.0, 0.0, -0.5, 1.0, 0.5], [1.0, -1.0, 2.0, 0.0, 0.0], [0.0, 4.0, 0.0, 1.0, 0.0]]]
+    x = torch.zeros(1, 3, dtype=torch.long)
+    y = torch.tensor([[1, IGNORE_INDEX, 3]])                   # position 1 carries no loss
+    for T, k in ((1.0, None), (2.0, None), (1.5, 2)):
+        obj = Distillation(_Fixed(teacher), temperature=T, top_k=k)
+        got = obj.loss(_Fixed(student), (x, y)).detach().item()
+        want = sum(_kd_closed_form(student[0][i], teacher[0][i], T, k) for i in (0, 2))
+        assert got == pytest.approx(want, rel=1e-5), (T, k)
+        assert obj.count((x, y)) == 2
+    # a mixture with the LM loss: (1 - w)·KD + w·CE
+    obj = Distillation(_Fixed(teacher), lm_weight=0.25)
+    ce = -sum(np.log(np.exp(student[0][i][y[0, i]]) / np.exp(student[0][i]).sum()) for i in (0, 2))
+    kd = sum(_kd_closed_form(student[0][i], teacher[0][i], 1.0) for i in (0, 2))
+    assert obj.loss(_Fixed(student), (x, y)).detach().item() == pytest.approx(0.75 * kd + 0.25 * ce, rel=1e-5)
+    # identical logits: nothing to learn
+    assert Distillation(_Fixed(student)).loss(_Fixed(student), (x, y)).detach().item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(temperature=0), "temperature=0"), (dict(top_k=0), "top_k=0"),
+                                           (dict(lm_weight=2), "lm_weight=2")])
+def test_distillation_options_are_checked(kwargs, match):
+    from kvlab import ConfigError
+    from kvlab.training import Distillation
+
+    with pytest.raises(ConfigError, match=match):
+        Distillation(make_model(), **kwargs)

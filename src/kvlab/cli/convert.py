@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", choices=["mean", "first", "random", "calibrated"], default="mean",
                    help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
                         "K/V heads to the original ones on calibration text, RoPE-aware, queries and output "
-                        "projection adjusted (heads only)")
+                        "projections adjusted")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
                    help="--method calibrated: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",

@@ -6,8 +6,8 @@ Methods, for both kinds of sharing:
   (weights and biases) — the GQA paper's choice;
 - ``first``: keep the group's first head (or first layer);
 - ``random``: a fresh projection, initialised as kvlab initialises new models (the ablation);
-- ``calibrated`` (heads only): fitted on calibration activations, RoPE-aware, with the queries and
-  output projection absorbing what the shared head cannot carry (:mod:`kvlab.convert.calibrated`).
+- ``calibrated``: fitted on calibration activations, RoPE-aware, with the queries and output
+  projection absorbing what the shared head cannot carry (:mod:`kvlab.convert.calibrated`).
 
 KV heads are pooled over contiguous groups (new KV head ``j`` replaces old heads
 ``j·r … j·r + r - 1``), matching contiguous query grouping, so query head ``h`` keeps reading
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from kvlab.config.model import ModelConfig
-from kvlab.convert.calibrated import attention_input_moments, calibrated_state
+from kvlab.convert.calibrated import attention_input_moments, calibrated_state, needed_moments
 from kvlab.errors import ConfigError
 from kvlab.io.provenance import record_step
 from kvlab.io.weights import build_model
@@ -66,9 +66,6 @@ def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int 
         divisors = [d for d in range(1, cfg.n_kv_head + 1) if cfg.n_kv_head % d == 0]
         raise ConfigError(f"cannot pool n_kv_head={cfg.n_kv_head} into {new_heads!r} KV heads: groups of existing "
                           f"heads are averaged, so the new count must divide {cfg.n_kv_head} (one of {divisors})")
-    if method == "calibrated" and (cla is not None or kv_source is not None):
-        raise ConfigError("--method calibrated merges KV heads within layers; share layers (--cla) with --method "
-                          "mean, in a second conversion of the calibrated model")
     wiring: dict = {}
     if cla is not None:
         wiring = {"cla": cla}
@@ -94,9 +91,11 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
         if calibration is None:
             raise ConfigError("method='calibrated' needs calibration token batches (calibration=[tokens, ...])")
         calibration = list(calibration)
-        moments = attention_input_moments(model, calibration)
+        moments = attention_input_moments(model, calibration, needed_moments(cfg, new_cfg))
         state = calibrated_state(model, new_cfg, moments)
         step["calibration_tokens"] = sum(int(t.numel()) for t in calibration)
+        if cla is not None:
+            step["cla"] = cla
         return _finish(model, new_cfg, state, step)
     gen = torch.Generator().manual_seed(seed)
     std = 0.02   # the init scale of a new kvlab model (Transformer.reset_parameters)

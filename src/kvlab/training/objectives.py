@@ -8,7 +8,8 @@ several processes then weigh every unit alike. An objective may bring frozen mod
 the loop moves to the training device and keeps in eval mode; it receives the trained model on
 every call, so it can also generate with it (GRPO, PPO).
 
-Objectives that exist: :class:`CrossEntropy` (language modelling and SFT). See
+Objectives that exist: :class:`CrossEntropy` (language modelling and SFT) and
+:class:`Distillation` (KL to a frozen teacher's logits, temperature, top-k, mixed with the LM loss). See
 ``docs/ARCHITECTURE.md``, "How to add a training objective".
 """
 
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab.data.chat import IGNORE_INDEX
+from kvlab.errors import ConfigError
 
-__all__ = ["IGNORE_INDEX", "CrossEntropy", "Objective"]
+__all__ = ["IGNORE_INDEX", "CrossEntropy", "Distillation", "Objective"]
 
 
 class Objective:
@@ -56,6 +58,60 @@ class CrossEntropy(Objective):
         logits = model(x) if not seg else model(x, segment_ids=seg[0])
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[1] != IGNORE_INDEX).sum())
+
+
+class Distillation(Objective):
+    """Knowledge distillation to a frozen ``teacher``'s next-token distribution, optionally mixed
+    with the language-model loss, on ``(tokens, targets[, segment_ids])`` batches.
+
+    Per counted position (targets not ``IGNORE_INDEX``), with student logits ``s`` and teacher
+    logits ``t``: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (Hinton et al.'s ``T²`` keeps gradient
+    scales comparable across temperatures). ``top_k``: the teacher's distribution is cut to its
+    ``k`` most likely tokens and renormalized, and the KL is summed over those tokens against the
+    student's full-vocabulary log-probabilities — the teacher side then needs only ``k`` logits per
+    position. ``lm_weight`` ``w``: the loss is ``(1 − w)·KD + w·CE``.
+    """
+
+    name = "kd"
+
+    def __init__(self, teacher: nn.Module, *, temperature: float = 1.0, top_k: int | None = None,
+                 lm_weight: float = 0.0):
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature!r} must be positive")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ConfigError(f"top_k={top_k!r} must be a positive integer or None")
+        if not 0 <= lm_weight <= 1:
+            raise ConfigError(f"lm_weight={lm_weight!r} must be in [0, 1]")
+        self.teacher, self.temperature, self.top_k, self.lm_weight = teacher, temperature, top_k, lm_weight
+
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y, *seg = batch
+        kwargs = {} if not seg else {"segment_ids": seg[0]}
+        student = model(x, **kwargs).float()
+        with torch.no_grad():
+            teacher = self.teacher(x, **kwargs).float()
+        keep = (y != IGNORE_INDEX).flatten()
+        s, t = student.flatten(0, 1)[keep], teacher.flatten(0, 1)[keep]
+        T = self.temperature
+        log_q = F.log_softmax(s / T, -1)
+        if self.top_k is None:
+            log_p = F.log_softmax(t / T, -1)
+            kd = (log_p.exp() * (log_p - log_q)).sum()
+        else:
+            top, idx = (t / T).topk(min(self.top_k, t.shape[-1]), -1)
+            log_p = F.log_softmax(top, -1)                      # the teacher, renormalized over its top k
+            kd = (log_p.exp() * (log_p - log_q.gather(-1, idx))).sum()
+        loss = (1 - self.lm_weight) * T * T * kd
+        if self.lm_weight:
+            loss = loss + self.lm_weight * F.cross_entropy(student.flatten(0, 1), y.flatten(),
+                                                           ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return int((batch[1] != IGNORE_INDEX).sum())

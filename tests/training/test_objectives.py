@@ -133,3 +133,35 @@ def test_distillation_options_are_checked(kwargs, match):
 
     with pytest.raises(ConfigError, match=match):
         Distillation(make_model(), **kwargs)
+
+
+def test_attention_on_the_models_own_inputs_reproduces_its_attention_outputs():
+    from kvlab.training import AttentionTransfer
+
+    model = make_model(n_kv_head=2, cla=2, qkv_bias=True)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    obj = AttentionTransfer(model)
+    inputs, outputs = obj.teacher_attention(x)
+    for got, want in zip(model.attention_on(x, inputs), outputs):
+        torch.testing.assert_close(got, want)
+    assert obj.layer_errors(model, x) == pytest.approx([0.0] * 4, abs=1e-6)
+
+
+@pytest.mark.parametrize("change", [dict(n_kv_head=1), dict(n_kv_head=2, cla=2)])
+def test_attention_transfer_lowers_every_layers_output_error(tmp_path, change):
+    from kvlab.convert.heads import convert
+    from kvlab.training import AttentionTransfer
+
+    teacher = make_model(seed=3, n_kv_head=4)
+    student = convert(teacher, method="mean", **change)
+    obj = AttentionTransfer(teacher)
+    held_out = torch.from_numpy(TOKENS[-600:].astype(np.int64)).view(4, 150)
+    before = obj.layer_errors(student, held_out)
+    frozen = {k: v.clone() for k, v in student.state_dict().items() if ".self_attn." not in k}
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=60, batch_size=4, seq_len=64, lr=3e-3, warmup_steps=2,
+                      eval_every=100, save_every=100, log_every=100, train_only="attention")
+    train(student, Windows(TOKENS[:-600], 64, 4, seed=1), None, cfg, objective=obj, quiet=True)
+    after = obj.layer_errors(student, held_out)
+    assert all(a < 0.8 * b for a, b in zip(after, before)), (before, after)
+    for k, v in frozen.items():                               # only attention was trained
+        assert torch.equal(student.state_dict()[k], v), k

@@ -214,6 +214,19 @@ class Transformer(nn.Module):
         h = self.norm(x)
         return h[:, entry.n_virtual:] if entry.n_virtual else h
 
+    def attention_on(self, tokens: torch.Tensor, inputs: list[torch.Tensor], *,
+                     backend: str | None = None) -> list[torch.Tensor]:
+        """Each layer's attention output for the given per-layer attention inputs ``(B, T, d_model)``
+        (e.g. another model's post-norm hidden states at the same tokens): layer-wise attention
+        transfer fits these to a teacher's without running the MLPs or the LM head. CLA consumers
+        read what their producer computed from its own given input."""
+        if len(inputs) != self.cfg.n_layer:
+            raise ConfigError(f"attention_on needs one input per layer ({self.cfg.n_layer}), got {len(inputs)}")
+        ctx = self._context(tokens, tokens.shape[1], None, None, None, 0, backend or self.cfg.attn_backend)
+        if self.cfg.pos != "learned":
+            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, self.rope_inv_freq(tokens.device), inputs[0].dtype)
+        return [block.self_attn(h, ctx) for block, h in zip(self.layers, inputs)]
+
     def _context(self, tokens: torch.Tensor, T: int, attention_mask: torch.Tensor | None, cache: KVCache | None,
                  segment_ids: torch.Tensor | None, prefix_len: int, backend: str) -> ForwardContext:
         """Positions and validity of this call's queries and keys (and the cache step), for every layer."""

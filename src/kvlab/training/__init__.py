@@ -14,9 +14,9 @@ from kvlab.training.loop import (
                                  train,
                                  trainable_parameters,
 )
-from kvlab.training.objectives import IGNORE_INDEX, CrossEntropy, Distillation, Objective
+from kvlab.training.objectives import IGNORE_INDEX, AttentionTransfer, CrossEntropy, Distillation, Objective
 
-__all__ = ["IGNORE_INDEX", "STATE_FILE", "STRATEGIES", "TRAIN_ONLY", "CrossEntropy", "Dist", "Distillation",
-           "Objective", "TrainConfig", "TrainingError", "checkpoint_dirs", "evaluate_loss", "full_model_state",
-           "lr_at", "make_optimizer", "save_training_checkpoint", "steps_for_budget", "train", "trainable_parameters",
-           "wrap_model"]
+__all__ = ["IGNORE_INDEX", "STATE_FILE", "STRATEGIES", "TRAIN_ONLY", "AttentionTransfer", "CrossEntropy", "Dist",
+           "Distillation", "Objective", "TrainConfig", "TrainingError", "checkpoint_dirs", "evaluate_loss",
+           "full_model_state", "lr_at", "make_optimizer", "save_training_checkpoint", "steps_for_budget", "train",
+           "trainable_parameters", "wrap_model"]

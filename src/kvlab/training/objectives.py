@@ -8,8 +8,9 @@ several processes then weigh every unit alike. An objective may bring frozen mod
 the loop moves to the training device and keeps in eval mode; it receives the trained model on
 every call, so it can also generate with it (GRPO, PPO).
 
-Objectives that exist: :class:`CrossEntropy` (language modelling and SFT) and
-:class:`Distillation` (KL to a frozen teacher's logits, temperature, top-k, mixed with the LM loss). See
+Objectives that exist: :class:`CrossEntropy` (language modelling and SFT), :class:`Distillation`
+(KL to a frozen teacher's logits, temperature, top-k, mixed with the LM loss) and
+:class:`AttentionTransfer` (each layer's attention output fitted to the teacher's, layer-wise). See
 ``docs/ARCHITECTURE.md``, "How to add a training objective".
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from kvlab.data.chat import IGNORE_INDEX
 from kvlab.errors import ConfigError
 
-__all__ = ["IGNORE_INDEX", "CrossEntropy", "Distillation", "Objective"]
+__all__ = ["IGNORE_INDEX", "AttentionTransfer", "CrossEntropy", "Distillation", "Objective"]
 
 
 class Objective:
@@ -115,3 +116,58 @@ class Distillation(Objective):
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return int((batch[1] != IGNORE_INDEX).sum())
+
+
+class AttentionTransfer(Objective):
+    """Layer-wise attention transfer (LoLCATs' first stage): every layer's attention output of the
+    trained model, computed on the *teacher's* attention inputs, is fitted to the teacher's
+    attention output — all layers at once, with no LM head and no MLP in the backward.
+
+    ``loss`` is the squared error summed over layers, positions and features, divided by
+    ``d_model`` (a per-feature mean); :meth:`count` counts tokens. :meth:`layer_errors` reports each
+    layer's relative error ``‖student − teacher‖ / ‖teacher‖`` (what the tests and reports read).
+    Batches are ``(tokens, ...)``; only the tokens are read. Train with ``train_only="attention"``
+    (or ``"kv"``): nothing else receives a gradient anyway.
+    """
+
+    name = "transfer"
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+
+    def frozen_models(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    @torch.no_grad()
+    def teacher_attention(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The teacher's per-layer attention inputs and outputs at ``tokens``."""
+        inputs, outputs, hooks = {}, {}, []
+        for i, block in enumerate(self.teacher.layers):
+            hooks.append(block.self_attn.register_forward_pre_hook(
+                lambda m, args, i=i: inputs.__setitem__(i, args[0])))
+            hooks.append(block.self_attn.register_forward_hook(
+                lambda m, args, out, i=i: outputs.__setitem__(i, out)))
+        try:
+            self.teacher.hidden_states(tokens)
+        finally:
+            for h in hooks:
+                h.remove()
+        n = len(self.teacher.layers)
+        return [inputs[i] for i in range(n)], [outputs[i] for i in range(n)]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        tokens = batch[0]
+        inputs, targets = self.teacher_attention(tokens)
+        student = getattr(model, "module", model)          # the model itself under DDP
+        outs = student.attention_on(tokens, [h.to(student.dtype) for h in inputs])
+        return sum(((o.float() - t.float()) ** 2).sum() for o, t in zip(outs, targets)) / targets[0].shape[-1]
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return batch[0].numel()
+
+    @torch.no_grad()
+    def layer_errors(self, model: nn.Module, tokens: torch.Tensor) -> list[float]:
+        inputs, targets = self.teacher_attention(tokens)
+        outs = model.attention_on(tokens, [h.to(model.dtype) for h in inputs])
+        return [float((o.float() - t.float()).norm() / t.float().norm().clamp_min(1e-12))
+                for o, t in zip(outs, targets)]

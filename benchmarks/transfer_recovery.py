@@ -4,9 +4,11 @@ stage), from mean-pooled and from calibrated starting points, on the same tokens
 For each starting point: convert, measure validation perplexity (α = 0), train the attention
 projections with :class:`kvlab.training.AttentionTransfer` against the original model for
 ``--steps`` steps of ``--batch-size`` × ``--seq-len`` tokens of the built-in corpus's train split,
-and measure again. Calibration and training text come from the train split only.
+and measure again; with ``--kd-steps N``, then distill the logits (:class:`kvlab.training.Distillation`,
+the original as the frozen teacher) for N more steps on fresh windows, and measure once more.
+Calibration and training text come from the train split only.
 
-    python benchmarks/transfer_recovery.py [--change mqa|cla2|mqa-cla2] [--steps 40] [--out FILE.json]
+    python benchmarks/transfer_recovery.py [--change mqa|cla2|mqa-cla2] [--steps 40] [--kd-steps 0] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kvlab.convert.heads import convert
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
 from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
 from kvlab.eval.perplexity import evaluate
-from kvlab.training import AttentionTransfer, TrainConfig, train
+from kvlab.training import AttentionTransfer, Distillation, TrainConfig, train
 
 CHANGES = {"mqa": dict(n_kv_head=1), "cla2": dict(cla=2), "mqa-cla2": dict(n_kv_head=1, cla=2)}
 
@@ -39,6 +41,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--kd-steps", type=int, default=0, help="logit-distillation steps after the transfer")
+    ap.add_argument("--kd-lr", type=float, default=1e-4)
+    ap.add_argument("--kd-train-only", choices=["attention", "all"], default="attention")
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--max-eval-tokens", type=int, default=None, help="cap on scored tokens (default: all)")
     ap.add_argument("--out", default="benchmarks/results/transfer_recovery.json")
@@ -72,8 +77,21 @@ def main() -> None:
         rows.append(row)
         print(f"{args.change} {method}: alpha=0 {row['ppl_alpha0']:.2f} -> after {row['tokens']:,} tokens of "
               f"attention transfer ({row['train_s']:.0f} s) {row['ppl_after']:.2f}", flush=True)
+        if args.kd_steps:
+            kd = TrainConfig(out_dir=tempfile.mkdtemp(), max_steps=args.kd_steps, batch_size=args.batch_size,
+                             seq_len=args.seq_len, lr=args.kd_lr, warmup_steps=max(1, args.kd_steps // 10),
+                             weight_decay=0.0, eval_every=10**9, save_every=10**9, log_every=10**9,
+                             train_only=args.kd_train_only)
+            t0 = time.perf_counter()
+            train(student, Windows(train_tokens, args.seq_len, args.batch_size, seed=2), None, kd,
+                  objective=Distillation(base), quiet=True)
+            row.update(kd_s=time.perf_counter() - t0, kd_tokens=args.kd_steps * args.batch_size * args.seq_len,
+                       ppl_after_kd=ppl(student))
+            print(f"  then {row['kd_tokens']:,} tokens of distillation ({row['kd_s']:.0f} s): "
+                  f"{row['ppl_after_kd']:.2f}", flush=True)
     meta = {"model": args.model, "change": args.change, "data_fingerprint": corpus_fingerprint(docs),
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+            "kd_steps": args.kd_steps, "kd_lr": args.kd_lr, "kd_train_only": args.kd_train_only,
             "calibration_tokens": args.calibration_tokens, "max_eval_tokens": args.max_eval_tokens,
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d")}

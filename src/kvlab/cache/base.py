@@ -5,7 +5,7 @@ The model-wide :class:`~kvlab.cache.cache.KVCache` owns what all layers share â€
 row's length, and the plan of one forward call (:class:`CacheStep`: which positions and slots the
 new tokens take). A :class:`CacheLayer` owns one layer's state: full K/V today; rolling windows,
 latents, recurrent states, cross-attention K/V and quantized K/V are further layer types. A kind's
-attention module calls ``ctx.cache.layer(i).update(..., step)`` and gets back what it attends to.
+attention module calls ``ctx.cache.update(i, *new, step=ctx.step)`` and gets back what it attends to.
 """
 
 from __future__ import annotations

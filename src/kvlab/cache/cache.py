@@ -55,9 +55,6 @@ class KVCache:
     def device(self) -> torch.device:
         return self.lengths.device
 
-    def layer(self, i: int) -> CacheLayer:
-        return self.layers[i]
-
     @property
     def keys(self) -> dict[int, torch.Tensor]:
         """The K buffers of the full-attention layers, by layer (read-only view of the layers)."""

@@ -2,7 +2,9 @@
 
 Written from the definitions, one sequence and one head at a time, with no code shared with
 kvlab: RoPE pair by pair, query head h reading KV head h // group, CLA consumers reading the
-K/V of the layer named by kv_source, causal + sliding-window masks from positions.
+K/V of the layer named by kv_source, causal + sliding-window masks from positions. MLA layers
+(DeepSeek-V2/V3's definition, expanded): latent = kv_a_proj's first kv_lora_rank outputs, RMS-normed;
+per head, key = [kv_b_proj's nope rows · latent ; the shared RoPE key], value = its value rows · latent.
 """
 
 from __future__ import annotations
@@ -41,6 +43,30 @@ def _linear(P, name, x):
     return y
 
 
+def _mla_qkv(cfg, P, pre, h, pos, kv, i, src):
+    """Per-head queries, keys and values (n, H, ·) of an MLA layer, expanded from the latent."""
+    n, H = h.shape[0], cfg.n_head
+    nope, R, dv, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank is None:
+        q = _linear(P, pre + ".q_proj", h)
+    else:
+        a = _linear(P, pre + ".q_a_proj", h)
+        a = a / torch.sqrt((a * a).mean(-1, keepdim=True) + cfg.norm_eps) * P[pre + ".q_a_layernorm.weight"]
+        q = _linear(P, pre + ".q_b_proj", a)
+    q = q.view(n, H, nope + R)
+    q = torch.cat([q[..., :nope], _rope(q[..., nope:], pos, cfg.rope_theta)], -1)
+    if src == i:
+        ckr = _linear(P, pre + ".kv_a_proj_with_mqa", h)
+        c, k_rope = ckr[:, :rank], ckr[:, rank:]
+        if cfg.latent_norm:
+            c = c / torch.sqrt((c * c).mean(-1, keepdim=True) + cfg.norm_eps) * P[pre + ".kv_a_layernorm.weight"]
+        kv[i] = (c, _rope(k_rope.view(n, 1, R), pos, cfg.rope_theta)[:, 0])
+    c, k_rope = kv[src]
+    up = (c @ P[pre + ".kv_b_proj.weight"].T).view(n, H, nope + dv)
+    k = torch.cat([up[..., :nope], k_rope[:, None, :].expand(n, H, R)], -1)
+    return q, k, up[..., nope:]
+
+
 def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
     """Logits (n, vocab) in float64 for one unpadded sequence of token ids."""
     cfg = model.cfg
@@ -51,26 +77,30 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
     if cfg.pos == "learned":
         x = x + P["embed_positions.weight"][pos]
     Hq, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    group = Hq // Hkv
     kv = {}
     for i in range(cfg.n_layer):
         pre = f"layers.{i}"
         h = _norm(cfg, P, pre + ".input_layernorm", x)
-        q = _linear(P, pre + ".self_attn.q_proj", h).view(n, Hq, D)
         src = cfg.kv_sources[i]
-        if src == i:
-            k = _linear(P, pre + ".self_attn.k_proj", h).view(n, Hkv, D)
-            v = _linear(P, pre + ".self_attn.v_proj", h).view(n, Hkv, D)
+        if cfg.layer_specs[i].kind == "mla":
+            q, k, v = _mla_qkv(cfg, P, pre + ".self_attn", h, pos, kv, i, src)
+            group, Dq = 1, q.shape[-1]          # expanded: one key and value per query head
+        else:
+            q = _linear(P, pre + ".self_attn.q_proj", h).view(n, Hq, D)
+            if src == i:
+                k = _linear(P, pre + ".self_attn.k_proj", h).view(n, Hkv, D)
+                v = _linear(P, pre + ".self_attn.v_proj", h).view(n, Hkv, D)
+                if cfg.pos == "rope":
+                    k = _rope(k, pos, cfg.rope_theta)
+                kv[i] = (k, v)
+            k, v = kv[src]
             if cfg.pos == "rope":
-                k = _rope(k, pos, cfg.rope_theta)
-            kv[i] = (k, v)
-        k, v = kv[src]
-        if cfg.pos == "rope":
-            q = _rope(q, pos, cfg.rope_theta)
+                q = _rope(q, pos, cfg.rope_theta)
+            group, Dq = Hq // Hkv, D
         heads = []
         for hq in range(Hq):
             hk = hq // group
-            scores = (q[:, hq] @ k[:, hk].T) / math.sqrt(D)
+            scores = (q[:, hq] @ k[:, hk].T) / math.sqrt(Dq)
             allowed = pos[None, :] <= pos[:, None]
             window = cfg.layer_window(i)          # the layer's own window, else the model's
             if window is not None:

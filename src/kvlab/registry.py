@@ -64,6 +64,9 @@ class AttentionKind:
     param_count: Callable[..., int]
     options: tuple[str, ...] = ()
     validate: Callable[..., None] | None = None
+    # fill_defaults(cfg) sets the config fields the kind reads that the user left None (in place,
+    # before validation), e.g. MLA's head widths from head_dim.
+    fill_defaults: Callable[..., None] | None = None
     description: str = ""
     # Small configurations that exercise every code path of the kind: overrides of the "tiny"
     # preset by name. The test suite's generic tests (decode == forward, backends vs float64, cache

@@ -41,6 +41,7 @@ class ForwardContext:
     step: "object | None" = None               # kvlab.cache.CacheStep
     kv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # producer layer -> what it made
     prefix: dict[int, tuple[torch.Tensor, ...]] | None = None   # producer -> prefix K, V (no cache)
+    memo: dict = field(default_factory=dict, repr=False)       # per-call tables a kind derives once (e.g. MLA's RoPE)
     _masks: dict[int | None, AttentionMask | None] = field(default_factory=dict, repr=False)
 
     def mask(self, window: int | None = None) -> AttentionMask | None:

@@ -3,5 +3,6 @@
 from kvlab.cache.base import CacheLayer, CacheStep
 from kvlab.cache.cache import KVCache
 from kvlab.cache.full import FullKVLayer
+from kvlab.cache.latent import LatentLayer
 
-__all__ = ["CacheLayer", "CacheStep", "FullKVLayer", "KVCache"]
+__all__ = ["CacheLayer", "CacheStep", "FullKVLayer", "KVCache", "LatentLayer"]

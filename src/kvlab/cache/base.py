@@ -45,3 +45,15 @@ class CacheLayer(Protocol):
     def nbytes(self) -> int:
         """Bytes this layer's buffers hold."""
         ...
+
+
+def write_entries(buffer: torch.Tensor, new: torch.Tensor, step: CacheStep) -> None:
+    """Store ``new (B, heads, T, D)`` into ``buffer (B, heads, max_len, D)`` at the step's slots."""
+    if step.uniform_start is not None:
+        s = step.uniform_start
+        buffer[:, :, s:s + new.shape[2]] = new
+    else:
+        rows, toks, slots = step.write_index
+        # Advanced indices on dims 0 and 2 with a slice between: the indexed result is
+        # (*index_shape, heads, D), matching new[rows, :, toks].
+        buffer[rows, :, slots] = new[rows, :, toks].to(buffer.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.cache.base import CacheStep
+from kvlab.cache.base import CacheStep, write_entries
 
 
 class FullKVLayer:
@@ -27,17 +27,8 @@ class FullKVLayer:
 
     def update(self, k: torch.Tensor, v: torch.Tensor, *, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new ``k, v (B, n_kv_head, T, D)``; return the layer's K/V so far."""
-        kc, vc = self.keys, self.values
-        if step.uniform_start is not None:
-            s = step.uniform_start
-            kc[:, :, s:s + k.shape[2]] = k
-            vc[:, :, s:s + v.shape[2]] = v
-        else:
-            rows, toks, slots = step.write_index
-            # Advanced indices on dims 0 and 2 with a slice between: the indexed result is
-            # (*index_shape, n_kv_head, D), matching k[rows, :, toks].
-            kc[rows, :, slots] = k[rows, :, toks].to(kc.dtype)
-            vc[rows, :, slots] = v[rows, :, toks].to(vc.dtype)
+        write_entries(self.keys, k, step)
+        write_entries(self.values, v, step)
         return self.read(step)
 
     def read(self, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:

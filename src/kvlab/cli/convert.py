@@ -1,4 +1,4 @@
-"""``kvlab convert``: fewer KV heads and/or cross-layer KV sharing."""
+"""``kvlab convert``: fewer KV heads and/or cross-layer KV sharing, or multi-head latent attention."""
 
 from __future__ import annotations
 
@@ -9,17 +9,27 @@ from kvlab.io import save_checkpoint
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="MHA/GQA -> fewer KV heads and/or cross-layer KV sharing",
+    p = sub.add_parser("convert", help="MHA/GQA -> fewer KV heads, cross-layer KV sharing, or MLA",
                        description="Convert a model's K/V heads by pooling contiguous groups (GQA/MQA) and/or "
-                                   "share KV across layers (CLA); writes a kvlab checkpoint with provenance.")
+                                   "share KV across layers (CLA), or convert every layer to multi-head latent "
+                                   "attention (--mla); writes a kvlab checkpoint with provenance.")
     model_args(p)
     p.add_argument("--kv-heads", type=int, metavar="G", help="new number of KV heads (must divide the current)")
     p.add_argument("--mqa", action="store_true", help="one KV head (same as --kv-heads 1)")
     p.add_argument("--cla", type=int, metavar="K", help="share each producer's KV with the next K-1 layers")
-    p.add_argument("--method", choices=["mean", "first", "random", "calibrated"], default="mean",
+    p.add_argument("--mla", type=int, metavar="RANK",
+                   help="multi-head latent attention with a latent of RANK channels per token and layer (any "
+                        "width; the cache holds RANK + --rope-dim channels); calibrated on calibration text")
+    p.add_argument("--rope-dim", type=int, metavar="R",
+                   help="--mla: channels of the shared RoPE key (every (head_dim/R)-th frequency keeps RoPE; "
+                        "default head_dim/2)")
+    p.add_argument("--latent-norm", action="store_true",
+                   help="--mla: RMS-normalise the latent as DeepSeek-V3 does (needed to export to transformers)")
+    p.add_argument("--method", choices=["mean", "first", "random", "calibrated", "pca", "whitened"], default=None,
                    help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
                         "K/V heads to the original ones on calibration text, RoPE-aware, queries and output "
-                        "projections adjusted")
+                        "projections adjusted (default: mean); for --mla: pca (default: joint PCA of the calibration K/V) or "
+                        "whitened (weighted by the queries and the output projection)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
                    help="--method calibrated: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
@@ -34,8 +44,16 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.convert.heads import convert, plan_conversion
     from kvlab.io import load_config
 
+    if args.mla is not None:
+        return _run_mla(args)
+    if args.rope_dim is not None or args.latent_norm:
+        raise UsageError("kvlab convert: --rope-dim and --latent-norm go with --mla RANK")
+    args.method = args.method or "mean"
+    if args.method in ("pca", "whitened"):
+        raise UsageError(f"kvlab convert: --method {args.method} goes with --mla; pooling heads uses "
+                         f"mean/first/random/calibrated")
     if args.kv_heads is None and not args.mqa and args.cla is None:
-        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K")
+        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K, or --mla RANK")
     if args.kv_heads is not None and args.mqa:
         raise UsageError("kvlab convert: give --kv-heads G or --mqa, not both")
     change = dict(n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method)
@@ -43,15 +61,40 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     before = model.cfg
     if args.method == "calibrated":
-        from kvlab.data.windows import calibration_batches
-
-        if model.tokenizer is None:
-            raise UsageError(f"kvlab convert: {args.model} has no tokenizer to read calibration text with")
-        change["calibration"] = calibration_batches(model.tokenizer, args.calibration_tokens,
-                                                    data=args.calibration_data, seed=args.seed)
+        change["calibration"] = _calibration(args, model)
     new = convert(model, seed=args.seed, **change)
     save_checkpoint(new, args.output)
     print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "
           f"{before.n_kv_layers} -> {new.cfg.n_kv_layers} KV layers ({args.method}); KV bytes per token (bf16) "
           f"{before.kv_bytes_per_token('bf16'):,} -> {new.cfg.kv_bytes_per_token('bf16'):,}")
+    return 0
+
+
+def _calibration(args: argparse.Namespace, model):
+    from kvlab.data.windows import calibration_batches
+
+    if model.tokenizer is None:
+        raise UsageError(f"kvlab convert: {args.model} has no tokenizer to read calibration text with")
+    return calibration_batches(model.tokenizer, args.calibration_tokens, data=args.calibration_data, seed=args.seed)
+
+
+def _run_mla(args: argparse.Namespace) -> int:
+    from kvlab.convert.mla import convert_to_mla, plan_mla
+    from kvlab.io import load_config
+
+    if args.kv_heads is not None or args.mqa or args.cla is not None:
+        raise UsageError("kvlab convert: --mla replaces every layer's attention; give it without --kv-heads/--mqa/--cla")
+    method = args.method or "pca"
+    if method not in ("pca", "whitened"):
+        raise UsageError(f"kvlab convert: --mla is fitted on calibration text; --method {method} is not one of "
+                         f"pca, whitened")
+    change = dict(kv_lora_rank=args.mla, qk_rope_head_dim=args.rope_dim, latent_norm=args.latent_norm, method=method)
+    before = load_config(args.model)
+    plan_mla(before, **change)                                   # fail before loading any weights
+    model = load_model(args)
+    new = convert_to_mla(model, calibration=_calibration(args, model), **change)
+    save_checkpoint(new, args.output)
+    print(f"{args.model} -> {args.output}: MLA, latent {new.cfg.kv_lora_rank} + RoPE key {new.cfg.qk_rope_head_dim} "
+          f"channels per layer ({method}); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
+          f"{new.cfg.kv_bytes_per_token('bf16'):,}")
     return 0

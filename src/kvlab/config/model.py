@@ -85,6 +85,18 @@ class ModelConfig:
     attn_backend: str = "sdpa"
     attn_kind: str = DEFAULT_KIND
     attention_layers: list[Any] | None = None
+    # Multi-head latent attention (the ``mla`` kind; DeepSeek-V2/V3's names and meanings): per
+    # token a latent of ``kv_lora_rank`` channels and one shared RoPE key of ``qk_rope_head_dim``
+    # are cached; each head's query/key has ``qk_nope_head_dim + qk_rope_head_dim`` channels, its
+    # value ``v_head_dim``; ``q_lora_rank`` (optional) factors the query projection; ``latent_norm``
+    # RMS-normalises the latent before it is cached (DeepSeek does; converted models may not).
+    # Unused (None) by models without an ``mla`` layer; the kind fills the defaults.
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    latent_norm: bool | None = None
     # Special token ids, where the model has them (used by generation and the tokenizer).
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -106,6 +118,9 @@ class ModelConfig:
             self.kv_source = [int(s) for s in self.kv_source]
         if self.attention_layers is not None:
             self.attention_layers = [dict(s) if isinstance(s, dict) else s for s in self.attention_layers]
+        for kind in {spec.kind for spec in self.layer_specs}:   # e.g. MLA's widths default from head_dim
+            if kind in KINDS and KINDS[kind].fill_defaults is not None:
+                KINDS[kind].fill_defaults(self)
         self.validate()
 
     # ----------------------------------------------------------------------------- validation

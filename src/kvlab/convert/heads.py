@@ -96,7 +96,7 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
         step["calibration_tokens"] = sum(int(t.numel()) for t in calibration)
         if cla is not None:
             step["cla"] = cla
-        return _finish(model, new_cfg, state, step)
+        return finish_conversion(model, new_cfg, state, step)
     gen = torch.Generator().manual_seed(seed)
     std = 0.02   # the init scale of a new kvlab model (Transformer.reset_parameters)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
@@ -119,10 +119,10 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
             state[f"layers.{p}.self_attn.{leaf}"] = _pool(per_layer, method, gen, std)
     if cla is not None:
         step["cla"] = cla
-    return _finish(model, new_cfg, state, step)
+    return finish_conversion(model, new_cfg, state, step)
 
 
-def _finish(model: Transformer, new_cfg: ModelConfig, state: dict, step: dict) -> Transformer:
+def finish_conversion(model: Transformer, new_cfg: ModelConfig, state: dict, step: dict) -> Transformer:
     new = build_model(new_cfg, state, where="conversion", device=model.device, dtype=model.dtype)
     new.tokenizer = model.tokenizer
     record_step(new, "convert", source=model, **step)

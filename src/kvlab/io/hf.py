@@ -1,12 +1,15 @@
-"""HF transformers checkpoints: import Llama / Mistral / Qwen2 directories, export Llama (or Qwen2).
+"""HF transformers checkpoints: import Llama / Mistral / Qwen2 / dense DeepSeek-V3 (MLA) directories,
+export Llama (or Mistral, Qwen2) and, for ``mla`` models, DeepSeek-V3.
 
-kvlab's parameter names are HF Llama's without the ``model.`` prefix, and its RoPE uses the same
-half-split layout, so weights map one to one; only the configs need translating.
+kvlab's parameter names are HF Llama's (and for MLA DeepseekV3Attention's) without the ``model.``
+prefix, and its RoPE uses the same half-split layout, so weights map one to one; only the configs
+need translating, and DeepSeek's interleaved RoPE channels a permutation (:func:`_deinterleave_rope`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from kvlab.io.tokenizer import load_tokenizer
 from kvlab.io.weights import build_model, refuse_adapter
 from kvlab.models.decoder import Transformer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "deepseek_v3")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -56,6 +59,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
                               f"models use 'silu' in a SwiGLU MLP)")
     if hf.get("mlp_bias"):
         raise CheckpointError(f"{where}: mlp_bias=true is not supported")
+    if model_type == "deepseek_v3":
+        return _config_from_deepseek(hf, where)
     n_head = hf["num_attention_heads"]
     attn_bias = bool(hf.get("attention_bias", False))
     qkv_bias = True if model_type == "qwen2" else attn_bias
@@ -64,9 +69,6 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
         window = int(hf["sliding_window"])
     if model_type == "qwen2" and hf.get("use_sliding_window") and hf.get("sliding_window"):
         raise CheckpointError(f"{where}: Qwen2 sliding windows on some layers only are not supported")
-
-    def first(v):
-        return v[0] if isinstance(v, list) else v
 
     try:
         return ModelConfig(
@@ -78,21 +80,94 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
             o_bias=attn_bias and model_type != "qwen2", sliding_window=window,
             max_seq_len=hf.get("max_position_embeddings", 2048),
-            bos_token_id=first(hf.get("bos_token_id")), eos_token_id=first(hf.get("eos_token_id")),
-            pad_token_id=first(hf.get("pad_token_id")), name=hf.get("_name_or_path") or None)
+            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
+            pad_token_id=_first(hf.get("pad_token_id")), name=hf.get("_name_or_path") or None)
     except KeyError as e:
         raise CheckpointError(f"{where}: required field {e.args[0]!r} is missing") from None
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+def _first(v):
+    return v[0] if isinstance(v, list) else v
+
+
+def _config_from_deepseek(hf: dict[str, Any], where: str) -> ModelConfig:
+    """A dense DeepSeek-V3 (every layer's MLP dense, ``first_k_dense_replace >= num_hidden_layers``)."""
+    try:
+        n_layer = hf["num_hidden_layers"]
+        dense = hf.get("first_k_dense_replace", 3)
+        if dense is None or dense < n_layer:
+            raise CheckpointError(f"{where}: layers {dense or 0}..{n_layer - 1} are mixture-of-experts layers, which "
+                                  f"kvlab does not implement; it imports dense DeepSeek-V3 models "
+                                  f"(first_k_dense_replace >= num_hidden_layers)")
+        nope, rope = hf.get("qk_nope_head_dim", 128), hf.get("qk_rope_head_dim", 64)
+        bias = bool(hf.get("attention_bias", False))
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layer=n_layer,
+            n_head=hf["num_attention_heads"], n_kv_head=hf["num_attention_heads"], head_dim=nope + rope,
+            mlp="swiglu", d_ff=hf["intermediate_size"], norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            pos="rope", rope_theta=_rope_theta(hf, where), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bias, o_bias=bias, max_seq_len=hf.get("max_position_embeddings", 4096), attn_kind="mla",
+            kv_lora_rank=hf.get("kv_lora_rank", 512), q_lora_rank=hf.get("q_lora_rank"), qk_rope_head_dim=rope,
+            qk_nope_head_dim=nope, v_head_dim=hf.get("v_head_dim") or 128, latent_norm=True,
+            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
+            pad_token_id=_first(hf.get("pad_token_id")), name=hf.get("_name_or_path") or None)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: required field {e.args[0]!r} is missing") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _rope_rows(cfg: ModelConfig, name: str) -> torch.Tensor | None:
+    """The output rows of an MLA projection that carry RoPE channels (None for other tensors)."""
+    qk, rope = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.q_b_proj.weight")):
+        return torch.arange(cfg.n_head).unsqueeze(1) * qk + cfg.qk_nope_head_dim + torch.arange(rope)
+    if name.endswith(("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.bias")):
+        return (cfg.kv_lora_rank + torch.arange(rope)).unsqueeze(0)
+    return None
+
+
+def _deinterleave_rope(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """DeepSeek's ``rope_interleave``: its RoPE channels are pairs (x0, x1), (x2, x3)...; kvlab rotates
+    halves (x_i, x_{i+R/2}). Reordering each RoPE block's output rows to evens-then-odds turns one
+    into the other, for queries and the shared key alike, so every score is unchanged."""
+    rope = cfg.qk_rope_head_dim
+    order = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+    for name, tensor in state.items():
+        rows = _rope_rows(cfg, name)
+        if rows is not None:
+            tensor = tensor.clone()
+            tensor[rows.reshape(-1)] = tensor[rows[:, order].reshape(-1)]
+            state[name] = tensor
+
+
+def _deepseek_problems(cfg: ModelConfig, model: Transformer | None) -> list[str]:
+    problems = []
+    if cfg.n_kv_layers != cfg.n_layer:
+        problems.append("cross-layer latent sharing (DeepSeek-V3 gives every layer its own latent)")
+    if cfg.sliding_window is not None:
+        problems.append("a sliding window (DeepSeek-V3 attends to the whole context)")
+    if cfg.qkv_bias != cfg.o_bias:
+        problems.append("q/kv biases without an o_proj bias or the reverse (DeepSeek-V3's attention_bias sets both)")
+    if model is not None and cfg.qkv_bias and cfg.q_lora_rank is None:
+        bias = model.layers[0].self_attn.q_proj.bias
+        if any(b.self_attn.q_proj.bias.detach().abs().max() > 0 for b in model.layers):
+            problems.append(f"a q_proj bias (DeepSeek-V3's q_proj has none; got {tuple(bias.shape)} nonzero)")
+    return problems
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None = None) -> dict[str, Any]:
     """A HF config for ``cfg``: LlamaForCausalLM, or Qwen2ForCausalLM when only q/k/v have biases."""
     problems = []
-    if cfg.attention_layers is not None or cfg.attn_kind != "gqa":
+    deepseek = cfg.attention_layers is None and cfg.attn_kind == "mla"
+    if deepseek:
+        problems += _deepseek_problems(cfg, model)
+    elif cfg.attention_layers is not None or cfg.attn_kind != "gqa":
         problems.append(f"per-layer attention specs / the {cfg.attn_kind!r} kind (Llama, Mistral and Qwen2 have one "
-                        f"softmax attention for every layer)")
-    if cfg.n_kv_layers != cfg.n_layer:
+                        f"softmax attention for every layer; DeepSeek-V3 MLA in every layer)")
+    elif cfg.n_kv_layers != cfg.n_layer:
         problems.append("Cross-Layer Attention (HF transformers has no architecture that shares KV across "
                         "layers; keep this model in the kvlab format: kvlab.save(model, dir) / "
                         "kvlab export --format kvlab)")
@@ -103,6 +178,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
             problems.append(f"{what} (Llama uses RoPE, sequential blocks, SwiGLU and RMSNorm)")
     if problems:
         raise ConfigError("cannot export to HF: " + "; ".join(problems))
+    if deepseek:
+        return _deepseek_config(cfg, dtype)
     qwen2 = cfg.qkv_bias and not cfg.o_bias
     if qwen2 and cfg.sliding_window is not None:
         raise ConfigError("cannot export to HF: q/k/v biases together with a sliding window have no HF architecture")
@@ -126,6 +203,25 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     if model_type == "qwen2":
         hf["use_sliding_window"] = False
     return hf
+
+
+def _deepseek_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+        # Every layer dense: the MoE fields below are never used but must be valid.
+        "first_k_dense_replace": cfg.n_layer, "moe_intermediate_size": cfg.d_ff, "n_routed_experts": 1,
+        "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "kv_lora_rank": cfg.kv_lora_rank,
+        "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": False,
+        "attention_bias": cfg.qkv_bias, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "torch_dtype": name, "dtype": name,
+    }
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -156,7 +252,8 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
               device: str | torch.device = "cpu") -> Transformer:
     """Load a HF Llama/Mistral/Qwen2 checkpoint directory (single or sharded safetensors)."""
     directory = Path(directory)
-    cfg = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory / "config.json"))
+    hf_config = json.loads((directory / "config.json").read_text())
+    cfg = config_from_hf(hf_config, str(directory / "config.json"))
     raw = _read_hf_weights(directory)
     state = {}
     for name, tensor in raw.items():
@@ -165,6 +262,14 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
         state[name.removeprefix("model.")] = tensor
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
+    if cfg.attn_kind == "mla":
+        if hf_config.get("rope_interleave", True):
+            _deinterleave_rope(cfg, state)
+        if cfg.qkv_bias and cfg.q_lora_rank is None:     # kvlab's q_proj has the bias DeepSeek's lacks
+            for i in range(cfg.n_layer):
+                w = state.get(f"layers.{i}.self_attn.q_proj.weight")
+                if w is not None:
+                    state.setdefault(f"layers.{i}.self_attn.q_proj.bias", w.new_zeros(w.shape[0]))
     model = build_model(cfg, state, where=str(directory), device=device, dtype=dtype)
     model.tokenizer = load_tokenizer(directory)
     model.provenance = new_provenance("hf", path=str(directory.resolve()),
@@ -172,15 +277,59 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
     return model
 
 
+def _constant_latent_channel(model: Transformer, hf_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A norm-free latent in DeepSeek-V3's always-normalised one: one more latent channel holds a
+    constant ``M`` (a bias), so that ``rms([c, M]) = M / sqrt(rank + 1)`` for every token — exactly in
+    float32, since ``M`` is chosen with ``|c|² < 2⁻³⁰ M²`` from a bound on ``|c|`` — and the norm's
+    weights (a power of two) with ``kv_b_proj`` (the remaining factor) undo that fixed scale. The
+    constant channel's norm weight and up-projection are zero. Costs one cache channel per layer in
+    transformers; kvlab's own format keeps the norm-free latent."""
+    cfg = model.cfg
+    rank = cfg.kv_lora_rank
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hf_config["kv_lora_rank"] = rank + 1
+    hf_config["attention_bias"] = True
+    for i in range(cfg.n_layer):
+        pre = f"layers.{i}.self_attn"
+        w = state[f"{pre}.kv_a_proj_with_mqa.weight"].double()
+        b = state.get(f"{pre}.kv_a_proj_with_mqa.bias")
+        b = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
+        x_bound = cfg.d_model ** 0.5 * float(state[f"layers.{i}.input_layernorm.weight"].double().abs().max())
+        c_bound = float(torch.linalg.matrix_norm(w[:rank], ord=2)) * x_bound + float(b[:rank].norm())
+        M = 2.0 ** (math.ceil(math.log2(max(c_bound, 1e-3))) + 16)
+        scale = M / math.sqrt(rank + 1)
+        norm_w = 2.0 ** round(math.log2(scale))
+        zero_row = torch.zeros(1, w.shape[1], dtype=w.dtype)
+        new_w = torch.cat([w[:rank], zero_row, w[rank:]])
+        new_b = torch.cat([b[:rank], torch.tensor([M], dtype=b.dtype), b[rank:]])
+        dtype = state[f"{pre}.kv_a_proj_with_mqa.weight"].dtype
+        state[f"{pre}.kv_a_proj_with_mqa.weight"] = new_w.to(dtype)
+        state[f"{pre}.kv_a_proj_with_mqa.bias"] = new_b.to(dtype)
+        state[f"{pre}.kv_a_layernorm.weight"] = torch.cat([torch.full((rank,), norm_w), torch.zeros(1)]).to(dtype)
+        up = state[f"{pre}.kv_b_proj.weight"].double() * (scale / norm_w)
+        state[f"{pre}.kv_b_proj.weight"] = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=up.dtype)], 1).to(dtype)
+        o = state[f"{pre}.o_proj.weight"]
+        state.setdefault(f"{pre}.o_proj.bias", o.new_zeros(o.shape[0]))
+        if cfg.q_lora_rank is not None:
+            qa = state[f"{pre}.q_a_proj.weight"]
+            state.setdefault(f"{pre}.q_a_proj.bias", qa.new_zeros(qa.shape[0]))
+    return state
+
+
 def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a HF checkpoint directory that ``transformers`` loads as it is."""
     refuse_adapter(model)
     dtype = dtype or model.dtype
-    hf_config = config_to_hf(model.cfg, dtype)
+    hf_config = config_to_hf(model.cfg, dtype, model)
+    source = model.state_dict()
+    if hf_config["model_type"] == "deepseek_v3" and not model.cfg.latent_norm:
+        source = _constant_latent_channel(model, hf_config)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in source.items():
         if model.cfg.tie_embeddings and name == "lm_head.weight":
             continue
+        if hf_config["model_type"] == "deepseek_v3" and name.endswith("self_attn.q_proj.bias"):
+            continue                                        # zero (checked): DeepSeek's q_proj has no bias
         key = name if name.startswith("lm_head.") else f"model.{name}"
         state[key] = tensor.detach().to(dtype).contiguous().cpu()
     tokenizer = model.tokenizer

@@ -1,0 +1,167 @@
+"""Conversion of a GQA/MHA model to multi-head latent attention (the ``mla`` kind) at any latent
+width, from calibration activations (cf. MHA2MLA, Ji et al. 2025; TransMLA, Meng et al. 2025).
+
+The cache of a converted layer is ``kv_lora_rank + qk_rope_head_dim`` channels per token, so the
+KV budget is continuous (any latent width), not a divisor of the head count.
+
+**Which channels keep RoPE** (partial RoPE). An MLA layer has one RoPE key shared by all heads, of
+``R = qk_rope_head_dim`` channels whose frequencies follow from ``R`` and ``rope_theta``:
+``θ_i = theta'^(-2i/R)``. With ``theta' = theta^(R/D)`` these are exactly the original head's ``R/2``
+*fastest* frequencies (MHA2MLA's "high-frequency" choice), so the converted model keeps the
+positional channels that rotate fastest — those that cannot lose their rotation — and stays loadable
+by transformers' DeepSeek-V3. Those pairs keep RoPE: across the KV heads, each pair's complex keys
+are fitted by one shared complex key and per-head complex factors that the queries absorb (the
+RoPE-commuting rank-1 fit of :mod:`kvlab.convert.calibrated`, weighted by query energy). The slower
+pairs lose their rotation (they become position-free "nope" channels): a small error where
+``θ·distance`` stays small, which training then recovers.
+
+**The latent.** The position-free key channels of every KV head and every value head are stacked
+and compressed jointly into ``kv_lora_rank`` channels by PCA of their calibration activations
+(``method="pca"``), keys and values balanced to equal total energy, since a layer's key and value
+errors are in different units (TransMLA balances K and V norms for the same reason).
+``method="whitened"`` weights each part by what the model does with it — keys by the second moment
+of the queries that meet them (the error in a score is ``qᵀ·δk``), values by ``W_oᵀW_o`` of the heads
+that read them (the error that reaches the residual stream). Measured on SmolLM2 at α = 0 (KV/2,
+R = 32) the two are within 3 % of each other (perplexity 28.5 pca, 29.2 whitened), so plain PCA is
+the default. ``kv_a_proj_with_mqa`` computes the latent and the shared RoPE key; ``kv_b_proj`` maps
+the latent back to each query head's key and value (heads of one old group get the same rows).
+
+``latent_norm=True`` adds DeepSeek's RMSNorm on the latent (needed for a transformers export); its
+weight starts at the latents' calibration RMS, so the norm only removes per-token scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.config.model import ModelConfig
+from kvlab.convert.calibrated import EPS, _augmented, _merge_keys, _rotate_query_rows, _store, _sym_power
+from kvlab.errors import ConfigError
+
+MLA_METHODS = ("pca", "whitened")
+
+
+def plan_mla(cfg: ModelConfig, *, kv_lora_rank: int, qk_rope_head_dim: int | None = None,
+             latent_norm: bool = False, method: str = "pca") -> ModelConfig:
+    """The config of ``cfg`` converted to MLA, or a :class:`ConfigError` naming the fix."""
+    kinds = sorted({s.kind for s in cfg.layer_specs} - {"gqa"})
+    if kinds:
+        raise ConfigError(f"conversion to MLA starts from 'gqa' layers; this model has layers of kind(s) {kinds}")
+    if method not in MLA_METHODS:
+        raise ConfigError(f"MLA conversion method {method!r} is not one of {list(MLA_METHODS)}")
+    if cfg.pos != "rope":
+        raise ConfigError("conversion to MLA moves RoPE into a shared key; the model needs pos='rope'")
+    if cfg.n_kv_layers != cfg.n_layer:
+        raise ConfigError("conversion to MLA starts from a model without cross-layer sharing (every layer its own "
+                          "K/V); convert the original model")
+    D = cfg.head_dim
+    R = qk_rope_head_dim if qk_rope_head_dim is not None else D // 2
+    if not isinstance(R, int) or R < 2 or R > D or R % 2:
+        raise ConfigError(f"qk_rope_head_dim={R!r} must be an even number of channels in [2, head_dim={D}]")
+    most = cfg.n_kv_head * (2 * D - R)
+    if not isinstance(kv_lora_rank, int) or not 1 <= kv_lora_rank <= most:
+        raise ConfigError(f"kv_lora_rank={kv_lora_rank!r} must be in [1, {most}] (the position-free key and value "
+                          f"channels it compresses)")
+    # theta^(R/D): the RoPE key's R/2 frequencies are the original's fastest R/2 (module docstring).
+    return cfg.replace(attn_kind="mla", attention_layers=None, n_kv_head=cfg.n_head, kv_lora_rank=kv_lora_rank,
+                       rope_theta=cfg.rope_theta ** (R / D),
+                       qk_rope_head_dim=R, qk_nope_head_dim=D - R, v_head_dim=D, q_lora_rank=None,
+                       latent_norm=latent_norm)
+
+
+def _pair_rows(pairs, D: int) -> list[int]:
+    """A head's rows for these RoPE pairs, half layout: the real parts, then the imaginary parts."""
+    return list(pairs) + [D // 2 + j for j in pairs]
+
+
+def _power(m: torch.Tensor, power: float) -> torch.Tensor:
+    return m if m.numel() == 0 else _sym_power(m, power)     # no position-free key channels when R = D
+
+
+def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.Tensor],
+              method: str = "pca") -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` converted to the MLA config ``new_cfg`` (from :func:`plan_mla`);
+    ``moments`` holds ``E[x̂ x̂ᵀ]`` of every layer's attention input (``attention_input_moments``)."""
+    cfg = model.cfg
+    D, G, n_kv, H = cfg.head_dim, cfg.q_per_kv, cfg.n_kv_head, cfg.n_head
+    R, rank = new_cfg.qk_rope_head_dim, new_cfg.kv_lora_rank
+    rope_rows = _pair_rows(range(R // 2), D)                    # the fastest pairs keep RoPE
+    nope_rows = _pair_rows(range(R // 2, D // 2), D)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    dtype = state["embed_tokens.weight"].dtype
+    for i in range(cfg.n_layer):
+        prefix = f"layers.{i}.self_attn"
+        S = moments[i, i]
+        wk, wv, wq = (_augmented(state, f"{prefix}.{leaf}") for leaf in ("k_proj", "v_proj", "q_proj"))
+        wo = state[f"{prefix}.o_proj.weight"].double()
+        for leaf in ("k_proj", "v_proj", "q_proj"):
+            for part in ("weight", "bias"):
+                state.pop(f"{prefix}.{leaf}.{part}", None)
+        heads = [range(g * G, (g + 1) * G) for g in range(n_kv)]   # the query heads reading KV head g
+
+        def energy(rows: torch.Tensor) -> torch.Tensor:            # E[row²] per pair, real + imaginary
+            e = torch.einsum("ij,jk,ik->i", rows, S, rows)
+            return e[:len(e) // 2] + e[len(e) // 2:]
+
+        # The shared RoPE key: per kept pair, the rank-1 complex fit across KV heads.
+        k_rope = [wk[g * D:(g + 1) * D][rope_rows] for g in range(n_kv)]
+        q_energy = torch.stack([sum(energy(wq[h * D:(h + 1) * D][rope_rows]) for h in heads[g]) for g in range(n_kv)])
+        rope_key, factors = _merge_keys(k_rope, S, q_energy, torch.stack([energy(k) for k in k_rope]))
+        # The latent: joint (whitened) PCA of the position-free keys and the values of every KV head.
+        parts, unwhiten = [], []
+        for g in range(n_kv):
+            k_nope = wk[g * D:(g + 1) * D][nope_rows]
+            v = wv[g * D:(g + 1) * D]
+            if method == "whitened":
+                mq = sum(wq[h * D:(h + 1) * D][nope_rows] @ S @ wq[h * D:(h + 1) * D][nope_rows].T for h in heads[g])
+                mv = sum(wo[:, h * D:(h + 1) * D].T @ wo[:, h * D:(h + 1) * D] for h in heads[g])
+            else:
+                mq, mv = torch.eye(len(nope_rows), dtype=torch.float64), torch.eye(D, dtype=torch.float64)
+            parts.append((_power(mq, 0.5) @ k_nope, _power(mv, 0.5) @ v))
+            unwhiten.append((_power(mq, -0.5), _power(mv, -0.5)))
+        k_energy = sum(torch.einsum("ij,jk,ik->", k, S, k) for k, _ in parts)
+        v_energy = sum(torch.einsum("ij,jk,ik->", v, S, v) for _, v in parts)
+        balance = (v_energy / k_energy.clamp_min(EPS)).sqrt() if k_energy > 0 else torch.tensor(1.0)
+        stacked = torch.cat([torch.cat([balance * k, v]) for k, v in parts])
+        vals, vecs = torch.linalg.eigh(stacked @ S @ stacked.T)
+        P = vecs[:, -rank:].flip(1)                                          # top principal directions
+        latent = P.T @ stacked                                               # (rank, d+1)
+        if new_cfg.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
+            rms = (torch.einsum("ij,jk,ik->", latent, S, latent) / rank).sqrt().clamp_min(EPS)
+            state[f"{prefix}.kv_a_layernorm.weight"] = torch.full((rank,), float(rms), dtype=dtype)
+        _store(state, f"{prefix}.kv_a_proj_with_mqa", torch.cat([latent, rope_key]), dtype, cfg.qkv_bias)
+        width = len(nope_rows) + D
+        up, queries = [], []
+        for g in range(n_kv):
+            block = P[g * width:(g + 1) * width]
+            w_uk = unwhiten[g][0] @ block[:len(nope_rows)] / balance
+            w_uv = unwhiten[g][1] @ block[len(nope_rows):]
+            for h in heads[g]:
+                up.append(torch.cat([w_uk, w_uv]))
+                q = wq[h * D:(h + 1) * D]
+                queries += [q[nope_rows], _rotate_query_rows(q[rope_rows], factors[g].conj())]
+        state[f"{prefix}.kv_b_proj.weight"] = torch.cat(up).to(dtype).contiguous()
+        _store(state, f"{prefix}.q_proj", torch.cat(queries), dtype, cfg.qkv_bias)
+    return state
+
+
+def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = None, method: str = "pca",
+                   latent_norm: bool = False, calibration=None):
+    """A new model whose every layer is MLA with a latent of ``kv_lora_rank`` channels and a shared
+    RoPE key of ``qk_rope_head_dim`` (default head_dim/2), fitted on ``calibration`` token batches
+    ``(B, T)`` run through ``model``. Everything but the attention's projections is copied."""
+    from kvlab.convert.calibrated import attention_input_moments
+    from kvlab.convert.heads import finish_conversion
+
+    cfg = model.cfg
+    new_cfg = plan_mla(cfg, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+                       latent_norm=latent_norm, method=method)
+    if calibration is None:
+        raise ConfigError("conversion to MLA needs calibration token batches (calibration=[tokens, ...])")
+    calibration = list(calibration)
+    state = mla_state(model, new_cfg, attention_input_moments(model, calibration), method)
+    step = dict(method=method, to="mla", kv_lora_rank=kv_lora_rank, qk_rope_head_dim=new_cfg.qk_rope_head_dim,
+                latent_norm=latent_norm, calibration_tokens=sum(int(t.numel()) for t in calibration),
+                kv_bytes_per_token_bf16=[cfg.kv_bytes_per_token("bf16"), new_cfg.kv_bytes_per_token("bf16")])
+    return finish_conversion(model, new_cfg, state, step)

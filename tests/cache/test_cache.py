@@ -5,8 +5,8 @@ from kvlab import CacheOverflowError, ConfigError, ModelConfig
 
 from conftest import VARIANTS, make_model
 
-
-FULL_KV = [name for name, v in VARIANTS.items() if v.get("attn_kind", "gqa") == "gqa"]   # MLA: tests/attention/test_mla.py
+# Full K/V layers; MLA's latent cache is checked in tests/attention/test_mla.py.
+FULL_KV = [name for name, v in VARIANTS.items() if v.get("attn_kind", "gqa") == "gqa"]
 
 
 @pytest.mark.parametrize("name", FULL_KV)

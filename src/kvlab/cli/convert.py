@@ -25,11 +25,12 @@ def add_parser(sub) -> None:
                         "default head_dim/2)")
     p.add_argument("--latent-norm", action="store_true",
                    help="--mla: RMS-normalise the latent as DeepSeek-V3 does (needed to export to transformers)")
-    p.add_argument("--method", choices=["mean", "first", "random", "calibrated", "pca", "whitened"], default=None,
+    p.add_argument("--method", default=None,
+                   choices=["mean", "first", "random", "calibrated", "pca", "whitened"],
                    help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
                         "K/V heads to the original ones on calibration text, RoPE-aware, queries and output "
-                        "projections adjusted (default: mean); for --mla: pca (default: joint PCA of the calibration K/V) or "
-                        "whitened (weighted by the queries and the output projection)")
+                        "projections adjusted (default: mean); for --mla: pca (default: joint PCA of the "
+                        "calibration K/V) or whitened (weighted by the queries and the output projection)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
                    help="--method calibrated: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
@@ -83,7 +84,8 @@ def _run_mla(args: argparse.Namespace) -> int:
     from kvlab.io import load_config
 
     if args.kv_heads is not None or args.mqa or args.cla is not None:
-        raise UsageError("kvlab convert: --mla replaces every layer's attention; give it without --kv-heads/--mqa/--cla")
+        raise UsageError("kvlab convert: --mla replaces every layer's attention; "
+                         "give it without --kv-heads/--mqa/--cla")
     method = args.method or "pca"
     if method not in ("pca", "whitened"):
         raise UsageError(f"kvlab convert: --mla is fitted on calibration text; --method {method} is not one of "

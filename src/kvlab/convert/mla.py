@@ -83,7 +83,7 @@ def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.
     """The state dict of ``model`` converted to the MLA config ``new_cfg`` (from :func:`plan_mla`);
     ``moments`` holds ``E[x̂ x̂ᵀ]`` of every layer's attention input (``attention_input_moments``)."""
     cfg = model.cfg
-    D, G, n_kv, H = cfg.head_dim, cfg.q_per_kv, cfg.n_kv_head, cfg.n_head
+    D, G, n_kv = cfg.head_dim, cfg.q_per_kv, cfg.n_kv_head
     R, rank = new_cfg.qk_rope_head_dim, new_cfg.kv_lora_rank
     rope_rows = _pair_rows(range(R // 2), D)                    # the fastest pairs keep RoPE
     nope_rows = _pair_rows(range(R // 2, D // 2), D)
@@ -100,7 +100,7 @@ def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.
                 state.pop(f"{prefix}.{leaf}.{part}", None)
         heads = [range(g * G, (g + 1) * G) for g in range(n_kv)]   # the query heads reading KV head g
 
-        def energy(rows: torch.Tensor) -> torch.Tensor:            # E[row²] per pair, real + imaginary
+        def energy(rows: torch.Tensor, S: torch.Tensor = S) -> torch.Tensor:   # E[row²] per pair, re + im
             e = torch.einsum("ij,jk,ik->i", rows, S, rows)
             return e[:len(e) // 2] + e[len(e) // 2:]
 

@@ -11,11 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvlab.cli import convert, eval, export, finetune, generate, info, plan, study, tasks, train
+from kvlab.cli import convert, eval, export, finetune, generate, info, plan, shrink, study, tasks, train
 from kvlab.cli.common import UsageError
 from kvlab.errors import ConfigError, KvlabError
 
-VERBS = (info, plan, generate, eval, convert, train, study, finetune, tasks, export)
+VERBS = (info, plan, generate, eval, convert, shrink, train, study, finetune, tasks, export)
 
 
 class _Parser(argparse.ArgumentParser):

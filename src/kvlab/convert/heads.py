@@ -76,10 +76,12 @@ def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int 
 
 def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None = None,
             kv_source: list[int] | None = None, method: str = "mean", seed: int = 0,
-            calibration=None) -> Transformer:
+            calibration=None, moments: dict | None = None) -> Transformer:
     """A new model with ``n_kv_head`` KV heads and/or KV shared across layers (``cla`` or an
     explicit ``kv_source``). Everything else is copied; the provenance gets a step.
-    ``calibration`` (``method="calibrated"``): token batches ``(B, T)`` run through ``model``."""
+    ``calibration`` (``method="calibrated"``): token batches ``(B, T)`` run through ``model``;
+    ``moments``: their :func:`attention_input_moments` computed already (with :func:`needed_moments`'s
+    pairs), for callers that convert one model many ways."""
     cfg = model.cfg
     new_cfg = plan_conversion(cfg, n_kv_head=n_kv_head, cla=cla, kv_source=kv_source, method=method)
     new_heads = new_cfg.n_kv_head
@@ -91,7 +93,8 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
         if calibration is None:
             raise ConfigError("method='calibrated' needs calibration token batches (calibration=[tokens, ...])")
         calibration = list(calibration)
-        moments = attention_input_moments(model, calibration, needed_moments(cfg, new_cfg))
+        if moments is None:
+            moments = attention_input_moments(model, calibration, needed_moments(cfg, new_cfg))
         state = calibrated_state(model, new_cfg, moments)
         step["calibration_tokens"] = sum(int(t.numel()) for t in calibration)
         if cla is not None:

@@ -147,10 +147,11 @@ def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.
 
 
 def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = None, method: str = "pca",
-                   latent_norm: bool = False, calibration=None):
+                   latent_norm: bool = False, calibration=None, moments: dict | None = None):
     """A new model whose every layer is MLA with a latent of ``kv_lora_rank`` channels and a shared
     RoPE key of ``qk_rope_head_dim`` (default head_dim/2), fitted on ``calibration`` token batches
-    ``(B, T)`` run through ``model``. Everything but the attention's projections is copied."""
+    ``(B, T)`` run through ``model`` (``moments``: their per-layer ``attention_input_moments``, if
+    computed already). Everything but the attention's projections is copied."""
     from kvlab.convert.calibrated import attention_input_moments
     from kvlab.convert.heads import finish_conversion
 
@@ -160,7 +161,9 @@ def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = N
     if calibration is None:
         raise ConfigError("conversion to MLA needs calibration token batches (calibration=[tokens, ...])")
     calibration = list(calibration)
-    state = mla_state(model, new_cfg, attention_input_moments(model, calibration), method)
+    if moments is None:
+        moments = attention_input_moments(model, calibration)
+    state = mla_state(model, new_cfg, moments, method)
     step = dict(method=method, to="mla", kv_lora_rank=kv_lora_rank, qk_rope_head_dim=new_cfg.qk_rope_head_dim,
                 latent_norm=latent_norm, calibration_tokens=sum(int(t.numel()) for t in calibration),
                 kv_bytes_per_token_bf16=[cfg.kv_bytes_per_token("bf16"), new_cfg.kv_bytes_per_token("bf16")])

@@ -8,23 +8,35 @@ from kvlab.data.instruct import task_kind
 from kvlab.inference.generation import generate
 
 
-def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 16,
-                  batch_size: int = 16, backend: str | None = None) -> dict:
-    """Exact-match accuracy of greedy replies against each conversation's last (assistant) message."""
+def greedy_replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 16,
+                   batch_size: int = 16, backend: str | None = None) -> list[str]:
+    """The greedy reply of ``model`` to each conversation without its last (assistant) message."""
     stop = [t for t in {tokenizer.eos_token_id, model.cfg.eos_token_id} if t is not None]
-    correct, per_task, samples = 0, {}, []
+    replies = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start:start + batch_size]
         prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True) for c in chunk]
         outs = generate(model, prompts, max_new_tokens, stop_tokens=stop, backend=backend)
-        for c, out in zip(chunk, outs):
-            reply = tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True).strip()
-            ok = reply == c[-1]["content"].strip()
-            correct += ok
-            kind = task_kind(c[1]["content"])
-            hit, total = per_task.get(kind, (0, 0))
-            per_task[kind] = (hit + ok, total + 1)
-            if len(samples) < 5:
-                samples.append({"question": c[1]["content"], "expected": c[-1]["content"], "reply": reply})
+        replies += [tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True).strip()
+                    for out in outs]
+    return replies
+
+
+def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 16,
+                  batch_size: int = 16, backend: str | None = None, replies: Sequence[str] | None = None) -> dict:
+    """Exact-match accuracy of greedy replies against each conversation's last (assistant) message
+    (``replies``: the greedy replies, if generated already)."""
+    if replies is None:
+        replies = greedy_replies(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, backend=backend)
+    correct, per_task, samples = 0, {}, []
+    for c, reply in zip(conversations, replies):
+        ok = reply == c[-1]["content"].strip()
+        correct += ok
+        kind = task_kind(c[1]["content"])
+        hit, total = per_task.get(kind, (0, 0))
+        per_task[kind] = (hit + ok, total + 1)
+        if len(samples) < 5:
+            samples.append({"question": c[1]["content"], "expected": c[-1]["content"], "reply": reply})
     return {"accuracy": correct / len(conversations), "n": len(conversations),
             "per_task": {k: h / t for k, (h, t) in sorted(per_task.items())}, "samples": samples}

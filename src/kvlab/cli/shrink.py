@@ -1,0 +1,54 @@
+"""``kvlab shrink``: a KV cache N× smaller that keeps the model's quality, within a budget."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("shrink", help="a KV cache N times smaller that keeps quality (convert, recover, evaluate)",
+                       description="Enumerate the wirings that meet a KV budget (fewer KV heads, cross-layer sharing, "
+                                   "MLA latents), rank them at alpha=0 on calibration data, recover the best with "
+                                   "attention transfer then distillation from the original, evaluate on held-out "
+                                   "text and chat prompts, and write the chosen model with a report.")
+    p.add_argument("model", metavar="MODEL", help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name")
+    p.add_argument("--kv", default="2x", metavar="2x|3x|6x|BYTES",
+                   help="the KV budget: a reduction factor or bytes per token in bf16 (default 2x)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, metavar="M",
+                        help="wall time for the whole run (default 15; recovery gets what loading, ranking and "
+                             "evaluation leave)")
+    budget.add_argument("--tokens", type=int, metavar="N", help="training tokens over all recovered candidates")
+    p.add_argument("--candidates", type=int, default=2, metavar="K", help="how many top-ranked wirings to recover")
+    p.add_argument("--train", choices=["attention", "all"], default="attention",
+                   help="what distillation trains (attention transfer always trains the attention)")
+    p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
+    p.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
+                   help="validation tokens scored per model (0: the whole split)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", metavar="DIR", help="output directory (default: shrink-MODEL-KV, new or empty)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): for tests, not for results")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.cli.common import UsageError
+    from kvlab.recipes.shrink import ShrinkConfig, run_shrink
+
+    if args.tokens is not None and args.tokens < 0:
+        raise UsageError(f"kvlab shrink: --tokens {args.tokens} must be >= 0")
+    common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed)
+    if args.quick:
+        scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
+    else:
+        budget = {"tokens": args.tokens, "minutes": None} if args.tokens is not None else {
+            "minutes": args.minutes if args.minutes is not None else 15.0}
+        scfg = ShrinkConfig(**common, **budget, calibration_tokens=args.calibration_tokens,
+                            eval_tokens=args.eval_tokens or None)
+    out = args.out or "shrink-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{args.model}-{args.kv}").strip("-")
+    run_shrink(args.model, out, scfg, resume=args.resume, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0

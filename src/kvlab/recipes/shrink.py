@@ -1,0 +1,501 @@
+"""``kvlab shrink``: a trained model in, a model with a KV cache N× smaller that keeps its quality out.
+
+The pipeline (each stage's result is kept in ``OUT/shrink_state.json``, so ``resume`` continues
+where a run stopped, and the training stages resume from their own checkpoints):
+
+1. **Enumerate** the wirings that meet the KV budget (bytes per token, bf16): for each KV-head count
+   that divides the model's, the least cross-layer sharing that fits (GQA/MQA/CLA); and MLA with a
+   shared RoPE key of a quarter, half or three quarters of a head and the rest of the budget as the
+   latent (any width, so the budget is met exactly).
+2. **Rank** them by a cheap proxy: each is converted with its best starting point — calibrated
+   merging (:mod:`kvlab.convert.calibrated`) or PCA of the latent (:mod:`kvlab.convert.mla`) — from
+   one set of calibration moments, and scored at α = 0 on held-out windows of the training split.
+3. **Recover** the best few within the budget (``tokens``, or ``minutes`` of wall time for the whole
+   run, planned from measured step times): layer-wise attention transfer to the original model,
+   then distillation of its logits (the original is the frozen teacher); the recovery curve is
+   recorded on the same held-out windows.
+4. **Evaluate** the recovered candidates: perplexity on the validation split (text that no stage
+   trains, calibrates or selects on), and greedy chat answers on held-out instruction prompts —
+   exact-match accuracy of the original and of each, and their agreement with the original.
+5. **Write** ``report.md``, ``results.json``, ``pareto.png`` and ``recovery.png``, the chosen model
+   (lowest held-out proxy perplexity after recovery) as a kvlab checkpoint in ``OUT/model`` and,
+   where transformers has its architecture, an HF export in ``OUT/hf``.
+
+Nothing in ``OUT`` but what this recipe wrote is ever removed; a directory that holds anything
+else is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlab.config.model import ModelConfig
+from kvlab.convert.calibrated import attention_input_moments, needed_moments
+from kvlab.convert.heads import convert
+from kvlab.convert.mla import convert_to_mla, plan_mla
+from kvlab.errors import ConfigError
+from kvlab.io.atomic import write_json
+
+STATE = "shrink_state.json"
+
+
+# ------------------------------------------------------------------------------ candidates
+@dataclass(frozen=True)
+class Candidate:
+    """One wiring that meets the budget: ``kind`` 'gqa' (``n_kv_head``, ``cla``) or 'mla'
+    (``kv_lora_rank``, ``qk_rope_head_dim``), and its cache bytes per token in bf16."""
+
+    name: str
+    kind: str
+    change: dict
+    kv_bytes: int
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+def parse_kv_budget(spec: str, cfg: ModelConfig) -> int:
+    """``'2x'`` (a reduction factor) or a number of bytes per token (bf16) -> bytes per token."""
+    original = cfg.kv_bytes_per_token("bf16")
+    text = str(spec).strip().lower()
+    try:
+        if text.endswith("x"):
+            factor = float(text[:-1])
+            if not factor > 1:
+                raise ValueError
+            return int(original // factor)
+        value = int(text)
+        if value < 1:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ConfigError(f"--kv {spec!r} is neither a reduction factor above 1 (2x, 3x, 6x) nor a positive number "
+                          f"of bytes per token; the model has {original:,} bytes per token (bf16)") from None
+
+
+def enumerate_candidates(cfg: ModelConfig, budget: int) -> list[Candidate]:
+    """The wirings of ``cfg`` whose cache is at most ``budget`` bytes per token (bf16), each as large
+    as the budget allows within its family."""
+    original = cfg.kv_bytes_per_token("bf16")
+    if budget >= original:
+        raise ConfigError(f"the model's cache is {original:,} bytes per token (bf16), within the budget of {budget:,} "
+                          f"already; ask for a smaller one (e.g. --kv 2x)")
+    out = []
+    for heads in [h for h in range(cfg.n_kv_head, 0, -1) if cfg.n_kv_head % h == 0]:
+        for cla in range(1, cfg.n_layer + 1):
+            new = cfg.replace(n_kv_head=heads, cla=cla)
+            if new.kv_bytes_per_token("bf16") <= budget:
+                base = "MQA" if heads == 1 else f"GQA-{heads}"
+                out.append(Candidate(base + (f"-CLA{cla}" if cla > 1 else ""), "gqa",
+                                     {"n_kv_head": heads, "cla": cla}, new.kv_bytes_per_token("bf16")))
+                break
+    channels = budget // (2 * cfg.n_layer)            # per layer and token, bf16
+    D = cfg.head_dim
+    for rope in sorted({max(2, (D * f // 4) // 2 * 2) for f in (1, 2, 3)}):
+        rank = channels - rope
+        if cfg.pos != "rope" or rank < 1:
+            continue
+        try:
+            new = plan_mla(cfg, kv_lora_rank=rank, qk_rope_head_dim=rope)
+        except ConfigError:
+            continue
+        out.append(Candidate(f"MLA {rank}+{rope}", "mla", {"kv_lora_rank": rank, "qk_rope_head_dim": rope},
+                             new.kv_bytes_per_token("bf16")))
+    if not out:
+        raise ConfigError(f"no wiring of this model fits {budget:,} bytes per token (bf16); the smallest is "
+                          f"{cfg.replace(n_kv_head=1, cla=cfg.n_layer).kv_bytes_per_token('bf16'):,}")
+    return out
+
+
+def convert_candidate(base, cand: Candidate, calibration, moments) -> Any:
+    """``base`` converted to ``cand`` with its best starting point (calibrated, from ``moments``)."""
+    if cand.kind == "mla":
+        return convert_to_mla(base, calibration=calibration, moments=moments, **cand.change)
+    return convert(base, method="calibrated", calibration=calibration, moments=moments,
+                   n_kv_head=cand.change["n_kv_head"], cla=cand.change["cla"] if cand.change["cla"] > 1 else None)
+
+
+def moments_for(base, candidates: list[Candidate], calibration) -> dict:
+    pairs = {(i, i) for i in range(base.cfg.n_layer)}
+    for cand in candidates:
+        if cand.kind == "gqa":
+            pairs |= set(needed_moments(base.cfg, base.cfg.replace(**cand.change)))
+    return attention_input_moments(base, calibration, sorted(pairs))
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass
+class ShrinkConfig:
+    """What ``kvlab shrink`` does; the defaults are the CPU default (``--quick``: a tiny smoke run)."""
+
+    kv: str = "2x"
+    minutes: float | None = 15.0          # wall time for the whole run (used when tokens is None)
+    tokens: int | None = None             # training tokens over all recovered candidates
+    candidates: int = 2                   # how many of the best-ranked to recover
+    calibration_tokens: int = 8192
+    proxy_tokens: int = 4096
+    eval_tokens: int | None = 8192        # validation tokens scored at the end (None: the whole split)
+    eval_seq_len: int = 1024
+    chat_prompts: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    transfer_fraction: float = 0.3        # share of a candidate's tokens spent on attention transfer
+    transfer_lr: float = 3e-4
+    kd_lr: float = 1e-4
+    train: str = "attention"              # what distillation trains: attention | all
+    curve_points: int = 6
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.minutes is None and self.tokens is None:
+            raise ConfigError("give a budget: --minutes M or --tokens N")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ConfigError(f"--minutes {self.minutes} must be positive")
+        if self.tokens is not None and self.tokens < 0:
+            raise ConfigError(f"--tokens {self.tokens} must be >= 0")
+        if self.candidates < 1:
+            raise ConfigError(f"--candidates {self.candidates} must be at least 1")
+        if not 0 <= self.transfer_fraction <= 1:
+            raise ConfigError(f"transfer_fraction={self.transfer_fraction} must be in [0, 1]")
+        if self.train not in ("attention", "all"):
+            raise ConfigError(f"--train {self.train!r} is not one of attention, all")
+
+    @classmethod
+    def quick(cls, **overrides) -> "ShrinkConfig":
+        base = dict(minutes=None, tokens=2 * 8 * 2 * 32, candidates=2, calibration_tokens=512, proxy_tokens=256,
+                    eval_tokens=512, eval_seq_len=64, chat_prompts=4, seq_len=32, batch_size=2, curve_points=2)
+        return cls(**{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------- the state
+def _prepare_out(out: Path, scfg: ShrinkConfig, model_ref: str, resume: bool) -> dict:
+    state_path = out / STATE
+    fingerprint = {"model": model_ref, **dataclasses.asdict(scfg)}
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if not resume:
+            raise ConfigError(f"{out} holds a shrink run already; add --resume to continue it or choose another --out")
+        if state.get("config") != fingerprint:
+            changed = sorted(k for k in fingerprint if state.get("config", {}).get(k) != fingerprint[k])
+            raise ConfigError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)}); "
+                              f"repeat them or choose another --out")
+        return state
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty directory; kvlab writes only into a new or empty "
+                          f"one (it never deletes files it did not write)")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"config": fingerprint, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": 0.0}
+    write_json(state_path, state)
+    return state
+
+
+class _Curve:
+    """Training hook: the held-out proxy perplexity every few steps (the recovery curve), with an
+    ETA line; its points travel in the training checkpoints, so a resumed stage keeps them."""
+
+    def __init__(self, model, proxy, device, every: int, offset_tokens: int, tokens_per_step: int, total: int,
+                 label: str, log: Callable[[str], None]):
+        self.model, self.proxy, self.device, self.every = model, proxy, device, every
+        self.offset, self.tokens_per_step, self.total, self.label, self.log = (
+            offset_tokens, tokens_per_step, total, label, log)
+        self.points: list[tuple[int, float]] = []
+        self.t0 = time.perf_counter()
+        self.first_step: int | None = None
+
+    def regularizer(self):
+        return 0.0
+
+    def after_step(self, step: int) -> None:
+        if self.first_step is None:
+            self.first_step, self.t0 = step - 1, time.perf_counter()
+        if step % self.every and step != self.total:
+            return
+        was = self.model.training
+        ppl = math.exp(proxy_loss(self.model, self.proxy, self.device))
+        self.model.train(was)
+        self.points.append((self.offset + step * self.tokens_per_step, ppl))
+        rate = (time.perf_counter() - self.t0) / max(1, step - self.first_step)
+        self.log(f"    {self.label} step {step}/{self.total}  proxy perplexity {ppl:,.2f}  "
+                 f"(about {_duration(rate * (self.total - step))} left in this stage)")
+
+    def state_dict(self) -> dict:
+        return {"points": self.points}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = [tuple(p) for p in state["points"]]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@torch.no_grad()
+def proxy_loss(model, batches: list[torch.Tensor], device) -> float:
+    """Mean next-token cross-entropy over ``batches`` of token rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for tokens in batches:
+        tokens = tokens.to(device)
+        logits = model(tokens[:, :-1]).float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
+                                                         reduction="sum"))
+        count += tokens[:, 1:].numel()
+    return total / count
+
+
+def _seconds_per_step(model, objective, batch, train_only: str, device) -> float:
+    """Wall time of one training step (forward and backward) of ``objective``, measured."""
+    from kvlab.training.loop import trainable_parameters
+
+    objective.prepare(torch.device(device))
+    trainable_parameters(model, train_only)
+    model.train()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        (objective.loss(model, tuple(x.to(device) for x in batch)) / max(1, objective.count(batch))).backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    model.eval()
+    return min(times[1:]) * 1.15          # the optimizer step and logging on top
+
+
+# --------------------------------------------------------------------------------- the run
+def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resume: bool = False,
+               log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the pipeline of the module docstring; returns ``results.json``'s content."""
+    import kvlab
+    from kvlab.data.corpus import builtin_corpus
+    from kvlab.data.instruct import make_tasks
+    from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
+    from kvlab.eval.perplexity import evaluate
+    from kvlab.eval.tasks import greedy_replies, task_accuracy
+    from kvlab.training import AttentionTransfer, Distillation, TrainConfig, train
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    state = _prepare_out(out, scfg, model_ref, resume)
+    elapsed_before = state.get("elapsed_s", 0.0)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def save_state() -> None:
+        state["elapsed_s"] = elapsed()
+        write_json(out / STATE, state)
+
+    device = scfg.device
+    base = kvlab.load(model_ref, device=device)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    tok = base.tokenizer
+    if tok is None:
+        raise ConfigError(f"{model_ref} has no tokenizer; kvlab shrink reads text (calibration, training, evaluation)")
+    budget = parse_kv_budget(scfg.kv, base.cfg)
+    candidates = enumerate_candidates(base.cfg, budget)
+    original_bytes = base.cfg.kv_bytes_per_token("bf16")
+    log(f"{model_ref}: {original_bytes:,} KV bytes per token (bf16); budget {budget:,} "
+        f"({original_bytes / budget:.1f}x smaller); {len(candidates)} candidate wirings")
+
+    # Data: calibration and training from the train split; proxy = held-out windows of the train
+    # split (ranking and the recovery curve); validation split only for the final numbers.
+    train_tokens = tokenize_to_file(builtin_corpus("train"), tok, progress=False).tokens
+    calibration = calibration_batches(tok, scfg.calibration_tokens, seed=scfg.seed)
+    proxy_len = min(scfg.eval_seq_len, 512, base.cfg.max_seq_len)
+    proxy_rows = max(1, -(-scfg.proxy_tokens // proxy_len))
+    proxy_all = Windows(train_tokens, proxy_len, proxy_rows, seed=scfg.seed + 1_000_003).batch(0)
+    proxy = [torch.cat([x, y[:, -1:]], 1) for x, y in [(proxy_all[0][i:i + 4], proxy_all[1][i:i + 4])
+                                                       for i in range(0, proxy_rows, 4)]]
+    docs = builtin_corpus("validation")
+    eval_seq = min(scfg.eval_seq_len, base.cfg.max_seq_len)
+    chats = make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003)      # the held-out instruction prompts
+
+    # ---- the original's numbers
+    if "original" not in state:
+        log("scoring the original model...")
+        t = time.perf_counter()
+        ev = evaluate(base, tok, docs, seq_len=eval_seq, max_tokens=scfg.eval_tokens, progress=False)
+        eval_s = time.perf_counter() - t
+        t = time.perf_counter()
+        replies = greedy_replies(base, tok, chats)
+        chat_s = time.perf_counter() - t
+        state["original"] = {"name": "original", "kv_bytes": original_bytes,
+                             "proxy_ppl": math.exp(proxy_loss(base, proxy, device)), "val": ev.to_dict(),
+                             "chat": task_accuracy(base, tok, chats, replies=replies), "replies": replies,
+                             "eval_s": eval_s, "chat_s": chat_s}
+        save_state()
+    original = state["original"]
+    log(f"  original: validation perplexity {original['val']['perplexity']:.3f}, proxy {original['proxy_ppl']:.3f}, "
+        f"chat exact match {original['chat']['accuracy']:.0%}")
+
+    # ---- rank at alpha = 0
+    moments = None
+    if "ranking" not in state:
+        log(f"ranking {len(candidates)} candidates at alpha = 0 ({scfg.calibration_tokens:,} calibration tokens)...")
+        moments = moments_for(base, candidates, calibration)
+        ranking = []
+        for cand in candidates:
+            model = convert_candidate(base, cand, calibration, moments)
+            ppl = math.exp(proxy_loss(model, proxy, device))
+            ranking.append({"name": cand.name, "kind": cand.kind, "change": cand.change, "kv_bytes": cand.kv_bytes,
+                            "alpha0_proxy_ppl": ppl})
+            log(f"  {cand.name:14} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {ppl:,.2f}")
+            del model
+        ranking.sort(key=lambda r: r["alpha0_proxy_ppl"])
+        state["ranking"] = ranking
+        save_state()
+    chosen = [Candidate(r["name"], r["kind"], r["change"], r["kv_bytes"]) for r in state["ranking"][:scfg.candidates]]
+
+    # ---- the training budget
+    tokens_per_step = scfg.batch_size * scfg.seq_len
+    train_windows = Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed)
+    if "plan" not in state:
+        if scfg.tokens is not None:
+            steps = [scfg.tokens // len(chosen) // tokens_per_step] * len(chosen)
+            split = [(round(s * scfg.transfer_fraction), s - round(s * scfg.transfer_fraction)) for s in steps]
+            timing = None
+        else:
+            if moments is None:
+                moments = moments_for(base, chosen, calibration)
+            probe = convert_candidate(base, chosen[0], calibration, moments)
+            batch = train_windows.batch(0)
+            t_transfer = _seconds_per_step(probe, AttentionTransfer(base), batch, "attention", device)
+            t_kd = _seconds_per_step(probe, Distillation(base), batch, scfg.train, device)
+            del probe
+            reserve = len(chosen) * (original["eval_s"] + original["chat_s"] + 30) + 30   # evaluation, saving
+            seconds = scfg.minutes * 60 - elapsed() - reserve
+            per = max(0.0, seconds / len(chosen))
+            f = scfg.transfer_fraction
+            # tokens split f : 1 - f between the stages, in one time budget
+            steps_each = int(per / (f * t_transfer + (1 - f) * t_kd)) if per > 0 else 0
+            split = [(round(steps_each * f), steps_each - round(steps_each * f))] * len(chosen)
+            timing = {"transfer_s_per_step": t_transfer, "kd_s_per_step": t_kd, "train_seconds": max(0.0, seconds)}
+            if steps_each == 0:
+                log("  the time budget is spent by loading, ranking and evaluation: no recovery training fits")
+        state["plan"] = {"tokens_per_step": tokens_per_step, "steps": split, "timing": timing}
+        save_state()
+    plan = state["plan"]
+    total_tokens = sum(a + b for a, b in plan["steps"]) * tokens_per_step
+    log(f"recovering {len(chosen)} candidate(s): {total_tokens:,} training tokens in all "
+        f"({', '.join(f'{c.name}: {a} transfer + {b} distillation steps' for c, (a, b) in zip(chosen, plan['steps']))})")
+
+    # ---- recover and evaluate each chosen candidate
+    results = state.setdefault("recovered", {})
+    best_dir = out / "work" / "best"
+    for cand, (n_transfer, n_kd) in zip(chosen, plan["steps"]):
+        if cand.name in results:
+            continue
+        log(f"{cand.name}: converting, then recovering")
+        if moments is None:
+            moments = moments_for(base, chosen, calibration)
+        student = convert_candidate(base, cand, calibration, moments)
+        work = out / "work" / cand.slug
+        points = [(0, next(r["alpha0_proxy_ppl"] for r in state["ranking"] if r["name"] == cand.name))]
+        stages = [("transfer", n_transfer, AttentionTransfer(base), scfg.transfer_lr, "attention", 1),
+                  ("distillation", n_kd, Distillation(base), scfg.kd_lr, scfg.train, 2)]
+        offset = 0
+        boundaries = []
+        for name, n_steps, objective, lr, train_only, seed in stages:
+            if n_steps <= 0:
+                continue
+            curve = _Curve(student, proxy, device, max(1, n_steps // scfg.curve_points), offset, tokens_per_step,
+                           n_steps, name, log)
+            tcfg = TrainConfig(out_dir=str(work / name), max_steps=n_steps, batch_size=scfg.batch_size,
+                               seq_len=scfg.seq_len, lr=lr, warmup_steps=max(1, n_steps // 10), weight_decay=0.0,
+                               eval_every=10**9, save_every=max(1, n_steps // 4), keep_last=1, log_every=10**9,
+                               train_only=train_only, seed=seed)
+            resumable = (work / name).is_dir() and any((work / name).glob("step_*"))
+            train(student, Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed + seed), None, tcfg,
+                  resume=resumable, device=device, quiet=True, hooks=curve, objective=objective)
+            points += curve.points
+            offset += n_steps * tokens_per_step
+            boundaries.append({"stage": name, "tokens": offset})
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        proxy_ppl = math.exp(proxy_loss(student, proxy, device))
+        ev = evaluate(student, tok, docs, seq_len=eval_seq, max_tokens=scfg.eval_tokens, progress=False)
+        replies = greedy_replies(student, tok, chats)
+        agree = sum(a == b for a, b in zip(replies, original["replies"])) / len(chats)
+        results[cand.name] = {"name": cand.name, "kind": cand.kind, "change": cand.change, "kv_bytes": cand.kv_bytes,
+                              "proxy_ppl": proxy_ppl, "val": ev.to_dict(), "curve": points,
+                              "stages": boundaries, "train_tokens": offset,
+                              "chat": task_accuracy(student, tok, chats, replies=replies), "chat_agreement": agree}
+        log(f"  {cand.name}: validation perplexity {ev.perplexity:.3f} "
+            f"({100 * (ev.perplexity / original['val']['perplexity'] - 1):+.1f} %), proxy {proxy_ppl:.3f}, "
+            f"chat agreement with the original {agree:.0%}")
+        best_name = state.get("best")
+        if best_name is None or proxy_ppl < results[best_name]["proxy_ppl"]:
+            _save_model(student, best_dir, cand, state, out)
+            state["best"] = cand.name
+        save_state()
+        shutil.rmtree(work, ignore_errors=True)        # this run's own training checkpoints
+        del student
+
+    return _finish(out, state, base, model_ref, budget, elapsed, save_state, log)
+
+
+def _save_model(student, best_dir: Path, cand: Candidate, state: dict, out: Path) -> None:
+    from kvlab.io import save_checkpoint
+    from kvlab.io.provenance import record_step
+
+    record_step(student, "shrink", kv=state["config"]["kv"], candidate=cand.name)
+    if best_dir.exists():
+        shutil.rmtree(best_dir)                          # written by this run (out/work is ours)
+    save_checkpoint(student, best_dir)
+
+
+def _finish(out: Path, state: dict, base, model_ref: str, budget: int, elapsed, save_state, log) -> dict:
+    import kvlab
+    from kvlab.io import save_checkpoint
+    from kvlab.io.hf import config_to_hf, export_hf
+
+    best = state["best"]
+    model_dir, hf_dir = out / "model", out / "hf"
+    if not model_dir.exists():
+        save_checkpoint(kvlab.load(out / "work" / "best"), model_dir)
+    best_model = kvlab.load(model_dir)
+    hf_note = None
+    try:
+        config_to_hf(best_model.cfg, best_model.dtype, best_model)
+        if not hf_dir.exists():
+            export_hf(best_model, hf_dir)
+    except ConfigError as e:
+        hf_note = str(e)
+    state["hf_export"] = None if hf_note else "hf"
+    state["hf_note"] = hf_note
+    save_state()
+    results = {"model": model_ref, "budget_bytes_per_token": budget, "original": _public(state["original"]),
+               "ranking": state["ranking"], "recovered": [_public(r) for r in state["recovered"].values()],
+               "best": best, "plan": state["plan"], "hf_export": state["hf_export"], "hf_note": hf_note,
+               "config": state["config"], "elapsed_s": elapsed()}
+    write_json(out / "results.json", results)
+    from kvlab.recipes.shrink_report import plot_pareto, plot_recovery, write_report
+
+    plot_pareto(results, out / "pareto.png")
+    plot_recovery(results, out / "recovery.png")
+    write_report(results, out / "report.md")
+    shutil.rmtree(out / "work", ignore_errors=True)
+    log(f"chose {best}: {out / 'model'} (kvlab)" + ("" if hf_note else f", {hf_dir} (transformers)")
+        + f"; report {out / 'report.md'}; {elapsed() / 60:.1f} min in all")
+    return results
+
+
+def _public(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "replies"}
+

@@ -1,0 +1,115 @@
+"""What ``kvlab shrink`` writes for people: ``report.md``, ``pareto.png`` and ``recovery.png``, from
+its ``results.json`` content (:func:`kvlab.recipes.shrink.run_shrink`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pct(value: float, ref: float) -> str:
+    return f"{100 * (value / ref - 1):+.1f} %"
+
+
+def plot_pareto(results: dict, path: Path) -> None:
+    """Perplexity against KV bytes per token: the original, every candidate at α = 0 and the
+    recovered ones (held-out proxy perplexity, the measure the ranking used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    orig = results["original"]
+    ax.scatter([orig["kv_bytes"]], [orig["proxy_ppl"]], marker="*", s=200, color="black", label="original", zorder=3)
+    for r in results["ranking"]:
+        ax.scatter([r["kv_bytes"]], [r["alpha0_proxy_ppl"]], facecolors="none",
+                   edgecolors="tab:red" if r["kind"] == "mla" else "tab:blue", s=50)
+        ax.annotate(r["name"], (r["kv_bytes"], r["alpha0_proxy_ppl"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    for r in results["recovered"]:
+        ax.scatter([r["kv_bytes"]], [r["proxy_ppl"]], color="tab:red" if r["kind"] == "mla" else "tab:blue", s=50)
+    ax.scatter([], [], facecolors="none", edgecolors="gray", label="converted, α = 0")
+    ax.scatter([], [], color="gray", label="recovered")
+    ax.axvline(results["budget_bytes_per_token"], color="gray", ls=":", lw=1, label="budget")
+    ax.set_xlabel("KV cache bytes per token (bf16)")
+    ax.set_ylabel("perplexity (held-out train-split windows)")
+    ax.set_yscale("log")
+    ax.set_title(f"{results['model']}: blue GQA/MQA/CLA, red MLA")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_recovery(results: dict, path: Path) -> None:
+    """Proxy perplexity against training tokens, one line per recovered candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results["recovered"]:
+        xs, ys = zip(*r["curve"])
+        line, = ax.plot(xs, ys, marker="o", ms=3, label=r["name"])
+        for stage in r["stages"][:-1]:
+            ax.axvline(stage["tokens"], color=line.get_color(), ls=":", lw=1)
+    ax.axhline(results["original"]["proxy_ppl"], color="black", ls="--", lw=1, label="original")
+    ax.set_xlabel("training tokens (attention transfer, then distillation; dotted: the switch)")
+    ax.set_ylabel("perplexity (held-out train-split windows)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: dict, path: Path) -> None:
+    orig = results["original"]
+    o_val = orig["val"]["perplexity"]
+    cfg = results["config"]
+    budget = cfg["tokens"] if cfg["tokens"] is not None else f"{cfg['minutes']} minutes"
+    lines = [
+        f"# kvlab shrink {results['model']} --kv {cfg['kv']}",
+        "",
+        f"Budget: {results['budget_bytes_per_token']:,} KV bytes per token (bf16), against the original's "
+        f"{orig['kv_bytes']:,} ({orig['kv_bytes'] / results['budget_bytes_per_token']:.1f}x); training budget "
+        f"{budget}{' tokens' if cfg['tokens'] is not None else ''}; device {cfg['device']}; "
+        f"{results['elapsed_s'] / 60:.1f} minutes in all.",
+        "",
+        f"**Chosen: {results['best']}** — the lowest perplexity on held-out windows of the training split after "
+        f"recovery. Saved in `model/` (kvlab)"
+        + (", and in `hf/` for transformers." if results["hf_export"] else
+           f". No transformers export: {results['hf_note']}"),
+        "",
+        "## Recovered candidates",
+        "",
+        "Validation perplexity: the built-in corpus's validation split, which no stage trains, calibrates or selects "
+        "on. Chat: greedy answers to held-out instruction prompts — exact-match accuracy, and agreement with the "
+        "original's answers.",
+        "",
+        "| model | KV bytes/token | smaller | validation perplexity | vs original | chat accuracy | "
+        "agreement with original | training tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| original | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | {orig['chat']['accuracy']:.0%} | – | – |",
+    ]
+    for r in results["recovered"]:
+        lines.append(f"| {r['name']} | {r['kv_bytes']:,} | {orig['kv_bytes'] / r['kv_bytes']:.1f}x | "
+                     f"{r['val']['perplexity']:.3f} | {_pct(r['val']['perplexity'], o_val)} | "
+                     f"{r['chat']['accuracy']:.0%} | {r['chat_agreement']:.0%} | {r['train_tokens']:,} |")
+    lines += ["", "## Every candidate at α = 0 (the ranking)", "",
+              "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA), "
+              "no training; perplexity on held-out windows of the training split.", "",
+              "| candidate | KV bytes/token | perplexity at α = 0 | after recovery |", "|---|---:|---:|---:|",
+              f"| original | {orig['kv_bytes']:,} | {orig['proxy_ppl']:.3f} | – |"]
+    recovered = {r["name"]: r for r in results["recovered"]}
+    for r in results["ranking"]:
+        after = f"{recovered[r['name']]['proxy_ppl']:.3f}" if r["name"] in recovered else "not recovered"
+        lines.append(f"| {r['name']} | {r['kv_bytes']:,} | {r['alpha0_proxy_ppl']:,.3f} | {after} |")
+    lines += ["", "![perplexity against KV bytes](pareto.png)", "", "![recovery](recovery.png)", ""]
+    timing = results["plan"].get("timing")
+    if timing:
+        lines += [f"Planned from measured step times: attention transfer {timing['transfer_s_per_step']:.2f} s/step, "
+                  f"distillation {timing['kd_s_per_step']:.2f} s/step, {timing['train_seconds']:.0f} s of training.",
+                  ""]
+    Path(path).write_text("\n".join(lines))

@@ -1,0 +1,120 @@
+"""``kvlab shrink`` end to end on a small trained model (``--quick``), its budget arithmetic against
+closed forms, its resume, and its refusal to write where it should not."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import kvlab
+from kvlab import ConfigError, ModelConfig
+from kvlab.cli import main
+from kvlab.data.corpus import builtin_corpus
+from kvlab.data.windows import Windows, tokenize_to_file
+from kvlab.eval.perplexity import evaluate
+from kvlab.io import save_checkpoint
+from kvlab.recipes.pretrain import new_byte_level_model
+from kvlab.recipes.shrink import ShrinkConfig, enumerate_candidates, parse_kv_budget, run_shrink
+from kvlab.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The tiny preset (4 heads, 2 KV heads) trained briefly on the built-in corpus, saved."""
+    tmp = tmp_path_factory.mktemp("shrink")
+    model = new_byte_level_model(ModelConfig.from_preset("tiny", max_seq_len=256))
+    tokens = tokenize_to_file(builtin_corpus("train"), model.tokenizer, cache_dir=tmp, progress=False).tokens
+    cfg = TrainConfig(out_dir=str(tmp / "run"), max_steps=80, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=8,
+                      eval_every=10**9, save_every=10**9, log_every=10**9)
+    train(model, Windows(tokens, 64, 16, seed=0), None, cfg, quiet=True)
+    save_checkpoint(model, tmp / "model")
+    return tmp / "model"
+
+
+def test_quick_shrink_end_to_end(small, tmp_path):
+    out = tmp_path / "out"
+    assert main(["shrink", str(small), "--kv", "2x", "--quick", "-o", str(out)]) == 0
+    for name in ("report.md", "results.json", "pareto.png", "recovery.png", "model/config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "work").exists()
+    results = json.loads((out / "results.json").read_text())
+    budget = results["budget_bytes_per_token"]
+    assert budget == 512 // 2 == results["original"]["kv_bytes"] // 2
+    names = [r["name"] for r in results["ranking"]]
+    assert {"MQA", "GQA-2-CLA2", "MLA 28+4", "MLA 24+8"} <= set(names)
+    assert all(r["kv_bytes"] <= budget for r in results["ranking"])
+    alpha0 = [r["alpha0_proxy_ppl"] for r in results["ranking"]]
+    assert alpha0 == sorted(alpha0)
+    recovered = results["recovered"]
+    assert [r["name"] for r in recovered] == names[:2]
+    for r in recovered:
+        tokens = [t for t, _ in r["curve"]]
+        assert tokens[0] == 0 and tokens == sorted(tokens) and tokens[-1] == r["train_tokens"] > 0
+        assert 0 <= r["chat_agreement"] <= 1 and math.isfinite(r["val"]["perplexity"])
+    best = next(r for r in recovered if r["name"] == results["best"])
+    assert best["proxy_ppl"] == min(r["proxy_ppl"] for r in recovered)
+    # The saved model is the one evaluated: recompute its validation perplexity independently.
+    model = kvlab.load(out / "model")
+    assert model.cfg.kv_bytes_per_token("bf16") == best["kv_bytes"]
+    again = evaluate(model, model.tokenizer, builtin_corpus("validation"), seq_len=64, max_tokens=512, progress=False)
+    assert again.perplexity == pytest.approx(best["val"]["perplexity"], rel=1e-5)
+    assert model.provenance["steps"][-1]["op"] == "shrink"
+    report = (out / "report.md").read_text()
+    assert f"**Chosen: {results['best']}**" in report and "| original |" in report
+    if results["hf_export"]:
+        hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+        tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(tokens).logits, model(tokens), rtol=1e-4, atol=5e-4)
+    else:
+        assert results["hf_note"]
+
+
+def test_an_interrupted_shrink_resumes_to_the_same_result(small, tmp_path):
+    whole = run_shrink(str(small), tmp_path / "whole", ShrinkConfig.quick(candidates=2), log=lambda s: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_first_candidate(line):
+        if "chat agreement" in line:
+            raise Stop
+    with pytest.raises(Stop):
+        run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), log=stop_after_the_first_candidate)
+    state = json.loads((tmp_path / "cut" / "shrink_state.json").read_text())
+    assert "ranking" in state and not state.get("recovered")
+    with pytest.raises(ConfigError, match="--resume"):
+        run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), log=lambda s: None)
+    with pytest.raises(ConfigError, match="other settings.*candidates"):
+        run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=1), resume=True, log=lambda s: None)
+    resumed = run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), resume=True,
+                         log=lambda s: None)
+    assert [r["val"]["perplexity"] for r in resumed["recovered"]] == [r["val"]["perplexity"] for r in whole["recovered"]]
+    assert resumed["best"] == whole["best"]
+
+
+def test_an_output_directory_with_other_files_is_refused_untouched(small, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my work")
+    assert main(["shrink", str(small), "--quick", "-o", str(out)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "my work"
+
+
+def test_budgets_and_candidates_of_smollm2_in_closed_form():
+    cfg = ModelConfig.from_preset("smollm2-135m")          # 30 layers, 3 KV heads of 64: 23,040 B/token
+    assert parse_kv_budget("2x", cfg) == 11520 and parse_kv_budget("6x", cfg) == 3840
+    assert parse_kv_budget("7000", cfg) == 7000
+    got = {c.name: c.kv_bytes for c in enumerate_candidates(cfg, 11520)}
+    assert got == {"GQA-3-CLA2": 2 * 15 * 3 * 64 * 2, "MQA": 2 * 30 * 64 * 2,
+                   "MLA 176+16": 30 * 192 * 2, "MLA 160+32": 30 * 192 * 2, "MLA 144+48": 30 * 192 * 2}
+    got = {c.name: c.kv_bytes for c in enumerate_candidates(cfg, 3840)}
+    assert got["MQA-CLA2"] == 3840 and got["GQA-3-CLA6"] == 3840 and got["MLA 32+32"] == 3840
+    for bad in ("1x", "0.5x", "abc", "-3"):
+        with pytest.raises(ConfigError, match="--kv"):
+            parse_kv_budget(bad, cfg)
+    with pytest.raises(ConfigError, match="within the budget"):
+        enumerate_candidates(cfg, 30000)

@@ -91,7 +91,9 @@ def test_an_interrupted_shrink_resumes_to_the_same_result(small, tmp_path):
         run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=1), resume=True, log=lambda s: None)
     resumed = run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), resume=True,
                          log=lambda s: None)
-    assert [r["val"]["perplexity"] for r in resumed["recovered"]] == [r["val"]["perplexity"] for r in whole["recovered"]]
+    def ppl(results):
+        return [r["val"]["perplexity"] for r in results["recovered"]]
+    assert ppl(resumed) == ppl(whole)
     assert resumed["best"] == whole["best"]
 
 

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                                    "MLA latents), rank them at alpha=0 on calibration data, recover the best with "
                                    "attention transfer then distillation from the original, evaluate on held-out "
                                    "text and chat prompts, and write the chosen model with a report.")
-    p.add_argument("model", metavar="MODEL", help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name")
+    p.add_argument("model", metavar="MODEL",
+                   help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name")
     p.add_argument("--kv", default="2x", metavar="2x|3x|6x|BYTES",
                    help="the KV budget: a reduction factor or bytes per token in bf16 (default 2x)")
     budget = p.add_mutually_exclusive_group()

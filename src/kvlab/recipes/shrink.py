@@ -391,8 +391,9 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
         save_state()
     plan = state["plan"]
     total_tokens = sum(a + b for a, b in plan["steps"]) * tokens_per_step
-    log(f"recovering {len(chosen)} candidate(s): {total_tokens:,} training tokens in all "
-        f"({', '.join(f'{c.name}: {a} transfer + {b} distillation steps' for c, (a, b) in zip(chosen, plan['steps']))})")
+    per_candidate = ", ".join(f"{c.name}: {a} transfer + {b} distillation steps"
+                              for c, (a, b) in zip(chosen, plan["steps"]))
+    log(f"recovering {len(chosen)} candidate(s): {total_tokens:,} training tokens in all ({per_candidate})")
 
     # ---- recover and evaluate each chosen candidate
     results = state.setdefault("recovered", {})

@@ -79,7 +79,7 @@ def test_an_interrupted_shrink_resumes_to_the_same_result(small, tmp_path):
         pass
 
     def stop_after_the_first_candidate(line):
-        if "chat agreement" in line:
+        if "common prefix" in line:
             raise Stop
     with pytest.raises(Stop):
         run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), log=stop_after_the_first_candidate)

@@ -97,6 +97,13 @@ def test_an_interrupted_shrink_resumes_to_the_same_result(small, tmp_path):
     assert resumed["best"] == whole["best"]
 
 
+def test_shrink_can_train_on_text_the_original_generates(small, tmp_path):
+    results = run_shrink(str(small), tmp_path / "gen", ShrinkConfig.quick(candidates=1, data="generated",
+                                                                          generated_tokens=300), log=lambda s: None)
+    assert results["config"]["data"] == "generated" and results["recovered"][0]["train_tokens"] > 0
+    assert not (tmp_path / "gen" / "work").exists()
+
+
 def test_an_output_directory_with_other_files_is_refused_untouched(small, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--candidates", type=int, default=2, metavar="K", help="how many top-ranked wirings to recover")
     p.add_argument("--train", choices=["attention", "all"], default="attention",
                    help="what distillation trains (attention transfer always trains the attention)")
+    p.add_argument("--data", choices=["builtin", "generated", "mixed"], default="builtin",
+                   help="training text: the built-in train split, text the original model samples (its own "
+                        "distribution, what distillation matches), or both")
+    p.add_argument("--generated-tokens", type=int, default=65536, metavar="N",
+                   help="--data generated/mixed: tokens to sample (default 65536)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
     p.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
                    help="validation tokens scored per model (0: the whole split)")
@@ -42,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tokens is not None and args.tokens < 0:
         raise UsageError(f"kvlab shrink: --tokens {args.tokens} must be >= 0")
-    common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed)
+    common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed,
+                  data=args.data, generated_tokens=args.generated_tokens)
     if args.quick:
         scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
     else:

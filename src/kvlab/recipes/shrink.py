@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvlab.config.model import ModelConfig
@@ -158,6 +159,10 @@ class ShrinkConfig:
     transfer_lr: float = 3e-4
     kd_lr: float = 1e-4
     train: str = "attention"              # what distillation trains: attention | all
+    # Training text: the built-in train split, text the original model generates (its own
+    # distribution: what distillation matches), or both.
+    data: str = "builtin"
+    generated_tokens: int = 65536
     curve_points: int = 6
     seed: int = 0
     device: str = "cpu"
@@ -175,6 +180,10 @@ class ShrinkConfig:
             raise ConfigError(f"transfer_fraction={self.transfer_fraction} must be in [0, 1]")
         if self.train not in ("attention", "all"):
             raise ConfigError(f"--train {self.train!r} is not one of attention, all")
+        if self.data not in ("builtin", "generated", "mixed"):
+            raise ConfigError(f"--data {self.data!r} is not one of builtin, generated, mixed")
+        if self.data != "builtin" and self.generated_tokens < 1:
+            raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
 
     @classmethod
     def quick(cls, **overrides) -> "ShrinkConfig":
@@ -376,6 +385,23 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
         save_state()
     chosen = [Candidate(r["name"], r["kind"], r["change"], r["kv_bytes"]) for r in state["ranking"][:scfg.candidates]]
 
+    # ---- the training text
+    if scfg.data != "builtin":
+        generated_path = out / "work" / "generated.npy"
+        if not generated_path.is_file():
+            from kvlab.data.generated import generate_corpus
+
+            log(f"generating {scfg.generated_tokens:,} tokens of training text with the original model...")
+            t = time.perf_counter()
+            generated = generate_corpus(base, tok, scfg.generated_tokens, prompts=train_tokens,
+                                        seq_len=scfg.seq_len, seed=scfg.seed)
+            generated_path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(generated_path.with_suffix(".tmp.npy"), generated)
+            generated_path.with_suffix(".tmp.npy").replace(generated_path)
+            log(f"  {len(generated):,} tokens in {_duration(time.perf_counter() - t)}")
+        generated = np.load(generated_path)
+        train_tokens = generated if scfg.data == "generated" else np.concatenate([np.asarray(train_tokens), generated])
+
     # ---- the training budget
     tokens_per_step = scfg.batch_size * scfg.seq_len
     train_windows = Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed)
@@ -510,7 +536,7 @@ def _finish(out: Path, state: dict, base, model_ref: str, budget: int, elapsed, 
     plot_pareto(results, out / "pareto.png")
     plot_recovery(results, out / "recovery.png")
     write_report(results, out / "report.md")
-    shutil.rmtree(out / "work", ignore_errors=True)
+    shutil.rmtree(out / "work", ignore_errors=True)         # this run's checkpoints and generated text
     log(f"chose {best}: {out / 'model'} (kvlab)" + ("" if hf_note else f", {hf_dir} (transformers)")
         + f"; report {out / 'report.md'}; {elapsed() / 60:.1f} min in all")
     return results

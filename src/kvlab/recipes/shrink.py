@@ -163,7 +163,7 @@ class ShrinkConfig:
     # distribution: what distillation matches), or both.
     data: str = "builtin"
     generated_tokens: int = 65536
-    curve_points: int = 6
+    curve_points: int = 4
     seed: int = 0
     device: str = "cpu"
 

@@ -389,7 +389,7 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
     if scfg.data != "builtin":
         generated_path = out / "work" / "generated.npy"
         if not generated_path.is_file():
-            from kvlab.data.generated import generate_corpus
+            from kvlab.inference.generated_text import generate_corpus
 
             log(f"generating {scfg.generated_tokens:,} tokens of training text with the original model...")
             t = time.perf_counter()

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from kvlab import ModelConfig
-from kvlab.data.generated import generate_corpus
+from kvlab.inference.generated_text import generate_corpus
 from kvlab.io.tokenizer import ByteTokenizer
 from kvlab.recipes.pretrain import new_byte_level_model
 

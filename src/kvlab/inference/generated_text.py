@@ -14,6 +14,7 @@ import torch
 
 from kvlab.data.windows import token_dtype
 from kvlab.errors import ConfigError
+from kvlab.inference.generation import generate
 
 
 def generate_corpus(model, tokenizer, n_tokens: int, *, prompts: np.ndarray, seq_len: int = 256,
@@ -22,8 +23,6 @@ def generate_corpus(model, tokenizer, n_tokens: int, *, prompts: np.ndarray, seq
     """About ``n_tokens`` tokens sampled from ``model``, in sequences of up to ``seq_len`` tokens.
 
     ``prompts``: a token array (e.g. the training split's) from which the prompts are drawn."""
-    from kvlab.inference.generation import generate
-
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ConfigError(f"n_tokens={n_tokens!r} must be a positive integer")
     if not 1 <= prompt_tokens < seq_len:

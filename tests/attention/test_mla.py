@@ -186,3 +186,18 @@ def test_moe_deepseek_is_refused_with_the_reason(tmp_path):
 
 def test_mla_module_is_what_the_decoder_builds():
     assert isinstance(make_model(**MLA).layers[1].self_attn, MLAAttention)
+
+
+def test_plan_and_info_describe_an_mla_model(tmp_path, capsys):
+    from kvlab.cli import main
+    from kvlab.eval.plan import plan
+    from kvlab.io import save_checkpoint
+
+    model = make_model(**MLA)
+    rows = plan(model.cfg, memory=2**30, context=100)
+    assert [r.variant for r in rows] == ["MLA 12+6", "MLA 12+6-CLA2", "MLA 12+6-CLA3"]
+    assert [r.kv_bytes_per_token for r in rows] == [4 * 18 * 2, 2 * 18 * 2, 2 * 18 * 2]
+    save_checkpoint(model, tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "[MLA 12+6]" in out and "latent 12 + shared RoPE key 6" in out and "144" in out

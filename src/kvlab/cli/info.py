@@ -44,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
         ("parameters", f"{counts['total']:,} (attention {counts['attention']:,}, mlp {counts['mlp']:,}, "
                        f"embedding {counts['embedding']:,})"),
         ("layers", f"{cfg.n_layer} x d_model {cfg.d_model}, {cfg.block} blocks, {cfg.mlp}, {cfg.norm}, {cfg.pos}"),
-        ("heads", f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
+        ("heads", f"{cfg.n_head} query, latent {cfg.kv_lora_rank} + shared RoPE key {cfg.qk_rope_head_dim} channels "
+                  f"(query/key {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, value {cfg.v_head_dim})"
+         if cfg.attn_kind == "mla" and cfg.attention_layers is None else
+         f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
         ("KV-producing layers", f"{cfg.n_kv_layers} of {cfg.n_layer}"
          + ("" if cfg.n_kv_layers == cfg.n_layer else f"  (kv_source {cfg.kv_sources})")),
         (f"KV bytes per token ({args.dtype})", f"{info['kv_bytes_per_token']:,} "

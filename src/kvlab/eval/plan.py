@@ -39,11 +39,19 @@ def format_bytes(n: float) -> str:
 
 
 def kv_label(cfg: ModelConfig) -> str:
-    """MHA / GQA-g / MQA, with -CLAk or -CLA(custom) appended when layers share KV."""
-    base = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else f"GQA-{cfg.n_kv_head}"
+    """MHA / GQA-g / MQA / MLA r+R (latent + RoPE-key channels), with -CLAk or -CLA(custom)
+    appended when layers share KV."""
+    if _is_mla(cfg):
+        base = f"MLA {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
+    else:
+        base = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else f"GQA-{cfg.n_kv_head}"
     if cfg.kv_source is not None and cfg.n_kv_layers < cfg.n_layer:
         return f"{base}-CLA(custom)"
     return f"{base}-CLA{cfg.cla}" if cfg.cla > 1 else base
+
+
+def _is_mla(cfg: ModelConfig) -> bool:
+    return cfg.attention_layers is None and cfg.attn_kind == "mla"
 
 
 def _wiring(cfg: ModelConfig) -> tuple:
@@ -51,14 +59,18 @@ def _wiring(cfg: ModelConfig) -> tuple:
 
 
 def variants(cfg: ModelConfig) -> list[ModelConfig]:
-    """MHA, every GQA divisor, MQA, then CLA2 and CLA3 (with the model's KV heads) and MQA-CLA2.
+    """MHA, every GQA divisor, MQA, then CLA2 and CLA3 (with the model's KV heads) and MQA-CLA2; for
+    an MLA model (every head reads one latent) its own latent with CLA1/2/3.
 
     The model itself is in the list (first, if its wiring is none of those); duplicates appear once.
     """
-    out = [cfg.replace(n_kv_head=h, cla=1) for h in range(cfg.n_head, 0, -1) if cfg.n_head % h == 0]
-    out += [cfg.replace(cla=k) for k in (2, 3) if k <= cfg.n_layer]
-    if cfg.n_layer >= 2:
-        out.append(cfg.replace(n_kv_head=1, cla=2))
+    if _is_mla(cfg):
+        out = [cfg.replace(cla=k) for k in (1, 2, 3) if k <= cfg.n_layer]
+    else:
+        out = [cfg.replace(n_kv_head=h, cla=1) for h in range(cfg.n_head, 0, -1) if cfg.n_head % h == 0]
+        out += [cfg.replace(cla=k) for k in (2, 3) if k <= cfg.n_layer]
+        if cfg.n_layer >= 2:
+            out.append(cfg.replace(n_kv_head=1, cla=2))
     if _wiring(cfg) not in {_wiring(c) for c in out}:
         out.insert(0, cfg)
     unique: dict[tuple, ModelConfig] = {}

@@ -63,3 +63,26 @@ def pytest_generate_tests(metafunc):
     if kind is not None and "variant" in metafunc.fixturenames:
         examples = get_kind(kind).examples
         metafunc.parametrize("variant", list(examples.values()), ids=list(examples))
+
+
+@pytest.fixture(scope="session")
+def trained_mha(tmp_path_factory):
+    """The tiny shape with 4 KV heads (MHA), trained 150 steps on the built-in corpus's byte-level
+    train split: ``(model, validation windows, calibration batches)``. Conversions are compared on it;
+    tests must not change its weights."""
+    from kvlab.data.corpus import builtin_corpus
+    from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
+    from kvlab.io.tokenizer import ByteTokenizer
+    from kvlab.training import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("trained_mha")
+    tok = ByteTokenizer()
+    train_tokens = tokenize_to_file(builtin_corpus("train"), tok, cache_dir=tmp, progress=False).tokens
+    val_tokens = tokenize_to_file(builtin_corpus("validation"), tok, cache_dir=tmp, progress=False).tokens
+    torch.manual_seed(0)
+    model = make_model(n_kv_head=4)
+    cfg = TrainConfig(out_dir=str(tmp / "run"), max_steps=150, batch_size=16, seq_len=64, lr=3e-3,
+                      warmup_steps=10, eval_every=1000, save_every=1000, log_every=1000)
+    train(model, Windows(train_tokens, 64, 16, seed=0), None, cfg, quiet=True)
+    val = Windows(val_tokens, 64, 16, mode="sequential")
+    return model, val, calibration_batches(tok, 4096, seq_len=64, cache_dir=tmp)

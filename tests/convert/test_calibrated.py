@@ -8,9 +8,9 @@ import torch
 from kvlab import ConfigError
 from kvlab.convert.heads import convert
 from kvlab.data.corpus import builtin_corpus
-from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
+from kvlab.data.windows import calibration_batches
 from kvlab.io.tokenizer import ByteTokenizer
-from kvlab.training import TrainConfig, evaluate_loss, train
+from kvlab.training import evaluate_loss
 
 from conftest import make_model
 
@@ -65,17 +65,8 @@ def test_heads_that_differ_by_a_rope_commuting_map_merge_exactly(variant):
     assert calibrated.cfg.n_kv_head == 2 and calibrated.cfg.kv_bytes_per_token() == model.cfg.kv_bytes_per_token() // 2
 
 
-def test_calibrated_beats_mean_pooling_at_alpha_zero_on_a_trained_model(tmp_path):
-    tok = ByteTokenizer()
-    train_tokens = tokenize_to_file(builtin_corpus("train"), tok, cache_dir=tmp_path, progress=False).tokens
-    val_tokens = tokenize_to_file(builtin_corpus("validation"), tok, cache_dir=tmp_path, progress=False).tokens
-    torch.manual_seed(0)
-    model = make_model(n_kv_head=4)
-    cfg = TrainConfig(out_dir=str(tmp_path / "run"), max_steps=150, batch_size=16, seq_len=64, lr=3e-3,
-                      warmup_steps=10, eval_every=1000, save_every=1000, log_every=1000)
-    train(model, Windows(train_tokens, 64, 16, seed=0), None, cfg, quiet=True)
-    val = Windows(val_tokens, 64, 16, mode="sequential")
-    calib = calibration_batches(tok, 4096, seq_len=64, cache_dir=tmp_path)
+def test_calibrated_beats_mean_pooling_at_alpha_zero_on_a_trained_model(trained_mha):
+    model, val, calib = trained_mha
     losses = {"original": evaluate_loss(model, val, 4, "cpu")}
     changes = {"gqa-2": dict(n_kv_head=2), "mqa": dict(n_kv_head=1), "cla2": dict(cla=2),
                "mqa-cla2": dict(n_kv_head=1, cla=2)}

@@ -1,5 +1,5 @@
 """Conversion of GQA/MHA models to MLA: exact where an exact conversion exists, any latent width,
-better than plain PCA and than mean-pooled MQA on a trained model, and loadable by transformers."""
+better than mean-pooled MQA on a trained model, and loadable by transformers."""
 
 import pytest
 import torch
@@ -7,11 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from kvlab import ConfigError, cache_bytes
 from kvlab.convert import convert, convert_to_mla
-from kvlab.data.corpus import builtin_corpus
-from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
 from kvlab.io.hf import export_hf
-from kvlab.io.tokenizer import ByteTokenizer
-from kvlab.training import TrainConfig, evaluate_loss, train
+from kvlab.training import evaluate_loss
 
 from conftest import make_model
 
@@ -62,25 +59,10 @@ def test_cla_and_learned_positions_are_refused():
         convert_to_mla(make_model(n_kv_head=2), kv_lora_rank=8)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mla")
-    tok = ByteTokenizer()
-    train_tokens = tokenize_to_file(builtin_corpus("train"), tok, cache_dir=tmp, progress=False).tokens
-    val_tokens = tokenize_to_file(builtin_corpus("validation"), tok, cache_dir=tmp, progress=False).tokens
-    torch.manual_seed(0)
-    model = make_model(n_kv_head=4)
-    cfg = TrainConfig(out_dir=str(tmp / "run"), max_steps=150, batch_size=16, seq_len=64, lr=3e-3,
-                      warmup_steps=10, eval_every=1000, save_every=1000, log_every=1000)
-    train(model, Windows(train_tokens, 64, 16, seed=0), None, cfg, quiet=True)
-    val = Windows(val_tokens, 64, 16, mode="sequential")
-    return model, val, calibration_batches(tok, 4096, seq_len=64, cache_dir=tmp)
-
-
-def test_mla_beats_mean_pooled_mqa_and_improves_with_the_latent_width_on_a_trained_model(trained):
+def test_mla_beats_mean_pooled_mqa_and_improves_with_the_latent_width_on_a_trained_model(trained_mha):
     """At α = 0 on a trained MHA model: MLA at MQA's cache size is closer to the model than mean-pooled
     MQA (and recovers most of its loss), with either latent fit; a wider latent is closer still."""
-    model, val, calib = trained
+    model, val, calib = trained_mha
     loss = {"original": evaluate_loss(model, val, 4, "cpu")}
     mqa = convert(model, n_kv_head=1, method="mean")
     loss["mqa-mean"] = evaluate_loss(mqa, val, 4, "cpu")
@@ -94,8 +76,8 @@ def test_mla_beats_mean_pooled_mqa_and_improves_with_the_latent_width_on_a_train
     assert evaluate_loss(narrower, val, 4, "cpu") > loss["pca"] > evaluate_loss(wider, val, 4, "cpu"), loss
 
 
-def test_a_converted_model_with_latent_norm_exports_to_deepseek_v3(trained, tmp_path):
-    model, _, calib = trained
+def test_a_converted_model_with_latent_norm_exports_to_deepseek_v3(trained_mha, tmp_path):
+    model, _, calib = trained_mha
     mla = convert_to_mla(model, kv_lora_rank=24, qk_rope_head_dim=8, latent_norm=True, calibration=calib)
     export_hf(mla, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

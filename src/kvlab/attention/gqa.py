@@ -66,19 +66,19 @@ class GQAAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def _is_producer(cfg: ModelConfig, layer: int) -> bool:
+def is_producer(cfg: ModelConfig, layer: int) -> bool:
     return cfg.kv_sources[layer] == layer
 
 
 def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
                  device) -> FullKVLayer | None:
-    if not _is_producer(cfg, layer):
+    if not is_producer(cfg, layer):
         return None
     return FullKVLayer(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype=dtype, device=device)
 
 
 def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
-    return CacheBytes(per_token=kv_bytes_per_token(int(_is_producer(cfg, layer)), cfg.n_kv_head, cfg.head_dim, dtype))
+    return CacheBytes(per_token=kv_bytes_per_token(int(is_producer(cfg, layer)), cfg.n_kv_head, cfg.head_dim, dtype))
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:
@@ -86,12 +86,13 @@ def _param_count(cfg: ModelConfig, layer: int) -> int:
     q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
     bias = 1 if cfg.qkv_bias else 0
     count = (d + bias) * q_out + q_out * d + (d if cfg.o_bias else 0)      # q_proj, o_proj
-    if _is_producer(cfg, layer):
+    if is_producer(cfg, layer):
         count += 2 * (d + bias) * kv_out                                   # k_proj, v_proj
     return count
 
 
-def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
+def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
+    """The ``window`` option of a layer spec (shared by the kinds that take one)."""
     window = options.get("window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ConfigError(f"layer {layer}: window={window!r} must be a positive integer or None")
@@ -99,7 +100,7 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 GQA = register_kind(AttentionKind(
     name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window",), validate=_validate,
+    param_count=_param_count, options=("window",), validate=validate_window,
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),

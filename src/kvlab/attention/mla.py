@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
+from kvlab.attention.gqa import is_producer, validate_window
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -133,23 +134,19 @@ class MLAAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
 
-def _is_producer(cfg: ModelConfig, layer: int) -> bool:
-    return cfg.kv_sources[layer] == layer
-
-
 def _width(cfg: ModelConfig) -> int:
     return cfg.kv_lora_rank + cfg.qk_rope_head_dim
 
 
 def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
                  device) -> LatentLayer | None:
-    if not _is_producer(cfg, layer):
+    if not is_producer(cfg, layer):
         return None
     return LatentLayer(batch_size, max_len, _width(cfg), dtype=dtype, device=device)
 
 
 def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
-    return CacheBytes(per_token=_width(cfg) * dtype_bytes(dtype) if _is_producer(cfg, layer) else 0)
+    return CacheBytes(per_token=_width(cfg) * dtype_bytes(dtype) if is_producer(cfg, layer) else 0)
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:
@@ -163,7 +160,7 @@ def _param_count(cfg: ModelConfig, layer: int) -> int:
         count = (d + bias) * r + r + r * H * qk
     count += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)      # kv_b_proj
     count += H * cfg.v_head_dim * d + (d if cfg.o_bias else 0)                    # o_proj
-    if _is_producer(cfg, layer):
+    if is_producer(cfg, layer):
         count += (d + bias) * _width(cfg) + (cfg.kv_lora_rank if cfg.latent_norm else 0)
     return count
 
@@ -181,9 +178,7 @@ def _fill_defaults(cfg: ModelConfig) -> None:
 
 
 def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
-    window = options.get("window")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise ConfigError(f"layer {layer}: window={window!r} must be a positive integer or None")
+    validate_window(cfg, layer, options)
     if cfg.kv_lora_rank is None:
         raise ConfigError(f"layer {layer} is an mla layer but kv_lora_rank is not set; give the latent width, "
                           f"e.g. kv_lora_rank={2 * cfg.head_dim}")

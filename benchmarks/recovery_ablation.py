@@ -5,7 +5,9 @@ Starting points: MQA by mean pooling (the GQA paper's), MQA by calibrated mergin
 + RoPE key 32, KV/2) by PCA. Objectives on the training loop: ``lm`` (the language-model loss on all
 weights: the papers' uptraining), ``transfer`` (layer-wise attention transfer, attention weights),
 ``kd`` (logit distillation from the original, attention weights), ``transfer+kd`` (30 % / 70 % of
-the tokens, what ``kvlab shrink`` does). Windows of ``--seq-len`` tokens from the train split;
+the tokens, what ``kvlab shrink`` does). A cell may name what distillation trains as a third field
+(``START:OBJECTIVE:attention|all|lora``, as ``kvlab shrink --train``; default attention; transfer
+always trains the attention, lm all weights). Windows of ``--seq-len`` tokens from the train split;
 perplexity on ``--eval-tokens`` of the validation split at 1,024 tokens of context.
 
     python benchmarks/recovery_ablation.py [--steps 24] [--cells "MQA mean:lm;..."] [--out FILE.json]
@@ -29,10 +31,12 @@ from kvlab.convert.mla import convert_to_mla
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
 from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
 from kvlab.eval.perplexity import evaluate
+from kvlab.peft.lora import LoraConfig, apply_lora, merge_and_unload
 from kvlab.training import AttentionTransfer, CrossEntropy, Distillation, TrainConfig, train
 
 STARTS = ("MQA mean", "MQA calibrated", "MLA 160+32 pca")
 OBJECTIVES = ("lm", "transfer", "kd", "transfer+kd")
+TRAIN_SETS = ("attention", "all", "lora")
 DEFAULT_CELLS = ("MQA mean:lm;MQA mean:transfer+kd;MQA calibrated:lm;MQA calibrated:transfer+kd;"
                  "MLA 160+32 pca:lm;MLA 160+32 pca:transfer;MLA 160+32 pca:kd;MLA 160+32 pca:transfer+kd")
 
@@ -81,9 +85,9 @@ def main() -> None:
     print(f"original: {rows[0]['perplexity']:.3f}", flush=True)
     alpha0: dict[str, float] = {}
     for cell in args.cells.split(";"):
-        start_name, objective = (s.strip() for s in cell.split(":"))
-        if start_name not in STARTS or objective not in OBJECTIVES:
-            raise SystemExit(f"unknown cell {cell!r}: starts {STARTS}, objectives {OBJECTIVES}")
+        start_name, objective, train_set = ([s.strip() for s in cell.split(":")] + ["attention"])[:3]
+        if start_name not in STARTS or objective not in OBJECTIVES or train_set not in TRAIN_SETS:
+            raise SystemExit(f"unknown cell {cell!r}: starts {STARTS}, objectives {OBJECTIVES}, trains {TRAIN_SETS}")
         t0 = time.perf_counter()
         model = start(start_name)
         if start_name not in alpha0:
@@ -91,14 +95,18 @@ def main() -> None:
         n_transfer = {"transfer": args.steps, "transfer+kd": round(0.3 * args.steps)}.get(objective, 0)
         n_kd = {"kd": args.steps, "transfer+kd": args.steps - round(0.3 * args.steps)}.get(objective, 0)
         run(model, AttentionTransfer(base), n_transfer, 3e-4, "attention", 1)
-        run(model, Distillation(base), n_kd, 1e-4, "attention", 2)
+        if train_set == "lora" and n_kd:
+            apply_lora(model, LoraConfig(r=16, alpha=32.0, target_modules=("gate_proj", "up_proj", "down_proj")))
+        run(model, Distillation(base), n_kd, 1e-4, "attention+adapter" if train_set == "lora" else train_set, 2)
+        if train_set == "lora" and n_kd:
+            merge_and_unload(model)
         run(model, CrossEntropy(), args.steps if objective == "lm" else 0, 1e-4, "all", 3)
-        rows.append({"start": start_name, "objective": objective,
+        rows.append({"start": start_name, "objective": objective, "kd_trains": train_set,
                      "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token(),
                      "alpha0_perplexity": alpha0[start_name], "tokens": args.steps * args.seq_len,
                      "perplexity": ppl(model), "seconds": time.perf_counter() - t0})
-        print(f"{start_name:16} {objective:12} alpha0 {alpha0[start_name]:10.2f} -> {rows[-1]['perplexity']:8.3f} "
-              f"({rows[-1]['seconds']:.0f} s)", flush=True)
+        print(f"{start_name:16} {objective:12} {train_set:9} alpha0 {alpha0[start_name]:10.2f} -> "
+              f"{rows[-1]['perplexity']:8.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
     meta = {"model": args.model, "data_fingerprint": corpus_fingerprint(docs), "steps": args.steps,
             "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "lr": {"transfer": 3e-4, "kd": 1e-4, "lm": 1e-4},
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),

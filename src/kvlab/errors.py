@@ -22,6 +22,10 @@ class CheckpointError(KvlabError, RuntimeError):
     """A checkpoint directory or file that cannot be read or written."""
 
 
+class Interrupted(KvlabError):
+    """Ctrl-C (SIGINT) during a run: the message says where it stopped and how to continue."""
+
+
 def require_positive_ints(obj: object, names: tuple[str, ...]) -> None:
     """Raise :class:`ConfigError` for the first of ``obj``'s attributes ``names`` that is not a
     positive integer (bools excluded) — the check every config dataclass starts with."""

@@ -72,6 +72,15 @@ def test_plan_table(capsys):
 def test_plan_weights_do_not_fit(capsys):
     code, out, _ = run(capsys, "plan", "--preset", "llama3-8b", "--memory", "8GB", "--json")
     assert all(r["max_batch"] == 0 for r in json.loads(out)["variants"])
+    code, out, _ = run(capsys, "plan", "--preset", "llama3-8b", "--memory", "8GB")
+    assert "weights do not fit" in out and "one sequence" not in out
+
+
+def test_plan_says_when_one_sequence_does_not_fit_beside_the_weights(capsys):
+    # Llama-2-7B in bf16 is 13.5 GB; 16 GiB leave ~3.7 GB, less than one 16k-token MHA cache (8.6 GB).
+    code, out, _ = run(capsys, "plan", "--preset", "llama2-7b", "--memory", "16GiB", "--context", "16384")
+    mha = next(line for line in out.splitlines() if "* MHA" in line)
+    assert "0 (one sequence's KV won't fit)" in mha and "weights do not fit" not in mha
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -37,7 +37,7 @@ def test_overwrite_is_atomic_and_leaves_no_temp_dirs(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        write_dir_atomically(tmp_path / "ckpt", crash)
+        write_dir_atomically(tmp_path / "ckpt", crash, kind="kvlab-checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]       # no temp dir left
     load(tmp_path / "ckpt")                                              # the old checkpoint is intact
     save_checkpoint(make_model(seed=2), tmp_path / "ckpt")

@@ -85,9 +85,9 @@ def test_an_interrupted_shrink_resumes_to_the_same_result(small, tmp_path):
         run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), log=stop_after_the_first_candidate)
     state = json.loads((tmp_path / "cut" / "shrink_state.json").read_text())
     assert "ranking" in state and not state.get("recovered")
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(ConfigError, match="holds a kvlab shrink run: --resume continues it"):
         run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), log=lambda s: None)
-    with pytest.raises(ConfigError, match="other settings.*candidates"):
+    with pytest.raises(ConfigError, match="other settings.*candidates 2 -> 1"):
         run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=1), resume=True, log=lambda s: None)
     resumed = run_shrink(str(small), tmp_path / "cut", ShrinkConfig.quick(candidates=2), resume=True,
                          log=lambda s: None)
@@ -109,7 +109,7 @@ def test_an_output_directory_with_other_files_is_refused_untouched(small, tmp_pa
     out.mkdir()
     (out / "notes.txt").write_text("my work")
     assert main(["shrink", str(small), "--quick", "-o", str(out)]) == 2
-    assert "not an empty directory" in capsys.readouterr().err
+    assert "1 entry kvlab did not write (notes.txt)" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "my work"
 
 
@@ -127,3 +127,44 @@ def test_budgets_and_candidates_of_smollm2_in_closed_form():
             parse_kv_budget(bad, cfg)
     with pytest.raises(ConfigError, match="within the budget"):
         enumerate_candidates(cfg, 30000)
+
+
+@pytest.mark.parametrize("train_set", ["attention", "lora"])
+def test_distillation_trains_lora_on_the_mlps_and_merges_it(small, tmp_path, train_set):
+    """--train lora: the attention trains in full, LoRA trains the MLPs and is merged into the
+    saved model (a plain checkpoint); --train attention leaves the MLPs as they were."""
+    out = tmp_path / train_set
+    results = run_shrink(str(small), out, ShrinkConfig.quick(candidates=1, train=train_set, lora_rank=4),
+                         log=lambda s: None)
+    assert results["recovered"][0]["train_tokens"] > 0
+    original, shrunk = kvlab.load(small), kvlab.load(out / "model")
+    assert not [n for n, _ in shrunk.named_parameters() if "lora" in n]
+    mlp = [n for n, _ in original.named_parameters() if ".mlp." in n]
+    changed = {n for n in mlp if not torch.equal(original.state_dict()[n], shrunk.state_dict()[n])}
+    if train_set == "lora":
+        assert changed == {n for n in mlp if n.endswith("_proj.weight")}
+    else:
+        assert not changed
+    # The numbers in results.json are the saved (merged) model's.
+    again = evaluate(shrunk, shrunk.tokenizer, builtin_corpus("validation"), seq_len=64, max_tokens=512,
+                     progress=False)
+    assert again.perplexity == pytest.approx(results["recovered"][0]["val"]["perplexity"], rel=1e-5)
+
+
+def test_shrink_settings_are_checked():
+    with pytest.raises(ConfigError, match="--train 'adapter'"):
+        ShrinkConfig.quick(train="adapter")
+    with pytest.raises(ConfigError, match="--lora-rank 0"):
+        ShrinkConfig.quick(train="lora", lora_rank=0)
+    with pytest.raises(ConfigError, match="--data 'web'"):
+        ShrinkConfig.quick(data="web")
+
+
+def test_shrink_can_train_on_the_library_corpus(small, tmp_path):
+    lines = []
+    results = run_shrink(str(small), tmp_path / "lib", ShrinkConfig.quick(candidates=1, data="library"),
+                         log=lines.append)
+    assert results["config"]["data"] == "library" and results["recovered"][0]["train_tokens"] > 0
+    said = next(line for line in lines if "tokens of training text" in line)
+    builtin_bytes = sum(len(d.text.encode()) for d in builtin_corpus("train"))
+    assert int(said.split()[0].replace(",", "")) > 8 * builtin_bytes      # byte-level tokens

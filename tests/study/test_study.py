@@ -157,5 +157,5 @@ def test_study_refuses_a_non_empty_output_dir(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("keep me")
     assert main(["study", "--quick", "--out", str(tmp_path / "o")]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "1 entry kvlab did not write (x)" in capsys.readouterr().err
     assert (tmp_path / "o" / "x").read_text() == "keep me"

@@ -13,6 +13,7 @@ import torch
 from kvlab import ConfigError
 from kvlab.data.windows import Windows
 from kvlab.training import (
+    CrossEntropy,
     TrainConfig,
     TrainingError,
     checkpoint_dirs,
@@ -110,14 +111,16 @@ def test_half_written_checkpoints_are_never_picked_up(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    model = make_model()
-    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=4, seq_len=16, batch_size=2, save_every=2)
-    train(model, Windows(TOKENS, 16, 2), None, cfg, quiet=True)
-    with torch.no_grad():
-        model.norm.weight.fill_(float("nan"))
+    class PoisonedAfterFourSteps(CrossEntropy):
+        calls = 0
+
+        def loss(self, model, batch):
+            self.calls += 1
+            return super().loss(model, batch) * (float("nan") if self.calls > 4 else 1.0)
+
     cfg = TrainConfig(out_dir=str(tmp_path), max_steps=8, seq_len=16, batch_size=2, save_every=2)
-    with pytest.raises(TrainingError, match=r"loss is nan at step 1.*last good checkpoint is .*step_0000004"):
-        train(model, Windows(TOKENS, 16, 2), None, cfg, quiet=True)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5.*last good checkpoint is .*step_0000004"):
+        train(make_model(), Windows(TOKENS, 16, 2), None, cfg, quiet=True, objective=PoisonedAfterFourSteps())
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_0000002", "step_0000004"]
     metrics = tmp_path / "metrics.jsonl"           # nothing non-finite was ever logged
     lines = metrics.read_text().splitlines() if metrics.exists() else []

@@ -72,6 +72,37 @@ def load_model(args: argparse.Namespace):
     return model
 
 
+def add_overwrite(p: argparse.ArgumentParser, run: bool = False) -> None:
+    """``--overwrite``: the one switch of the output policy (:mod:`kvlab.io.atomic`)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=("start over in a directory that holds a run or other files (only the run's own files are "
+                         "replaced)" if run else
+                         "replace the output path even if it holds something kvlab did not write there (a file, "
+                         "a directory of yours, another kind of output); by default kvlab refuses"))
+
+
+def device_arg(text: str) -> str:
+    """``--device``: a torch device this machine has (checked before any work)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device {text!r} is not a device: give cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"--device {text}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"--device {text}: only {torch.cuda.device_count()} GPU(s) are visible "
+                                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"--device {text}: kvlab runs on cpu, cuda or mps")
+    return text
+
+
 def number_list(kind, what: str):
     def parse(text: str):
         try:
@@ -84,7 +115,7 @@ def number_list(kind, what: str):
 def model_args(p: argparse.ArgumentParser, adapter: bool = False) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
                    help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
     if adapter:    # where the adapted model is only run (finetune attaches its own; export/convert refuse)

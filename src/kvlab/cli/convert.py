@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import UsageError, load_model, model_args
+from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args
 from kvlab.io import save_checkpoint
 
 
@@ -38,12 +38,16 @@ def add_parser(sub) -> None:
                         "a directory of .txt; validation documents are never used")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random and of the calibration windows")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.convert.heads import convert, plan_conversion
     from kvlab.io import load_config
+    from kvlab.io.atomic import check_output
+
+    check_output(args.output, "kvlab-checkpoint", overwrite=args.overwrite)    # before any work
 
     if args.mla is not None:
         return _run_mla(args)
@@ -64,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "calibrated":
         change["calibration"] = _calibration(args, model)
     new = convert(model, seed=args.seed, **change)
-    save_checkpoint(new, args.output)
+    save_checkpoint(new, args.output, overwrite=args.overwrite)
     print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "
           f"{before.n_kv_layers} -> {new.cfg.n_kv_layers} KV layers ({args.method}); KV bytes per token (bf16) "
           f"{before.kv_bytes_per_token('bf16'):,} -> {new.cfg.kv_bytes_per_token('bf16'):,}")
@@ -95,7 +99,7 @@ def _run_mla(args: argparse.Namespace) -> int:
     plan_mla(before, **change)                                   # fail before loading any weights
     model = load_model(args)
     new = convert_to_mla(model, calibration=_calibration(args, model), **change)
-    save_checkpoint(new, args.output)
+    save_checkpoint(new, args.output, overwrite=args.overwrite)
     print(f"{args.model} -> {args.output}: MLA, latent {new.cfg.kv_lora_rank} + RoPE key {new.cfg.qk_rope_head_dim} "
           f"channels per layer ({method}); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
           f"{new.cfg.kv_bytes_per_token('bf16'):,}")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kvlab.cli.common import UsageError, load_model, model_args, torch_seed
+from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args, torch_seed
 
 
 def add_parser(sub) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    add_overwrite(p, run=True)
     p.add_argument("--merge", action="store_true", help="also write OUT/merged: LoRA/AdaLoRA folded into the base")
     lora = p.add_argument_group("LoRA / QLoRA / AdaLoRA")
     lora.add_argument("--r", type=int, default=8, help="rank (AdaLoRA: the target rank)")
@@ -53,13 +54,13 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.data.chat import ChatBatches, read_chat_jsonl
+    from kvlab.io.rundir import RunDirectory
     from kvlab.peft import LORA_FAMILY, AdapterSpec
-    from kvlab.recipes.finetune import finetune
+    from kvlab.recipes.finetune import FINETUNE_OUTPUTS, finetune
     from kvlab.training import TrainConfig
+    from kvlab.training.checkpoints import RESUMABLE_CHANGES, run_settings
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise UsageError(f"kvlab finetune: --out {out} is not empty; choose a new directory or pass --resume")
     if args.method in LORA_FAMILY:
         options = dict(alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules.split(","))
         if args.method == "adalora":
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     if model.tokenizer is None:
         raise UsageError(f"kvlab finetune: {args.model} has no tokenizer to render the chat data with")
+    if args.seq_len > model.cfg.max_seq_len:
+        raise UsageError(f"kvlab finetune: --seq-len {args.seq_len} exceeds the model's max_seq_len "
+                         f"{model.cfg.max_seq_len}; use rows of at most {model.cfg.max_seq_len} tokens")
     batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack, seed=args.seed)
     max_steps = args.max_steps
     if max_steps is None:
@@ -87,8 +91,13 @@ def run(args: argparse.Namespace) -> int:
                       weight_decay=0.0, eval_every=max_steps, save_every=args.save_every, keep_last=args.keep_last,
                       log_every=args.log_every, seed=args.seed, train_only="adapter")
     torch_seed(args.seed)
-    summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
-                       merge=args.merge, resume=args.resume, device=args.device)
+    settings = {"model": args.model, "adapter_method": args.method, "options": spec.options, "data": args.data,
+                "eval_data": args.eval_data, "eval_limit": args.eval_limit, "pack": args.pack, "merge": args.merge,
+                **run_settings(cfg)}
+    with RunDirectory(out, "finetune", settings, entries=FINETUNE_OUTPUTS, resume=args.resume,
+                      overwrite=args.overwrite, free=RESUMABLE_CHANGES):
+        summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
+                           merge=args.merge, resume=args.resume, device=args.device)
     keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
             "base_weight_memory", "adapter", "peft", "merged")
     brief = {k: summary[k] for k in keys if k in summary}

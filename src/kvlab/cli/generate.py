@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt is None and args.prompt_ids is None:
         raise UsageError("kvlab generate: give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise UsageError("kvlab generate: give --prompt TEXT or --prompt-ids 1,2,3, not both (one batch is "
+                         "either text or token ids)")
     model = load_model(args)
     tok = model.tokenizer
     if args.prompt is not None:

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(("* " if r.is_model else "  ") + r.variant, str(r.n_kv_head), str(r.n_kv_layers),
                       f"{r.params / 1e6:,.1f}M", format_bytes(r.weight_bytes), f"{r.kv_bytes_per_token:,}",
                       format_bytes(r.kv_bytes_per_sequence),
-                      f"{r.max_batch:,}" if r.max_batch else "0 (weights do not fit)",
+                      f"{r.max_batch:,}" if r.max_batch else _why_none(r, memory),
                       _relative(r.kv_bytes_per_token, base.kv_bytes_per_token))
     console = make_console()
     console.print(table)
@@ -58,3 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.max_seq_len < args.context:
         console.print(f"note: context {args.context} exceeds the model's max_seq_len {cfg.max_seq_len}")
     return 0
+
+
+def _why_none(row, memory: int) -> str:
+    """Why not even one sequence fits: the weights alone, or one sequence's KV beside them."""
+    if row.weight_bytes >= memory:
+        return "0 (weights do not fit)"
+    return "0 (one sequence's KV won't fit)"

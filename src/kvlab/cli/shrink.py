@@ -6,6 +6,8 @@ import argparse
 import re
 import sys
 
+from kvlab.cli.common import add_overwrite, device_arg
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("shrink", help="a KV cache N times smaller that keeps quality (convert, recover, evaluate)",
@@ -23,20 +25,24 @@ def add_parser(sub) -> None:
                              "evaluation leave)")
     budget.add_argument("--tokens", type=int, metavar="N", help="training tokens over all recovered candidates")
     p.add_argument("--candidates", type=int, default=2, metavar="K", help="how many top-ranked wirings to recover")
-    p.add_argument("--train", choices=["attention", "all"], default="attention",
-                   help="what distillation trains (attention transfer always trains the attention)")
-    p.add_argument("--data", choices=["builtin", "generated", "mixed"], default="builtin",
-                   help="training text: the built-in train split, text the original model samples (its own "
-                        "distribution, what distillation matches), or both")
+    p.add_argument("--train", choices=["attention", "all", "lora"], default="attention",
+                   help="what distillation trains: the attention, all weights, or the attention plus LoRA on "
+                        "the MLPs, merged at the end (attention transfer always trains the attention)")
+    p.add_argument("--lora-rank", type=int, default=16, metavar="R", help="--train lora: the adapters' rank")
+    p.add_argument("--data", choices=["builtin", "library", "generated", "mixed"], default="builtin",
+                   help="training text: the built-in train split (~270k tokens), the library corpus (the "
+                        "docstrings of kvlab's dependencies too, ~3.8M tokens), text the original model samples "
+                        "(its own distribution, what distillation matches), or the built-in split and samples")
     p.add_argument("--generated-tokens", type=int, default=65536, metavar="N",
                    help="--data generated/mixed: tokens to sample (default 65536)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
     p.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
                    help="validation tokens scored per model (0: the whole split)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--out", metavar="DIR", help="output directory (default: shrink-MODEL-KV, new or empty)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_overwrite(p, run=True)
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): for tests, not for results")
     p.set_defaults(func=run)
 
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None and args.tokens < 0:
         raise UsageError(f"kvlab shrink: --tokens {args.tokens} must be >= 0")
     common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed,
-                  data=args.data, generated_tokens=args.generated_tokens)
+                  data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank)
     if args.quick:
         scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
     else:
@@ -57,5 +63,6 @@ def run(args: argparse.Namespace) -> int:
         scfg = ShrinkConfig(**common, **budget, calibration_tokens=args.calibration_tokens,
                             eval_tokens=args.eval_tokens or None)
     out = args.out or "shrink-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{args.model}-{args.kv}").strip("-")
-    run_shrink(args.model, out, scfg, resume=args.resume, log=lambda line: print(line, file=sys.stderr, flush=True))
+    run_shrink(args.model, out, scfg, resume=args.resume, overwrite=args.overwrite,
+               log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvlab.cli.common import make_console, number_list
+from kvlab.cli.common import add_overwrite, device_arg, make_console, number_list
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets (every step, a few minutes)")
     p.add_argument("--out", dest="out_dir", metavar="DIR", help="output directory (default runs/study-<time>)")
     p.add_argument("--replot", metavar="DIR", help="only rewrite the plots and report.md of a finished study")
+    add_overwrite(p, run=True)
     g = p.add_argument_group("the pretrained model (without --model)")
     for flag in ("d-model", "n-layer", "n-head", "d-ff"):
         g.add_argument(f"--{flag}", type=int)
@@ -46,7 +47,7 @@ def add_parser(sub) -> None:
     g.add_argument("--decode-steps", type=int)
     g.add_argument("--plan-memory", help="memory budget of the max-batch column (default 24GiB)")
     g.add_argument("--plan-context", type=int, help="context of the max-batch column (default 8192)")
-    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--device", type=device_arg, help="cpu (default), cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--keep-checkpoints", action="store_true", default=None,
                    help="keep every run's final checkpoint (default: only the pretrained model)")
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         given = {f.name: getattr(args, f.name) for f in fields(StudyConfig)
                  if getattr(args, f.name, None) is not None}
         cfg = StudyConfig.make(quick=args.quick, **given)
-        results = run_study(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+        results = run_study(cfg, log=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite)
     from rich.table import Table
 
     head, rows = table_rows(results)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kvlab.cli.common import add_overwrite
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tasks", help="write the built-in instruction set (train.jsonl, test.jsonl)",
@@ -14,12 +16,13 @@ def add_parser(sub) -> None:
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.data.instruct import write_task_files
 
-    paths = write_task_files(args.out, n_train=args.train, n_test=args.test, seed=args.seed)
+    paths = write_task_files(args.out, n_train=args.train, n_test=args.test, seed=args.seed, overwrite=args.overwrite)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from kvlab.cli.common import UsageError, load_model, model_config_from_args
+from kvlab.cli.common import UsageError, add_overwrite, device_arg, load_model, model_config_from_args
 from kvlab.errors import ConfigError
 
 
@@ -44,15 +44,18 @@ def add_parser(sub) -> None:
     p.add_argument("--data-mode", choices=["random", "sequential"], default="random")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default ~/.cache/kvlab or $KVLAB_CACHE)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    add_overwrite(p, run=True)
     p.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: DDP, or FSDP2 (fully_shard per block)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvlab.io.rundir import RunDirectory
     from kvlab.recipes.pretrain import new_byte_level_model, run_training
     from kvlab.training import TrainConfig, steps_for_budget
+    from kvlab.training.checkpoints import RESUMABLE_CHANGES, TRAIN_OUTPUTS, run_settings
 
     sources = [x for x in (args.preset, args.config, args.init) if x]
     if len(sources) != 1:
@@ -71,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
                       keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
                       data_mode=args.data_mode, log_every=args.log_every)
+    if args.init and (args.n_kv_head is not None or args.cla is not None):
+        flag = "--n-kv-head" if args.n_kv_head is not None else "--cla"
+        raise UsageError(f"kvlab train: {flag} shapes a new model (--preset/--config); a checkpoint given with --init "
+                         f"keeps its wiring — convert it first (kvlab convert {args.init} --kv-heads G / --cla K)")
     if args.init:
         model = load_model(argparse.Namespace(model=args.init, model_dtype=None, device="cpu"))
         if model.tokenizer is None:
@@ -82,9 +89,17 @@ def run(args: argparse.Namespace) -> int:
             model = new_byte_level_model(model_config_from_args(ns), seed=args.seed)
         except ConfigError as e:
             raise UsageError(f"kvlab train: {e}") from None
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise UsageError(f"kvlab train: --seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+                         f"{model.cfg.max_seq_len}; train on windows of at most {model.cfg.max_seq_len} tokens")
     record = dict(alpha=args.alpha, reference_tokens=args.reference_tokens) if args.alpha is not None else None
-    summary = run_training(model, cfg, data=args.data, data_field=args.data_field, cache_dir=args.cache_dir,
-                           device=args.device, strategy=args.strategy, resume=args.resume, record=record)
+    settings = {"init": args.init, "preset": args.preset, "config": args.config, "n_kv_head": args.n_kv_head,
+                "cla": args.cla, "data": args.data, "data_field": args.data_field, "strategy": args.strategy,
+                **run_settings(cfg)}
+    with RunDirectory(args.out, "train", settings, entries=TRAIN_OUTPUTS, resume=args.resume,
+                      overwrite=args.overwrite, free=RESUMABLE_CHANGES):
+        summary = run_training(model, cfg, data=args.data, data_field=args.data_field, cache_dir=args.cache_dir,
+                               device=args.device, strategy=args.strategy, resume=args.resume, record=record)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         print(json.dumps({"final": summary["final"], **{k: v for k, v in summary.items()
                                                         if k not in ("start_step", "final")}}))

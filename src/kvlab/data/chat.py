@@ -39,7 +39,9 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
         raise ConfigError(f"chat data {path} does not exist; give a JSONL file with one "
                           f"{{\"messages\": [...]}} per line")
     conversations = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    from kvlab.data.corpus import read_utf8
+
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

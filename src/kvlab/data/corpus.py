@@ -10,6 +10,17 @@ Documents:
 Split: a document goes to validation when the first byte of sha256(its id) is below 26 (~10 %),
 else to train — fixed by the document ids alone, so it never depends on the order of discovery.
 The corpus differs between Python versions; :func:`corpus_fingerprint` identifies the text used.
+
+The larger ``library`` corpus (:func:`library_corpus`, data source ``library`` / ``library:train``)
+adds, after the built-in documents, the docstrings of kvlab's own runtime dependencies as installed
+by ``pip install kvlab`` (:data:`LIBRARY_PACKAGES`: one document per source file, test directories
+left out) — about 14 M characters, 3.8 M SmolLM2 tokens in its train split (14 times the built-in
+train split) with torch 2.13, for
+uptraining budgets that would otherwise pass over the same text many times. A docstring is kept
+only the first time its exact text appears (the built-in documents come first), so no passage of
+the built-in validation split reappears in the library's train split. Licences: torch, numpy,
+sympy, networkx and jinja2 are BSD-3-Clause, matplotlib is under the PSF-based Matplotlib licence,
+rich is MIT; the text is read from the installed packages and never redistributed.
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ from kvlab.errors import ConfigError
 
 SPLITS = ("train", "validation")
 _SKIP_MODULES = {"antigravity", "this"}
+# Runtime dependencies of kvlab (and of torch) whose sources ship their documentation.
+LIBRARY_PACKAGES = ("torch", "numpy", "sympy", "networkx", "matplotlib", "jinja2", "rich")
+_TEST_DIRS = {"test", "tests", "testing"}
 
 
 @dataclass(frozen=True)
@@ -49,8 +63,18 @@ def _docstrings_in_source_order(node: ast.AST) -> list[str]:
     return out
 
 
-def _module_documents() -> list[Document]:
-    docs = []
+def _parsed_docstrings(path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _docstrings_in_source_order(ast.parse(f.read()))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+
+
+@lru_cache(maxsize=1)
+def _stdlib_docstrings() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(module name, its docstrings in source order) for each public pure-Python stdlib module."""
+    out = []
     for name in sorted(sys.stdlib_module_names):
         if name.startswith("_") or name in _SKIP_MODULES:
             continue
@@ -60,29 +84,69 @@ def _module_documents() -> list[Document]:
             continue
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue
-        try:
-            with open(spec.origin, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (OSError, SyntaxError, UnicodeDecodeError):
-            continue
-        parts = _docstrings_in_source_order(tree)
+        parts = _parsed_docstrings(spec.origin)
         if parts:
-            docs.append(Document(f"module:{name}", "\n\n".join(parts)))
-    return docs
+            out.append((name, tuple(parts)))
+    return tuple(out)
+
+
+def _builtin_sources() -> list[tuple[str, tuple[str, ...]]]:
+    """(document id, the passages it is made of): the help topics, then the stdlib modules."""
+    from pydoc_data.topics import topics
+
+    return ([(f"topic:{k}", (v.strip(),)) for k, v in sorted(topics.items()) if v.strip()]
+            + [(f"module:{name}", parts) for name, parts in _stdlib_docstrings()])
 
 
 @lru_cache(maxsize=1)
 def builtin_documents() -> tuple[Document, ...]:
-    from pydoc_data.topics import topics
+    return tuple(Document(doc_id, "\n\n".join(parts)) for doc_id, parts in _builtin_sources())
 
-    docs = [Document(f"topic:{k}", v.strip()) for k, v in sorted(topics.items()) if v.strip()]
-    return tuple(docs + _module_documents())
+
+def _package_files(package: str) -> list[tuple[str, str]]:
+    """(document id, path) of each source file of an installed package, tests left out."""
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    out = []
+    for root in spec.submodule_search_locations:
+        root = Path(root)
+        for f in sorted(root.rglob("*.py")):
+            rel = f.relative_to(root)
+            if not _TEST_DIRS.intersection(rel.parts[:-1]) and not rel.name.startswith("test_"):
+                out.append((f"package:{package}/{rel.as_posix()}", str(f)))
+    return out
+
+
+@lru_cache(maxsize=1)
+def library_documents() -> tuple[Document, ...]:
+    """The built-in documents, then one document per source file of :data:`LIBRARY_PACKAGES`
+    made of the docstrings not seen before (exact text), in source order."""
+    docs = list(builtin_documents())
+    seen = {p for _, parts in _builtin_sources() for p in parts}
+    for package in LIBRARY_PACKAGES:
+        for doc_id, path in _package_files(package):
+            parts = [p for p in _parsed_docstrings(path) if p not in seen]
+            seen.update(parts)
+            if parts:
+                docs.append(Document(doc_id, "\n\n".join(parts)))
+    return tuple(docs)
+
+
+def _split(docs, split: str) -> list[Document]:
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not one of {list(SPLITS)}")
+    return [d for d in docs if d.split == split]
 
 
 def builtin_corpus(split: str = "validation") -> list[Document]:
-    if split not in SPLITS:
-        raise ConfigError(f"split={split!r} is not one of {list(SPLITS)}")
-    return [d for d in builtin_documents() if d.split == split]
+    return _split(builtin_documents(), split)
+
+
+def library_corpus(split: str = "train") -> list[Document]:
+    return _split(library_documents(), split)
 
 
 def corpus_fingerprint(docs: list[Document]) -> str:
@@ -93,30 +157,50 @@ def corpus_fingerprint(docs: list[Document]) -> str:
 
 
 def read_documents(source: str, field: str = "text") -> list[Document]:
-    """``builtin`` (validation split), ``builtin:train``, a text file, a ``.jsonl`` file (one JSON
-    object per line, text under ``field``) or a directory of ``.txt`` files, each file one document."""
+    """``builtin`` (validation split), ``builtin:train``, ``library`` / ``library:train`` (the larger
+    corpus, train split by default), a text file, a ``.jsonl`` file (one JSON object per line, text
+    under ``field``) or a directory of ``.txt`` files, each file one document."""
     import json
     from pathlib import Path
 
     if source == "builtin" or source.startswith("builtin:"):
         return builtin_corpus(source.partition(":")[2] or "validation")
+    if source == "library" or source.startswith("library:"):
+        return library_corpus(source.partition(":")[2] or "train")
     path = Path(source)
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise ConfigError(f"data directory {source!r} holds no .txt files")
-        return [Document(str(f.relative_to(path)), f.read_text(encoding="utf-8")) for f in files]
-    if not path.is_file():
+        docs = [Document(str(f.relative_to(path)), read_utf8(f)) for f in files]
+    elif not path.is_file():
         raise ConfigError(f"data {source!r} not found: give a text file, a .jsonl file, a directory of .txt "
-                          f"files, or 'builtin'")
-    if path.suffix == ".jsonl":
+                          f"files, 'builtin' or 'library'")
+    elif path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_utf8(path).splitlines()):
             if not line.strip():
                 continue
             try:
-                docs.append(Document(f"{path.name}:{i + 1}", json.loads(line)[field]))
+                text = json.loads(line)[field]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ConfigError(f"{source} line {i + 1} is not a JSON object with a {field!r} field") from None
-        return docs
-    return [Document(path.name, path.read_text(encoding="utf-8"))]
+            if not isinstance(text, str):
+                raise ConfigError(f"{source} line {i + 1}: {field!r} holds a {type(text).__name__}, not text")
+            docs.append(Document(f"{path.name}:{i + 1}", text))
+    else:
+        docs = [Document(path.name, read_utf8(path))]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ConfigError(f"data {source!r} holds no text (empty or whitespace only)")
+    return docs
+
+
+def read_utf8(path) -> str:
+    """A file's UTF-8 text, or one clear error (binary or another encoding)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); give a UTF-8 "
+                          f"text file (e.g. iconv -t UTF-8)") from None

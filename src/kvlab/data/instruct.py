@@ -55,18 +55,21 @@ def make_tasks(n: int, seed: int = 0, tasks: Sequence[str] = TASKS) -> list[list
     return out
 
 
-def write_task_files(directory: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
-    """``train.jsonl`` and ``test.jsonl`` (disjoint seeds) under ``directory``."""
+def write_task_files(directory: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0, *,
+                     overwrite: bool = False) -> dict[str, Path]:
+    """``train.jsonl`` and ``test.jsonl`` (disjoint seeds) in a new directory ``directory``
+    (written atomically; an existing one replaced only under :mod:`kvlab.io.atomic`'s policy)."""
+    from kvlab.io.atomic import write_dir_atomically
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):
-        path = directory / f"{split}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps({"messages": c}) + "\n" for c in make_tasks(n, s)))
-        tmp.replace(path)
-        paths[split] = path
-    return paths
+    splits = (("train", n_train, seed), ("test", n_test, seed + 1_000_003))
+
+    def fill(tmp: Path) -> None:
+        for split, n, s in splits:
+            (tmp / f"{split}.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in make_tasks(n, s)))
+
+    write_dir_atomically(directory, fill, kind="tasks", overwrite=overwrite)
+    return {split: directory / f"{split}.jsonl" for split, _, _ in splits}
 
 
 def task_kind(question: str) -> str:

@@ -14,6 +14,7 @@ the text scored — comparable across tokenizers.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -77,11 +78,17 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
         raise ConfigError("evaluation needs a tokenizer; this model has none")
     if seq_len < 2:
         raise ConfigError(f"seq_len={seq_len} must be at least 2")
-    stride = stride or max(seq_len // 2, 1)
+    stride = max(seq_len // 2, 1) if stride is None else stride
     if not 1 <= stride <= seq_len:
-        raise ConfigError(f"stride={stride} must be in [1, seq_len={seq_len}]")
+        raise ConfigError(f"stride={stride} must be in [1, seq_len={seq_len}] (the window advance; default "
+                          f"seq_len / 2)")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens={max_tokens} must be at least 1 (leave it out to score every token)")
     if model.cfg.pos == "learned" and seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    if seq_len > model.cfg.max_seq_len:
+        warnings.warn(f"seq_len={seq_len} goes past the context this model was trained for (max_seq_len="
+                      f"{model.cfg.max_seq_len}); its perplexity there measures extrapolation", stacklevel=2)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
         raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start documents with")
@@ -104,6 +111,8 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
         n_tokens += len(ids) - 1
         if max_tokens is not None and n_tokens >= max_tokens:
             break
+    if n_tokens == 0:
+        raise ConfigError(f"the {len(docs)} document(s) hold no text to score")
     all_windows = [w for ids in work for w in windows(ids, seq_len, stride)]
 
     total_nll, scored = 0.0, 0

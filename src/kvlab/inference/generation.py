@@ -7,6 +7,7 @@ ends when every row is finished or ``max_new_tokens`` is reached.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -101,6 +102,15 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             raise ConfigError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > cfg.max_seq_len:
+        if cfg.pos == "learned":
+            raise ConfigError(f"a prompt of {max(len(p) for p in prompts)} tokens plus max_new_tokens={max_new_tokens} "
+                              f"is longer than this model's positions (max_seq_len={cfg.max_seq_len}); shorten the "
+                              f"prompt or generate fewer tokens")
+        warnings.warn(f"a prompt of {max(len(p) for p in prompts)} tokens plus {max_new_tokens} new ones goes past the "
+                      f"context this model was trained for (max_seq_len={cfg.max_seq_len}); expect worse text "
+                      f"beyond it", stacklevel=2)
     if stop_tokens is None:
         stop_tokens = [] if cfg.eos_token_id is None else [cfg.eos_token_id]
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=model.device)

@@ -1,4 +1,17 @@
-"""Atomic directory writes: a directory appears under its final name complete, or not at all."""
+"""Writing outputs safely: atomically, with the process umask, and never over a user's files.
+
+The output policy every writer follows (:func:`write_dir_atomically`):
+
+- a directory output appears under its final name complete, or not at all (it is filled in a
+  temporary sibling directory that is renamed into place);
+- each output carries a marker, ``.kvlab-output.json``, naming its kind (``kvlab-checkpoint``,
+  ``hf-checkpoint``, ``kvlab-adapter``, ``peft-adapter``...). A path that exists is replaced only
+  when it is an empty directory or an output of the same kind (kvlab checkpoints and adapters
+  written before the marker existed are recognised by their ``config.json``); anything else — a
+  file, a directory of the user's, another kind of output — is refused with
+  :class:`OutputExistsError` unless the caller passes ``overwrite=True`` (``--overwrite``);
+- the old output is removed only after the new one is complete, and nothing else is ever deleted.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +22,37 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kvlab.errors import ConfigError
+
+MARKER = ".kvlab-output.json"
+KIND_NAMES = {"kvlab-checkpoint": "a kvlab checkpoint", "hf-checkpoint": "a HF checkpoint kvlab exported",
+              "kvlab-adapter": "a kvlab adapter", "peft-adapter": "a PEFT adapter kvlab exported",
+              "tasks": "a kvlab task set"}
+
+
+class OutputExistsError(ConfigError):
+    """The output path holds something kvlab did not write (exit 2: choose a path or --overwrite)."""
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` and everything under it the permissions that ``mkdir`` and ``open`` would
+    under the process umask: ``tempfile`` makes directories 0700 and safetensors writes its files
+    0600, whatever the umask says."""
+    mask = umask()
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON; a reader (or a kill) sees the old file or the new one, never half."""
@@ -18,21 +62,93 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_dir_atomically(target: str | Path, fill) -> Path:
-    """Call ``fill(tmpdir)`` then rename tmpdir to ``target`` (replacing an existing directory)."""
+def output_kind(path: Path) -> str | None:
+    """The kind of kvlab output at ``path`` (a directory), or None for anything else."""
+    path = Path(path)
+    try:
+        return json.loads((path / MARKER).read_text())["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:  # written before the marker existed: kvlab's own config formats
+        fmt = json.loads((path / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"kvlab": "kvlab-checkpoint", "kvlab-adapter": "kvlab-adapter"}.get(fmt)
+
+
+def check_output(target: str | Path, kind: str, *, overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` unless ``target`` may receive an output of ``kind``."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    what = KIND_NAMES.get(kind, kind)
+    if not target.is_dir():
+        raise OutputExistsError(f"{target} exists and is a file; kvlab writes {what} (a directory) there: choose "
+                                f"another path, or pass --overwrite to replace the file")
+    if target.is_symlink():
+        raise OutputExistsError(f"{target} is a symbolic link; give the directory it points to, or a new path")
+    found = output_kind(target)
+    if found == kind:
+        return
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    held = (f"holds {KIND_NAMES.get(found, found)}" if found else
+            f"holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} kvlab did not write "
+            f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
+    raise OutputExistsError(f"{target} {held}; kvlab writes {what} there only into a new or empty directory or "
+                            f"over its own output of that kind: choose another path, or pass --overwrite to "
+                            f"replace it")
+
+
+def write_dir_atomically(target: str | Path, fill, *, kind: str, overwrite: bool = False) -> Path:
+    """Call ``fill(tmpdir)``, mark the directory as an output of ``kind``, then rename it to
+    ``target``; an existing target is replaced only as the module docstring says."""
+    target = Path(target)
+    check_output(target, kind, overwrite=overwrite)
+    made = make_parents(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
-        if target.exists():
+        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        apply_umask(tmp)
+        check_output(target, kind, overwrite=overwrite)     # again: it may have appeared meanwhile
+        if target.exists() or target.is_symlink():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.rename(target, old)
             os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
         else:
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
         raise
     return target
+
+
+def make_parents(target: Path) -> list[Path]:
+    """Create ``target``'s missing parent directories; return them, innermost first."""
+    made, parent = [], target.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Undo :func:`make_parents` after a failure: remove those directories that are still empty."""
+    for d in directories:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a directory tree that kvlab is entitled to remove."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -59,6 +59,11 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
                               f"models use 'silu' in a SwiGLU MLP)")
     if hf.get("mlp_bias"):
         raise CheckpointError(f"{where}: mlp_bias=true is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if not isinstance(hf.get(k), int)]
+    if missing:
+        raise CheckpointError(f"{where}: the {model_type} config lacks {', '.join(missing)} (or they are not "
+                              f"integers); it is incomplete")
     if model_type == "deepseek_v3":
         return _config_from_deepseek(hf, where)
     n_head = hf["num_attention_heads"]
@@ -316,8 +321,10 @@ def _constant_latent_channel(model: Transformer, hf_config: dict[str, Any]) -> d
     return state
 
 
-def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``model`` as a HF checkpoint directory that ``transformers`` loads as it is."""
+def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype | None = None,
+              overwrite: bool = False) -> Path:
+    """Write ``model`` as a HF checkpoint directory that ``transformers`` loads as it is (an
+    existing ``directory`` is replaced only under :mod:`kvlab.io.atomic`'s output policy)."""
     refuse_adapter(model)
     dtype = dtype or model.dtype
     hf_config = config_to_hf(model.cfg, dtype, model)
@@ -343,4 +350,4 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
         if tokenizer is not None and getattr(tokenizer, "kind", None) == "hf":
             tokenizer.save(tmp)
 
-    return write_dir_atomically(directory, fill)
+    return write_dir_atomically(directory, fill, kind="hf-checkpoint", overwrite=overwrite)

@@ -24,15 +24,19 @@ from kvlab.io.weights import build_model, refuse_adapter
 from kvlab.models.decoder import Transformer
 
 SCHEMA_VERSION = 1
+# Fields every kvlab checkpoint's config has held since schema 1 (later ones default to "absent").
+REQUIRED_FIELDS = ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "max_seq_len", "pos", "mlp",
+                   "tie_embeddings")
 CONFIG_FILE, WEIGHTS_FILE, PROVENANCE_FILE = "config.json", "model.safetensors", "provenance.json"
 
 
 def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None,
                     provenance: dict[str, Any] | None = None, extra=None,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (and its tokenizer and provenance) as a kvlab checkpoint directory.
     ``extra(tmpdir)`` may add files (e.g. a trainer state) inside the same atomic write;
-    ``state_dict`` replaces ``model.state_dict()`` (e.g. one gathered from FSDP shards)."""
+    ``state_dict`` replaces ``model.state_dict()`` (e.g. one gathered from FSDP shards). An
+    existing ``directory`` is replaced only under :mod:`kvlab.io.atomic`'s output policy."""
     refuse_adapter(model)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     prov = stamped(provenance if provenance is not None else provenance_of(model))
@@ -50,7 +54,7 @@ def save_checkpoint(model: Transformer, directory: str | Path, *, tokenizer=None
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomically(directory, fill)
+    return write_dir_atomically(directory, fill, kind="kvlab-checkpoint", overwrite=overwrite)
 
 
 def is_kvlab_dir(path: Path) -> bool:
@@ -65,9 +69,11 @@ def read_config(directory: str | Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a kvlab checkpoint: {CONFIG_FILE} is missing")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not a kvlab config object")
     if data.get("format") != "kvlab":
         raise CheckpointError(f"{path} is not a kvlab config (format={data.get('format')!r}); "
                               f"import foreign checkpoints with the matching importer")
@@ -75,9 +81,19 @@ def read_config(directory: str | Path) -> ModelConfig:
     if version != SCHEMA_VERSION:
         raise CheckpointError(f"{path} has schema_version={version!r}; this kvlab reads version "
                               f"{SCHEMA_VERSION}")
+    fields = data.get("model")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path} has no \"model\" object (the model's fields): the config is incomplete; "
+                              f"write the checkpoint again with kvlab")
+    # kvlab writes every field; a missing one would silently become a default that does not match
+    # the weights (a 2048-token max_seq_len, a 256-token vocabulary).
+    missing = [f for f in REQUIRED_FIELDS if f not in fields]
+    if missing:
+        raise CheckpointError(f"{path}: the model config lacks {', '.join(missing)}; kvlab checkpoints record "
+                              f"them — add the right values or write the checkpoint again with kvlab")
     try:
-        return ModelConfig.from_dict(data["model"])
-    except (ConfigError, TypeError, KeyError) as e:
+        return ModelConfig.from_dict(fields)
+    except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid model config: {e}") from None
 
 

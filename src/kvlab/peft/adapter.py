@@ -131,7 +131,7 @@ def _shape(model_cfg) -> dict:
     return {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, *, extra=None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, *, extra=None, overwrite: bool = False) -> Path:
     """Write the adapter alone (atomically: a temporary directory renamed into place);
     ``extra(tmpdir)`` may add files inside the same atomic write (a trainer state)."""
     from safetensors.torch import save_file
@@ -142,6 +142,7 @@ def save_adapter(model: nn.Module, directory: str | Path, *, extra=None) -> Path
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"format": "kvlab-adapter", "version": 1, "method": spec.method, "options": spec.config.to_dict(),
             "base_shape": _shape(model.cfg), "base_name": getattr(model.cfg, "name", None),
+            "base_signature": base_signature(model),
             "parameters": int(sum(v.numel() for v in tensors.values())),
             "prefix_merged": spec.method == "prefix" and not model.prompt_adapter.reparameterized}
     if spec.method in PREFIX_METHODS:
@@ -153,19 +154,36 @@ def save_adapter(model: nn.Module, directory: str | Path, *, extra=None) -> Path
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomically(Path(directory), write)
+    return write_dir_atomically(Path(directory), write, kind="kvlab-adapter", overwrite=overwrite)
+
+
+def base_signature(model: nn.Module) -> list[list[float]]:
+    """A few input-embedding values of the base model: an adapter remembers them, so that it is not
+    applied to another model that merely has the same shapes (embeddings are never quantized or
+    adapted, and survive a bf16 load within the tolerance of :func:`load_adapter`)."""
+    emb = model.embed_tokens.weight.detach()
+    rows = sorted({0, emb.shape[0] // 3, 2 * emb.shape[0] // 3, emb.shape[0] - 1})
+    return [[float(x) for x in emb[r, :8].float().cpu()] for r in rows]
 
 
 def read_adapter_config(directory: str | Path) -> dict:
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"adapter directory {str(directory)!r} does not exist (give the OUT/adapter directory "
+                              f"that kvlab finetune wrote)")
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         hint = (" (this is a PEFT adapter; kvlab loads its own adapter directories)"
                 if (Path(directory) / "adapter_config.json").is_file() else "")
         raise CheckpointError(f"{directory} is not a kvlab adapter: {CONFIG_FILE} is missing{hint}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    missing = [k for k in ("format", "method", "options", "base_shape") if not isinstance(meta, dict) or k not in meta]
+    if missing or meta.get("format") != "kvlab-adapter":
+        raise CheckpointError(f"{path} is not a kvlab adapter config" + (f" (it lacks {', '.join(missing)})"
+                                                                        if missing else ""))
+    return meta
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, compute_dtype: torch.dtype | None = None) -> Attached:
@@ -176,6 +194,11 @@ def load_adapter(model: nn.Module, directory: str | Path, *, compute_dtype: torc
     if diff:
         raise CheckpointError(f"the adapter in {directory} was trained on a different model shape ({'; '.join(diff)}); "
                               f"load it onto its base model ({meta.get('base_name')})")
+    saved = meta.get("base_signature")
+    if saved is not None and not torch.allclose(torch.tensor(saved), torch.tensor(base_signature(model)),
+                                                rtol=2e-2, atol=2e-3):
+        raise CheckpointError(f"the adapter in {directory} was trained on another model of the same shape (the input "
+                              f"embeddings differ); load it onto its base model ({meta.get('base_name')})")
     spec = AdapterSpec(meta["method"], meta["options"])
     attached = attach(model, spec, compute_dtype=compute_dtype)
     if meta.get("prefix_merged"):
@@ -186,9 +209,14 @@ def load_adapter(model: nn.Module, directory: str | Path, *, compute_dtype: torc
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     """Copy the tensors of an adapter directory into the (already attached) adapter of ``model``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    try:
+        weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{Path(directory) / WEIGHTS_FILE} cannot be read ({e}); the file is missing, corrupt "
+                              f"or truncated") from None
     expected = adapter_state_dict(model)
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -201,7 +229,8 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------ PEFT export
-def export_peft(model: nn.Module, directory: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+def export_peft(model: nn.Module, directory: str | Path, *, base_model_name_or_path: str | None = None,
+                overwrite: bool = False) -> Path:
     """Write a LoRA-family adapter as HF PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
     for the HF export of the base model (kvlab names are HF Llama's without ``model.``).
     AdaLoRA goes out as plain LoRA: ``A ⊙ E`` as ``lora_A`` (pruned ranks are zero rows)."""
@@ -238,4 +267,4 @@ def export_peft(model: nn.Module, directory: str | Path, *, base_model_name_or_p
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    return write_dir_atomically(Path(directory), write)
+    return write_dir_atomically(Path(directory), write, kind="peft-adapter", overwrite=overwrite)

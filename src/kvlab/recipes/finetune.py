@@ -46,6 +46,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024     # Linux reports KiB
 
 
+# What a fine-tuning run writes into its directory (--overwrite deletes these and nothing else).
+FINETUNE_OUTPUTS = ("metrics.jsonl", "checkpoints", "adapter", "peft", "merged", "summary.json")
+
+
 def finetune(model, tokenizer, spec: AdapterSpec, batches: ChatBatches, cfg: TrainConfig, *,
              eval_conversations: Sequence | None = None, merge: bool = False,
              resume: bool = False, device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None,

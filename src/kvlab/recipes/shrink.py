@@ -137,6 +137,10 @@ def moments_for(base, candidates: list[Candidate], calibration) -> dict:
 
 
 # ---------------------------------------------------------------------------------- config
+TRAIN_SETS = ("attention", "all", "lora")
+DATA_SOURCES = ("builtin", "library", "generated", "mixed")
+
+
 @dataclass
 class ShrinkConfig:
     """What ``kvlab shrink`` does; the defaults are the CPU default (``--quick``: a tiny smoke run)."""
@@ -158,9 +162,13 @@ class ShrinkConfig:
     transfer_fraction: float = 0.3        # share of a candidate's tokens spent on attention transfer
     transfer_lr: float = 3e-4
     kd_lr: float = 1e-4
-    train: str = "attention"              # what distillation trains: attention | all
-    # Training text: the built-in train split, text the original model generates (its own
-    # distribution: what distillation matches), or both.
+    # What distillation trains: the attention, all weights, or the attention in full plus LoRA on
+    # the MLPs (merged into the weights at the end).
+    train: str = "attention"
+    lora_rank: int = 16
+    # Training text: the built-in train split, the larger library corpus (for budgets past its
+    # ~270k tokens), text the original model generates (its own distribution: what distillation
+    # matches), or the built-in split and generated text.
     data: str = "builtin"
     generated_tokens: int = 65536
     curve_points: int = 4
@@ -178,11 +186,13 @@ class ShrinkConfig:
             raise ConfigError(f"--candidates {self.candidates} must be at least 1")
         if not 0 <= self.transfer_fraction <= 1:
             raise ConfigError(f"transfer_fraction={self.transfer_fraction} must be in [0, 1]")
-        if self.train not in ("attention", "all"):
-            raise ConfigError(f"--train {self.train!r} is not one of attention, all")
-        if self.data not in ("builtin", "generated", "mixed"):
-            raise ConfigError(f"--data {self.data!r} is not one of builtin, generated, mixed")
-        if self.data != "builtin" and self.generated_tokens < 1:
+        if self.train not in TRAIN_SETS:
+            raise ConfigError(f"--train {self.train!r} is not one of {', '.join(TRAIN_SETS)}")
+        if self.train == "lora" and self.lora_rank < 1:
+            raise ConfigError(f"--lora-rank {self.lora_rank} must be a positive integer (typical: 8-64)")
+        if self.data not in DATA_SOURCES:
+            raise ConfigError(f"--data {self.data!r} is not one of {', '.join(DATA_SOURCES)}")
+        if self.data in ("generated", "mixed") and self.generated_tokens < 1:
             raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
 
     @classmethod
@@ -193,24 +203,16 @@ class ShrinkConfig:
 
 
 # ------------------------------------------------------------------------------- the state
-def _prepare_out(out: Path, scfg: ShrinkConfig, model_ref: str, resume: bool) -> dict:
-    state_path = out / STATE
-    fingerprint = {"model": model_ref, **dataclasses.asdict(scfg)}
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if not resume:
-            raise ConfigError(f"{out} holds a shrink run already; add --resume to continue it or choose another --out")
-        if state.get("config") != fingerprint:
-            changed = sorted(k for k in fingerprint if state.get("config", {}).get(k) != fingerprint[k])
-            raise ConfigError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)}); "
-                              f"repeat them or choose another --out")
-        return state
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty directory; kvlab writes only into a new or empty "
-                          f"one (it never deletes files it did not write)")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {"config": fingerprint, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": 0.0}
-    write_json(state_path, state)
+# What a shrink run writes into its directory (an --overwrite deletes these and nothing else).
+OUTPUTS = (STATE, "work", "model", "hf", "report.md", "results.json", "pareto.png", "recovery.png")
+
+
+def _state(out: Path, settings: dict, resume: bool) -> dict:
+    """The run's stage state: read back on --resume (RunDirectory checked the settings), else new."""
+    if resume and (out / STATE).is_file():
+        return json.loads((out / STATE).read_text())
+    state = {"config": settings, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "elapsed_s": 0.0}
+    write_json(out / STATE, state)
     return state
 
 
@@ -278,6 +280,19 @@ def proxy_loss(model, batches: list[torch.Tensor], device) -> float:
     return total / count
 
 
+def _attach_mlp_lora(model, scfg: ShrinkConfig) -> None:
+    """``--train lora``: LoRA (alpha = 2 r) on every MLP projection; the attention trains in full."""
+    from kvlab.peft.lora import LoraConfig, apply_lora
+
+    apply_lora(model, LoraConfig(r=scfg.lora_rank, alpha=2.0 * scfg.lora_rank,
+                                 target_modules=("gate_proj", "up_proj", "down_proj")))
+
+
+def _train_only(train: str) -> str:
+    """The training loop's name for a ``--train`` choice."""
+    return "attention+adapter" if train == "lora" else train
+
+
 def _seconds_per_step(model, objective, batch, train_only: str, device) -> float:
     """Wall time of one training step (forward and backward) of ``objective``, measured."""
     from kvlab.training.loop import trainable_parameters
@@ -297,19 +312,30 @@ def _seconds_per_step(model, objective, batch, train_only: str, device) -> float
 
 # --------------------------------------------------------------------------------- the run
 def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resume: bool = False,
-               log: Callable[[str], None] = print) -> dict:
+               overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the pipeline of the module docstring; returns ``results.json``'s content."""
+    from kvlab.io import load_config
+    from kvlab.io.rundir import RunDirectory
+
+    parse_kv_budget(scfg.kv, load_config(model_ref))          # bad input fails before any directory is made
+    settings = {"model": model_ref, **dataclasses.asdict(scfg)}
+    with RunDirectory(out_dir, "shrink", settings, entries=OUTPUTS, resume=resume, overwrite=overwrite, log=log,
+                      scaffolding=(STATE,)):
+        return _run_shrink(model_ref, Path(out_dir), scfg, settings, resume, log)
+
+
+def _run_shrink(model_ref: str, out: Path, scfg: ShrinkConfig, settings: dict, resume: bool,
+                log: Callable[[str], None]) -> dict:
     import kvlab
     from kvlab.data.corpus import builtin_corpus
     from kvlab.data.instruct import make_tasks
     from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
     from kvlab.eval.perplexity import evaluate
     from kvlab.eval.tasks import greedy_replies, task_accuracy
-    from kvlab.training import AttentionTransfer, Distillation, TrainConfig, train
+    from kvlab.training import AttentionTransfer, Distillation, TrainConfig, checkpoint_dirs, train
 
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    state = _prepare_out(out, scfg, model_ref, resume)
+    state = _state(out, settings, resume)
     elapsed_before = state.get("elapsed_s", 0.0)
 
     def elapsed() -> float:
@@ -336,6 +362,7 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
     # Data: calibration and training from the train split; proxy = held-out windows of the train
     # split (ranking and the recovery curve); validation split only for the final numbers.
     train_tokens = tokenize_to_file(builtin_corpus("train"), tok, progress=False).tokens
+    builtin_train_tokens = train_tokens
     calibration = calibration_batches(tok, scfg.calibration_tokens, seed=scfg.seed)
     proxy_len = min(scfg.eval_seq_len, base.cfg.max_seq_len)
     proxy_rows = max(1, -(-scfg.proxy_tokens // proxy_len))
@@ -386,14 +413,20 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
     chosen = [Candidate(r["name"], r["kind"], r["change"], r["kv_bytes"]) for r in state["ranking"][:scfg.candidates]]
 
     # ---- the training text
-    if scfg.data != "builtin":
+    if scfg.data == "library":
+        from kvlab.data.corpus import library_corpus
+
+        log("reading the library corpus (the first time: about a minute, then cached)...")
+        train_tokens = tokenize_to_file(library_corpus("train"), tok, progress=False).tokens
+        log(f"  {len(train_tokens):,} tokens of training text")
+    if scfg.data in ("generated", "mixed"):
         generated_path = out / "work" / "generated.npy"
         if not generated_path.is_file():
             from kvlab.inference.generated_text import generate_corpus
 
             log(f"generating {scfg.generated_tokens:,} tokens of training text with the original model...")
             t = time.perf_counter()
-            generated = generate_corpus(base, tok, scfg.generated_tokens, prompts=train_tokens,
+            generated = generate_corpus(base, tok, scfg.generated_tokens, prompts=builtin_train_tokens,
                                         seq_len=scfg.seq_len, seed=scfg.seed)
             generated_path.parent.mkdir(parents=True, exist_ok=True)
             np.save(generated_path.with_suffix(".tmp.npy"), generated)
@@ -416,7 +449,9 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
             probe = convert_candidate(base, chosen[0], calibration, moments)
             batch = train_windows.batch(0)
             t_transfer = _seconds_per_step(probe, AttentionTransfer(base), batch, "attention", device)
-            t_kd = _seconds_per_step(probe, Distillation(base), batch, scfg.train, device)
+            if scfg.train == "lora":
+                _attach_mlp_lora(probe, scfg)
+            t_kd = _seconds_per_step(probe, Distillation(base), batch, _train_only(scfg.train), device)
             del probe
             # evaluation, the recovery curve's points, saving
             per_candidate = original["eval_s"] + original["chat_s"] + (2 * scfg.curve_points + 1) * original["proxy_s"]
@@ -437,6 +472,11 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
     per_candidate = ", ".join(f"{c.name}: {a} transfer + {b} distillation steps"
                               for c, (a, b) in zip(chosen, plan["steps"]))
     log(f"recovering {len(chosen)} candidate(s): {total_tokens:,} training tokens in all ({per_candidate})")
+    most = max((a + b for a, b in plan["steps"]), default=0) * tokens_per_step
+    if most > len(train_tokens):
+        log(f"  note: a candidate trains on {most:,} tokens, more than the {len(train_tokens):,} of --data "
+            f"{scfg.data}; it will see the same text {most / len(train_tokens):.1f} times"
+            + (" (--data library has 14 times more)" if scfg.data in ("builtin", "mixed") else ""))
 
     # ---- recover and evaluate each chosen candidate
     results = state.setdefault("recovered", {})
@@ -451,24 +491,30 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
         work = out / "work" / cand.slug
         points = [(0, next(r["alpha0_proxy_ppl"] for r in state["ranking"] if r["name"] == cand.name))]
         stages = [("transfer", n_transfer, AttentionTransfer(base), scfg.transfer_lr, "attention", 1),
-                  ("distillation", n_kd, Distillation(base), scfg.kd_lr, scfg.train, 2)]
+                  ("distillation", n_kd, Distillation(base), scfg.kd_lr, _train_only(scfg.train), 2)]
         offset = 0
         boundaries = []
         for name, n_steps, objective, lr, train_only, seed in stages:
             if n_steps <= 0:
                 continue
+            if train_only == "attention+adapter":
+                _attach_mlp_lora(student, scfg)       # before resuming: its checkpoints hold the adapter
             curve = _Curve(student, proxy, device, max(1, n_steps // scfg.curve_points), offset, tokens_per_step,
                            n_steps, name, log)
             tcfg = TrainConfig(out_dir=str(work / name), max_steps=n_steps, batch_size=scfg.batch_size,
                                seq_len=scfg.seq_len, lr=lr, warmup_steps=max(1, n_steps // 10), weight_decay=0.0,
                                eval_every=10**9, save_every=max(1, n_steps // 4), keep_last=1, log_every=10**9,
                                train_only=train_only, seed=seed)
-            resumable = (work / name).is_dir() and any((work / name).glob("step_*"))
+            resumable = bool(checkpoint_dirs(work / name))   # a stage that an interruption cut short
             train(student, Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed + seed), None, tcfg,
                   resume=resumable, device=device, quiet=True, hooks=curve, objective=objective)
             points += curve.points
             offset += n_steps * tokens_per_step
             boundaries.append({"stage": name, "tokens": offset})
+        if getattr(student, "lora_config", None) is not None:
+            from kvlab.peft.lora import merge_and_unload
+
+            merge_and_unload(student)
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)

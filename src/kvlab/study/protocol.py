@@ -151,6 +151,11 @@ def study_variants(cfg, gqa_heads=()) -> list[Variant]:
     return unique
 
 
+# What a study writes into its directory (--overwrite deletes these and nothing else).
+STUDY_OUTPUTS = ("runs", "pretrained-mha", "results.json", "report.md", "pareto.png", "uptraining.png",
+                 "loss_curves.png")
+
+
 class Study:
     def __init__(self, cfg: StudyConfig, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
@@ -230,13 +235,19 @@ class Study:
         return entry
 
     # ---------------------------------------------------------------------------- the study
-    def run(self) -> dict:
+    def run(self, overwrite: bool = False) -> dict:
+        from dataclasses import asdict
+
+        from kvlab.io.rundir import RunDirectory
+
+        with RunDirectory(self.dir, "study", asdict(self.cfg), entries=STUDY_OUTPUTS, overwrite=overwrite,
+                          log=self.log):
+            return self._run()
+
+    def _run(self) -> dict:
         from kvlab.convert.heads import convert
 
         c = self.cfg
-        if self.dir.exists() and any(self.dir.iterdir()):
-            raise ConfigError(f"{self.dir} exists and is not empty; give a new --out directory")
-        self.dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(c.seed)
         base, base_entry = self.base_model()
         uptrain_lr = c.uptrain_lr if c.uptrain_lr is not None else (c.lr / 3 if c.model is None else 1e-4)
@@ -362,5 +373,5 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {x!r}")
 
 
-def run_study(cfg: StudyConfig, log: Callable[[str], None] = print) -> dict:
-    return Study(cfg, log).run()
+def run_study(cfg: StudyConfig, log: Callable[[str], None] = print, *, overwrite: bool = False) -> dict:
+    return Study(cfg, log).run(overwrite=overwrite)

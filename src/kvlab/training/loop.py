@@ -31,17 +31,18 @@ from pathlib import Path
 
 import torch
 
-from kvlab.errors import ConfigError, KvlabError, require_positive_ints
+from kvlab.errors import ConfigError, Interrupted, KvlabError, require_positive_ints
 from kvlab.models.decoder import Transformer
-from kvlab.training.checkpoints import checkpoint_dirs, restore_checkpoint, save_training_checkpoint
+from kvlab.training.checkpoints import checkpoint_dirs, clean_checkpoints, restore_checkpoint, save_training_checkpoint
 from kvlab.training.distributed import Dist, wrap_model
 from kvlab.training.objectives import CrossEntropy, Objective
 
-TRAIN_ONLY = ("all", "attention", "kv", "adapter")
+TRAIN_ONLY = ("all", "attention", "kv", "adapter", "attention+adapter")
 
 
 class TrainingError(KvlabError, RuntimeError):
     """The run cannot continue (e.g. the loss became NaN)."""
+
 
 
 @dataclass
@@ -105,17 +106,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
     """``all``; ``attention`` (every attention projection); ``kv`` (K/V projections only — the
-    part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters)."""
+    part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters);
+    ``attention+adapter`` (the attention in full and an adapter on the rest, e.g. LoRA on the MLPs:
+    the checkpoints then hold the whole model, adapter included)."""
     from kvlab.peft.adapter import is_adapter_parameter
 
     chosen = []
     for name, p in model.named_parameters():
-        if train_only == "adapter":
+        if is_adapter_parameter(name) and train_only in ("adapter", "attention+adapter"):
             # Prefix tuning's merged prefixes are frozen on purpose; everything else adapter trains.
-            keep = is_adapter_parameter(name) and p.requires_grad
+            keep = p.requires_grad if name.startswith("prompt_adapter.") else True
         else:
             keep = not is_adapter_parameter(name) and (
-                train_only == "all" or (train_only == "attention" and ".self_attn." in name)
+                train_only == "all" or (train_only in ("attention", "attention+adapter") and ".self_attn." in name)
                 or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)))
         p.requires_grad_(keep)
         if keep:
@@ -154,10 +157,20 @@ def evaluate_loss(model, windows, n_batches: int, device, dist_ctx: Dist | None 
 
 
 def _truncate_metrics(metrics_path: Path, step: int) -> None:
-    """Drop what a killed run logged after its last checkpoint."""
-    if metrics_path.is_file():
-        keep = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in keep))
+    """Drop what a killed run logged after its last checkpoint, and a line torn by the kill."""
+    if not metrics_path.is_file():
+        return
+    keep = []
+    for line in metrics_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue                          # torn (or not JSON): nothing resumable depends on it
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(metrics_path)
 
 
 def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
@@ -182,6 +195,11 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
     objective.prepare(device)
     model.train()
     metrics_path = out_dir / "metrics.jsonl"
+    if dist_ctx.is_main:
+        clean_checkpoints(out_dir)
+    if not resume and checkpoint_dirs(out_dir):
+        raise ConfigError(f"{out_dir / 'checkpoints'} holds an earlier run's checkpoints; resume it, or start in "
+                          f"a new directory (kvlab's verbs: --resume or --overwrite)")
     state = restore_checkpoint(out_dir, model, cfg, hooks) if resume else None
     start = state["step"] if state is not None else 0
     trainable_parameters(model, cfg.train_only)        # sets requires_grad; wrapping keeps the flags
@@ -208,10 +226,27 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
     if micro < 1 or (cfg.batch_size // dist_ctx.world_size) % cfg.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} over {dist_ctx.world_size} process(es) with "
                           f"grad_accum={cfg.grad_accum} leaves no whole micro-batch; adjust them")
-    t_last, tokens_since = time.perf_counter(), 0
     summary = {"start_step": start}
     found = checkpoint_dirs(out_dir)
     last_good = found[-1] if found else None
+    try:
+        _steps(model, wrapped, objective, optimizer, params, train_windows, val_windows, cfg, start, device, dist_ctx,
+               hooks, autocast, micro, metrics_path, quiet, summary, last_good)
+    except KeyboardInterrupt:
+        found = checkpoint_dirs(out_dir)
+        done = summary.get("step", start)
+        raise Interrupted(f"interrupted after step {done} of {cfg.max_steps}; the last checkpoint is "
+                          + (f"{found[-1].name}: --resume continues from it" if found else
+                             "none (nothing saved yet): run again to start over")) from None
+    model.eval()
+    return summary
+
+
+def _steps(model, wrapped, objective, optimizer, params, train_windows, val_windows, cfg, start, device, dist_ctx,
+           hooks, autocast, micro, metrics_path, quiet, summary, last_good) -> None:
+    """The optimizer steps from ``start`` to ``cfg.max_steps``; ``summary`` gets the last record."""
+    out_dir = Path(cfg.out_dir)
+    t_last, tokens_since = time.perf_counter(), 0
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -258,5 +293,3 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped, hooks)
         summary.update(record)
-    model.eval()
-    return summary

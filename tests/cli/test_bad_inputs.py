@@ -1,0 +1,336 @@
+"""The catalogue of bad and hostile inputs, across every verb.
+
+Each case runs ``kvlab`` on a workspace that holds a small model, the user's own files and damaged
+files of every kind kvlab reads, and asserts: the exit code (2 usage, 1 failure), one line of
+message and no traceback, that the message names the offending value, and that nothing in the
+workspace changed — no file of the user's touched, no partial output left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kvlab.cli import main
+from kvlab.io import save_checkpoint
+from kvlab.io.tokenizer import ByteTokenizer
+from kvlab.peft import AdapterSpec, attach, save_adapter
+
+from conftest import make_model
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+
+
+def _damaged_checkpoint(ws: Path, name: str, good: Path, change) -> None:
+    target = ws / name
+    shutil.copytree(good, target)
+    change(target)
+
+
+def _edit_config(edit):
+    def change(d: Path) -> None:
+        data = json.loads((d / "config.json").read_text())
+        edit(data)
+        (d / "config.json").write_text(json.dumps(data))
+    return change
+
+
+CHAT_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("catalogue")
+    model = make_model(seed=0, max_seq_len=256)
+    model.tokenizer = ByteTokenizer()
+    save_checkpoint(model, ws / "model")
+    good = ws / "model"
+    # The user's own files, which no failing command may touch.
+    _write(ws / "user" / "notes.txt", "my notes")
+    _write(ws / "userfile.txt", "my file")
+    _write(ws / "hfdir" / "config.json", json.dumps({"model_type": "llama"}))
+    # Text data.
+    _write(ws / "data" / "good.txt", "Some text to read. " * 20)
+    _write(ws / "data" / "bin.txt", bytes(range(256)) * 4)
+    _write(ws / "data" / "empty.txt", "")
+    _write(ws / "data" / "blank.txt", "  \n\n \t\n")
+    _write(ws / "data" / "latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"))
+    _write(ws / "data" / "notjson.jsonl", "{this is not json}\n")
+    _write(ws / "data" / "nofield.jsonl", json.dumps({"body": "text"}) + "\n")
+    _write(ws / "data" / "numfield.jsonl", json.dumps({"text": 42}) + "\n")
+    _write(ws / "data" / "list.jsonl", "[1, 2, 3]\n")
+    (ws / "data" / "emptydir").mkdir()
+    # Chat data.
+    _write(ws / "chat" / "good.jsonl", (CHAT_LINE + "\n") * 8)
+    _write(ws / "chat" / "notjson.jsonl", "nope\n")
+    _write(ws / "chat" / "nomessages.jsonl", json.dumps({"text": "hi"}) + "\n")
+    _write(ws / "chat" / "noassistant.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    _write(ws / "chat" / "badrole.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}) + "\n")
+    _write(ws / "chat" / "empty.jsonl", "")
+    _write(ws / "chat" / "binary.jsonl", b"\xff\xfe\x00\x01" * 10)
+    # Damaged checkpoints.
+    _damaged_checkpoint(ws, "ck_truncated", good, lambda d: (d / "model.safetensors").write_bytes(
+        (good / "model.safetensors").read_bytes()[:1000]))
+    _damaged_checkpoint(ws, "ck_random", good, lambda d: (d / "model.safetensors").write_bytes(os.urandom(4096)))
+    _damaged_checkpoint(ws, "ck_noweights", good, lambda d: (d / "model.safetensors").unlink())
+    _damaged_checkpoint(ws, "ck_badjson", good, lambda d: (d / "config.json").write_text("{not json"))
+    _damaged_checkpoint(ws, "ck_list", good, lambda d: (d / "config.json").write_text("[1, 2]"))
+    _damaged_checkpoint(ws, "ck_nomodel", good, _edit_config(lambda c: c.pop("model")))
+    _damaged_checkpoint(ws, "ck_nomaxseq", good, _edit_config(lambda c: c["model"].pop("max_seq_len")))
+    _damaged_checkpoint(ws, "ck_novocab", good, _edit_config(lambda c: c["model"].pop("vocab_size")))
+    _damaged_checkpoint(ws, "ck_unknown", good, _edit_config(lambda c: c["model"].update(flux_capacitor=1)))
+    _damaged_checkpoint(ws, "ck_negative", good, _edit_config(lambda c: c["model"].update(n_layer=-1)))
+    _damaged_checkpoint(ws, "ck_schema", good, _edit_config(lambda c: c.update(schema_version=99)))
+    _damaged_checkpoint(ws, "ck_shapes", good, lambda d: save_file(
+        {k: torch.zeros(3, 3) for k in make_model().state_dict()}, str(d / "model.safetensors")))
+    _damaged_checkpoint(ws, "ck_dtype", good, lambda d: save_file(
+        {k: v.to(torch.int32) for k, v in make_model().state_dict().items() if k != "lm_head.weight"},
+        str(d / "model.safetensors")))
+    (ws / "ck_empty").mkdir()
+    _write(ws / "random.gguf", os.urandom(2048))
+    _write(ws / "empty.gguf", b"")
+    _write(ws / "fake_hf" / "config.json", json.dumps({"model_type": "gpt2", "n_embd": 8}))
+    _write(ws / "hf_novocab" / "config.json", json.dumps({"model_type": "llama", "hidden_size": 64}))
+    # Adapters: one good, one truncated, one from another model of the same shape.
+    for name, seed in (("adapter", 0), ("adapter_other", 1)):
+        base = make_model(seed=seed, max_seq_len=128)
+        attach(base, AdapterSpec("lora", {"r": 2}))
+        save_adapter(base, ws / name)
+    shutil.copytree(ws / "adapter", ws / "adapter_truncated")
+    weights = next((ws / "adapter_truncated").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    _write(ws / "adapter_badcfg" / "kvlab_adapter.json", json.dumps({"format": "kvlab-adapter"}))
+    # Model configs for --config.
+    _write(ws / "cfg" / "bad.json", "{")
+    _write(ws / "cfg" / "unknown.json", json.dumps({"d_model": 64, "warp": 9}))
+    _write(ws / "cfg" / "list.json", "[]")
+    _write(ws / "cfg" / "heads.json", json.dumps({"d_model": 64, "n_head": 3}))
+    return ws
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = ("dir",)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            st = os.stat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, st.st_mode,
+                                               hashlib.sha1(Path(path).read_bytes()).hexdigest())
+    return out
+
+
+M = "{ws}/model"
+LONG = "x" * 300
+# (id, argv with {ws} for the workspace, exit code, what the message must name)
+CASES = [
+    # ---- arguments
+    ("no-verb", [], 2, "VERB"),
+    ("unknown-verb", ["frobnicate"], 2, "frobnicate"),
+    ("unknown-flag", ["eval", M, "--frob"], 2, "--frob"),
+    ("int-flag-text", ["eval", M, "--seq-len", "long"], 2, "long"),
+    ("eval-seq-len-1", ["eval", M, "--seq-len", "1"], 2, "seq_len=1"),
+    ("eval-stride-0", ["eval", M, "--stride", "0"], 2, "stride=0"),
+    ("eval-stride-negative", ["eval", M, "--stride", "-5"], 2, "stride=-5"),
+    ("eval-stride-over", ["eval", M, "--seq-len", "16", "--stride", "32"], 2, "stride=32"),
+    ("eval-max-tokens-0", ["eval", M, "--max-tokens", "0"], 2, "max_tokens=0"),
+    ("eval-backend", ["eval", M, "--backend", "warp"], 2, "warp"),
+    ("device-banana", ["eval", M, "--device", "banana"], 2, "banana"),
+    ("device-cuda-here", ["eval", M, "--device", "cuda:7"], 2, "cuda:7"),
+    ("device-train", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/o", "--device", "tpu"], 2,
+     "tpu"),
+    ("model-dtype", ["eval", M, "--model-dtype", "fp4"], 2, "fp4"),
+    ("generate-nothing", ["generate", M], 2, "--prompt"),
+    ("generate-both", ["generate", M, "--prompt", "hi", "--prompt-ids", "1,2"], 2, "not both"),
+    ("generate-ids-text", ["generate", M, "--prompt-ids", "1,two"], 2, "1,two"),
+    ("generate-ids-range", ["generate", M, "--prompt-ids", "1,99999"], 2, "99999"),
+    ("generate-max-new", ["generate", M, "--prompt-ids", "1", "--max-new-tokens", "-3"], 2, "-3"),
+    ("generate-learned-too-long", ["generate", "{ws}/model", "--prompt-ids", ",".join(["1"] * 10),
+                                   "--max-new-tokens", "500"], None, None),     # filled below
+    ("info-nothing", ["info"], 2, "MODEL"),
+    ("info-two-sources", ["info", M, "--preset", "tiny"], 2, "exactly one"),
+    ("info-preset", ["info", "--preset", "gpt5"], 2, "gpt5"),
+    ("info-heads", ["info", "--preset", "tiny", "--n-kv-head", "3"], 2, "n_kv_head=3"),
+    ("info-cla", ["info", "--preset", "tiny", "--cla", "9"], 2, "cla=9"),
+    ("plan-memory", ["plan", "--preset", "tiny", "--memory", "lots"], 2, "lots"),
+    ("plan-context", ["plan", "--preset", "tiny", "--context", "0"], 2, "context=0"),
+    ("convert-nothing", ["convert", M, "-o", "{ws}/o"], 2, "--kv-heads"),
+    ("convert-heads", ["convert", M, "--kv-heads", "3", "-o", "{ws}/o"], 2, "3"),
+    ("convert-both", ["convert", M, "--kv-heads", "1", "--mqa", "-o", "{ws}/o"], 2, "not both"),
+    ("convert-mla-and-mqa", ["convert", M, "--mla", "8", "--mqa", "-o", "{ws}/o"], 2, "--mla"),
+    ("convert-rope-dim", ["convert", M, "--rope-dim", "4", "--mqa", "-o", "{ws}/o"], 2, "--rope-dim"),
+    ("convert-method", ["convert", M, "--mqa", "--method", "pca", "-o", "{ws}/o"], 2, "pca"),
+    ("convert-mla-method", ["convert", M, "--mla", "8", "--method", "mean", "-o", "{ws}/o"], 2, "mean"),
+    ("convert-mla-rank", ["convert", M, "--mla", "0", "-o", "{ws}/o"], 2, "0"),
+    ("train-no-source", ["train", "--max-steps", "1", "--out", "{ws}/o"], 2, "--preset"),
+    ("train-no-budget", ["train", "--preset", "tiny", "--out", "{ws}/o"], 2, "budget"),
+    ("train-two-budgets", ["train", "--preset", "tiny", "--max-steps", "1", "--tokens", "9", "--out", "{ws}/o"], 2,
+     "--tokens"),
+    ("train-alpha-alone", ["train", "--preset", "tiny", "--alpha", "0.1", "--out", "{ws}/o"], 2, "--reference-tokens"),
+    ("train-init-heads", ["train", "--init", M, "--n-kv-head", "1", "--max-steps", "1", "--out", "{ws}/o"], 2,
+     "--n-kv-head"),
+    ("train-seq-len", ["train", "--init", M, "--seq-len", "100000", "--max-steps", "1", "--out", "{ws}/o"], 2,
+     "100000"),
+    ("train-lr", ["train", "--preset", "tiny", "--max-steps", "1", "--lr", "0", "--out", "{ws}/o"], 2, "lr=0"),
+    ("train-batch", ["train", "--preset", "tiny", "--max-steps", "1", "--batch-size", "0", "--out", "{ws}/o"], 2,
+     "batch_size=0"),
+    ("train-accum", ["train", "--preset", "tiny", "--max-steps", "1", "--batch-size", "3", "--grad-accum", "2",
+                     "--out", "{ws}/o"], 2, "grad_accum=2"),
+    ("train-resume-nothing", ["train", "--preset", "tiny", "--max-steps", "1", "--resume", "--out", "{ws}/o"], 2,
+     "{ws}/o"),
+    ("finetune-budget", ["finetune", M, "--method", "lora", "--data", "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2,
+     "--max-steps"),
+    ("finetune-method", ["finetune", M, "--method", "dora", "--data", "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2,
+     "dora"),
+    ("finetune-r", ["finetune", M, "--method", "lora", "--r", "0", "--max-steps", "1", "--data",
+                    "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "r=0"),
+    ("finetune-targets", ["finetune", M, "--method", "lora", "--target-modules", "nope_proj", "--max-steps", "1",
+                          "--data", "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "nope_proj"),
+    ("finetune-merge-prefix", ["finetune", M, "--method", "prefix", "--merge", "--max-steps", "1", "--data",
+                               "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "prefix"),
+    ("finetune-seq-len", ["finetune", M, "--method", "lora", "--seq-len", "5000", "--max-steps", "1", "--data",
+                          "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "5000"),
+    ("shrink-kv", ["shrink", M, "--kv", "lots", "--quick", "-o", "{ws}/o"], 2, "lots"),
+    ("shrink-kv-1x", ["shrink", M, "--kv", "1x", "--quick", "-o", "{ws}/o"], 2, "1x"),
+    ("shrink-minutes", ["shrink", M, "--kv", "2x", "--minutes", "-1", "-o", "{ws}/o"], 2, "-1"),
+    ("shrink-candidates", ["shrink", M, "--kv", "2x", "--candidates", "0", "--quick", "-o", "{ws}/o"], 2, "0"),
+    ("study-alpha", ["study", "--quick", "--alphas", "2", "--out", "{ws}/o"], 2, "alpha=2"),
+    ("study-alphas-text", ["study", "--quick", "--alphas", "x,y", "--out", "{ws}/o"], 2, "x,y"),
+    ("tasks-count", ["tasks", "{ws}/o", "--train", "x"], 2, "x"),
+    ("export-format", ["export", M, "--format", "onnx", "-o", "{ws}/o"], 2, "onnx"),
+    # ---- files
+    ("model-missing", ["eval", "{ws}/nosuch"], 1, "nosuch"),
+    ("ck-empty-dir", ["eval", "{ws}/ck_empty"], 1, "ck_empty"),
+    ("ck-truncated", ["eval", "{ws}/ck_truncated"], 1, "ck_truncated"),
+    ("ck-random-bytes", ["eval", "{ws}/ck_random"], 1, "ck_random"),
+    ("ck-no-weights", ["eval", "{ws}/ck_noweights"], 1, "model.safetensors"),
+    ("ck-config-not-json", ["eval", "{ws}/ck_badjson"], 1, "ck_badjson"),
+    ("ck-config-list", ["eval", "{ws}/ck_list"], 1, "ck_list"),
+    ("ck-no-model-key", ["eval", "{ws}/ck_nomodel"], 1, '"model"'),
+    ("ck-no-max-seq-len", ["eval", "{ws}/ck_nomaxseq"], 1, "max_seq_len"),
+    ("ck-no-vocab", ["generate", "{ws}/ck_novocab", "--prompt-ids", "1"], 1, "vocab_size"),
+    ("ck-unknown-field", ["eval", "{ws}/ck_unknown"], 1, "flux_capacitor"),
+    ("ck-negative-layers", ["eval", "{ws}/ck_negative"], 1, "n_layer=-1"),
+    ("ck-schema", ["eval", "{ws}/ck_schema"], 1, "schema_version=99"),
+    ("ck-wrong-shapes", ["eval", "{ws}/ck_shapes"], 1, "ck_shapes"),
+    ("ck-wrong-dtype", ["eval", "{ws}/ck_dtype"], 1, "ck_dtype"),
+    ("gguf-random", ["info", "{ws}/random.gguf"], 1, "random.gguf"),
+    ("gguf-empty", ["eval", "{ws}/empty.gguf"], 1, "empty.gguf"),
+    ("hf-unsupported", ["eval", "{ws}/fake_hf"], 1, "gpt2"),
+    ("hf-no-vocab", ["info", "{ws}/hf_novocab"], 1, "vocab_size"),
+    ("config-not-json", ["info", "--config", "{ws}/cfg/bad.json"], 2, "bad.json"),
+    ("config-unknown-field", ["info", "--config", "{ws}/cfg/unknown.json"], 2, "warp"),
+    ("config-list", ["info", "--config", "{ws}/cfg/list.json"], 2, "list.json"),
+    ("config-heads", ["info", "--config", "{ws}/cfg/heads.json"], 2, "n_head=3"),
+    ("config-missing", ["info", "--config", "{ws}/cfg/none.json"], 2, "none.json"),
+    ("data-missing", ["eval", M, "--data", "{ws}/data/none.txt"], 2, "none.txt"),
+    ("data-binary", ["eval", M, "--data", "{ws}/data/bin.txt"], 2, "bin.txt"),
+    ("data-latin1", ["eval", M, "--data", "{ws}/data/latin1.txt"], 2, "latin1.txt"),
+    ("data-empty", ["eval", M, "--data", "{ws}/data/empty.txt"], 2, "empty.txt"),
+    ("data-blank", ["eval", M, "--data", "{ws}/data/blank.txt"], 2, "blank.txt"),
+    ("data-jsonl-not-json", ["eval", M, "--data", "{ws}/data/notjson.jsonl"], 2, "notjson.jsonl line 1"),
+    ("data-jsonl-no-field", ["eval", M, "--data", "{ws}/data/nofield.jsonl"], 2, "'text'"),
+    ("data-jsonl-number", ["eval", M, "--data", "{ws}/data/numfield.jsonl"], 2, "numfield.jsonl line 1"),
+    ("data-jsonl-list", ["eval", M, "--data", "{ws}/data/list.jsonl"], 2, "list.jsonl line 1"),
+    ("data-empty-dir", ["eval", M, "--data", "{ws}/data/emptydir"], 2, "emptydir"),
+    ("train-data-binary", ["train", "--init", M, "--max-steps", "1", "--data", "{ws}/data/bin.txt", "--out",
+                           "{ws}/o"], 2, "bin.txt"),
+    ("chat-missing", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat/none.jsonl",
+                      "--out", "{ws}/o"], 2, "none.jsonl"),
+    ("chat-not-json", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat/notjson.jsonl",
+                       "--out", "{ws}/o"], 2, "notjson.jsonl:1"),
+    ("chat-no-messages", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data",
+                          "{ws}/chat/nomessages.jsonl", "--out", "{ws}/o"], 2, "nomessages.jsonl:1"),
+    ("chat-no-assistant", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data",
+                           "{ws}/chat/noassistant.jsonl", "--out", "{ws}/o"], 2, "noassistant.jsonl:1"),
+    ("chat-bad-role", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat/badrole.jsonl",
+                       "--out", "{ws}/o"], 2, "wizard"),
+    ("chat-empty", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat/empty.jsonl",
+                    "--out", "{ws}/o"], 2, "empty.jsonl"),
+    ("chat-binary", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat/binary.jsonl",
+                     "--out", "{ws}/o"], 2, "binary.jsonl"),
+    ("adapter-missing", ["generate", M, "--adapter", "{ws}/nosuch_adapter", "--prompt-ids", "1"], 1,
+     "nosuch_adapter"),
+    ("adapter-truncated", ["generate", M, "--adapter", "{ws}/adapter_truncated", "--prompt-ids", "1"], 1,
+     "adapter_truncated"),
+    ("adapter-other-model", ["generate", M, "--adapter", "{ws}/adapter_other", "--prompt-ids", "1"], 1,
+     "another model"),
+    ("adapter-bad-config", ["generate", M, "--adapter", "{ws}/adapter_badcfg", "--prompt-ids", "1"], 1,
+     "lacks method, options, base_shape"),
+    ("adapter-is-a-model", ["generate", M, "--adapter", "{ws}/model", "--prompt-ids", "1"], 1, "model"),
+    # ---- paths
+    ("convert-into-user-dir", ["convert", M, "--mqa", "-o", "{ws}/user"], 2, "notes.txt"),
+    ("convert-onto-user-file", ["convert", M, "--mqa", "-o", "{ws}/userfile.txt"], 2, "userfile.txt"),
+    ("convert-into-hf-dir", ["convert", M, "--mqa", "-o", "{ws}/hfdir"], 2, "hfdir"),
+    ("convert-onto-adapter", ["convert", M, "--mqa", "-o", "{ws}/adapter"], 2, "kvlab adapter"),
+    ("convert-under-a-file", ["convert", M, "--mqa", "-o", "{ws}/userfile.txt/sub/out"], 1, "userfile.txt"),
+    ("convert-name-too-long", ["convert", M, "--mqa", "-o", "{ws}/" + LONG], 1, "xxxx"),
+    ("convert-into-proc", ["convert", M, "--mqa", "-o", "/proc/kvlab-catalogue/out"], 1, "/proc"),
+    ("export-into-user-dir", ["export", M, "-o", "{ws}/user"], 2, "notes.txt"),
+    ("export-onto-user-file", ["export", M, "-o", "{ws}/userfile.txt"], 2, "userfile.txt"),
+    ("export-hf-over-kvlab", ["export", M, "-o", "{ws}/model"], 2, "kvlab checkpoint"),
+    ("export-kvlab-into-hf-dir", ["export", M, "--format", "kvlab", "-o", "{ws}/hfdir"], 2, "hfdir"),
+    ("train-into-user-dir", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/user"], 2, "notes.txt"),
+    ("train-onto-user-file", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/userfile.txt"], 2,
+     "userfile.txt"),
+    ("train-into-checkpoint", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/model"], 2,
+     "holds a kvlab checkpoint"),
+    ("train-under-a-file", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/userfile.txt/run"], 1,
+     "userfile.txt"),
+    ("finetune-into-user-dir", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data",
+                                "{ws}/chat/good.jsonl", "--out", "{ws}/user"], 2, "notes.txt"),
+    ("shrink-into-user-dir", ["shrink", M, "--kv", "2x", "--quick", "-o", "{ws}/user"], 2, "notes.txt"),
+    ("shrink-resume-nothing", ["shrink", M, "--kv", "2x", "--quick", "--resume", "-o", "{ws}/o"], 2, "{ws}/o"),
+    ("study-into-user-dir", ["study", "--quick", "--out", "{ws}/user"], 2, "notes.txt"),
+    ("tasks-into-user-dir", ["tasks", "{ws}/user"], 2, "notes.txt"),
+    ("tasks-into-model", ["tasks", "{ws}/model"], 2, "kvlab checkpoint"),
+    ("tasks-onto-user-file", ["tasks", "{ws}/userfile.txt"], 2, "userfile.txt"),
+]
+CASES[[c[0] for c in CASES].index("generate-learned-too-long")] = (
+    "generate-learned-too-long", ["generate", "{ws}/ck_learned", "--prompt-ids", "1,2,3", "--max-new-tokens", "500"],
+    2, "max_seq_len=128")
+
+
+@pytest.fixture(scope="module")
+def learned(ws):
+    """A model with learned positions (no positions past max_seq_len exist)."""
+    model = make_model(seed=0, pos="learned", max_seq_len=128)
+    model.tokenizer = ByteTokenizer()
+    save_checkpoint(model, ws / "ck_learned")
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 80 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, ws, learned, capsys, monkeypatch, tmp_path):
+    name, argv, code, needle = case
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))      # outside the workspace
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{ws}", str(ws)) for a in argv]
+    before = _snapshot(ws)
+    got = main(argv)
+    out, err = capsys.readouterr()
+    assert got == code, f"{name}: exit {got}, expected {code}; stderr: {err[-500:]}"
+    assert "Traceback" not in err + out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"{name}: expected one line, got {lines}"
+    assert needle.replace("{ws}", str(ws)) in lines[0], f"{name}: {needle!r} not in {lines[0]!r}"
+    assert "internal error" not in lines[0]
+    assert _snapshot(ws) == before, f"{name}: the workspace changed"
+    assert not list(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["cache"]

@@ -104,7 +104,9 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
             allowed = pos[None, :] <= pos[:, None]
             window = cfg.layer_window(i)          # the layer's own window, else the model's
             if window is not None:
-                allowed &= (pos[:, None] - pos[None, :]) < window
+                # ... except the first `sinks` positions, which a windowed layer always sees (StreamingLLM)
+                sinks = cfg.layer_specs[i].options.get("sinks", cfg.attention_sinks)
+                allowed &= ((pos[:, None] - pos[None, :]) < window) | (pos[None, :] < sinks)
             scores = scores.masked_fill(~allowed, float("-inf"))
             heads.append(torch.softmax(scores, -1) @ v[:, hk])
         attn = _linear(P, pre + ".self_attn.o_proj", torch.cat(heads, -1))

@@ -29,18 +29,28 @@ if TYPE_CHECKING:   # annotations only: the registry imports nothing above it
 
 @dataclass(frozen=True)
 class CacheBytes:
-    """What a cache costs: bytes that grow with every token, and bytes fixed per sequence
-    (a recurrent state, a rolling window, quantization scales)."""
+    """What a cache costs: bytes that grow with every token, bytes fixed per sequence (a recurrent
+    state, quantization scales), and ``bounded`` terms ``(bytes per token, at most this many
+    tokens)`` — a rolling window grows with the sequence until it holds its window, then stays."""
 
     per_token: int = 0
     per_sequence: int = 0
+    bounded: tuple[tuple[int, int], ...] = ()
 
     def __add__(self, other: "CacheBytes") -> "CacheBytes":
-        return CacheBytes(self.per_token + other.per_token, self.per_sequence + other.per_sequence)
+        return CacheBytes(self.per_token + other.per_token, self.per_sequence + other.per_sequence,
+                          self.bounded + other.bounded)
 
     def for_sequence(self, n_tokens: int) -> int:
         """Bytes one sequence of ``n_tokens`` tokens holds."""
-        return self.per_token * n_tokens + self.per_sequence
+        return (self.per_token * n_tokens + self.per_sequence
+                + sum(rate * min(n_tokens, cap) for rate, cap in self.bounded))
+
+    @property
+    def at_most(self) -> int:
+        """Bytes a sequence holds however long it gets, beside ``per_token`` growth: its fixed and
+        its windowed parts at their fullest."""
+        return self.per_sequence + sum(rate * cap for rate, cap in self.bounded)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,12 @@ CASES = {
     "padded-non-causal": lambda B, T: _padded_mask(B, T, left=True, causal=False),
     "sliding-window": lambda B, T: AttentionMask(torch.arange(T)[None], torch.arange(T)[None], window=3),
     "padded-window": lambda B, T: _padded_mask(B, T, left=True, causal=True, window=2),
+    "window-sinks": lambda B, T: AttentionMask(torch.arange(T)[None], torch.arange(T)[None], window=3, sinks=2),
+    # What a rolling cache hands over: an empty slot (-1, invalid), sinks 0-1, the window 5-7, then
+    # the queries' own keys 8.. — positions not equal to the key index.
+    "rolling-keys": lambda B, T: AttentionMask(
+        (8 + torch.arange(T))[None], torch.cat([torch.tensor([-1, 0, 1, 5, 6, 7]), 8 + torch.arange(T - 6)])[None],
+        k_valid=torch.cat([torch.tensor([False]), torch.ones(T - 1, dtype=torch.bool)])[None], window=4, sinks=2),
 }
 
 
@@ -160,6 +166,12 @@ def test_rows_with_nothing_to_attend_are_zero_not_nan(backend):
     assert (out[0, :, :2] == 0).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_may_attend_rule_with_sinks():
+    # Window 2 and 2 sinks: the query at position 5 sees positions 0, 1 (sinks) and 4, 5 (window).
+    m = may_attend(torch.tensor([[5]]), torch.arange(7)[None], window=2, sinks=2)
+    assert m[0, 0, 0].tolist() == [True, True, False, False, True, True, False]
 
 
 def test_may_attend_rule():

@@ -42,16 +42,25 @@ class ForwardContext:
     kv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # producer layer -> what it made
     prefix: dict[int, tuple[torch.Tensor, ...]] | None = None   # producer -> prefix K, V (no cache)
     memo: dict = field(default_factory=dict, repr=False)       # per-call tables a kind derives once (e.g. MLA's RoPE)
-    _masks: dict[int | None, AttentionMask | None] = field(default_factory=dict, repr=False)
+    # producer layer -> (key positions, key validity) of the keys its cache layer returned, when
+    # they are not the model-wide slots (a rolling window cache returns its window, then the new keys)
+    key_positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _masks: dict[tuple, AttentionMask | None] = field(default_factory=dict, repr=False)
 
-    def mask(self, window: int | None = None) -> AttentionMask | None:
-        """The mask for a layer with this sliding window (None: attend to every key)."""
-        if window not in self._masks:
-            if self.all_visible and window is None:
-                self._masks[window] = None
+    def mask(self, window: int | None = None, sinks: int = 0, source: int | None = None) -> AttentionMask | None:
+        """The mask for a layer with this sliding window and sinks (None: attend to every key), over
+        the keys of producer ``source`` when its cache returned keys of their own positions."""
+        own = self.key_positions.get(source) if source is not None else None
+        key = (window, sinks if window is not None else 0, source if own is not None else None)
+        if key not in self._masks:
+            if own is not None:
+                self._masks[key] = AttentionMask(self.q_pos, own[0], q_valid=self.q_valid, k_valid=own[1],
+                                                 window=window, sinks=key[1])
+            elif self.all_visible and window is None:
+                self._masks[key] = None
             else:
-                self._masks[window] = AttentionMask(
+                self._masks[key] = AttentionMask(
                     self.q_pos, self.k_pos, q_valid=self.q_valid, k_valid=self.k_valid, window=window,
-                    plain_causal=self.plain and window is None, q_seg=self.q_seg, k_seg=self.k_seg,
+                    sinks=key[1], plain_causal=self.plain and window is None, q_seg=self.q_seg, k_seg=self.k_seg,
                     k_lengths=self.k_lengths)
-        return self._masks[window]
+        return self._masks[key]

@@ -1,10 +1,13 @@
 """The ``gqa`` attention kind: MHA / GQA / MQA by ``n_kv_head``, CLA producer or consumer by
-``kv_source``, optionally windowed per layer.
+``kv_source``, optionally windowed per layer, with attention sinks.
 
-Producers own ``k_proj``/``v_proj`` and a full K/V cache layer; consumers own only
-``q_proj``/``o_proj``, cache nothing, and rotate only their queries, because the K they read was
-stored after RoPE by the producer. Options of a layer spec: ``window`` (a sliding window for this
-layer, overriding the model's ``sliding_window``).
+Producers own ``k_proj``/``v_proj`` and a K/V cache layer; consumers own only ``q_proj``/``o_proj``,
+cache nothing, and rotate only their queries, because the K they read was stored after RoPE by the
+producer. A producer whose readers (itself and its consumers) are all windowed keeps a rolling
+cache (:mod:`kvlab.cache.rolling`) of the largest of their sinks + windows, so its memory is bounded
+by the window, not the context; otherwise the full cache. Options of a layer spec: ``window`` (a
+sliding window for this layer, overriding the model's ``sliding_window``) and ``sinks`` (overriding
+``attention_sinks``: the first positions a windowed layer always sees).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from kvlab.attention.context import ForwardContext
 from kvlab.attention.kernels import attention
 from kvlab.cache.full import FullKVLayer
+from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
 from kvlab.errors import ConfigError
 from kvlab.layers.rope import apply_rope
@@ -30,6 +34,7 @@ class GQAAttention(nn.Module):
         self.kv_source = cfg.kv_sources[layer_idx]
         self.is_producer = self.kv_source == layer_idx
         self.window = cfg.layer_window(layer_idx)
+        self.sinks = cfg.layer_sinks(layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos == "rope"
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -56,13 +61,15 @@ class GQAAttention(nn.Module):
                 pk, pv = ctx.prefix[self.layer_idx]
                 k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
             if ctx.cache is not None:
-                k, v = ctx.cache.update(self.layer_idx, k, v, step=ctx.step)
+                k, v, *keys_at = ctx.cache.update(self.layer_idx, k, v, step=ctx.step)
+                if keys_at:                # a rolling cache: its window, then the new keys
+                    ctx.key_positions[self.layer_idx] = tuple(keys_at)
             ctx.kv[self.layer_idx] = (k, v)
         else:
             k, v = ctx.kv[self.kv_source]
         if k.dtype != q.dtype:            # a cache kept in another dtype than the model
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attention(q, k, v, ctx.mask(self.window), backend=ctx.backend)
+        out = attention(q, k, v, ctx.mask(self.window, self.sinks, source=self.kv_source), backend=ctx.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -70,15 +77,34 @@ def is_producer(cfg: ModelConfig, layer: int) -> bool:
     return cfg.kv_sources[layer] == layer
 
 
+def rolling_span(cfg: ModelConfig, layer: int) -> tuple[int, int] | None:
+    """(sinks, window) a producer's rolling cache keeps for all its readers, or None when one of
+    them sees every position (the producer then keeps the full cache)."""
+    readers = [j for j, s in enumerate(cfg.kv_sources) if s == layer]
+    windows = [cfg.layer_window(j) for j in readers]
+    if any(w is None for w in windows):
+        return None
+    return max(cfg.layer_sinks(j) for j in readers), max(windows)
+
+
 def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device) -> FullKVLayer | None:
+                 device) -> FullKVLayer | RollingKVLayer | None:
     if not is_producer(cfg, layer):
         return None
-    return FullKVLayer(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype=dtype, device=device)
+    span = rolling_span(cfg, layer)
+    if span is None or sum(span) >= max_len:      # a window as long as the cache: the full cache is the same
+        return FullKVLayer(batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype=dtype, device=device)
+    sinks, window = span
+    return RollingKVLayer(batch_size, cfg.n_kv_head, cfg.head_dim, window=window, sinks=sinks, dtype=dtype,
+                          device=device)
 
 
 def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
-    return CacheBytes(per_token=kv_bytes_per_token(int(is_producer(cfg, layer)), cfg.n_kv_head, cfg.head_dim, dtype))
+    rate = kv_bytes_per_token(int(is_producer(cfg, layer)), cfg.n_kv_head, cfg.head_dim, dtype)
+    span = rolling_span(cfg, layer) if rate else None
+    if span is None:
+        return CacheBytes(per_token=rate)
+    return CacheBytes(bounded=((rate, sum(span)),))
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:
@@ -92,15 +118,22 @@ def _param_count(cfg: ModelConfig, layer: int) -> int:
 
 
 def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
-    """The ``window`` option of a layer spec (shared by the kinds that take one)."""
+    """The ``window`` and ``sinks`` options of a layer spec (shared by the kinds that take them)."""
     window = options.get("window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ConfigError(f"layer {layer}: window={window!r} must be a positive integer or None")
+    sinks = options.get("sinks")
+    if sinks is not None:
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+            raise ConfigError(f"layer {layer}: sinks={sinks!r} must be a non-negative integer")
+        if cfg.layer_window(layer) is None:
+            raise ConfigError(f"layer {layer}: sinks={sinks} without a window; attention sinks keep the first "
+                              f"positions visible to a sliding window (give the layer a window too)")
 
 
 GQA = register_kind(AttentionKind(
     name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window",), validate=validate_window,
+    param_count=_param_count, options=("window", "sinks"), validate=validate_window,
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),
@@ -115,6 +148,12 @@ GQA = register_kind(AttentionKind(
         "gelu-layernorm-bias-tied": dict(n_kv_head=2, mlp="gelu", norm="layernorm", qkv_bias=True,
                                          o_bias=True, tie_embeddings=True),
         "sliding-window": dict(n_kv_head=2, sliding_window=5),
+        "window-sinks": dict(n_kv_head=2, sliding_window=4, attention_sinks=2),
+        # Gemma-style: windowed layers with a rolling cache, every other layer global; CLA readers
+        # with different windows and sinks share one rolling producer.
+        "rolling-hybrid": dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 3, 3], attention_layers=[
+            {"kind": "gqa", "window": 3, "sinks": 1}, {"kind": "gqa", "window": 5}, "gqa",
+            {"kind": "gqa", "window": 2, "sinks": 2}, {"kind": "gqa", "window": 4}]),
         # A hybrid: windows per layer (one global layer), with CLA pairs sharing KV across windows.
         "hybrid-windows": dict(n_kv_head=2, cla=2, attention_layers=[
             {"kind": "gqa", "window": 3}, {"kind": "gqa", "window": 6}, "gqa", {"kind": "gqa", "window": 4}]),

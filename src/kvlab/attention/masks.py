@@ -2,7 +2,8 @@
 
 Every query and key carries a *position* (its index in its own sequence, not counting padding)
 and a *valid* flag (False for padding). Query ``q`` may attend to key ``k`` of the same row when
-both are valid, ``pos_k <= pos_q`` (causal) and ``pos_q - pos_k < window`` (sliding window).
+both are valid, ``pos_k <= pos_q`` (causal) and ``pos_q - pos_k < window`` (sliding window) or
+``pos_k < sinks`` (StreamingLLM's attention sinks: the first positions stay visible to a window).
 Packed rows (several documents in one row, SFT packing) add a *segment* id per token: a query
 attends only to keys of its own segment. That one rule covers a padded batch without a cache (positions
 count real tokens, so left and
@@ -29,7 +30,7 @@ __all__ = ["AttentionMask", "may_attend", "positions_from_attention_mask", "posi
 def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tensor | None = None,
                k_valid: torch.Tensor | None = None, causal: bool = True,
                window: int | None = None, q_seg: torch.Tensor | None = None,
-               k_seg: torch.Tensor | None = None) -> torch.Tensor:
+               k_seg: torch.Tensor | None = None, sinks: int = 0) -> torch.Tensor:
     """The boolean mask ``(B, 1, Tq, Tk)`` from positions ``(B|1, Tq)``, ``(B|1, Tk)``, validity
     and (packed rows) segment ids."""
     qp = q_pos.unsqueeze(-1)            # (B|1, Tq, 1)
@@ -39,7 +40,10 @@ def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tenso
     if causal:
         allowed = allowed & (kp <= qp)
     if window is not None:
-        allowed = allowed & ((qp - kp) < window)
+        in_window = (qp - kp) < window
+        if sinks:
+            in_window = in_window | (kp < sinks)
+        allowed = allowed & in_window
     if q_valid is not None:
         allowed = allowed & q_valid.bool().unsqueeze(-1)
     if k_valid is not None:
@@ -63,6 +67,7 @@ class AttentionMask:
     k_valid: torch.Tensor | None = None
     causal: bool = True
     window: int | None = None
+    sinks: int = 0                         # with a window: the first positions stay visible
     plain_causal: bool = False
     q_seg: torch.Tensor | None = None      # packed rows: segment id per query / key
     k_seg: torch.Tensor | None = None
@@ -74,7 +79,7 @@ class AttentionMask:
         if self._dense is None:
             self._dense = may_attend(self.q_pos, self.k_pos, q_valid=self.q_valid,
                                      k_valid=self.k_valid, causal=self.causal, window=self.window,
-                                     q_seg=self.q_seg, k_seg=self.k_seg)
+                                     q_seg=self.q_seg, k_seg=self.k_seg, sinks=self.sinks)
         return self._dense
 
     def row_has_keys(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from kvlab.cache.base import CacheLayer, CacheStep
 from kvlab.cache.full import FullKVLayer
+from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import parse_dtype
 from kvlab.errors import CacheOverflowError, ConfigError
@@ -57,12 +58,13 @@ class KVCache:
 
     @property
     def keys(self) -> dict[int, torch.Tensor]:
-        """The K buffers of the full-attention layers, by layer (read-only view of the layers)."""
-        return {i: layer.keys for i, layer in self.layers.items() if isinstance(layer, FullKVLayer)}
+        """The K buffers of the K/V layers (full or rolling), by layer (read-only view of the layers)."""
+        return {i: layer.keys for i, layer in self.layers.items() if isinstance(layer, (FullKVLayer, RollingKVLayer))}
 
     @property
     def values(self) -> dict[int, torch.Tensor]:
-        return {i: layer.values for i, layer in self.layers.items() if isinstance(layer, FullKVLayer)}
+        return {i: layer.values for i, layer in self.layers.items()
+                if isinstance(layer, (FullKVLayer, RollingKVLayer))}
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +81,9 @@ class KVCache:
         # New tensors rather than in-place updates: after a step under torch.inference_mode the
         # lengths are an inference tensor, which may not be modified in place outside it.
         self.lengths = torch.full_like(self.lengths, n_tokens)
+        for layer in self.layers.values():
+            if hasattr(layer, "assume_filled"):      # layers whose slots are not positions (rolling)
+                layer.assume_filled(n_tokens)
         self._bound, self._uniform = n_tokens, True
 
     def reset(self) -> None:

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "n_kv_layers": cfg.n_kv_layers, "kv_sources": cfg.kv_sources, "dtype": args.dtype,
         "kv_bytes_per_token": cost.per_token, "cache_bytes_per_sequence": cost.per_sequence,
+        "cache_bytes_windowed": [{"bytes_per_token": r, "up_to_tokens": c} for r, c in cost.bounded],
         "attention": [{"kind": s.kind, **s.options} for s in cfg.layer_specs],
         "param_counts": counts,
     }
@@ -55,11 +56,17 @@ def run(args: argparse.Namespace) -> int:
     ]
     if cost.per_sequence:
         rows.append((f"cache bytes per sequence ({args.dtype})", f"{cost.per_sequence:,} (fixed, whatever the length)"))
+    if cost.bounded:
+        rows.append((f"rolling window caches ({args.dtype})",
+                     f"{sum(r * c for r, c in cost.bounded):,} bytes per sequence at most ("
+                     + ", ".join(f"{c} tokens x {r:,} B" for r, c in cost.bounded[:4])
+                     + (", ..." if len(cost.bounded) > 4 else "") + "): they stop growing at their windows"))
     kinds = sorted({s.kind for s in cfg.layer_specs})
     windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
-    if cfg.attention_layers is not None or kinds != ["gqa"]:
+    if cfg.attention_layers is not None or kinds != ["gqa"] or any(w is not None for w in windows):
         rows.insert(4, ("attention per layer", ", ".join(
-            f"{s.kind}" + (f"(window {w})" if w is not None else "") for s, w in zip(cfg.layer_specs, windows))))
+            f"{s.kind}" + (f"(window {w}" + (f", sinks {cfg.layer_sinks(i)}" if cfg.layer_sinks(i) else "") + ")"
+                           if w is not None else "") for i, (s, w) in enumerate(zip(cfg.layer_specs, windows)))))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
                       f"{r.params / 1e6:,.1f}M", format_bytes(r.weight_bytes), f"{r.kv_bytes_per_token:,}",
                       format_bytes(r.kv_bytes_per_sequence),
                       f"{r.max_batch:,}" if r.max_batch else _why_none(r, memory),
-                      _relative(r.kv_bytes_per_token, base.kv_bytes_per_token))
+                      # per sequence at this context: the same ratio as per token for caches that
+                      # grow, and the honest one for windows and fixed states
+                      _relative(r.kv_bytes_per_sequence, base.kv_bytes_per_sequence))
     console = make_console()
     console.print(table)
     console.print("* = this model. max batch = (memory - weights) // KV per sequence; activations "

@@ -81,6 +81,9 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     sliding_window: int | None = None
+    # StreamingLLM's attention sinks: a windowed layer also attends to the first this-many
+    # positions forever, and its rolling cache keeps them (a layer spec's "sinks" overrides it).
+    attention_sinks: int = 0
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"
     attn_kind: str = DEFAULT_KIND
@@ -149,6 +152,9 @@ class ModelConfig:
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
                                                 or self.sliding_window < 1):
             raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer or None")
+        if not isinstance(self.attention_sinks, int) or isinstance(self.attention_sinks, bool) or \
+                self.attention_sinks < 0:
+            raise ConfigError(f"attention_sinks={self.attention_sinks!r} must be a non-negative integer")
         if self.cla > self.n_layer:
             raise ConfigError(f"cla={self.cla} exceeds n_layer={self.n_layer}; "
                               f"a sharing factor can be at most the number of layers")
@@ -207,6 +213,13 @@ class ModelConfig:
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer``: its spec's ``window`` option, else ``sliding_window``."""
         return self.layer_specs[layer].options.get("window", self.sliding_window)
+
+    def layer_sinks(self, layer: int) -> int:
+        """Attention sinks of ``layer``: its spec's ``sinks``, else ``attention_sinks``; 0 for a
+        layer without a window (it sees every position anyway)."""
+        if self.layer_window(layer) is None:
+            return 0
+        return self.layer_specs[layer].options.get("sinks", self.attention_sinks)
 
     # ------------------------------------------------------------------------ KV accounting
     @property

@@ -181,6 +181,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None
                       (cfg.o_bias and not cfg.qkv_bias, "an o_proj bias without q/k/v biases")):
         if bad:
             problems.append(f"{what} (Llama uses RoPE, sequential blocks, SwiGLU and RMSNorm)")
+    if cfg.attention_sinks and cfg.sliding_window is not None:
+        problems.append("attention sinks (Mistral's sliding window has none; keep the model in the kvlab format)")
     if problems:
         raise ConfigError("cannot export to HF: " + "; ".join(problems))
     if deepseek:

@@ -42,7 +42,7 @@ def _tile_mask(mask: AttentionMask | None, i0: int, i1: int, j0: int, j1: int) -
     return may_attend(mask.q_pos[:, i0:i1], mask.k_pos[:, j0:j1],
                       q_valid=None if mask.q_valid is None else mask.q_valid[:, i0:i1],
                       k_valid=None if mask.k_valid is None else mask.k_valid[:, j0:j1],
-                      causal=mask.causal, window=mask.window,
+                      causal=mask.causal, window=mask.window, sinks=mask.sinks,
                       q_seg=None if mask.q_seg is None else mask.q_seg[:, i0:i1],
                       k_seg=None if mask.k_seg is None else mask.k_seg[:, j0:j1])
 

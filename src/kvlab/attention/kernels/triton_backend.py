@@ -75,7 +75,8 @@ def _mask_args(mask: AttentionMask | None, device: torch.device):
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
     if mask is None:
         return dict(tensors=(dummy, dummy, dummy, dummy), strides=(0, 0, 0, 0),
-                    flags=dict(HAS_MASK=False, HAS_QV=False, HAS_KV=False, CAUSAL=False, PLAIN_CAUSAL=False, WINDOW=0))
+                    flags=dict(HAS_MASK=False, HAS_QV=False, HAS_KV=False, CAUSAL=False, PLAIN_CAUSAL=False, WINDOW=0,
+                               SINKS=0))
 
     def prep(t):
         if t is None:
@@ -87,7 +88,8 @@ def _mask_args(mask: AttentionMask | None, device: torch.device):
                                                       prep(mask.k_valid))
     return dict(tensors=(qp, qv, kp, kv), strides=(s_qp, s_qv, s_kp, s_kv),
                 flags=dict(HAS_MASK=True, HAS_QV=mask.q_valid is not None, HAS_KV=mask.k_valid is not None,
-                           CAUSAL=mask.causal, PLAIN_CAUSAL=mask.plain_causal, WINDOW=mask.window or 0))
+                           CAUSAL=mask.causal, PLAIN_CAUSAL=mask.plain_causal, WINDOW=mask.window or 0,
+                           SINKS=mask.sinks if mask.window else 0))
 
 
 def _prefill_forward(q, k, v, mask, scale):

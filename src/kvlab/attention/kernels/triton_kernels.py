@@ -2,7 +2,7 @@
 
 Layouts: q ``(B, Hq, Tq, D)``, k/v ``(B, Hkv, Tk, D)`` with arbitrary strides; query head ``h``
 reads KV head ``h // G``. Masks are the structured rule of :mod:`kvlab.attention.masks`: per row
-query/key positions and validity, causal, sliding window; evaluated per tile from int32 vectors.
+query/key positions and validity, causal, sliding window with sinks; evaluated per tile from int32 vectors.
 Accumulation is fp32 whatever the input dtype. These kernels run on NVIDIA GPUs and, for tests,
 on the CPU under ``TRITON_INTERPRET=1``.
 """
@@ -31,8 +31,8 @@ def _load_tile(ptr, b, h, sb, sh, st, rows, cols, n_rows):
 @triton.jit
 def _tile_allowed(qp_ptr, qv_ptr, kp_ptr, kv_ptr, b, offs_m, offs_n, Tq, Tk,
                   s_qp, s_qv, s_kp, s_kv, HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) booleans: in range, valid, causal and inside the window."""
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) booleans: in range, valid, causal and inside the window (or a sink)."""
     ok = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
     if HAS_MASK:
         qp = tl.load(qp_ptr + b * s_qp + offs_m, mask=offs_m < Tq, other=0)
@@ -40,7 +40,10 @@ def _tile_allowed(qp_ptr, qv_ptr, kp_ptr, kv_ptr, b, offs_m, offs_n, Tq, Tk,
         if CAUSAL:
             ok = ok & (kp[None, :] <= qp[:, None])
         if WINDOW > 0:
-            ok = ok & ((qp[:, None] - kp[None, :]) < WINDOW)
+            in_window = (qp[:, None] - kp[None, :]) < WINDOW
+            if SINKS > 0:
+                in_window = in_window | (kp[None, :] < SINKS)
+            ok = ok & in_window
         if HAS_QV:
             qv = tl.load(qv_ptr + b * s_qv + offs_m, mask=offs_m < Tq, other=0)
             ok = ok & (qv[:, None] != 0)
@@ -55,7 +58,7 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
                      s_qp, s_qv, s_kp, s_kv, Hq, G, Tq, Tk, scale,
                      HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
-                     PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -77,7 +80,7 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
         v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
         ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
-                           HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
+                           HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW, SINKS)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,7 +118,7 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
                           sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                           s_qp, s_qv, s_kp, s_kv, Hq, Hkv, G, Tq, Tk, scale,
                           HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
-                          PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                          PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (key tile, b, KV head): loops over the G query heads of the group and
     every query tile, so each KV head's gradient is summed over its group without atomics."""
@@ -141,7 +144,7 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
             delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
             s = _dot(q, tl.trans(k), UPCAST) * scale
             ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
-                               HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
+                               HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW, SINKS)
             ok = ok & (lse[:, None] != float("-inf"))
             p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST)
@@ -159,7 +162,7 @@ def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, slb, slh, sdqb, sdqh, sdqt,
                         s_qp, s_qv, s_kp, s_kv, Hq, G, Tq, Tk, scale,
                         HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
-                        PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                        PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -181,7 +184,7 @@ def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
         v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), UPCAST) * scale
         ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
-                           HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW)
+                           HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW, SINKS)
         ok = ok & (lse[:, None] != float("-inf"))
         p = tl.where(ok, tl.exp(s - tl.where(ok, lse[:, None], 0.0)), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST)

@@ -67,6 +67,15 @@ def _mla_qkv(cfg, P, pre, h, pos, kv, i, src):
     return q, k, up[..., nope:]
 
 
+def _alibi_slope(h: int, n: int) -> float:
+    """Head h's ALiBi slope, from the paper's definition: 2^(-8(h+1)/n) for a power-of-two n; else
+    the m = 2^floor(log2 n) slopes of m heads, then the odd-indexed exponents of 2m heads."""
+    m = 1 << (n.bit_length() - 1)
+    if h < m:
+        return 2.0 ** (-8.0 * (h + 1) / m)
+    return 2.0 ** (-8.0 * (2 * (h - m) + 1) / (2 * m))
+
+
 def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
     """Logits (n, vocab) in float64 for one unpadded sequence of token ids."""
     cfg = model.cfg
@@ -107,6 +116,8 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
                 # ... except the first `sinks` positions, which a windowed layer always sees (StreamingLLM)
                 sinks = cfg.layer_specs[i].options.get("sinks", cfg.attention_sinks)
                 allowed &= ((pos[:, None] - pos[None, :]) < window) | (pos[None, :] < sinks)
+            if cfg.pos == "alibi":
+                scores = scores + _alibi_slope(hq, Hq) * (pos[None, :] - pos[:, None])
             scores = scores.masked_fill(~allowed, float("-inf"))
             heads.append(torch.softmax(scores, -1) @ v[:, hk])
         attn = _linear(P, pre + ".self_attn.o_proj", torch.cat(heads, -1))

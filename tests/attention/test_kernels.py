@@ -268,3 +268,47 @@ def test_auto_would_pick_triton_for_half_precision_cuda_tensors():
     assert auto_backend_name(fake) == "sdpa"                            # head_dim not a power of two
     fake.shape, fake.dtype = (1, 4, 5, 64), torch.float32
     assert auto_backend_name(fake) == "sdpa"                            # fp32: PyTorch's kernels
+
+
+def _alibi_f64(q, k, v, allowed, q_pos, k_pos):
+    """Float64 attention with ALiBi written out: head h adds m_h · (k_pos − q_pos), the paper's slopes
+    m_h = 2^(−8(h+1)/H) for a power-of-two H (here 4 query heads)."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Tq, D = q.shape
+    group = Hq // k.shape[1]
+    dist = (k_pos[:, None, :] - q_pos[:, :, None]).double().expand(B, Tq, -1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(group, 1)) / math.sqrt(D)
+    scores = scores + torch.stack([2.0 ** (-8.0 * (h + 1) / Hq) * dist for h in range(Hq)], 1)
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    p = torch.nan_to_num(torch.softmax(scores, -1))
+    return p @ v.repeat_interleave(group, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["causal", "left-padded-causal", "window-sinks", "rolling-keys"])
+def test_alibi_in_every_backend_forward_and_gradients(backend, case):
+    from kvlab.attention.bias import AlibiBias
+
+    B, T, D = 2, 12, 16
+    q, k, v = _qkv(B, 4, 2, T, T, D, seed=7)
+    mask = CASES[case](B, T)
+    allowed = _allowed(mask, B, T, T)
+    ref = _alibi_f64(q, k, v, allowed, mask.q_pos.expand(B, -1), mask.k_pos.expand(B, -1))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attention(*leaves, mask, backend=backend, bias=AlibiBias(4))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(B, 4, T, D, generator=torch.Generator().manual_seed(1))
+    leaves64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref64 = _alibi_f64(*leaves64, allowed, mask.q_pos.expand(B, -1), mask.k_pos.expand(B, -1))
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref64, leaves64, g.double())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_alibi_slopes_follow_the_paper_for_any_head_count():
+    from kvlab.attention.bias import alibi_slopes
+
+    assert alibi_slopes(8).tolist() == [2.0 ** -(i + 1) for i in range(8)]
+    # 12 heads: the 8 slopes of 8 heads, then every other slope of 16 heads (2^-0.5, 2^-1.5, ...).
+    twelve = alibi_slopes(12).tolist()
+    assert twelve[:8] == alibi_slopes(8).tolist()
+    assert twelve[8:] == pytest.approx([2.0 ** -(0.5 + i) for i in range(4)])

@@ -16,7 +16,7 @@ from kvlab import PRESETS, ConfigError, ModelConfig, Transformer, kv_bytes_per_t
     (dict(n_head=2.5), r"n_head=2.5 must be a positive integer"),
     (dict(mlp="relu"), r"mlp='relu' is not one of \['swiglu', 'gelu'\]"),
     (dict(norm="batchnorm"), "norm='batchnorm' is not one of"),
-    (dict(pos="alibi"), "pos='alibi' is not one of"),
+    (dict(pos="nope"), "pos='nope' is not one of"),
     (dict(block="residual"), "block='residual' is not one of"),
     (dict(norm_eps=0), "norm_eps=0 must be a positive number"),
     (dict(rope_theta=-1.0), "rope_theta=-1.0 must be a positive number"),

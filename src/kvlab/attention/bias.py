@@ -10,6 +10,8 @@ picks one that can.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -24,6 +26,41 @@ class ScoreBias(nn.Module):
     @property
     def requires_grad(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022): the geometric sequence ``2^(-8/n)^(i+1)`` for a
+    power-of-two ``n``; otherwise those of the nearest lower power of two followed by every other
+    slope of the next one (the paper's recipe, as BLOOM and MPT compute it)."""
+    def powers(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+    low = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(low) + powers(2 * low)[0::2][:n_head - low]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class AlibiBias(ScoreBias):
+    """ALiBi: head ``h`` adds ``slope_h · (k_pos − q_pos)`` to its scores — a linear penalty on the
+    distance, no position embedding. Fixed (no parameter), so every backend that adds a positional
+    bias can serve it, tile by tile. The slopes are kept outside the module state, in float32 per
+    device (like RoPE's frequencies): ``model.to(bf16)`` or a meta-device load cannot touch them.
+    ``(k − q)`` rather than BLOOM's ``k``: the softmax is the same (a constant per query row), the
+    numbers stay small at any position."""
+
+    def __init__(self, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self._slopes: dict[torch.device, torch.Tensor] = {}
+
+    def slopes(self, device: torch.device) -> torch.Tensor:
+        if device not in self._slopes:
+            self._slopes[device] = alibi_slopes(self.n_head).to(device)
+        return self._slopes[device]
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        distance = (k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)).float()      # (B|1, Tq, Tk)
+        return self.slopes(q_pos.device).view(1, -1, 1, 1) * distance.unsqueeze(1)
 
 
 def bias_requires_grad(bias) -> bool:

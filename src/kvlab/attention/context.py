@@ -42,6 +42,7 @@ class ForwardContext:
     kv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # producer layer -> what it made
     prefix: dict[int, tuple[torch.Tensor, ...]] | None = None   # producer -> prefix K, V (no cache)
     memo: dict = field(default_factory=dict, repr=False)       # per-call tables a kind derives once (e.g. MLA's RoPE)
+    score_bias: "object | None" = None         # a positional prior every layer adds (ALiBi), or None
     # producer layer -> (key positions, key validity) of the keys its cache layer returned, when
     # they are not the model-wide slots (a rolling window cache returns its window, then the new keys)
     key_positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)

@@ -69,7 +69,8 @@ class GQAAttention(nn.Module):
             k, v = ctx.kv[self.kv_source]
         if k.dtype != q.dtype:            # a cache kept in another dtype than the model
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attention(q, k, v, ctx.mask(self.window, self.sinks, source=self.kv_source), backend=ctx.backend)
+        out = attention(q, k, v, ctx.mask(self.window, self.sinks, source=self.kv_source), backend=ctx.backend,
+                        bias=ctx.score_bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -145,6 +146,8 @@ GQA = register_kind(AttentionKind(
         "kv-source": dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 0, 4]),
         "parallel": dict(n_kv_head=2, block="parallel"),
         "learned-pos": dict(n_kv_head=2, pos="learned"),
+        "alibi": dict(n_kv_head=2, pos="alibi"),
+        "alibi-window-sinks": dict(n_kv_head=1, pos="alibi", sliding_window=4, attention_sinks=1),
         "gelu-layernorm-bias-tied": dict(n_kv_head=2, mlp="gelu", norm="layernorm", qkv_bias=True,
                                          o_bias=True, tie_embeddings=True),
         "sliding-window": dict(n_kv_head=2, sliding_window=5),

@@ -29,7 +29,7 @@ DEFAULT_KIND = "gqa"
 
 MLP_TYPES = ("swiglu", "gelu")
 NORM_TYPES = ("rmsnorm", "layernorm")
-POS_TYPES = ("rope", "learned")
+POS_TYPES = ("rope", "learned", "alibi")
 BLOCK_TYPES = ("sequential", "parallel")
 
 

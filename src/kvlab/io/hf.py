@@ -176,7 +176,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None
         problems.append("Cross-Layer Attention (HF transformers has no architecture that shares KV across "
                         "layers; keep this model in the kvlab format: kvlab.save(model, dir) / "
                         "kvlab export --format kvlab)")
-    for bad, what in ((cfg.pos != "rope", "learned positions"), (cfg.block != "sequential", "parallel blocks"),
+    for bad, what in ((cfg.pos != "rope", f"{cfg.pos} positions"), (cfg.block != "sequential", "parallel blocks"),
                       (cfg.mlp != "swiglu", "a GELU MLP"), (cfg.norm != "rmsnorm", "LayerNorm"),
                       (cfg.o_bias and not cfg.qkv_bias, "an o_proj bias without q/k/v biases")):
         if bad:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvlab.attention.bias import AlibiBias
 from kvlab.attention.context import ForwardContext
 from kvlab.cache.cache import KVCache
 from kvlab.config.model import ModelConfig
@@ -89,6 +90,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        # ALiBi: a fixed distance penalty per head, added to the scores (no parameters, not saved).
+        self.alibi = AlibiBias(cfg.n_head) if cfg.pos == "alibi" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -205,7 +208,7 @@ class Transformer(nn.Module):
         ctx.prefix = entry.prefix
         if cfg.pos == "learned":
             x = x + self.embed_positions(ctx.q_pos)
-        else:
+        elif cfg.pos == "rope":
             ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, self.rope_inv_freq(x.device), x.dtype)
         for layer in self.layers:
             x = layer(x, ctx)
@@ -223,13 +226,21 @@ class Transformer(nn.Module):
         if len(inputs) != self.cfg.n_layer:
             raise ConfigError(f"attention_on needs one input per layer ({self.cfg.n_layer}), got {len(inputs)}")
         ctx = self._context(tokens, tokens.shape[1], None, None, None, 0, backend or self.cfg.attn_backend)
-        if self.cfg.pos != "learned":
+        if self.cfg.pos == "rope":
             ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, self.rope_inv_freq(tokens.device), inputs[0].dtype)
         return [block.self_attn(h, ctx) for block, h in zip(self.layers, inputs)]
 
     def _context(self, tokens: torch.Tensor, T: int, attention_mask: torch.Tensor | None, cache: KVCache | None,
                  segment_ids: torch.Tensor | None, prefix_len: int, backend: str) -> ForwardContext:
-        """Positions and validity of this call's queries and keys (and the cache step), for every layer."""
+        """Positions and validity of this call's queries and keys (and the cache step), for every
+        layer, and the positional prior they all add (ALiBi), which reads the mask's positions."""
+        ctx = self._positions(tokens, T, attention_mask, cache, segment_ids, prefix_len, backend)
+        if self.alibi is not None:
+            ctx.score_bias, ctx.all_visible = self.alibi, False
+        return ctx
+
+    def _positions(self, tokens: torch.Tensor, T: int, attention_mask: torch.Tensor | None, cache: KVCache | None,
+                   segment_ids: torch.Tensor | None, prefix_len: int, backend: str) -> ForwardContext:
         cfg, dev, B = self.cfg, tokens.device, tokens.shape[0]
         if segment_ids is not None:
             pos = positions_in_segments(segment_ids)

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from kvlab.attention.bias import AlibiBias
 from kvlab.attention.kernels.common import check_shapes
 from kvlab.attention.masks import AttentionMask
 from kvlab.errors import ConfigError
@@ -51,8 +52,10 @@ def unsupported(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor 
         return f"the triton backend takes fp16, bf16 or fp32 tensors, got {q.dtype}"
     if v is not None and v.shape[-1] != D:
         return f"the triton kernels need value width = key width, got {v.shape[-1]} and {D}"
-    if bias is not None:
-        return "the triton kernels add no score bias; use 'flash', 'sdpa' or 'reference'"
+    if bias is not None and not isinstance(bias, AlibiBias):
+        return "the triton kernels add no score bias but ALiBi's; use 'flash', 'sdpa' or 'reference'"
+    if bias is not None and mask is None:
+        return "ALiBi reads the mask's positions; pass an AttentionMask"
     if mask is not None and mask.q_seg is not None:
         return ("the triton backend has no packed-row (segment) masking; train packed SFT rows with "
                 "backend 'sdpa' or 'flash', or turn packing off")
@@ -70,13 +73,15 @@ def _upcast(q: torch.Tensor) -> bool:
     return interpreting() and q.dtype == torch.bfloat16
 
 
-def _mask_args(mask: AttentionMask | None, device: torch.device):
-    """Int32 position/validity vectors with their batch strides (0 = shared by all rows)."""
+def _mask_args(mask: AttentionMask | None, device: torch.device, bias=None):
+    """Int32 position/validity vectors with their batch strides (0 = shared by all rows), and
+    ALiBi's slopes (fp32, one per query head) when the bias is ALiBi."""
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    slopes = bias.slopes(device).contiguous() if bias is not None else torch.zeros(1, device=device)
     if mask is None:
-        return dict(tensors=(dummy, dummy, dummy, dummy), strides=(0, 0, 0, 0),
+        return dict(tensors=(dummy, dummy, dummy, dummy, slopes), strides=(0, 0, 0, 0),
                     flags=dict(HAS_MASK=False, HAS_QV=False, HAS_KV=False, CAUSAL=False, PLAIN_CAUSAL=False, WINDOW=0,
-                               SINKS=0))
+                               SINKS=0, ALIBI=False))
 
     def prep(t):
         if t is None:
@@ -86,20 +91,20 @@ def _mask_args(mask: AttentionMask | None, device: torch.device):
 
     (qp, s_qp), (qv, s_qv), (kp, s_kp), (kv, s_kv) = (prep(mask.q_pos), prep(mask.q_valid), prep(mask.k_pos),
                                                       prep(mask.k_valid))
-    return dict(tensors=(qp, qv, kp, kv), strides=(s_qp, s_qv, s_kp, s_kv),
+    return dict(tensors=(qp, qv, kp, kv, slopes), strides=(s_qp, s_qv, s_kp, s_kv),
                 flags=dict(HAS_MASK=True, HAS_QV=mask.q_valid is not None, HAS_KV=mask.k_valid is not None,
                            CAUSAL=mask.causal, PLAIN_CAUSAL=mask.plain_causal, WINDOW=mask.window or 0,
-                           SINKS=mask.sinks if mask.window else 0))
+                           SINKS=mask.sinks if mask.window else 0, ALIBI=bias is not None))
 
 
-def _prefill_forward(q, k, v, mask, scale):
+def _prefill_forward(q, k, v, mask, scale, bias=None):
     from kvlab.attention.kernels.triton_kernels import flash_fwd_kernel
 
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
-    m = _mask_args(mask, q.device)
+    m = _mask_args(mask, q.device, bias)
     grid = (math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)
     flash_fwd_kernel[grid](q, k, v, out, lse, *m["tensors"],
                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
@@ -108,7 +113,7 @@ def _prefill_forward(q, k, v, mask, scale):
     return out, lse
 
 
-def _prefill_backward(do, q, k, v, out, lse, mask, scale):
+def _prefill_backward(do, q, k, v, out, lse, mask, scale, bias=None):
     from kvlab.attention.kernels.triton_kernels import (
         flash_bwd_dkdv_kernel,
         flash_bwd_dq_kernel,
@@ -122,7 +127,7 @@ def _prefill_backward(do, q, k, v, out, lse, mask, scale):
     flash_bwd_preprocess_kernel[(math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)](
         out, do, delta, *out.stride()[:3], *do.stride()[:3], Hq, Tq, BLOCK_M=PREFILL_BLOCK_M, HEAD_DIM=D)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    m = _mask_args(mask, q.device)
+    m = _mask_args(mask, q.device, bias)
     common = (*m["strides"],)
     flash_bwd_dkdv_kernel[(math.ceil(Tk / PREFILL_BLOCK_N), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *m["tensors"],
@@ -139,24 +144,25 @@ def _prefill_backward(do, q, k, v, out, lse, mask, scale):
 
 class TritonFlashFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = _prefill_forward(q, k, v, mask, scale)
+    def forward(ctx, q, k, v, mask, scale, bias):
+        out, lse = _prefill_forward(q, k, v, mask, scale, bias)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale = mask, scale
+        ctx.mask, ctx.scale, ctx.bias = mask, scale, bias
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _prefill_backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _prefill_backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, ctx.scale, ctx.bias)
+        return dq, dk, dv, None, None, None
 
 
-def triton_prefill(q, k, v, mask: AttentionMask | None = None, scale: float | None = None, *, return_lse=False):
+def triton_prefill(q, k, v, mask: AttentionMask | None = None, scale: float | None = None, *, return_lse=False,
+                   bias=None):
     check_shapes(q, k, v)
     _check(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = TritonFlashFunction.apply(q, k, v, mask, scale)
+    out, lse = TritonFlashFunction.apply(q, k, v, mask, scale, bias)
     return (out, lse) if return_lse else out
 
 
@@ -219,11 +225,14 @@ def triton_backend(q, k, v, mask, scale, bias=None):
     check_shapes(q, k, v)
     _check(q)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.shape[2] == 1 and not needs_grad:
+    reason = unsupported(q, k, v, mask, bias)
+    if reason is not None:
+        raise ConfigError(reason)
+    if q.shape[2] == 1 and not needs_grad and bias is None:      # the split-K decode adds no bias
         lengths = prefix_lengths(mask, q.shape[0], k.shape[2])
         if lengths is not None:
             return triton_decode(q, k, v, lengths, scale)
-    return triton_prefill(q, k, v, mask, scale)
+    return triton_prefill(q, k, v, mask, scale, bias=bias)
 
 
 def _auto_rank(q) -> int | None:

@@ -54,11 +54,19 @@ def _tile_allowed(qp_ptr, qv_ptr, kp_ptr, kv_ptr, b, offs_m, offs_n, Tq, Tk,
 
 
 @triton.jit
-def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
+def _alibi_tile(qp_ptr, kp_ptr, sl_ptr, b, h, offs_m, offs_n, Tq, Tk, s_qp, s_kp):
+    """ALiBi's (BLOCK_M, BLOCK_N) bias for head h: slope_h · (k_pos − q_pos), from the positions."""
+    qp = tl.load(qp_ptr + b * s_qp + offs_m, mask=offs_m < Tq, other=0)
+    kp = tl.load(kp_ptr + b * s_kp + offs_n, mask=offs_n < Tk, other=0)
+    return tl.load(sl_ptr + h) * (kp[None, :] - qp[:, None]).to(tl.float32)
+
+
+@triton.jit
+def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV, SL,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, slb, slh,
                      s_qp, s_qv, s_kp, s_kv, Hq, G, Tq, Tk, scale,
                      HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
-                     PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                     PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, ALIBI: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -79,6 +87,8 @@ def flash_fwd_kernel(Q, K, V, O, LSE, QP, QV, KP, KV,
         k = _load_tile(K, b, hk, skb, skh, skt, offs_n, offs_d, Tk)
         v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        if ALIBI:                                  # in base 2 like the scores
+            s += _alibi_tile(QP, KP, SL, b, h, offs_m, offs_n, Tq, Tk, s_qp, s_kp) * 1.4426950408889634
         ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
                            HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW, SINKS)
         s = tl.where(ok, s, float("-inf"))
@@ -113,12 +123,12 @@ def flash_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, Hq, 
 
 
 @triton.jit
-def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
+def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV, SL,
                           sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, slb, slh,
                           sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                           s_qp, s_qv, s_kp, s_kv, Hq, Hkv, G, Tq, Tk, scale,
                           HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
-                          PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                          PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, ALIBI: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     """One program per (key tile, b, KV head): loops over the G query heads of the group and
     every query tile, so each KV head's gradient is summed over its group without atomics."""
@@ -143,6 +153,8 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
             lse = tl.load(LSE + b * slb + h * slh + offs_m, mask=offs_m < Tq, other=float("-inf"))
             delta = tl.load(DELTA + (b * Hq + h) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
             s = _dot(q, tl.trans(k), UPCAST) * scale
+            if ALIBI:
+                s += _alibi_tile(QP, KP, SL, b, h, offs_m, offs_n, Tq, Tk, s_qp, s_kp)
             ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
                                HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW, SINKS)
             ok = ok & (lse[:, None] != float("-inf"))
@@ -158,11 +170,11 @@ def flash_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QP, QV, KP, KV,
 
 
 @triton.jit
-def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
+def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV, SL,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, slb, slh, sdqb, sdqh, sdqt,
                         s_qp, s_qv, s_kp, s_kv, Hq, G, Tq, Tk, scale,
                         HAS_MASK: tl.constexpr, HAS_QV: tl.constexpr, HAS_KV: tl.constexpr, CAUSAL: tl.constexpr,
-                        PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                        PLAIN_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr, ALIBI: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -183,6 +195,8 @@ def flash_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QP, QV, KP, KV,
         k = _load_tile(K, b, hk, skb, skh, skt, offs_n, offs_d, Tk)
         v = _load_tile(V, b, hk, svb, svh, svt, offs_n, offs_d, Tk)
         s = _dot(q, tl.trans(k), UPCAST) * scale
+        if ALIBI:
+            s += _alibi_tile(QP, KP, SL, b, h, offs_m, offs_n, Tq, Tk, s_qp, s_kp)
         ok = _tile_allowed(QP, QV, KP, KV, b, offs_m, offs_n, Tq, Tk, s_qp, s_qv, s_kp, s_kv,
                            HAS_MASK, HAS_QV, HAS_KV, CAUSAL, WINDOW, SINKS)
         ok = ok & (lse[:, None] != float("-inf"))

@@ -23,7 +23,12 @@ class CheckpointError(KvlabError, RuntimeError):
 
 
 class Interrupted(KvlabError):
-    """Ctrl-C (SIGINT) during a run: the message says where it stopped and how to continue."""
+    """Ctrl-C (SIGINT) during a run: the message says where it stopped; ``resumable`` whether a
+    checkpoint exists to continue from (the CLI adds how, for the verbs that can)."""
+
+    def __init__(self, message: str, *, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
 
 
 def require_positive_ints(obj: object, names: tuple[str, ...]) -> None:

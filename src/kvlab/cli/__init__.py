@@ -21,6 +21,7 @@ from kvlab.cli.common import UsageError
 from kvlab.errors import ConfigError, Interrupted, KvlabError
 
 VERBS = (info, plan, generate, eval, convert, shrink, train, study, finetune, tasks, export)
+RESUMABLE_VERBS = ("train", "finetune", "shrink")        # the verbs with --resume
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: list[str], debug: bool) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         return args.func(args)
@@ -80,7 +82,11 @@ def _run(argv: list[str], debug: bool) -> int:
         _say(f"error: {e}" if not str(e).startswith("kvlab") else str(e))
         return 2
     except Interrupted as e:
-        _say(f"stopped: {e}")
+        resumable = getattr(args, "verb", None) in RESUMABLE_VERBS
+        how = ("; the same command with --resume continues from it" if e.resumable and resumable else
+               "; the same command with --overwrite starts over" if resumable else
+               "; run it again to start over")
+        _say(f"stopped: {e}{how}")
         return 130
     except KvlabError as e:
         if debug:

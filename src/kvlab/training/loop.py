@@ -236,8 +236,8 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
         found = checkpoint_dirs(out_dir)
         done = summary.get("step", start)
         raise Interrupted(f"interrupted after step {done} of {cfg.max_steps}; the last checkpoint is "
-                          + (f"{found[-1].name}: --resume continues from it" if found else
-                             "none (nothing saved yet): run again to start over")) from None
+                          + (f"{found[-1].name}" if found else "none (nothing saved yet)"),
+                          resumable=bool(found)) from None
     model.eval()
     return summary
 

@@ -76,6 +76,52 @@ def _alibi_slope(h: int, n: int) -> float:
     return 2.0 ** (-8.0 * (2 * (h - m) + 1) / (2 * m))
 
 
+def _block_rest(cfg, P, pre, x, h, attn):
+    """The residual and the MLP of a block, after its attention output ``attn``."""
+    if cfg.block == "parallel":
+        mlp_in = h
+    else:
+        x = x + attn
+        mlp_in = _norm(cfg, P, pre + ".post_attention_layernorm", x)
+    if cfg.mlp == "swiglu":
+        g = _linear(P, pre + ".mlp.gate_proj", mlp_in)
+        m = _linear(P, pre + ".mlp.down_proj", g * torch.sigmoid(g) * _linear(P, pre + ".mlp.up_proj", mlp_in))
+    else:
+        u = _linear(P, pre + ".mlp.up_proj", mlp_in)
+        m = _linear(P, pre + ".mlp.down_proj", 0.5 * u * (1 + torch.erf(u / math.sqrt(2))))
+    return x + attn + m if cfg.block == "parallel" else x + m
+
+
+def _linear_attention(cfg, P, pre, h, i):
+    """Linear attention token by token (the recurrent definition): per KV head a state
+    S = γ S + φ(k) vᵀ, z = γ z + φ(k); output φ(q)·S / (φ(q)·z + 1e-6); φ = elu + 1 or Hedgehog's
+    [softmax(xW), softmax(−xW)]; γ_j = 1 − 2^(−5−j) with the RetNet decay, else 1."""
+    opts = cfg.layer_specs[i].options
+    n, Hq, Hkv, D = h.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    q = _linear(P, pre + ".q_proj", h).view(n, Hq, D)
+    k = _linear(P, pre + ".k_proj", h).view(n, Hkv, D)
+    v = _linear(P, pre + ".v_proj", h).view(n, Hkv, D)
+
+    def phi(x, head, which):
+        if opts.get("feature", "elu") == "elu":
+            return torch.where(x > 0, x + 1, torch.exp(x))
+        y = x @ P[f"{pre}.feature_{which}"][head]
+        return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)])
+
+    out = torch.zeros(n, Hq, D, dtype=torch.float64)
+    for hk in range(Hkv):
+        gamma = 1 - 2.0 ** (-5 - hk) if opts.get("decay", "none") == "retnet" else 1.0
+        S, z = 0.0, 0.0
+        for t in range(n):
+            fk = phi(k[t, hk], hk, "k")
+            S = gamma * S + torch.outer(fk, v[t, hk])
+            z = gamma * z + fk
+            for hq in range(hk * (Hq // Hkv), (hk + 1) * (Hq // Hkv)):
+                fq = phi(q[t, hq], hq, "q")
+                out[t, hq] = (fq @ S) / (fq @ z + 1e-6)
+    return out.reshape(n, Hq * D)
+
+
 def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
     """Logits (n, vocab) in float64 for one unpadded sequence of token ids."""
     cfg = model.cfg
@@ -91,6 +137,10 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
         pre = f"layers.{i}"
         h = _norm(cfg, P, pre + ".input_layernorm", x)
         src = cfg.kv_sources[i]
+        if cfg.layer_specs[i].kind == "linear":
+            attn = _linear(P, pre + ".self_attn.o_proj", _linear_attention(cfg, P, pre + ".self_attn", h, i))
+            x = _block_rest(cfg, P, pre, x, h, attn)
+            continue
         if cfg.layer_specs[i].kind == "mla":
             q, k, v = _mla_qkv(cfg, P, pre + ".self_attn", h, pos, kv, i, src)
             group, Dq = 1, q.shape[-1]          # expanded: one key and value per query head
@@ -121,18 +171,7 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
             scores = scores.masked_fill(~allowed, float("-inf"))
             heads.append(torch.softmax(scores, -1) @ v[:, hk])
         attn = _linear(P, pre + ".self_attn.o_proj", torch.cat(heads, -1))
-        if cfg.block == "parallel":
-            mlp_in = h
-        else:
-            x = x + attn
-            mlp_in = _norm(cfg, P, pre + ".post_attention_layernorm", x)
-        if cfg.mlp == "swiglu":
-            g = _linear(P, pre + ".mlp.gate_proj", mlp_in)
-            m = _linear(P, pre + ".mlp.down_proj", g * torch.sigmoid(g) * _linear(P, pre + ".mlp.up_proj", mlp_in))
-        else:
-            u = _linear(P, pre + ".mlp.up_proj", mlp_in)
-            m = _linear(P, pre + ".mlp.down_proj", 0.5 * u * (1 + torch.erf(u / math.sqrt(2))))
-        x = x + attn + m if cfg.block == "parallel" else x + m
+        x = _block_rest(cfg, P, pre, x, h, attn)
     x = _norm(cfg, P, "norm", x)
     head = P["embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
     return x @ head.T

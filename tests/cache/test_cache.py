@@ -8,7 +8,8 @@ from conftest import VARIANTS, make_model
 # Full K/V layers; MLA's latent cache is checked in tests/attention/test_mla.py, rolling windows in
 # tests/cache/test_rolling.py.
 FULL_KV = [name for name, v in VARIANTS.items() if v.get("attn_kind", "gqa") == "gqa"
-           and v.get("sliding_window") is None and "window" not in str(v.get("attention_layers"))]
+           and v.get("sliding_window") is None and "window" not in str(v.get("attention_layers"))
+           and "linear" not in str(v.get("attention_layers"))]
 
 
 @pytest.mark.parametrize("name", FULL_KV)

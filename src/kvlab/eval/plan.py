@@ -41,10 +41,15 @@ def format_bytes(n: float) -> str:
 def kv_label(cfg: ModelConfig) -> str:
     """MHA / GQA-g / MQA / MLA r+R (latent + RoPE-key channels), with -CLAk or -CLA(custom)
     appended when layers share KV."""
+    kinds = {spec.kind for spec in cfg.layer_specs}
     if _is_mla(cfg):
         base = f"MLA {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
+    elif kinds == {"linear"}:
+        return f"Linear-{cfg.n_kv_head}"            # one state per KV head: no cache that grows
     else:
         base = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else f"GQA-{cfg.n_kv_head}"
+        if "linear" in kinds:
+            base += "+linear"
     if cfg.kv_source is not None and cfg.n_kv_layers < cfg.n_layer:
         return f"{base}-CLA(custom)"
     return f"{base}-CLA{cfg.cla}" if cfg.cla > 1 else base
@@ -64,13 +69,19 @@ def variants(cfg: ModelConfig) -> list[ModelConfig]:
 
     The model itself is in the list (first, if its wiring is none of those); duplicates appear once.
     """
+    def valid(**change) -> list[ModelConfig]:
+        try:                 # e.g. linear-attention layers share no KV across layers: no CLA variants
+            return [cfg.replace(**change)]
+        except ConfigError:
+            return []
+
     if _is_mla(cfg):
-        out = [cfg.replace(cla=k) for k in (1, 2, 3) if k <= cfg.n_layer]
+        out = [c for k in (1, 2, 3) if k <= cfg.n_layer for c in valid(cla=k)]
     else:
-        out = [cfg.replace(n_kv_head=h, cla=1) for h in range(cfg.n_head, 0, -1) if cfg.n_head % h == 0]
-        out += [cfg.replace(cla=k) for k in (2, 3) if k <= cfg.n_layer]
+        out = [c for h in range(cfg.n_head, 0, -1) if cfg.n_head % h == 0 for c in valid(n_kv_head=h, cla=1)]
+        out += [c for k in (2, 3) if k <= cfg.n_layer for c in valid(cla=k)]
         if cfg.n_layer >= 2:
-            out.append(cfg.replace(n_kv_head=1, cla=2))
+            out += valid(n_kv_head=1, cla=2)
     if _wiring(cfg) not in {_wiring(c) for c in out}:
         out.insert(0, cfg)
     unique: dict[tuple, ModelConfig] = {}

@@ -1,0 +1,91 @@
+"""The ``linear`` kind beyond the generic contract: the chunked form against the recurrence across
+chunk boundaries, long sequences against the float64 reference model, a constant-size cache,
+ragged rows, and its option errors."""
+
+import pytest
+import torch
+
+from kvlab import ConfigError, ModelConfig, cache_bytes
+from kvlab.attention.linear import chunked_linear_attention, retnet_log_decay
+
+from conftest import make_model
+from naive import naive_sequence_logits
+
+HEDGEHOG = dict(n_kv_head=2, attention_layers=[{"kind": "linear", "feature": "hedgehog", "decay": "retnet"},
+                                               {"kind": "linear"}, "gqa", {"kind": "linear", "decay": "retnet"}])
+
+
+def _recurrence(fq, fk, v, log_decay):
+    """The definition, one token at a time, in float64."""
+    B, H, G, T, F = fq.shape
+    S = torch.zeros(B, H, F, v.shape[-1], dtype=torch.float64)
+    z = torch.zeros(B, H, F, dtype=torch.float64)
+    out = torch.zeros(B, H, G, T, v.shape[-1], dtype=torch.float64)
+    for t in range(T):
+        g = log_decay[..., t].exp()
+        S = g[..., None, None] * S + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        z = g[..., None] * z + fk[:, :, t]
+        num = torch.einsum("bhgf,bhfd->bhgd", fq[..., t, :], S)
+        den = torch.einsum("bhgf,bhf->bhg", fq[..., t, :], z)
+        out[..., t, :] = num / (den[..., None] + 1e-6)
+    return out, S, z
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 64])
+def test_chunks_of_any_size_equal_the_recurrence(chunk):
+    g = torch.Generator().manual_seed(0)
+    B, H, G, T, F, Dv = 2, 2, 2, 21, 8, 5
+    fq = torch.rand(B, H, G, T, F, generator=g, dtype=torch.float64)
+    fk = torch.rand(B, H, T, F, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    log_decay = retnet_log_decay(H).double().view(1, H, 1).expand(B, H, T).clone()
+    log_decay[1, :, :4] = 0.0                               # row 1 starts with padding: no decay there
+    fk[1, :, :4] = 0.0
+    want = _recurrence(fq, fk, v, log_decay)
+    got = chunked_linear_attention(fq, fk, v, log_decay, torch.zeros(B, H, F, Dv, dtype=torch.float64),
+                                   torch.zeros(B, H, F, dtype=torch.float64), chunk=chunk)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_long_sequence_over_several_chunks_matches_the_float64_model():
+    model = make_model(**HEDGEHOG)
+    seq = torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(1))
+    ref = naive_sequence_logits(model, seq)
+    torch.testing.assert_close(model(seq[None])[0].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_state_is_the_same_size_after_any_number_of_tokens():
+    model = make_model(attn_kind="linear")
+    assert model.new_cache(2, 8).nbytes == model.new_cache(2, 100_000).nbytes
+    cost = cache_bytes(model.cfg, "bf16")
+    # 4 layers x 2 KV heads x (16 x 16 state + 16 normaliser) x 4 bytes (float32 states), written out.
+    assert cost.per_token == 0 and cost.per_sequence == 4 * 2 * (16 * 16 + 16) * 4
+    assert model.cfg.kv_bytes_per_token("bf16") == 0
+
+
+def test_ragged_rows_decode_like_each_row_alone():
+    model = make_model(**HEDGEHOG)
+    long, short = torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 4))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :5] = 0
+    cache = model.new_cache(2, 20)
+    first = model(batch, attention_mask=mask, cache=cache)[:, -1:]
+    more = torch.randint(0, 256, (2, 6))
+    got = torch.cat([first, *[model(more[:, t:t + 1], cache=cache) for t in range(6)]], 1)
+    for row, prompt in ((0, long), (1, short)):
+        alone = model(torch.cat([prompt, more[row:row + 1]], 1))
+        torch.testing.assert_close(got[row], alone[0, prompt.shape[1] - 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_linear_options_are_checked():
+    tiny = dict(n_kv_head=2)
+    with pytest.raises(ConfigError, match="feature='relu' is not one of"):
+        ModelConfig.from_preset("tiny", **tiny, attention_layers=[{"kind": "linear", "feature": "relu"}] * 4)
+    with pytest.raises(ConfigError, match="linear attention has no window"):
+        ModelConfig.from_preset("tiny", attn_kind="linear", sliding_window=4)
+    with pytest.raises(ConfigError, match="cannot share KV across layers"):
+        ModelConfig.from_preset("tiny", attn_kind="linear", cla=2)
+    with pytest.raises(ConfigError, match="packed rows"):
+        make_model(attn_kind="linear")(torch.ones(1, 4, dtype=torch.long), segment_ids=torch.tensor([[1, 1, 2, 2]]))

@@ -3,7 +3,8 @@
 
 Trains tiny byte-level models from scratch on the built-in corpus's train split, all with the same
 data, steps and seed, at ``--seq-len`` tokens: RoPE with full attention, ALiBi with full attention,
-and RoPE with a sliding window of ``--window``. Then scores validation windows of 4x the training
+RoPE with a sliding window of ``--window``, and linear attention (elu+1 features, RetNet decay).
+Then scores validation windows of 4x the training
 length and reports perplexity per quarter of the window (positions [0, T), [T, 2T), ...), for those
 three and for the RoPE full-attention model run with a window at inference — without sinks
 (StreamingLLM's "window attention", whose rolling cache evicts the first tokens) and with
@@ -56,7 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     T = args.seq_len
     base = dict(d_model=128, n_layer=4, n_head=4, n_kv_head=4, max_seq_len=T)
-    trained = {"rope": dict(pos="rope"), "alibi": dict(pos="alibi"), "rope, window": dict(sliding_window=args.window)}
+    trained = {"rope": dict(pos="rope"), "alibi": dict(pos="alibi"), "rope, window": dict(sliding_window=args.window),
+               "linear (elu+1, RetNet decay)": dict(attention_layers=[{"kind": "linear", "decay": "retnet"}] * 4)}
     probe = new_byte_level_model(ModelConfig.from_preset("tiny", **base))
     train_tokens = tokenize_to_file(builtin_corpus("train"), probe.tokenizer, progress=False).tokens
     docs = builtin_corpus("validation")

@@ -145,6 +145,7 @@ def test_study_variants_skip_the_model_itself():
     (["--n-layer", "1"], "CLA2 needs at least 2 layers"),
     (["--plan-memory", "lots"], "memory size 'lots' is not understood"),
     (["--gqa-heads", "x"], "'x' is not a comma-separated list of head counts"),
+    (["--variants", "alibi,warp"], "--variants warp: unknown; choose from alibi, window"),
 ])
 def test_study_usage_errors(argv, needle, capsys, tmp_path):
     assert main(["study", "--out", str(tmp_path / "o"), *argv]) == 2
@@ -159,3 +160,22 @@ def test_study_refuses_a_non_empty_output_dir(tmp_path, capsys):
     assert main(["study", "--quick", "--out", str(tmp_path / "o")]) == 2
     assert "1 entry kvlab did not write (x)" in capsys.readouterr().err
     assert (tmp_path / "o" / "x").read_text() == "keep me"
+
+
+def test_study_trains_other_attention_kinds_and_places_them_by_bytes_at_its_context(tmp_path):
+    out = tmp_path / "run"
+    assert main(["study", "--quick", "--no-from-scratch", "--variants", "alibi,window-sinks,linear", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    entries = {e["name"]: e for e in results["models"]}
+    ctx = results["meta"]["config"]["plan_context"]
+    d, H, L = 64, 4, 4                                                   # the quick model
+    # ALiBi changes no cache; window 32 + 4 sinks keeps 36 of the ctx tokens; linear keeps a state of
+    # H x (16 x 16 + 16) float32 per layer — each written out, divided by the context.
+    assert entries["alibi-scratch"]["kv_bytes_per_token"] == _closed_form_kv_bytes(H, L, d // H)
+    assert entries["window-sinks-scratch"]["kv_bytes_per_token"] == round(
+        _closed_form_kv_bytes(H, L, d // H) * 36 / ctx)
+    assert entries["linear-scratch"]["kv_bytes_per_token"] == round(L * H * (16 * 16 + 16) * 4 / ctx)
+    for name in ("alibi-scratch", "window-sinks-scratch", "linear-scratch"):
+        assert entries[name]["origin"] == "from scratch" and math.isfinite(entries[name]["val_ppl"])
+    assert entries["linear-scratch"]["variant"] == "Linear-4"

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     g.add_argument("--mqa-alphas", type=number_list(float, "fractions"), help="MQA's budgets (default 0.05,0.1)")
     g.add_argument("--no-from-scratch", dest="from_scratch", action="store_false", default=None,
                    help="skip step 3 (training every variant from scratch)")
+    g.add_argument("--variants", type=number_list(str, "names"),
+                   help="attention kinds to train from scratch too: alibi, window, window-sinks, linear, "
+                        "linear-hybrid, mla (comma-separated)")
     g = p.add_argument_group("uptraining and measurement")
     g.add_argument("--uptrain-tokens", type=number_list(int, "token counts"),
                    help="with --model: uptraining budgets in tokens (default 4096)")

@@ -55,6 +55,6 @@ def measure_decode(model: Transformer, batch_size: int, context: int, *, steps: 
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    kv_bytes = model.cfg.kv_bytes_per_token(cache.dtype) * batch_size * (context + 1)
+    kv_bytes = cache.nbytes            # what one step can read: windows and states count as held
     return DecodeSpeed(batch_size=batch_size, context=context, step_ms=1e3 * step, tokens_per_s=batch_size / step,
                        kv_bytes_per_step=kv_bytes, kv_read_GBps=kv_bytes / step / 1e9)

@@ -62,6 +62,8 @@ class StudyConfig:
     uptrain_lr: float | None = None
     ablation_uptrain: bool | None = None  # uptrain MQA first/random too (default: only without model=)
     from_scratch: bool = True
+    # Further attention kinds trained from scratch beside the KV wirings (names of KIND_VARIANTS).
+    variants: tuple[str, ...] = ()
     # Training shape.
     seq_len: int = 256
     batch_size: int = 16
@@ -110,6 +112,11 @@ class StudyConfig:
                 if not 1 < g < self.n_head or self.n_head % g:
                     raise ConfigError(f"gqa_heads={g} must divide n_head={self.n_head} and lie strictly between "
                                       f"1 (MQA) and n_head (MHA)")
+        unknown = [v for v in self.variants if v not in KIND_VARIANTS]
+        if unknown:
+            raise ConfigError(f"--variants {','.join(unknown)}: unknown; choose from {', '.join(KIND_VARIANTS)}")
+        if self.variants and self.model is not None:
+            raise ConfigError("--variants trains attention kinds from scratch; it goes without --model")
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
         from kvlab.eval.plan import parse_size
@@ -124,6 +131,20 @@ QUICK = dict(d_model=64, n_layer=4, n_head=4, d_ff=192, pretrain_tokens=98_304, 
              batch_size=16, eval_tokens=8192, decode_batch=4, decode_context=256, decode_steps=3)
 QUICK_MODEL = dict(seq_len=64, batch_size=4, uptrain_tokens=(1024,), eval_tokens=1024, decode_batch=2,
                    decode_context=128, decode_steps=3)
+
+
+# Attention kinds the study can train from scratch beside the KV wirings (``--variants``): the
+# ModelConfig changes of each, given the study's settings (windows are a quarter of the training
+# length, so they matter within it).
+KIND_VARIANTS = {
+    "alibi": lambda c: dict(pos="alibi"),
+    "window": lambda c: dict(sliding_window=max(1, c.seq_len // 4)),
+    "window-sinks": lambda c: dict(sliding_window=max(1, c.seq_len // 4), attention_sinks=4),
+    "linear": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"}] * c.n_layer),
+    "linear-hybrid": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"} if i % 2 == 0 else "gqa"
+                                                      for i in range(c.n_layer)]),
+    "mla": lambda c: dict(attn_kind="mla", kv_lora_rank=c.d_model // c.n_head * 2),
+}
 
 
 @dataclass
@@ -214,14 +235,18 @@ class Study:
         model.to(self.device).eval()
         result = evaluate(model, self.tokenizer, self.val_docs, seq_len=c.seq_len, max_tokens=c.eval_tokens,
                           batch_size=8, progress=c.verbose)
-        key = (mcfg.n_kv_head, tuple(mcfg.kv_sources))
+        key = (mcfg.n_kv_head, tuple(mcfg.kv_sources), tuple(map(str, mcfg.layer_specs)), mcfg.pos,
+               mcfg.sliding_window, mcfg.attention_sinks)
         if key not in self.decode_cache:
             speed = measure_decode(model, c.decode_batch, c.decode_context, steps=c.decode_steps, warmup=1)
             self.decode_cache[key] = (speed.tokens_per_s, speed.step_ms)
         entry.variant = entry.variant or kv_label(mcfg)
         entry.params = mcfg.param_counts()["total"]
         entry.n_kv_head, entry.n_kv_layers = mcfg.n_kv_head, mcfg.n_kv_layers
-        entry.kv_bytes_per_token = mcfg.kv_bytes_per_token("bf16")
+        # Per token at the study's planning context: the same as the growth per token for caches that
+        # grow, and what windows and recurrent states amount to at that length (so they have a place
+        # on the Pareto plot).
+        entry.kv_bytes_per_token = round(mcfg.cache_bytes("bf16").for_sequence(c.plan_context) / c.plan_context)
         entry.val_ppl, entry.val_bits_per_byte, entry.val_tokens = (result.perplexity, result.bits_per_byte,
                                                                    result.tokens)
         entry.max_batch = max_batch(mcfg, parse_size(c.plan_memory), c.plan_context, "bf16")
@@ -246,6 +271,7 @@ class Study:
 
     def _run(self) -> dict:
         from kvlab.convert.heads import convert
+        from kvlab.eval.plan import kv_label
 
         c = self.cfg
         torch.manual_seed(c.seed)
@@ -291,13 +317,21 @@ class Study:
                                       train_tokens=base_entry.train_tokens + trained, train_seconds=secs,
                                       metrics=metrics))
 
-        # Step 3: every variant from scratch with the full budget.
+        # Step 3: every variant from scratch with the full budget, then the other attention kinds.
         if c.model is None and c.from_scratch:
             for v in variants:
                 model = self.new_model(n_kv_head=v.n_kv_head, cla=v.cla)
                 trained, secs, metrics = self.train_run(model, f"scratch-{v.label}", c.pretrain_tokens, c.lr, c.seed)
                 self.measure(model, Entry(name=f"{v.label}-scratch", variant=v.label, origin=SCRATCH,
                                           train_tokens=trained, train_seconds=secs, metrics=metrics))
+        for name in c.variants:
+            model = self.new_model(**KIND_VARIANTS[name](c))
+            label = kv_label(model.cfg)
+            if name.split("-")[0] not in label.lower():                # "MHA alibi", but "Linear-4"
+                label = f"{label} {name}"
+            trained, secs, metrics = self.train_run(model, f"scratch-{name}", c.pretrain_tokens, c.lr, c.seed)
+            self.measure(model, Entry(name=f"{name}-scratch", variant=label, origin=SCRATCH, train_tokens=trained,
+                                      train_seconds=secs, metrics=metrics))
         return self.finish()
 
     def uptrain_budgets(self, v: Variant) -> list[tuple[float | None, int]]:
@@ -307,7 +341,7 @@ class Study:
         alphas = c.mqa_alphas if v.n_kv_head == 1 and v.cla == 1 else c.alphas
         return [(a, round(a * c.pretrain_tokens)) for a in alphas]
 
-    def new_model(self, n_kv_head: int | None = None, cla: int = 1):
+    def new_model(self, n_kv_head: int | None = None, cla: int = 1, **kind):
         from kvlab.config.model import ModelConfig
         from kvlab.io.tokenizer import ByteTokenizer
         from kvlab.models.decoder import Transformer
@@ -315,7 +349,7 @@ class Study:
         c = self.cfg
         cfg = ModelConfig.from_preset("tiny", d_model=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
                                       n_kv_head=n_kv_head or c.n_head, d_ff=c.d_ff, cla=cla,
-                                      max_seq_len=max(c.seq_len, c.decode_context + 1)).replace(name="study")
+                                      max_seq_len=max(c.seq_len, c.decode_context + 1), **kind).replace(name="study")
         torch.manual_seed(c.seed)                  # every from-scratch model starts from the same seed
         model = Transformer(cfg)
         model.tokenizer = ByteTokenizer()

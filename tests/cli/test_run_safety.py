@@ -231,3 +231,16 @@ def test_outputs_follow_the_umask(tmp_path, capsys, mask):
     for p in paths:
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
+def test_a_file_the_user_put_into_a_kvlab_output_is_never_replaced_with_it(tmp_path, capsys):
+    model = make_model()
+    model.tokenizer = ByteTokenizer()
+    save_checkpoint(model, tmp_path / "m")
+    assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 0
+    (tmp_path / "c" / "NOTES.md").write_text("my notes on this model")
+    assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 2
+    assert "1 entry kvlab did not write beside it (NOTES.md)" in capsys.readouterr().err
+    assert (tmp_path / "c" / "NOTES.md").read_text() == "my notes on this model"
+    (tmp_path / "c" / "NOTES.md").unlink()
+    assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 0   # its own: replaced

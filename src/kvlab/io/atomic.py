@@ -5,11 +5,12 @@ The output policy every writer follows (:func:`write_dir_atomically`):
 - a directory output appears under its final name complete, or not at all (it is filled in a
   temporary sibling directory that is renamed into place);
 - each output carries a marker, ``.kvlab-output.json``, naming its kind (``kvlab-checkpoint``,
-  ``hf-checkpoint``, ``kvlab-adapter``, ``peft-adapter``...). A path that exists is replaced only
-  when it is an empty directory or an output of the same kind (kvlab checkpoints and adapters
-  written before the marker existed are recognised by their ``config.json``); anything else — a
-  file, a directory of the user's, another kind of output — is refused with
-  :class:`OutputExistsError` unless the caller passes ``overwrite=True`` (``--overwrite``);
+  ``hf-checkpoint``, ``kvlab-adapter``, ``peft-adapter``...) and the files kvlab wrote. A path that
+  exists is replaced only when it is an empty directory or an output of the same kind holding
+  nothing but those files (kvlab checkpoints and adapters written before the marker existed are
+  recognised by their config files); anything else — a file, a directory of the user's, another
+  kind of output, a user's file put inside an output — is refused with :class:`OutputExistsError`
+  unless the caller passes ``overwrite=True`` (``--overwrite``);
 - the old output is removed only after the new one is complete, and nothing else is ever deleted.
 """
 
@@ -62,18 +63,43 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+# What kvlab wrote into its outputs before they listed their files in the marker.
+LEGACY_FILES = {"config.json", "model.safetensors", "provenance.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "generation_config.json", "trainer_state.pt", "kvlab_adapter.json",
+                "adapter.safetensors"}
+
+
+def _marker(path: Path) -> dict | None:
+    try:
+        data = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("kind"), str) else None
+
+
 def output_kind(path: Path) -> str | None:
     """The kind of kvlab output at ``path`` (a directory), or None for anything else."""
     path = Path(path)
-    try:
-        return json.loads((path / MARKER).read_text())["kind"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:  # written before the marker existed: kvlab's own config formats
-        fmt = json.loads((path / "config.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return {"kvlab": "kvlab-checkpoint", "kvlab-adapter": "kvlab-adapter"}.get(fmt)
+    marker = _marker(path)
+    if marker is not None:
+        return marker["kind"]
+    for name, formats in (("config.json", {"kvlab": "kvlab-checkpoint"}), ("kvlab_adapter.json",
+                                                                         {"kvlab-adapter": "kvlab-adapter"})):
+        try:  # written before the marker existed: kvlab's own config formats
+            fmt = json.loads((path / name).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if fmt in formats:
+            return formats[fmt]
+    return None
+
+
+def written_by_kvlab(path: Path) -> set[str]:
+    """The entries of a kvlab output that kvlab wrote: those its marker lists (older outputs: the
+    file names kvlab used), and the marker itself."""
+    marker = _marker(path)
+    files = marker.get("files") if marker is not None else None
+    return {MARKER, *(files if isinstance(files, list) else LEGACY_FILES)}
 
 
 def check_output(target: str | Path, kind: str, *, overwrite: bool = False) -> None:
@@ -88,9 +114,15 @@ def check_output(target: str | Path, kind: str, *, overwrite: bool = False) -> N
     if target.is_symlink():
         raise OutputExistsError(f"{target} is a symbolic link; give the directory it points to, or a new path")
     found = output_kind(target)
-    if found == kind:
-        return
     entries = sorted(p.name for p in target.iterdir())
+    if found == kind:
+        foreign = sorted(set(entries) - written_by_kvlab(target))
+        if foreign:      # the user put files into kvlab's output: replacing it would delete them
+            raise OutputExistsError(
+                f"{target} holds {what} and {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} kvlab did not "
+                f"write beside it ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); move them out, "
+                f"choose another path, or pass --overwrite to replace the directory with them")
+        return
     if not entries:
         return
     held = (f"holds {KIND_NAMES.get(found, found)}" if found else
@@ -110,7 +142,8 @@ def write_dir_atomically(target: str | Path, fill, *, kind: str, overwrite: bool
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
-        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "files": files}) + "\n")
         apply_umask(tmp)
         check_output(target, kind, overwrite=overwrite)     # again: it may have appeared meanwhile
         if target.exists() or target.is_symlink():

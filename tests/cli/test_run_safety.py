@@ -147,20 +147,29 @@ def test_two_runs_on_one_directory_the_second_is_refused_and_a_stale_lock_is_tak
     assert not (out / ".kvlab-lock").exists()              # released on the way out
 
 
+# A real SIGINT, delivered to the process by itself right after its second checkpoint (step 4),
+# so the test never depends on how fast the machine is.
+SIGINT_AFTER_SECOND_SAVE = """
+import signal
+import kvlab.training.loop as loop
+real, calls = loop.save_training_checkpoint, [0]
+def saving(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return out
+loop.save_training_checkpoint = saving
+"""
+
+
 def test_ctrl_c_says_where_it_stopped_and_resume_continues(tmp_path, full_run):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "kvlab", *_train(out, "--save-every", "2")], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while len(checkpoint_dirs(out)) < 2:
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert proc.returncode == 130
-    assert "interrupted after step" in err and "--resume continues from it" in err and "Traceback" not in err
+    stopped = _kvlab(_train(out, "--save-every", "2"), SIGINT_AFTER_SECOND_SAVE)
+    assert stopped.returncode == 130, stopped.stderr
+    err = stopped.stderr
+    assert "interrupted after step 4 of 12; the last checkpoint is step_0000004" in err
+    assert "--resume continues from it" in err and "Traceback" not in err
     assert not (out / ".kvlab-lock").exists()
     resumed = _kvlab(_train(out, "--save-every", "2", "--resume"))
     assert resumed.returncode == 0, resumed.stderr

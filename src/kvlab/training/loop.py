@@ -290,6 +290,6 @@ def _steps(model, wrapped, objective, optimizer, params, train_windows, val_wind
         if dist_ctx.is_main:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        summary.update(record)                     # before saving: a Ctrl-C inside the save reports this step
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped, hooks)
-        summary.update(record)

@@ -76,6 +76,24 @@ def _alibi_slope(h: int, n: int) -> float:
     return 2.0 ** (-8.0 * (2 * (h - m) + 1) / (2 * m))
 
 
+def _t5_bucket(distance: int, buckets: int, max_distance: int) -> int:
+    """T5's decoder bucket of a distance q - k >= 0 (Raffel et al. §2.1): exact below buckets/2,
+    then log-spaced up to max_distance, then the last bucket."""
+    exact = buckets // 2
+    if distance < exact:
+        return distance
+    return min(buckets - 1, exact + int(math.log(distance / exact) / math.log(max_distance / exact)
+                                        * (buckets - exact)))
+
+
+def _sparse_allowed(spec: dict, qp: int, kp: int) -> bool:
+    """A block-sparse layout's rule for one causal pair, from its definition."""
+    qb, kb = qp // spec["block"], kp // spec["block"]
+    stride = spec.get("stride", 0)
+    return (qb - kb < spec.get("local", 1) or kb < spec.get("global", 0)
+            or (stride > 0 and (qb - kb) % stride == 0))
+
+
 def _block_rest(cfg, P, pre, x, h, attn):
     """The residual and the MLP of a block, after its attention output ``attn``."""
     if cfg.block == "parallel":
@@ -166,8 +184,16 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
                 # ... except the first `sinks` positions, which a windowed layer always sees (StreamingLLM)
                 sinks = cfg.layer_specs[i].options.get("sinks", cfg.attention_sinks)
                 allowed &= ((pos[:, None] - pos[None, :]) < window) | (pos[None, :] < sinks)
+            sparse = cfg.layer_specs[i].options.get("sparse", cfg.block_sparse)
+            if sparse is not None:
+                allowed &= torch.tensor([[_sparse_allowed(sparse, a, b) for b in range(n)] for a in range(n)])
             if cfg.pos == "alibi":
                 scores = scores + _alibi_slope(hq, Hq) * (pos[None, :] - pos[:, None])
+            if cfg.pos == "t5":
+                table = P["embed_relative.relative_attention_bias.weight"][:, hq]
+                scores = scores + torch.stack([torch.stack([
+                    table[_t5_bucket(max(a - b, 0), cfg.relative_buckets, cfg.relative_max_distance)]
+                    for b in range(n)]) for a in range(n)])
             scores = scores.masked_fill(~allowed, float("-inf"))
             heads.append(torch.softmax(scores, -1) @ v[:, hk])
         attn = _linear(P, pre + ".self_attn.o_proj", torch.cat(heads, -1))

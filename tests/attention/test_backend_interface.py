@@ -105,14 +105,29 @@ def test_gradients_with_bias_and_narrow_values_match_float64(backend):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
 
 
-def test_a_trainable_bias_gets_gradients_where_supported_and_flash_declines_it():
-    q, k, v = _inputs()
-    mask = _causal(2, 7)
-    alibi = Alibi(4, trainable=True)
-    attention(q, k, v, mask, backend="sdpa", bias=alibi).sum().backward()
-    assert alibi.slopes.grad is not None and alibi.slopes.grad.abs().sum() > 0
-    with pytest.raises(ConfigError, match="'flash' cannot serve this call: .*no gradient for a trainable score bias"):
-        attention(q, k, v, mask, backend="flash", bias=alibi)
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flash"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_trainable_bias_gets_the_float64_gradient(backend, window):
+    """A ScoreBias with parameters and a tensor bias that requires grad: their gradients (flash:
+    accumulated tile by tile, with tiles smaller than the sequence) equal autograd through the
+    float64 loop."""
+    from kvlab.attention.kernels.flash import flash_attention
+
+    q, k, v = (t.double().requires_grad_() for t in _inputs())
+    mask = _causal(2, 7, window)
+    alibi = Alibi(4, trainable=True).double()
+    tensor_bias = torch.randn(2, 1, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                              requires_grad=True)
+    g = torch.randn(2, 4, 7, v.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for bias, leaf in ((alibi, alibi.slopes), (tensor_bias, tensor_bias)):
+        dense = bias(mask.q_pos, mask.k_pos) if bias is alibi else bias
+        want = torch.autograd.grad(naive_f64(q, k, v, mask.dense()[:, 0].expand(2, -1, -1), dense), (q, k, v, leaf), g)
+        out = (flash_attention(q, k, v, mask, block_q=3, block_k=2, bias=bias) if backend == "flash"
+               else attention(q, k, v, mask, backend=backend, bias=bias))
+        got = torch.autograd.grad(out, (q, k, v, leaf), g)
+        assert got[3].abs().sum() > 0
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_triton_declines_what_its_kernels_lack_and_auto_picks_a_capable_backend():

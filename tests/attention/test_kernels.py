@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvlab.attention import AttentionMask, attention, may_attend, positions_from_attention_mask
+from kvlab.attention import AttentionMask, BlockSparse, attention, may_attend, positions_from_attention_mask
 from kvlab.errors import ConfigError
 
 BACKENDS = ["reference", "sdpa", "flash", "triton"]
@@ -60,13 +60,18 @@ CASES = {
     "rolling-keys": lambda B, T: AttentionMask(
         (8 + torch.arange(T))[None], torch.cat([torch.tensor([-1, 0, 1, 5, 6, 7]), 8 + torch.arange(T - 6)])[None],
         k_valid=torch.cat([torch.tensor([False]), torch.ones(T - 1, dtype=torch.bool)])[None], window=4, sinks=2),
+    # Block-sparse layouts (the rule itself is checked against a loop in test_block_sparse.py).
+    "block-sparse": lambda B, T: AttentionMask(torch.arange(T)[None], torch.arange(T)[None],
+                                               sparse=BlockSparse(block=2, local=2, global_blocks=1, stride=3)),
+    "padded-block-sparse-window": lambda B, T: _padded_mask(B, T, left=True, causal=True, window=7,
+                                                            sparse=BlockSparse(block=3, local=1, stride=2)),
 }
 
 
-def _padded_mask(B, T, left, causal, window=None):
+def _padded_mask(B, T, left, causal, window=None, sparse=None):
     m = _padding(B, T, left=left)
     pos = positions_from_attention_mask(m)
-    return AttentionMask(pos, pos, q_valid=m, k_valid=m, causal=causal, window=window)
+    return AttentionMask(pos, pos, q_valid=m, k_valid=m, causal=causal, window=window, sparse=sparse)
 
 
 def _allowed(mask, B, Tq, Tk):

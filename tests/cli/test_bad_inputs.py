@@ -118,6 +118,10 @@ def ws(tmp_path_factory) -> Path:
     _write(ws / "cfg" / "unknown.json", json.dumps({"d_model": 64, "warp": 9}))
     _write(ws / "cfg" / "list.json", "[]")
     _write(ws / "cfg" / "heads.json", json.dumps({"d_model": 64, "n_head": 3}))
+    _write(ws / "cfg" / "strint.json", json.dumps({"n_layer": "4"}))
+    _write(ws / "cfg" / "floatint.json", json.dumps({"n_layer": 4.5}))
+    _write(ws / "cfg" / "booltext.json", json.dumps({"tie_embeddings": "yes"}))
+    os.symlink(ws / "nowhere", ws / "dangling")
     return ws
 
 
@@ -128,13 +132,14 @@ def _snapshot(root: Path) -> dict[str, tuple]:
             out[os.path.relpath(os.path.join(dirpath, d), root)] = ("dir",)
         for f in filenames:
             path = os.path.join(dirpath, f)
-            st = os.stat(path)
-            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, st.st_mode,
-                                               hashlib.sha1(Path(path).read_bytes()).hexdigest())
+            st = os.lstat(path)
+            body = os.readlink(path).encode() if os.path.islink(path) else Path(path).read_bytes()
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, st.st_mode, hashlib.sha1(body).hexdigest())
     return out
 
 
 M = "{ws}/model"
+TR = ["train", "--preset", "tiny", "--out", "{ws}/o"]
 LONG = "x" * 300
 # (id, argv with {ws} for the workspace, exit code, what the message must name)
 CASES = [
@@ -277,7 +282,8 @@ CASES = [
     ("convert-onto-user-file", ["convert", M, "--mqa", "-o", "{ws}/userfile.txt"], 2, "userfile.txt"),
     ("convert-into-hf-dir", ["convert", M, "--mqa", "-o", "{ws}/hfdir"], 2, "hfdir"),
     ("convert-onto-adapter", ["convert", M, "--mqa", "-o", "{ws}/adapter"], 2, "kvlab adapter"),
-    ("convert-under-a-file", ["convert", M, "--mqa", "-o", "{ws}/userfile.txt/sub/out"], 1, "userfile.txt"),
+    ("convert-under-a-file", ["convert", M, "--mqa", "-o", "{ws}/userfile.txt/sub/out"], 2,
+     "userfile.txt is a file"),
     ("convert-name-too-long", ["convert", M, "--mqa", "-o", "{ws}/" + LONG], 1, "xxxx"),
     ("convert-into-proc", ["convert", M, "--mqa", "-o", "/proc/kvlab-catalogue/out"], 1, "/proc"),
     ("export-into-user-dir", ["export", M, "-o", "{ws}/user"], 2, "notes.txt"),
@@ -289,8 +295,8 @@ CASES = [
      "userfile.txt"),
     ("train-into-checkpoint", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/model"], 2,
      "holds a kvlab checkpoint"),
-    ("train-under-a-file", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/userfile.txt/run"], 1,
-     "userfile.txt"),
+    ("train-under-a-file", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/userfile.txt/run"], 2,
+     "userfile.txt is a file"),
     ("finetune-into-user-dir", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data",
                                 "{ws}/chat/good.jsonl", "--out", "{ws}/user"], 2, "notes.txt"),
     ("shrink-into-user-dir", ["shrink", M, "--kv", "2x", "--quick", "-o", "{ws}/user"], 2, "notes.txt"),
@@ -299,6 +305,49 @@ CASES = [
     ("tasks-into-user-dir", ["tasks", "{ws}/user"], 2, "notes.txt"),
     ("tasks-into-model", ["tasks", "{ws}/model"], 2, "kvlab checkpoint"),
     ("tasks-onto-user-file", ["tasks", "{ws}/userfile.txt"], 2, "userfile.txt"),
+    # ---- --overwrite never reaches a user's files; no command writes over its input
+    ("convert-overwrite-user-dir", ["convert", M, "--mqa", "-o", "{ws}/user", "--overwrite"], 2, "notes.txt"),
+    ("export-overwrite-user-file", ["export", M, "-o", "{ws}/userfile.txt", "--overwrite"], 2, "userfile.txt"),
+    ("tasks-overwrite-user-dir", ["tasks", "{ws}/user", "--overwrite"], 2, "notes.txt"),
+    ("convert-onto-input", ["convert", M, "--mqa", "-o", M, "--overwrite"], 2, "is the model it reads"),
+    ("convert-into-input", ["convert", M, "--mqa", "-o", M + "/sub"], 2, "lies inside the model it reads"),
+    ("export-onto-input", ["export", M, "--format", "kvlab", "--dtype", "fp16", "-o", M], 2, "the model it reads"),
+    ("convert-dangling-link", ["convert", M, "--mqa", "-o", "{ws}/dangling"], 2, "symbolic link (dangling)"),
+    ("convert-onto-cwd", ["convert", M, "--mqa", "-o", ".", "--overwrite"], 2, "current directory"),
+    ("train-link-out", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/dangling"], 2,
+     "symbolic link"),
+    # ---- numbers that make no sense
+    ("train-seed-negative", [*TR, "--max-steps", "1", "--seed", "-1"], 2, "--seed -1"),
+    ("finetune-seed-negative", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat/good.jsonl",
+                                "--out", "{ws}/o", "--seed", "-1"], 2, "--seed -1"),
+    ("train-alpha-nan", [*TR, "--alpha", "nan", "--reference-tokens", "100"], 2, "--alpha nan"),
+    ("train-alpha-inf", [*TR, "--alpha", "inf", "--reference-tokens", "100"], 2, "--alpha inf"),
+    ("train-alpha-negative", [*TR, "--alpha", "-1", "--reference-tokens", "100"], 2, "--alpha -1"),
+    ("train-tokens-negative", [*TR, "--tokens", "-100"], 2, "-100 tokens"),
+    ("train-lr-inf", [*TR, "--max-steps", "1", "--lr", "inf"], 2, "lr=inf"),
+    ("train-warmup-negative", [*TR, "--max-steps", "1", "--warmup-steps", "-5"], 2, "warmup_steps=-5"),
+    ("train-reference-without-alpha", [*TR, "--max-steps", "1", "--reference-tokens", "100"], 2,
+     "--reference-tokens goes with --alpha"),
+    ("train-data-empty", [*TR, "--max-steps", "1", "--data", ""], 2, "data '' is empty"),
+    ("finetune-epochs-and-steps", ["finetune", M, "--method", "lora", "--max-steps", "1", "--epochs", "1", "--data",
+                                   "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "not both"),
+    ("finetune-epochs-zero", ["finetune", M, "--method", "lora", "--epochs", "0", "--data", "{ws}/chat/good.jsonl",
+                              "--out", "{ws}/o"], 2, "--epochs 0"),
+    ("finetune-virtual-tokens-huge", ["finetune", M, "--method", "prompt", "--virtual-tokens", "100000", "--max-steps",
+                                      "1", "--data", "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "100000"),
+    ("finetune-data-directory", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat",
+                                 "--out", "{ws}/o"], 2, "is a directory"),
+    ("eval-batch-size-0", ["eval", M, "--batch-size", "0"], 2, "0 must be at least 1"),
+    ("generate-max-new-huge", ["generate", M, "--prompt-ids", "1,2", "--max-new-tokens", "100000000000"], 2,
+     "GiB of memory"),
+    ("generate-stop-token-negative", ["generate", M, "--prompt-ids", "1,2", "--stop-token", "-1"], 2, "token id -1"),
+    ("generate-stop-token-range", ["generate", M, "--prompt-ids", "1,2", "--stop-token", "99999"], 2,
+     "token id 99999"),
+    ("device-cpu-index", ["eval", M, "--device", "cpu:7"], 2, "cpu:7"),
+    ("info-config-string-int", ["info", "--config", "{ws}/cfg/strint.json"], 2, "n_layer='4' must be an integer"),
+    ("info-config-float-int", ["info", "--config", "{ws}/cfg/floatint.json"], 2, "n_layer=4.5"),
+    ("info-config-bool-text", ["info", "--config", "{ws}/cfg/booltext.json"], 2, "tie_embeddings='yes'"),
+    ("eval-adapter-is-a-file", ["eval", M, "--adapter", "{ws}/chat/good.jsonl"], 1, "is a file, not a directory"),
 ]
 CASES[[c[0] for c in CASES].index("generate-learned-too-long")] = (
     "generate-learned-too-long", ["generate", "{ws}/ck_learned", "--prompt-ids", "1,2,3", "--max-new-tokens", "500"],

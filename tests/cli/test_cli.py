@@ -121,7 +121,7 @@ def test_generate_from_checkpoint(capsys, tmp_path):
     tok = ByteTokenizer()
     expected = generate(model, [tok.encode("hi")], 6, stop_tokens=[])[0]
     code, out, _ = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "6",
-                       "--stop-token", "999999", "--json")
+                       "--no-stop", "--json")
     assert code == 0
     assert json.loads(out)[0]["new_ids"] == expected
     code, out, _ = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt-ids", "256,104,105",

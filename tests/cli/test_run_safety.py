@@ -180,9 +180,9 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_train(out, steps=4)) == 0
     capsys.readouterr()
-    assert main(_train(out, "--resume", "--lr", "2e-3", "--seed", "3", steps=4)) == 2
+    assert main(_train(out, "--resume", "--grad-accum", "2", "--seed", "3", steps=4)) == 2
     err = capsys.readouterr().err
-    assert "lr 0.001 -> 0.002" in err and "seed 0 -> 3" in err and len(err.strip().splitlines()) == 1
+    assert "grad_accum 1 -> 2" in err and "seed 0 -> 3" in err and len(err.strip().splitlines()) == 1
     # Logging and saving settings, and the length, may change.
     assert main(_train(out, "--resume", "--log-every", "3", "--save-every", "2", steps=6)) == 0
 
@@ -200,19 +200,84 @@ def test_a_fresh_run_into_a_run_directory_needs_overwrite_which_keeps_the_users_
     assert json.loads((out / "run.json").read_text())["settings"]["seed"] == 1
 
 
-def test_overwrite_replaces_a_file_by_an_export_and_leaves_nothing_else(tmp_path, capsys):
+def test_overwrite_replaces_only_kvlab_outputs_never_a_users_file_or_directory(tmp_path, capsys):
     model = make_model()
     model.tokenizer = ByteTokenizer()
     save_checkpoint(model, tmp_path / "m")
     target = tmp_path / "export"
     target.write_text("a file of mine")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", str(tmp_path / "m"), "-o", str(target), *extra]) == 2
+        assert "never replaces a user's file" in capsys.readouterr().err
+        assert target.read_text() == "a file of mine"
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "thesis.txt").write_text("years of work")
+    (home / ".bashrc").write_text("alias")
+    for argv in (["tasks", str(home)], ["convert", str(tmp_path / "m"), "--mqa", "-o", str(home)],
+                 ["export", str(tmp_path / "m"), "-o", str(home)]):
+        assert main([*argv, "--overwrite"]) == 2
+        assert "not with --overwrite either" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == [".bashrc", "docs", "docs/thesis.txt"]
+    # A kvlab output of another kind is replaced with --overwrite, and nothing is left beside it.
+    target.unlink()
+    assert main(["tasks", str(target)]) == 0
     assert main(["export", str(tmp_path / "m"), "-o", str(target)]) == 2
-    assert target.read_text() == "a file of mine"
+    assert "holds a kvlab task set; to replace it with a HF checkpoint kvlab exported pass --overwrite" in \
+        capsys.readouterr().err
     assert main(["export", str(tmp_path / "m"), "-o", str(target), "--overwrite"]) == 0
     assert (target / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "m"]       # no .export.old-PID
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "home", "m"]     # no .export.old-PID
     # Its own kind of output is replaced without --overwrite.
     assert main(["export", str(tmp_path / "m"), "-o", str(target), "--dtype", "bf16"]) == 0
+
+
+def test_overwrite_and_resume_refuse_a_users_files_inside_a_runs_entries(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train(out, steps=4)) == 0
+    (out / "checkpoints" / "my_notes.txt").write_text("mine")
+    (out / "final" / "README.md").write_text("mine too")
+    for flag in ("--overwrite", "--resume"):
+        assert main(_train(out, flag, steps=6)) == 2
+        err = capsys.readouterr().err
+        assert "checkpoints/my_notes.txt" in err and "final/README.md" in err and "move them out" in err
+    assert (out / "checkpoints" / "my_notes.txt").read_text() == "mine"
+    assert (out / "final" / "README.md").read_text() == "mine too"
+    (out / "checkpoints" / "my_notes.txt").unlink()
+    (out / "final" / "README.md").unlink()
+    assert main(_train(out, "--overwrite", steps=2)) == 0
+
+
+def test_a_command_never_writes_over_or_into_its_input(tmp_path, capsys):
+    model = make_model()
+    model.tokenizer = ByteTokenizer()
+    save_checkpoint(model, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    for argv in (["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "m")],
+                 ["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "m" / "sub")],
+                 ["export", str(tmp_path / "m"), "--format", "kvlab", "--dtype", "fp16", "-o", str(tmp_path / "m")],
+                 ["train", "--init", str(tmp_path / "m"), "--max-steps", "1", "--out", str(tmp_path / "m" / "run")]):
+        assert main([*argv, "--overwrite"]) == 2
+        assert "kvlab does not write over its input" in capsys.readouterr().err
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_to_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    # lr 1e30: the loss is NaN within a step or two, long before the first checkpoint.
+    assert main(_train(out, "--lr", "1e30", "--save-every", "50", steps=4)) == 1
+    err = capsys.readouterr().err
+    assert "before any checkpoint was saved" in err and "--resume" not in err
+    assert not out.exists()
+    assert main(_train(out, steps=2)) == 0                                 # the plain command runs again
+
+
+def test_resume_may_lengthen_a_run_shorter_than_its_warmup(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train(out, "--warmup-steps", "20", steps=3)) == 0        # warm-up 20 > 3 steps
+    assert main(_train(out, "--warmup-steps", "20", "--resume", "--lr", "5e-4", steps=6)) == 0     # lr may change
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
 
 
 def test_a_closed_stdout_exits_quietly():
@@ -223,6 +288,13 @@ def test_a_closed_stdout_exits_quietly():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert err == "" and proc.returncode in (0, 141)
+    # A table (rich) to a reader that is gone before the first line (`kvlab plan ... | true`).
+    proc = subprocess.Popen([sys.executable, "-m", "kvlab", "plan", "--preset", "tiny"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert err == "" and proc.returncode == 141
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
@@ -249,7 +321,9 @@ def test_a_file_the_user_put_into_a_kvlab_output_is_never_replaced_with_it(tmp_p
     assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 0
     (tmp_path / "c" / "NOTES.md").write_text("my notes on this model")
     assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 2
-    assert "1 entry kvlab did not write beside it (NOTES.md)" in capsys.readouterr().err
+    assert "holds a kvlab checkpoint and, beside it, 1 entry kvlab did not write (NOTES.md)" in \
+        capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c"), "--overwrite"]) == 2
     assert (tmp_path / "c" / "NOTES.md").read_text() == "my notes on this model"
     (tmp_path / "c" / "NOTES.md").unlink()
     assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 0   # its own: replaced

@@ -13,7 +13,7 @@ from kvlab import PRESETS, ConfigError, ModelConfig, Transformer, kv_bytes_per_t
     (dict(head_dim=15), "head_dim=15 is odd; RoPE"),
     (dict(n_layer=0), "n_layer=0 must be a positive integer"),
     (dict(vocab_size=-3), "vocab_size=-3 must be a positive integer"),
-    (dict(n_head=2.5), r"n_head=2.5 must be a positive integer"),
+    (dict(n_head=2.5), r"n_head=2.5 must be an integer"),
     (dict(mlp="relu"), r"mlp='relu' is not one of \['swiglu', 'gelu'\]"),
     (dict(norm="batchnorm"), "norm='batchnorm' is not one of"),
     (dict(pos="nope"), "pos='nope' is not one of"),

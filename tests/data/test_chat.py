@@ -244,7 +244,7 @@ def test_adapter_option_only_where_the_model_is_run(tiny_checkpoint, capsys):
     (["--method", "prefix", "--pack"], "without --pack"),
     (["--method", "qlora", "--merge"], "nothing to merge into a 4-bit base"),
     (["--method", "lora", "--r", "0"], "r=0"),
-    (["--method", "lora"], "give --max-steps N or --epochs E"),
+    (["--method", "lora"], "give one budget, --max-steps N or --epochs E"),
 ])
 def test_finetune_usage_errors_write_nothing(tiny_checkpoint, tmp_path, capsys, extra, message):
     root = tiny_checkpoint

@@ -173,3 +173,27 @@ def test_logits_to_keep_returns_the_last_positions():
     full = model(tokens)
     torch.testing.assert_close(model(tokens, logits_to_keep=1), full[:, -1:])
     torch.testing.assert_close(model(tokens, logits_to_keep=3), full[:, -3:])
+
+
+def test_parallel_block_computes_its_input_projections_in_one_matmul(monkeypatch):
+    """PaLM's fusion: q, k, v, gate and up come from one matmul (the separate modules are never
+    called), with the same result as separate matmuls; a wrapped projection falls back."""
+    from kvlab.models.decoder import Block
+
+    torch.manual_seed(0)
+    model = make_model(n_kv_head=2, block="parallel", qkv_bias=True).double()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    calls = []
+    for block in model.layers:
+        for m in block.self_attn.input_projections() + block.mlp.input_projections():
+            m.register_forward_hook(lambda *a: calls.append(1))
+    fused = model(tokens)
+    assert calls == []
+    monkeypatch.setattr(Block, "_fused_projections", lambda self, h: None)
+    torch.testing.assert_close(fused, model(tokens), rtol=1e-12, atol=1e-12)
+    assert len(calls) == 5 * model.cfg.n_layer
+    monkeypatch.undo()
+    model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.layers[0].self_attn.q_proj)
+    calls.clear()
+    torch.testing.assert_close(model(tokens), fused, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 5                     # layer 0 unfused, the others fused

@@ -146,6 +146,9 @@ def test_study_variants_skip_the_model_itself():
     (["--plan-memory", "lots"], "memory size 'lots' is not understood"),
     (["--gqa-heads", "x"], "'x' is not a comma-separated list of head counts"),
     (["--variants", "alibi,warp"], "--variants warp: unknown; choose from alibi, window"),
+    (["--seeds", "0"], "seeds=0 must be a positive integer"),
+    (["--match-params", "depth"], "invalid choice: 'depth'"),
+    (["--model", "x", "--match-params", "ffn"], "--match-params sizes the from-scratch models; it goes without"),
 ])
 def test_study_usage_errors(argv, needle, capsys, tmp_path):
     assert main(["study", "--out", str(tmp_path / "o"), *argv]) == 2
@@ -179,3 +182,58 @@ def test_study_trains_other_attention_kinds_and_places_them_by_bytes_at_its_cont
     for name in ("alibi-scratch", "window-sinks-scratch", "linear-scratch"):
         assert entries[name]["origin"] == "from scratch" and math.isfinite(entries[name]["val_ppl"])
     assert entries["linear-scratch"]["variant"] == "Linear-4"
+
+
+@pytest.mark.parametrize("how", ["ffn", "width"])
+@pytest.mark.parametrize("changes", [dict(n_kv_head=1), dict(n_kv_head=2, cla=2),
+                                     dict(attn_kind="mla", kv_lora_rank=16)])
+def test_param_matching_gives_mhas_count_back(how, changes):
+    """The widened model's parameter count is the closest its knob can reach to MHA's: one more or one
+    fewer unit (d_ff or d_model) would be further away."""
+    from kvlab.study.protocol import param_matched
+
+    mha = ModelConfig.from_preset("tiny", d_model=128, n_head=8, d_ff=384)
+    small = mha.replace(**changes)
+    target = mha.param_counts()["total"]
+    assert small.param_counts()["total"] < target
+    matched = param_matched(small, target, how)
+    got = matched.param_counts()["total"]
+    knob = "d_ff" if how == "ffn" else "d_model"
+    assert getattr(matched, knob) > getattr(small, knob)
+    assert (matched.head_dim, matched.n_head, matched.n_kv_head) == (small.head_dim, small.n_head, small.n_kv_head)
+    for step in (-1, 1):
+        other = matched.replace(**{knob: getattr(matched, knob) + step}, **(
+            {} if how == "ffn" else {"d_ff": max(1, round(small.d_ff * (matched.d_model + step) / small.d_model))}))
+        assert abs(got - target) <= abs(other.param_counts()["total"] - target)
+    assert abs(got - target) / target < 0.01
+
+
+def test_study_with_seeds_matched_params_and_the_parallel_block(tmp_path):
+    """Two seeds: every model is the mean of its two runs (± their standard deviation), each run kept;
+    from-scratch MLA is widened to MHA's parameter count; the parallel block is compared on speed."""
+    import statistics
+
+    out = tmp_path / "run"
+    assert main(["study", "--quick", "--no-from-scratch", "--variants", "mla,parallel", "--seeds", "2",
+                 "--match-params", "ffn", "--pretrain-tokens", "16384", "--mqa-alphas", "0.05", "--eval-tokens",
+                 "2048", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "--decode-context", "64", "--decode-steps", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs, models = results["runs"], results["models"]
+    assert len(runs) == 2 * len(models) and {r["seed"] for r in runs} == {0, 1}
+    for m in models:
+        mine = [r["val_ppl"] for r in runs if r["name"] == m["name"]]
+        assert m["n_seeds"] == 2 and m["val_ppl"] == pytest.approx(statistics.fmean(mine))
+        assert m["val_ppl_std"] == pytest.approx(statistics.stdev(mine))
+    by_name = {m["name"]: m for m in models}
+    assert by_name["MHA-pretrained"]["val_ppl_std"] > 0                  # the seeds really differ
+    mha, mla = by_name["MHA-pretrained"], by_name["mla-scratch"]
+    assert mla["matched"] == "ffn" and abs(mla["params"] - mha["params"]) / mha["params"] < 0.01
+    assert by_name["parallel-scratch"]["matched"] is None
+    assert by_name["parallel-scratch"]["params"] < mha["params"]          # one norm per block fewer
+    assert (out / "runs" / "scratch-parallel-seed1" / "metrics.jsonl").is_file()
+    report = (out / "report.md").read_text()
+    assert f"{by_name['MHA-pretrained']['val_ppl']:.3f} ± " in report or " ± " in report
+    assert "Every training run repeated with 2 seeds" in report
+    assert "MHA parallel from scratch: perplexity" in report and "tokens/s" in report
+    _png_is_a_real_plot(out / "pareto.png")

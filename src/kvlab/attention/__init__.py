@@ -5,8 +5,8 @@ from kvlab.attention import gqa, linear, mla  # noqa: F401  (register the "gqa",
 from kvlab.attention.bias import ScoreBias
 from kvlab.attention.context import ForwardContext
 from kvlab.attention.kernels import attention, resolve_backend
-from kvlab.attention.masks import AttentionMask, may_attend, positions_from_attention_mask
+from kvlab.attention.masks import AttentionMask, BlockSparse, may_attend, positions_from_attention_mask
 from kvlab.registry import BACKENDS, KINDS, register_backend, register_kind
 
-__all__ = ["BACKENDS", "KINDS", "AttentionMask", "ForwardContext", "ScoreBias", "attention", "may_attend",
-           "positions_from_attention_mask", "register_backend", "register_kind", "resolve_backend"]
+__all__ = ["BACKENDS", "KINDS", "AttentionMask", "BlockSparse", "ForwardContext", "ScoreBias", "attention",
+           "may_attend", "positions_from_attention_mask", "register_backend", "register_kind", "resolve_backend"]

@@ -63,6 +63,44 @@ class AlibiBias(ScoreBias):
         return self.slopes(q_pos.device).view(1, -1, 1, 1) * distance.unsqueeze(1)
 
 
+def t5_relative_buckets(relative_position: torch.Tensor, num_buckets: int, max_distance: int,
+                        bidirectional: bool) -> torch.Tensor:
+    """T5's bucket of each relative position ``k_pos − q_pos`` (Raffel et al. 2020, §2.1): half of
+    the buckets (per direction, when bidirectional) are exact distances 0, 1, 2, ...; the others
+    cover logarithmically larger distances up to ``max_distance``, beyond which all share the last
+    bucket. A decoder (not bidirectional) only has the past: distances ``q_pos − k_pos >= 0``."""
+    buckets = torch.zeros_like(relative_position, dtype=torch.long)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp_min(0)
+    max_exact = num_buckets // 2
+    # log-spaced buckets for max_exact <= distance < max_distance (the clamp keeps log() finite
+    # for the small distances the where() discards)
+    scaled = torch.log(distance.clamp_min(1).float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (scaled * (num_buckets - max_exact)).long()).clamp_max(num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, large)
+
+
+class T5RelativeBias(ScoreBias):
+    """T5's learned relative position bias: one scalar per (bucket of relative position, head),
+    added to the scores of every layer (T5 computes it in the first layer and shares it). Trainable,
+    so the backends that add it are those that differentiate through it (``sdpa``, ``reference``;
+    ``flash`` in inference)."""
+
+    def __init__(self, n_head: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.relative_attention_bias = nn.Embedding(num_buckets, n_head)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        relative = k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)                  # (B|1, Tq, Tk)
+        buckets = t5_relative_buckets(relative, self.num_buckets, self.max_distance, self.bidirectional)
+        return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)     # (B|1, H, Tq, Tk)
+
+
 def bias_requires_grad(bias) -> bool:
     if bias is None:
         return False

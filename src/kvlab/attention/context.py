@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlab.attention.masks import AttentionMask
+from kvlab.attention.masks import AttentionMask, BlockSparse
 
 
 @dataclass
@@ -48,20 +48,22 @@ class ForwardContext:
     key_positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _masks: dict[tuple, AttentionMask | None] = field(default_factory=dict, repr=False)
 
-    def mask(self, window: int | None = None, sinks: int = 0, source: int | None = None) -> AttentionMask | None:
-        """The mask for a layer with this sliding window and sinks (None: attend to every key), over
-        the keys of producer ``source`` when its cache returned keys of their own positions."""
+    def mask(self, window: int | None = None, sinks: int = 0, source: int | None = None,
+             sparse: BlockSparse | None = None) -> AttentionMask | None:
+        """The mask for a layer with this sliding window, sinks and block-sparse layout (None: attend
+        to every key), over the keys of producer ``source`` when its cache returned keys of their
+        own positions."""
         own = self.key_positions.get(source) if source is not None else None
-        key = (window, sinks if window is not None else 0, source if own is not None else None)
+        key = (window, sinks if window is not None else 0, source if own is not None else None, sparse)
         if key not in self._masks:
             if own is not None:
                 self._masks[key] = AttentionMask(self.q_pos, own[0], q_valid=self.q_valid, k_valid=own[1],
-                                                 window=window, sinks=key[1])
-            elif self.all_visible and window is None:
+                                                 window=window, sinks=key[1], sparse=sparse)
+            elif self.all_visible and window is None and sparse is None:
                 self._masks[key] = None
             else:
                 self._masks[key] = AttentionMask(
                     self.q_pos, self.k_pos, q_valid=self.q_valid, k_valid=self.k_valid, window=window,
-                    sinks=key[1], plain_causal=self.plain and window is None, q_seg=self.q_seg, k_seg=self.k_seg,
-                    k_lengths=self.k_lengths)
+                    sinks=key[1], plain_causal=self.plain and window is None and sparse is None, q_seg=self.q_seg,
+                    k_seg=self.k_seg, k_lengths=self.k_lengths, sparse=sparse)
         return self._masks[key]

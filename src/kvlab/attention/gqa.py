@@ -17,6 +17,7 @@ from torch import nn
 
 from kvlab.attention.context import ForwardContext
 from kvlab.attention.kernels import attention
+from kvlab.attention.masks import BlockSparse
 from kvlab.cache.full import FullKVLayer
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
@@ -35,6 +36,7 @@ class GQAAttention(nn.Module):
         self.is_producer = self.kv_source == layer_idx
         self.window = cfg.layer_window(layer_idx)
         self.sinks = cfg.layer_sinks(layer_idx)
+        self.sparse = layer_sparse(cfg, layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos == "rope"
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -47,14 +49,22 @@ class GQAAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_dim).transpose(1, 2)        # (B, n, T, D)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def input_projections(self) -> list[nn.Module]:
+        """The projections of the layer's input, in the order :meth:`forward`'s ``projected`` takes
+        their outputs: q, and k, v for a producer (a parallel block fuses them with the MLP's)."""
+        return [self.q_proj, self.k_proj, self.v_proj] if self.is_producer else [self.q_proj]
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext,
+                projected: list[torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_head)
+        if projected is None:
+            projected = [m(x) for m in self.input_projections()]
+        q = self._heads(projected[0], self.n_head)
         if self.use_rope:
             q = apply_rope(q, ctx.cos, ctx.sin)
         if self.is_producer:
-            k = self._heads(self.k_proj(x), self.n_kv_head)
-            v = self._heads(self.v_proj(x), self.n_kv_head)
+            k = self._heads(projected[1], self.n_kv_head)
+            v = self._heads(projected[2], self.n_kv_head)
             if self.use_rope:
                 k = apply_rope(k, ctx.cos, ctx.sin)
             if ctx.prefix is not None:    # prefix tuning without a cache: trained keys come first
@@ -69,8 +79,8 @@ class GQAAttention(nn.Module):
             k, v = ctx.kv[self.kv_source]
         if k.dtype != q.dtype:            # a cache kept in another dtype than the model
             k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attention(q, k, v, ctx.mask(self.window, self.sinks, source=self.kv_source), backend=ctx.backend,
-                        bias=ctx.score_bias)
+        mask = ctx.mask(self.window, self.sinks, source=self.kv_source, sparse=self.sparse)
+        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -118,8 +128,16 @@ def _param_count(cfg: ModelConfig, layer: int) -> int:
     return count
 
 
+def layer_sparse(cfg: ModelConfig, layer: int) -> BlockSparse | None:
+    """The layer's block-sparse layout, parsed (None: dense)."""
+    own = "sparse" in cfg.layer_specs[layer].options
+    return BlockSparse.parse(cfg.layer_sparse(layer), f"layer {layer}: sparse" if own else "block_sparse")
+
+
 def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
-    """The ``window`` and ``sinks`` options of a layer spec (shared by the kinds that take them)."""
+    """The ``window``, ``sinks`` and ``sparse`` options of a layer spec (shared by the kinds that
+    take them)."""
+    layer_sparse(cfg, layer)
     window = options.get("window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ConfigError(f"layer {layer}: window={window!r} must be a positive integer or None")
@@ -134,7 +152,7 @@ def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 GQA = register_kind(AttentionKind(
     name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window", "sinks"), validate=validate_window,
+    param_count=_param_count, options=("window", "sinks", "sparse"), validate=validate_window,
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),
@@ -147,10 +165,20 @@ GQA = register_kind(AttentionKind(
         "parallel": dict(n_kv_head=2, block="parallel"),
         "learned-pos": dict(n_kv_head=2, pos="learned"),
         "alibi": dict(n_kv_head=2, pos="alibi"),
+        # T5's learned relative bias: 6 buckets (3 exact distances, 3 log-spaced up to 8).
+        "t5-bias": dict(n_kv_head=2, pos="t5", relative_buckets=6, relative_max_distance=8),
+        "t5-bias-window-cla": dict(n_kv_head=1, cla=2, pos="t5", relative_buckets=4, relative_max_distance=6,
+                                   sliding_window=5),
         "alibi-window-sinks": dict(n_kv_head=1, pos="alibi", sliding_window=4, attention_sinks=1),
         "gelu-layernorm-bias-tied": dict(n_kv_head=2, mlp="gelu", norm="layernorm", qkv_bias=True,
                                          o_bias=True, tie_embeddings=True),
         "sliding-window": dict(n_kv_head=2, sliding_window=5),
+        # Longformer/BigBird-style: blocks of 2, the 2 latest blocks, block 0 global, every 3rd block back.
+        "block-sparse": dict(n_kv_head=2, block_sparse={"block": 2, "local": 2, "global": 1, "stride": 3}),
+        # Per layer: a sparse layer with its own layout, a windowed one, a dense one (CLA across them).
+        "sparse-hybrid": dict(n_kv_head=1, cla=2, attention_layers=[
+            {"kind": "gqa", "sparse": {"block": 3, "local": 1, "global": 1}}, "gqa",
+            {"kind": "gqa", "sparse": {"block": 2, "local": 2, "stride": 2}, "window": 6}, "gqa"]),
         "window-sinks": dict(n_kv_head=2, sliding_window=4, attention_sinks=2),
         # Gemma-style: windowed layers with a rolling cache, every other layer global; CLA readers
         # with different windows and sinks share one rolling producer.

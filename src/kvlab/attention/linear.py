@@ -179,6 +179,9 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
     if cfg.kv_sources[layer] != layer or any(s == layer for j, s in enumerate(cfg.kv_sources) if j != layer):
         raise ConfigError(f"layer {layer}: a linear-attention layer keeps its own state; it cannot share KV across "
                           f"layers (CLA)")
+    if cfg.layer_sparse(layer) is not None:
+        raise ConfigError(f"layer {layer}: linear attention has no block-sparse layout (its state summarises all the "
+                          f"past); give the layout to the softmax layers only")
     if cfg.layer_window(layer) is not None:
         raise ConfigError(f"layer {layer}: linear attention has no window (its state summarises all the past); give "
                           f"the window to the softmax layers only")

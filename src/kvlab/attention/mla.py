@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import is_producer, validate_window
+from kvlab.attention.gqa import is_producer, layer_sparse, validate_window
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -46,6 +46,7 @@ class MLAAttention(nn.Module):
         self.is_producer = self.kv_source == layer_idx
         self.window = cfg.layer_window(layer_idx)
         self.sinks = cfg.layer_sinks(layer_idx)       # a mask rule here: the latent cache stays full
+        self.sparse = layer_sparse(cfg, layer_idx)
         self.n_head = cfg.n_head
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -119,7 +120,7 @@ class MLAAttention(nn.Module):
         if absorb is None:
             absorb = ctx.cache is not None and ctx.step.uniform_start != 0
         w_uk, w_uv = self.up_weights()
-        mask = ctx.mask(self.window, self.sinks)
+        mask = ctx.mask(self.window, self.sinks, sparse=self.sparse)
         if absorb:
             q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk.to(q.dtype))
             out = attention(torch.cat([q_lat, q_rope], dim=-1), entries, entries[..., :self.rank], mask,
@@ -199,7 +200,7 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 MLA = register_kind(AttentionKind(
     name="mla", module=MLAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window", "sinks"), validate=_validate, fill_defaults=_fill_defaults,
+    param_count=_param_count, options=("window", "sinks", "sparse"), validate=_validate, fill_defaults=_fill_defaults,
     description="multi-head latent attention (DeepSeek-V2/V3): a latent plus one shared RoPE key per token",
     examples={
         "mla": dict(attn_kind="mla", kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14),
@@ -207,4 +208,5 @@ MLA = register_kind(AttentionKind(
                                    qkv_bias=True, o_bias=True),
         "mla-cla2": dict(attn_kind="mla", kv_lora_rank=8, cla=2),
         "mla-window": dict(attn_kind="mla", kv_lora_rank=16, sliding_window=4),
+        "mla-block-sparse": dict(attn_kind="mla", kv_lora_rank=16, block_sparse={"block": 2, "local": 1, "global": 1}),
     }))

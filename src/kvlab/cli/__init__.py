@@ -60,6 +60,10 @@ def _os_error(e: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_stopped_while_starting":
+        signal.signal(signal.SIGINT, signal.default_int_handler)    # from here on main reports a Ctrl-C
     debug = _debug(argv)
     # Input that is accepted but probably wrong (a prompt past the model's context...): one line.
     formatwarning = warnings.formatwarning
@@ -75,7 +79,9 @@ def _run(argv: list[str], debug: bool) -> int:
     args = None
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, inside the handlers below, not at exit
+        return code
     except (UsageError, ConfigError) as e:
         if debug:
             raise
@@ -84,7 +90,6 @@ def _run(argv: list[str], debug: bool) -> int:
     except Interrupted as e:
         resumable = getattr(args, "verb", None) in RESUMABLE_VERBS
         how = ("; the same command with --resume continues from it" if e.resumable and resumable else
-               "; the same command with --overwrite starts over" if resumable else
                "; run it again to start over")
         _say(f"stopped: {e}{how}")
         return 130

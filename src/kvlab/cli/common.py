@@ -52,8 +52,15 @@ def model_config_from_args(args: argparse.Namespace):
 def make_console():
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich exits 1 when the reader goes away (`kvlab plan | head`); kvlab's main exits 141
+            # quietly, as for every other verb.
+            self.quiet = True
+            raise BrokenPipeError
+
     # Not a terminal (pipes, CI, tests): wide enough that tables never wrap.
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    return _Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 # ----------------------------------------------------------------------------------- verbs
@@ -100,7 +107,31 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"--device {text}: MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"--device {text}: kvlab runs on cpu, cuda or mps")
+    elif device.type == "cpu" and device.index not in (None, 0):
+        raise argparse.ArgumentTypeError(f"--device {text}: there is one cpu device; use --device cpu")
     return text
+
+
+def seed_arg(text: str) -> int:
+    """``--seed``: an integer in [0, 2**32) (what torch, numpy and Python's generators all take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed {text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"--seed {value} must be in [0, 2**32)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A flag that counts something: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def number_list(kind, what: str):

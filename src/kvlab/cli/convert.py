@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args
+from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args, seed_arg
 from kvlab.io import save_checkpoint
 
 
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
                    help="--method calibrated: 'builtin' (the built-in corpus's train split), a text file, JSONL or "
                         "a directory of .txt; validation documents are never used")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random and of the calibration windows")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of --method random and of the calibration windows")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     add_overwrite(p)
     p.set_defaults(func=run)
@@ -45,9 +45,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvlab.convert.heads import convert, plan_conversion
     from kvlab.io import load_config
-    from kvlab.io.atomic import check_output
+    from kvlab.io.atomic import check_output, refuse_output_over_input
 
     check_output(args.output, "kvlab-checkpoint", overwrite=args.overwrite)    # before any work
+    refuse_output_over_input(args.output, [args.model])
 
     if args.mla is not None:
         return _run_mla(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import load_model, model_args
+from kvlab.cli.common import load_model, model_args, positive_int
 
 
 def add_parser(sub) -> None:
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--stride", type=int, help="window advance (default seq-len / 2)")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")

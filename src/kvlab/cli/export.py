@@ -23,10 +23,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvlab.dtypes import parse_dtype
     from kvlab.io import load_config
-    from kvlab.io.atomic import check_output
+    from kvlab.io.atomic import check_output, refuse_output_over_input
     from kvlab.io.hf import config_to_hf, export_hf
 
     check_output(args.output, f"{args.format}-checkpoint", overwrite=args.overwrite)     # before any work
+    refuse_output_over_input(args.output, [args.model])
     if args.format == "hf":  # fail on an unexportable architecture before loading any weights
         config_to_hf(load_config(args.model), parse_dtype(args.dtype or "fp32"))
     model = load_model(args)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args, torch_seed
+from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args, positive_int, seed_arg, torch_seed
 
 
 def add_parser(sub) -> None:
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     add_overwrite(p, run=True)
     p.add_argument("--merge", action="store_true", help="also write OUT/merged: LoRA/AdaLoRA folded into the base")
@@ -47,13 +47,14 @@ def add_parser(sub) -> None:
     lora.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
                       help="comma-separated layer names or regular expressions over full names")
     prompt = p.add_argument_group("prefix / P-tuning v2 / prompt tuning")
-    prompt.add_argument("--virtual-tokens", type=int, default=16)
+    prompt.add_argument("--virtual-tokens", type=positive_int, default=16)
     prompt.add_argument("--reparam-hidden", type=int, default=512, help="prefix tuning's MLP width")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.data.chat import ChatBatches, read_chat_jsonl
+    from kvlab.io.atomic import refuse_output_over_input
     from kvlab.io.rundir import RunDirectory
     from kvlab.peft import LORA_FAMILY, AdapterSpec
     from kvlab.recipes.finetune import FINETUNE_OUTPUTS, finetune
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.training.checkpoints import RESUMABLE_CHANGES, run_settings
 
     out = Path(args.out)
+    refuse_output_over_input(out, [args.model])
+    refuse_output_over_input(out, [args.data, args.eval_data], what="its data", holds=False)
     if args.method in LORA_FAMILY:
         options = dict(alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules.split(","))
         if args.method == "adalora":
@@ -74,9 +77,15 @@ def run(args: argparse.Namespace) -> int:
     spec = AdapterSpec(args.method, options)
     train_convs = read_chat_jsonl(args.data)
     eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
-    if args.max_steps is None and args.epochs is None:
-        raise UsageError("kvlab finetune: give --max-steps N or --epochs E")
+    if (args.max_steps is None) == (args.epochs is None):
+        raise UsageError("kvlab finetune: give one budget, --max-steps N or --epochs E"
+                         + (" (not both)" if args.max_steps is not None else ""))
+    if args.epochs is not None and not (args.epochs > 0 and args.epochs < float("inf")):
+        raise UsageError(f"kvlab finetune: --epochs {args.epochs} must be a positive number (e.g. 1 or 0.5)")
     model = load_model(args)
+    if args.method not in LORA_FAMILY and args.virtual_tokens >= model.cfg.max_seq_len:
+        raise UsageError(f"kvlab finetune: --virtual-tokens {args.virtual_tokens} leaves no room for text in the "
+                         f"model's context of {model.cfg.max_seq_len} tokens; use far fewer (e.g. 16-64)")
     if model.tokenizer is None:
         raise UsageError(f"kvlab finetune: {args.model} has no tokenizer to render the chat data with")
     if args.seq_len > model.cfg.max_seq_len:
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if max_steps is None:
         max_steps = max(1, round(args.epochs * len(batches.rows) / args.batch_size))
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
+                      seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
                       weight_decay=0.0, eval_every=max_steps, save_every=args.save_every, keep_last=args.keep_last,
                       log_every=args.log_every, seed=args.seed, train_only="adapter")
     torch_seed(args.seed)
@@ -95,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 "eval_data": args.eval_data, "eval_limit": args.eval_limit, "pack": args.pack, "merge": args.merge,
                 **run_settings(cfg)}
     with RunDirectory(out, "finetune", settings, entries=FINETUNE_OUTPUTS, resume=args.resume,
-                      overwrite=args.overwrite, free=RESUMABLE_CHANGES):
+                      overwrite=args.overwrite, free=RESUMABLE_CHANGES,
+                      scaffolding=("metrics.jsonl", "checkpoints")):
         summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
                            merge=args.merge, resume=args.resume, device=args.device)
     keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",

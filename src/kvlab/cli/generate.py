@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import UsageError, load_model, model_args
+from kvlab.cli.common import UsageError, load_model, model_args, positive_int, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -15,15 +15,33 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", metavar="IDS", help="a prompt as token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, help="makes sampling deterministic")
+    p.add_argument("--seed", type=seed_arg, help="makes sampling deterministic")
     p.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (default EOS)")
+    p.add_argument("--no-stop", action="store_true", help="generate exactly --max-new-tokens tokens (no EOS stop)")
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     p.add_argument("--json", action="store_true", help="print prompts and outputs as JSON")
     p.set_defaults(func=run)
+
+
+def _check_cache_fits(model, rows: int, length: int, new_tokens: int) -> None:
+    """Refuse a generation whose KV cache alone would exceed this machine's memory (before trying)."""
+    import os
+
+    from kvlab.config.accounting import cache_bytes
+
+    need = rows * cache_bytes(model.cfg, model.dtype).for_sequence(length)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise UsageError(f"kvlab generate: --max-new-tokens {new_tokens} needs a KV cache of {need / 2**30:,.1f} GiB "
+                         f"for {rows} row(s), more than this machine's {have / 2**30:,.0f} GiB of memory; generate "
+                         f"fewer tokens")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"kvlab generate: --prompt-ids {args.prompt_ids} must be comma-separated "
                              f"integers such as 1,2,3") from None
-    stop = args.stop_token if args.stop_token else None
+    if args.no_stop and args.stop_token:
+        raise UsageError("kvlab generate: --no-stop and --stop-token contradict each other; give one")
+    stop = [] if args.no_stop else args.stop_token if args.stop_token else None
+    for t in [*(stop or []), *(i for p in prompts for i in p)]:
+        if not 0 <= t < model.cfg.vocab_size:
+            raise UsageError(f"kvlab generate: token id {t} is outside the vocabulary [0, {model.cfg.vocab_size})")
+    _check_cache_fits(model, len(prompts), max(map(len, prompts)) + args.max_new_tokens, args.max_new_tokens)
     stream = len(prompts) == 1 and not args.json
     shown: list[int] = []
     text_so_far = ""

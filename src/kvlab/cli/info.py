@@ -62,12 +62,25 @@ def run(args: argparse.Namespace) -> int:
                      + ", ".join(f"{c} tokens x {r:,} B" for r, c in cost.bounded[:4])
                      + (", ..." if len(cost.bounded) > 4 else "") + "): they stop growing at their windows"))
     kinds = sorted({s.kind for s in cfg.layer_specs})
-    windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
-    if cfg.attention_layers is not None or kinds != ["gqa"] or any(w is not None for w in windows):
+    details = [_layer_details(cfg, i) for i in range(cfg.n_layer)]
+    if cfg.attention_layers is not None or kinds != ["gqa"] or any(details):
         rows.insert(4, ("attention per layer", ", ".join(
-            f"{s.kind}" + (f"(window {w}" + (f", sinks {cfg.layer_sinks(i)}" if cfg.layer_sinks(i) else "") + ")"
-                           if w is not None else "") for i, (s, w) in enumerate(zip(cfg.layer_specs, windows)))))
+            s.kind + (f"({', '.join(d)})" if d else "") for s, d in zip(cfg.layer_specs, details))))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _layer_details(cfg, layer: int) -> list[str]:
+    """What restricts a layer's view: its window, sinks and block-sparse layout."""
+    from kvlab.attention.gqa import layer_sparse
+
+    out = []
+    if cfg.layer_window(layer) is not None:
+        out.append(f"window {cfg.layer_window(layer)}")
+    if cfg.layer_sinks(layer):
+        out.append(f"sinks {cfg.layer_sinks(layer)}")
+    if cfg.layer_sparse(layer) is not None:
+        out.append(layer_sparse(cfg, layer).describe())
+    return out

@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from kvlab.cli.common import add_overwrite, device_arg
+from kvlab.cli.common import add_overwrite, device_arg, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
                    help="validation tokens scored per model (0: the whole split)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("-o", "--out", metavar="DIR", help="output directory (default: shrink-MODEL-KV, new or empty)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_overwrite(p, run=True)
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         scfg = ShrinkConfig(**common, **budget, calibration_tokens=args.calibration_tokens,
                             eval_tokens=args.eval_tokens or None)
     out = args.out or "shrink-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{args.model}-{args.kv}").strip("-")
+    from kvlab.io.atomic import refuse_output_over_input
+
+    refuse_output_over_input(out, [args.model])
     run_shrink(args.model, out, scfg, resume=args.resume, overwrite=args.overwrite,
                log=lambda line: print(line, file=sys.stderr, flush=True))
     return 0

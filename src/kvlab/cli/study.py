@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvlab.cli.common import add_overwrite, device_arg, make_console, number_list
+from kvlab.cli.common import add_overwrite, device_arg, make_console, number_list, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
     g.add_argument("--no-from-scratch", dest="from_scratch", action="store_false", default=None,
                    help="skip step 3 (training every variant from scratch)")
     g.add_argument("--variants", type=number_list(str, "names"),
-                   help="attention kinds to train from scratch too: alibi, window, window-sinks, linear, "
-                        "linear-hybrid, mla (comma-separated)")
+                   help="attention kinds and blocks to train from scratch too: alibi, window, window-sinks, "
+                        "block-sparse, linear, linear-hybrid, mla, parallel (comma-separated)")
     g = p.add_argument_group("uptraining and measurement")
     g.add_argument("--uptrain-tokens", type=number_list(int, "token counts"),
                    help="with --model: uptraining budgets in tokens (default 4096)")
@@ -51,7 +51,13 @@ def add_parser(sub) -> None:
     g.add_argument("--plan-memory", help="memory budget of the max-batch column (default 24GiB)")
     g.add_argument("--plan-context", type=int, help="context of the max-batch column (default 8192)")
     p.add_argument("--device", type=device_arg, help="cpu (default), cuda or cuda:N")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=seed_arg)
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="repeat every training run with N seeds (--seed, --seed+1, ...): mean ± std in the report, "
+                        "error bars in the plots (default 1)")
+    p.add_argument("--match-params", choices=["ffn", "width"],
+                   help="train the from-scratch variants with MHA's parameter count: widen the MLP (ffn) or d_model "
+                        "(width), as Falcon and ChatGLM2 did for MQA")
     p.add_argument("--keep-checkpoints", action="store_true", default=None,
                    help="keep every run's final checkpoint (default: only the pretrained model)")
     p.add_argument("--verbose", action="store_true", default=None, help="training progress lines")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import add_overwrite
+from kvlab.cli.common import add_overwrite, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("out", metavar="DIR")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     add_overwrite(p)
     p.set_defaults(func=run)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from kvlab.cli.common import UsageError, add_overwrite, device_arg, load_model, model_config_from_args
+from kvlab.cli.common import UsageError, add_overwrite, device_arg, load_model, model_config_from_args, seed_arg
 from kvlab.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--train-only", choices=["all", "attention", "kv"], default="all")
     p.add_argument("--data-mode", choices=["random", "sequential"], default="random")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default ~/.cache/kvlab or $KVLAB_CACHE)")
@@ -66,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
     if len(budgets) != 1:
         raise UsageError(f"kvlab train: give exactly one budget: --max-steps N, --tokens N, or --alpha A with "
                          f"--reference-tokens N (got {', '.join(budgets) or 'none'})")
+    if args.reference_tokens is not None and args.alpha is None:
+        raise UsageError("kvlab train: --reference-tokens goes with --alpha (the budget is alpha x reference tokens); "
+                         "drop it, or give --alpha instead of " + budgets[0])
     tokens_per_step = args.batch_size * args.seq_len
     max_steps = args.max_steps if args.max_steps is not None else steps_for_budget(
         tokens_per_step, tokens=args.tokens, alpha=args.alpha, reference_tokens=args.reference_tokens)
     cfg = TrainConfig(out_dir=args.out, max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      seq_len=args.seq_len, lr=args.lr, warmup_steps=min(args.warmup_steps, max_steps),
+                      seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
                       eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
                       keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
                       data_mode=args.data_mode, log_every=args.log_every)
@@ -92,12 +95,17 @@ def run(args: argparse.Namespace) -> int:
     if cfg.seq_len > model.cfg.max_seq_len:
         raise UsageError(f"kvlab train: --seq-len {cfg.seq_len} exceeds the model's max_seq_len "
                          f"{model.cfg.max_seq_len}; train on windows of at most {model.cfg.max_seq_len} tokens")
+    from kvlab.io.atomic import refuse_output_over_input
+
+    refuse_output_over_input(args.out, [args.init])
+    refuse_output_over_input(args.out, [args.data], what="its data", holds=False)
     record = dict(alpha=args.alpha, reference_tokens=args.reference_tokens) if args.alpha is not None else None
     settings = {"init": args.init, "preset": args.preset, "config": args.config, "n_kv_head": args.n_kv_head,
                 "cla": args.cla, "data": args.data, "data_field": args.data_field, "strategy": args.strategy,
                 **run_settings(cfg)}
     with RunDirectory(args.out, "train", settings, entries=TRAIN_OUTPUTS, resume=args.resume,
-                      overwrite=args.overwrite, free=RESUMABLE_CHANGES):
+                      overwrite=args.overwrite, free=RESUMABLE_CHANGES,
+                      scaffolding=("metrics.jsonl", "checkpoints")):
         summary = run_training(model, cfg, data=args.data, data_field=args.data_field, cache_dir=args.cache_dir,
                                device=args.device, strategy=args.strategy, resume=args.resume, record=record)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":

@@ -29,7 +29,7 @@ DEFAULT_KIND = "gqa"
 
 MLP_TYPES = ("swiglu", "gelu")
 NORM_TYPES = ("rmsnorm", "layernorm")
-POS_TYPES = ("rope", "learned", "alibi")
+POS_TYPES = ("rope", "learned", "alibi", "t5")
 BLOCK_TYPES = ("sequential", "parallel")
 
 
@@ -74,6 +74,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     pos: str = "rope"
     rope_theta: float = 10000.0
+    # pos="t5": T5's learned relative position bias, shared by all layers (buckets, and the
+    # distance from which all positions share the last bucket).
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
     block: str = "sequential"
     cla: int = 1
     kv_source: list[int] | None = None
@@ -84,6 +88,9 @@ class ModelConfig:
     # StreamingLLM's attention sinks: a windowed layer also attends to the first this-many
     # positions forever, and its rolling cache keeps them (a layer spec's "sinks" overrides it).
     attention_sinks: int = 0
+    # A block-sparse layout for every softmax layer (a layer spec's "sparse" overrides it):
+    # {"block": B, "local": L, "global": G, "stride": S} (kvlab.attention.masks.BlockSparse).
+    block_sparse: dict[str, int] | None = None
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"
     attn_kind: str = DEFAULT_KIND
@@ -107,6 +114,7 @@ class ModelConfig:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -127,10 +135,35 @@ class ModelConfig:
         self.validate()
 
     # ----------------------------------------------------------------------------- validation
+    # The JSON types each annotation admits (a config file may say "4" or 4.5 or "yes" anywhere).
+    _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
+              "dict": (dict,)}
+
+    def _check_types(self) -> None:
+        """Raise :class:`ConfigError` for a field whose value has the wrong JSON type, before any
+        arithmetic on it (``"n_layer": "4"``, ``"tie_embeddings": "yes"``)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = [k.strip().split("[")[0] for k in str(f.type).split("|")]
+            if value is None and "None" in kinds:
+                continue
+            allowed = tuple(t for k in kinds if k in self._TYPES for t in self._TYPES[k])
+            if not allowed or "Any" in kinds:
+                continue
+            if isinstance(value, bool) and bool not in allowed:
+                ok = False
+            else:
+                ok = isinstance(value, allowed)
+            if not ok:
+                names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                         "list": "a list", "dict": "an object", "None": "null"}
+                want = " or ".join(names.get(k, k) for k in kinds)
+                raise ConfigError(f"{f.name}={value!r} must be {want}")
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first impossible value, the rule and the fix."""
         require_positive_ints(self, ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
-                                     "d_ff", "max_seq_len", "cla"))
+                                     "d_ff", "max_seq_len", "cla", "relative_buckets", "relative_max_distance"))
         if self.n_kv_head > self.n_head:
             raise ConfigError(f"n_kv_head={self.n_kv_head} exceeds n_head={self.n_head}; "
                               f"a KV head serves one or more query heads, so use n_kv_head <= n_head")
@@ -155,6 +188,10 @@ class ModelConfig:
         if not isinstance(self.attention_sinks, int) or isinstance(self.attention_sinks, bool) or \
                 self.attention_sinks < 0:
             raise ConfigError(f"attention_sinks={self.attention_sinks!r} must be a non-negative integer")
+        if self.pos == "t5" and not 4 <= self.relative_buckets <= self.relative_max_distance:
+            raise ConfigError(f"relative_buckets={self.relative_buckets} with relative_max_distance="
+                              f"{self.relative_max_distance}: T5's bias needs at least 4 buckets and no more buckets "
+                              f"than the distance they cover (T5 uses 32 and 128)")
         if self.cla > self.n_layer:
             raise ConfigError(f"cla={self.cla} exceeds n_layer={self.n_layer}; "
                               f"a sharing factor can be at most the number of layers")
@@ -221,6 +258,11 @@ class ModelConfig:
             return 0
         return self.layer_specs[layer].options.get("sinks", self.attention_sinks)
 
+    def layer_sparse(self, layer: int) -> dict[str, int] | None:
+        """The block-sparse layout of ``layer`` (its spec's ``sparse``, else ``block_sparse``) as
+        given; the attention kinds validate and parse it."""
+        return self.layer_specs[layer].options.get("sparse", self.block_sparse)
+
     # ------------------------------------------------------------------------ KV accounting
     @property
     def kv_sources(self) -> list[int]:
@@ -269,7 +311,8 @@ class ModelConfig:
         per_norm = d if self.norm == "rmsnorm" else 2 * d
         norms_per_block = 1 if self.block == "parallel" else 2
         norm = (self.n_layer * norms_per_block + 1) * per_norm
-        embedding = self.vocab_size * d + (self.max_seq_len * d if self.pos == "learned" else 0)
+        embedding = self.vocab_size * d + (self.max_seq_len * d if self.pos == "learned" else 0) + (
+            self.relative_buckets * self.n_head if self.pos == "t5" else 0)
         lm_head = 0 if self.tie_embeddings else self.vocab_size * d
         total = attn + mlp + norm + embedding + lm_head
         return {"embedding": embedding, "attention": attn, "mlp": mlp, "norm": norm,
@@ -348,6 +391,6 @@ class LayerSpec:
                           f"key; registered kinds are {sorted(KINDS)}")
 
     def __hash__(self) -> int:
-        return hash((self.kind, tuple(sorted(self.options.items()))))
+        return hash((self.kind, json.dumps(self.options, sort_keys=True, default=str)))
 
 

@@ -36,8 +36,8 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     """Conversations from a chat JSONL file, validated (errors name the line)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"chat data {path} does not exist; give a JSONL file with one "
-                          f"{{\"messages\": [...]}} per line")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"chat data {path} {state}; give a JSONL file with one {{\"messages\": [...]}} per line")
     conversations = []
     from kvlab.data.corpus import read_utf8
 

@@ -163,6 +163,9 @@ def read_documents(source: str, field: str = "text") -> list[Document]:
     import json
     from pathlib import Path
 
+    if not source.strip():
+        raise ConfigError("data '' is empty: give 'builtin', 'library', a text file, a .jsonl file or a directory "
+                          "of .txt files")
     if source == "builtin" or source.startswith("builtin:"):
         return builtin_corpus(source.partition(":")[2] or "validation")
     if source == "library" or source.startswith("library:"):

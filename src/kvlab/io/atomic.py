@@ -8,9 +8,10 @@ The output policy every writer follows (:func:`write_dir_atomically`):
   ``hf-checkpoint``, ``kvlab-adapter``, ``peft-adapter``...) and the files kvlab wrote. A path that
   exists is replaced only when it is an empty directory or an output of the same kind holding
   nothing but those files (kvlab checkpoints and adapters written before the marker existed are
-  recognised by their config files); anything else — a file, a directory of the user's, another
-  kind of output, a user's file put inside an output — is refused with :class:`OutputExistsError`
-  unless the caller passes ``overwrite=True`` (``--overwrite``);
+  recognised by their config files), or, with ``overwrite=True`` (``--overwrite``), a kvlab output
+  of another kind holding nothing but its files. Anything else — a file, a directory of the
+  user's, a user's file put inside an output, a symbolic link, the current directory, the
+  command's own input — is refused with :class:`OutputExistsError`, whatever the flags;
 - the old output is removed only after the new one is complete, and nothing else is ever deleted.
 """
 
@@ -102,35 +103,76 @@ def written_by_kvlab(path: Path) -> set[str]:
     return {MARKER, *(files if isinstance(files, list) else LEGACY_FILES)}
 
 
-def check_output(target: str | Path, kind: str, *, overwrite: bool = False) -> None:
-    """Raise :class:`OutputExistsError` unless ``target`` may receive an output of ``kind``."""
-    target = Path(target)
-    if overwrite or not (target.exists() or target.is_symlink()):
-        return
-    what = KIND_NAMES.get(kind, kind)
-    if not target.is_dir():
-        raise OutputExistsError(f"{target} exists and is a file; kvlab writes {what} (a directory) there: choose "
-                                f"another path, or pass --overwrite to replace the file")
+def _entries(items: list[str]) -> str:
+    return (f"{len(items)} entr{'y' if len(items) == 1 else 'ies'} kvlab did not write "
+            f"({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+
+
+def check_path_usable(target: Path, what: str) -> None:
+    """Refuse an output path kvlab cannot or must not use, whatever it would write there: a
+    symbolic link (kvlab writes no output through one), a path under a file, and the current
+    directory or one that contains it (replacing it would pull the directory from under the user)."""
     if target.is_symlink():
-        raise OutputExistsError(f"{target} is a symbolic link; give the directory it points to, or a new path")
-    found = output_kind(target)
-    entries = sorted(p.name for p in target.iterdir())
-    if found == kind:
-        foreign = sorted(set(entries) - written_by_kvlab(target))
-        if foreign:      # the user put files into kvlab's output: replacing it would delete them
-            raise OutputExistsError(
-                f"{target} holds {what} and {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} kvlab did not "
-                f"write beside it ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); move them out, "
-                f"choose another path, or pass --overwrite to replace the directory with them")
+        state = "" if target.exists() else " (dangling)"
+        raise OutputExistsError(f"{target} is a symbolic link{state}; kvlab does not write {what} through links: give "
+                                f"the directory it points to, or a new path")
+    for parent in target.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise OutputExistsError(f"{parent} is a file, so {target} cannot be created inside it: choose another "
+                                        f"path")
+            break
+    if target.exists():
+        here, where = Path.cwd().resolve(), target.resolve()
+        if where == here or where in here.parents:
+            raise OutputExistsError(f"{target} is the current directory or contains it; kvlab writes {what} as a "
+                                    f"new directory: give a path inside it, e.g. {Path(target) / 'out'}")
+
+
+def check_output(target: str | Path, kind: str, *, overwrite: bool = False) -> None:
+    """Raise :class:`OutputExistsError` unless ``target`` may receive an output of ``kind``: it does
+    not exist, is an empty directory, or is a kvlab output holding only what kvlab wrote — of the
+    same kind, or of another kind with ``overwrite``. Nothing else is ever replaced, whatever the
+    flags: kvlab never deletes a file it did not write."""
+    target = Path(target)
+    what = KIND_NAMES.get(kind, kind)
+    check_path_usable(target, what)
+    if not target.exists():
         return
+    if not target.is_dir():
+        raise OutputExistsError(f"{target} exists and is a file kvlab did not write; kvlab writes {what} (a directory) "
+                                f"and never replaces a user's file: choose another path")
+    entries = sorted(p.name for p in target.iterdir())
     if not entries:
         return
-    held = (f"holds {KIND_NAMES.get(found, found)}" if found else
-            f"holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} kvlab did not write "
-            f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})")
-    raise OutputExistsError(f"{target} {held}; kvlab writes {what} there only into a new or empty directory or "
-                            f"over its own output of that kind: choose another path, or pass --overwrite to "
-                            f"replace it")
+    found = output_kind(target)
+    if found is None:
+        raise OutputExistsError(f"{target} holds {_entries(entries)}; kvlab writes {what} only into a new or empty "
+                                f"directory or over an output of its own, and never deletes a user's files (not with "
+                                f"--overwrite either): choose another path")
+    foreign = sorted(set(entries) - written_by_kvlab(target))
+    if foreign:          # the user put files into kvlab's output: replacing it would delete them
+        raise OutputExistsError(f"{target} holds {KIND_NAMES.get(found, found)} and, beside it, {_entries(foreign)}; "
+                                f"kvlab never deletes those (not with --overwrite either): move them out, or choose "
+                                f"another path")
+    if found != kind and not overwrite:
+        raise OutputExistsError(f"{target} holds {KIND_NAMES.get(found, found)}; to replace it with {what} pass "
+                                f"--overwrite, or choose another path")
+
+
+def refuse_output_over_input(output: str | Path, inputs: list[str | Path | None], what: str = "the model it reads",
+                             holds: bool = True) -> None:
+    """Refuse an output path that is an input (``convert M -o M``), lies inside one, or (``holds``)
+    holds one: writing it would replace, bury or change what the command reads."""
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        src = Path(given).resolve()
+        if out == src or src in out.parents or (holds and out in src.parents):
+            relation = "is" if out == src else "lies inside" if src in out.parents else "holds"
+            raise OutputExistsError(f"the output {output} {relation} {what} ({given}); kvlab does not write over its "
+                                    f"input: choose another path")
 
 
 def write_dir_atomically(target: str | Path, fill, *, kind: str, overwrite: bool = False) -> Path:

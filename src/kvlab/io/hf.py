@@ -1,5 +1,6 @@
-"""HF transformers checkpoints: import Llama / Mistral / Qwen2 / dense DeepSeek-V3 (MLA) directories,
-export Llama (or Mistral, Qwen2) and, for ``mla`` models, DeepSeek-V3.
+"""HF transformers checkpoints: import Llama / Mistral / Qwen2 / dense DeepSeek-V3 (MLA) / MPT (ALiBi)
+directories, export Llama (or Mistral, Qwen2), for ``mla`` models DeepSeek-V3, and for ALiBi models
+MPT (:mod:`kvlab.io.mpt`).
 
 kvlab's parameter names are HF Llama's (and for MLA DeepseekV3Attention's) without the ``model.``
 prefix, and its RoPE uses the same half-split layout, so weights map one to one; only the configs
@@ -20,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from kvlab.config.model import ModelConfig
 from kvlab.errors import CheckpointError, ConfigError
 from kvlab.io.atomic import write_dir_atomically
+from kvlab.io.mpt import config_from_mpt, config_to_mpt, mpt_problems, state_from_mpt, state_to_mpt
 from kvlab.io.provenance import new_provenance
 from kvlab.io.tokenizer import load_tokenizer
 from kvlab.io.weights import build_model, refuse_adapter
 from kvlab.models.decoder import Transformer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "deepseek_v3", "mpt")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -54,6 +56,8 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; kvlab imports "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
+    if model_type == "mpt":
+        return config_from_mpt(hf, where)
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Llama-family "
                               f"models use 'silu' in a SwiGLU MLP)")
@@ -164,7 +168,13 @@ def _deepseek_problems(cfg: ModelConfig, model: Transformer | None) -> list[str]
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None = None) -> dict[str, Any]:
-    """A HF config for ``cfg``: LlamaForCausalLM, or Qwen2ForCausalLM when only q/k/v have biases."""
+    """A HF config for ``cfg``: LlamaForCausalLM, or Qwen2ForCausalLM when only q/k/v have biases,
+    MistralForCausalLM with a window, DeepseekV3ForCausalLM for MLA, MptForCausalLM for ALiBi."""
+    if cfg.pos == "alibi":                  # MPT: the ALiBi architecture of transformers that kvlab's matches
+        problems = mpt_problems(cfg, model)
+        if problems:
+            raise ConfigError("cannot export an ALiBi model to HF (as MPT): " + "; ".join(problems))
+        return config_to_mpt(cfg, dtype)
     problems = []
     deepseek = cfg.attention_layers is None and cfg.attn_kind == "mla"
     if deepseek:
@@ -181,6 +191,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None
                       (cfg.o_bias and not cfg.qkv_bias, "an o_proj bias without q/k/v biases")):
         if bad:
             problems.append(f"{what} (Llama uses RoPE, sequential blocks, SwiGLU and RMSNorm)")
+    if cfg.block_sparse is not None:
+        problems.append("a block-sparse layout (HF's Llama-family attention is dense; keep the model in the kvlab "
+                        "format)")
     if cfg.attention_sinks and cfg.sliding_window is not None:
         problems.append("attention sinks (Mistral's sliding window has none; keep the model in the kvlab format)")
     if problems:
@@ -262,6 +275,8 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
     hf_config = json.loads((directory / "config.json").read_text())
     cfg = config_from_hf(hf_config, str(directory / "config.json"))
     raw = _read_hf_weights(directory)
+    if hf_config["model_type"] == "mpt":
+        raw = state_from_mpt(raw, cfg)
     state = {}
     for name, tensor in raw.items():
         if name.endswith("rotary_emb.inv_freq"):        # a buffer some old checkpoints saved
@@ -334,7 +349,12 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
     if hf_config["model_type"] == "deepseek_v3" and not model.cfg.latent_norm:
         source = _constant_latent_channel(model, hf_config)
     state = {}
+    if hf_config["model_type"] == "mpt":
+        source = {f"mpt:{k}": v for k, v in state_to_mpt(source, model.cfg).items()}
     for name, tensor in source.items():
+        if name.startswith("mpt:"):
+            state[name.removeprefix("mpt:")] = tensor.detach().to(dtype).contiguous().cpu()
+            continue
         if model.cfg.tie_embeddings and name == "lm_head.weight":
             continue
         if hf_config["model_type"] == "deepseek_v3" and name.endswith("self_attn.q_proj.bias"):

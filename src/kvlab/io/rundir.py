@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.errors import ConfigError, KvlabError
-from kvlab.io.atomic import KIND_NAMES, OutputExistsError, output_kind, remove_path, write_json
+from kvlab.io.atomic import (
+    KIND_NAMES,
+    OutputExistsError,
+    check_path_usable,
+    output_kind,
+    remove_path,
+    write_json,
+    written_by_kvlab,
+)
 
 RECORD = "run.json"
 LOCK = ".kvlab-lock"
@@ -59,6 +67,47 @@ def _alive(holder: dict) -> bool:
         pass
     started = holder.get("started")
     return started is None or _process_start(pid) in (None, started)
+
+
+# Files kvlab's runs write inside their directories, beside the outputs that list their own files
+# (checkpoints, exports, adapters): a run's metrics, record and summaries (a study's runs/<run>/,
+# a shrink's work/<stage>/).
+NESTED_RUN_FILES = {"metrics.jsonl", RECORD, LOCK, "summary.json", "results.json", "report.md"}
+
+
+def _kvlab_temporary(name: str) -> bool:
+    """kvlab's own temporary names: a save or export under way, an old output being replaced, a
+    checkpoint being pruned (a kill may leave them)."""
+    return name.startswith(".") and any(tag in name for tag in (".tmp-", ".old-", ".discard-"))
+
+
+def foreign_files(root: Path, names: tuple[str, ...], top_level_ours: bool) -> list[str]:
+    """What kvlab did not write under the entries ``names`` of ``root`` (paths relative to it):
+    files a marked output does not list, files of unmarked directories other than
+    :data:`NESTED_RUN_FILES`, links; top-level files count as kvlab's only if ``top_level_ours``
+    (the directory holds a run record of this kind)."""
+    found: list[str] = []
+
+    def walk(d: Path) -> None:
+        if output_kind(d) is not None:
+            mine = written_by_kvlab(d)
+            found.extend(str(p.relative_to(root)) for p in sorted(d.iterdir()) if p.name not in mine)
+            return
+        for p in sorted(d.iterdir()):
+            if _kvlab_temporary(p.name):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                walk(p)
+            elif p.is_symlink() or p.name not in NESTED_RUN_FILES:
+                found.append(str(p.relative_to(root)))
+
+    for name in names:
+        target = root / name
+        if target.is_dir() and not target.is_symlink():
+            walk(target)
+        elif (target.exists() or target.is_symlink()) and (target.is_symlink() or not top_level_ours):
+            found.append(name)
+    return found
 
 
 def _differences(saved: dict, now: dict, free: tuple[str, ...]) -> list[str]:
@@ -104,11 +153,20 @@ class RunDirectory:
 
     def _check(self) -> None:
         path, what = self.path, f"a kvlab {self.kind} run"
+        check_path_usable(path, what)
         if path.exists() and not path.is_dir():
             raise OutputExistsError(f"{path} exists and is a file; {what} needs a directory: choose another path")
         present = sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []
         record = self.record()
         ours = record is not None and record.get("kind") == self.kind
+        if present and (self.resume or self.overwrite):
+            foreign = foreign_files(path, self.entries, top_level_ours=ours)
+            if foreign:
+                raise OutputExistsError(
+                    f"{path}: {len(foreign)} file{'s' if len(foreign) > 1 else ''} kvlab did not write "
+                    f"{'are' if len(foreign) > 1 else 'is'} inside the run's own entries ({', '.join(foreign[:3])}"
+                    f"{', ...' if len(foreign) > 3 else ''}); kvlab never deletes or replaces those, so "
+                    f"{'--resume' if self.resume else '--overwrite'} cannot go on: move them out of {path}")
         if self.resume:
             if not present:
                 raise ConfigError(f"--resume: {path} holds no {self.kind} run to continue; start one without --resume")
@@ -135,8 +193,8 @@ class RunDirectory:
                     f"{len(present)} entr{'y' if len(present) == 1 else 'ies'} kvlab did not write "
                     f"({', '.join(present[:3])}{', ...' if len(present) > 3 else ''})")
             raise OutputExistsError(f"{path} holds {held}; {what} needs a new or empty directory: choose another "
-                                    f"one, or pass --overwrite to write there (only the run's own files, "
-                                    f"{', '.join(self.entries)}, are replaced)")
+                                    f"one, or pass --overwrite to write there beside them (kvlab replaces only what "
+                                    f"its runs write, {', '.join(self.entries)}, and never a file it did not write)")
 
     def _clear(self) -> None:
         """``overwrite``: delete what a run of this kind writes; nothing else."""
@@ -218,7 +276,19 @@ class RunDirectory:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.release()
-        if exc_type is not None and self.created:
-            # Failed before producing anything: leave no empty (or record-only) directory behind.
-            if {p.name for p in self.path.iterdir()} <= self.scaffolding:
+        if exc_type is None or self.resume or not _is_main_rank() or not self.path.is_dir():
+            return
+        # A new run that failed before producing a result (a checkpoint, a model) leaves the directory
+        # as it found it: its own record and scaffolding go, and the directory if the run made it —
+        # so that running the command again needs neither --resume (nothing to resume) nor --overwrite.
+        left = list(self.path.iterdir())
+
+        def scaffold(p: Path) -> bool:
+            return p.name in self.scaffolding and not p.is_symlink() and (
+                p.is_file() or (p.is_dir() and not any(p.iterdir())))
+
+        if all(scaffold(p) for p in left):
+            for p in left:
+                remove_path(p)
+            if self.created:
                 remove_path(self.path)

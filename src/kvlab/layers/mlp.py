@@ -20,7 +20,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_projections(self) -> list[nn.Module]:
+        """The projections of the MLP's input, in the order :meth:`forward`'s ``projected`` takes
+        their outputs (a parallel block computes them in one matmul with attention's)."""
+        return [self.gate_proj, self.up_proj] if self.swiglu else [self.up_proj]
+
+    def forward(self, x: torch.Tensor, projected: list[torch.Tensor] | None = None) -> torch.Tensor:
+        if projected is None:
+            projected = [m(x) for m in self.input_projections()]
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+            gate, up = projected
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.gelu(projected[0]))

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from kvlab.attention.bias import AlibiBias
+from kvlab.attention.bias import AlibiBias, T5RelativeBias
 from kvlab.attention.context import ForwardContext
 from kvlab.cache.cache import KVCache
 from kvlab.config.model import ModelConfig
@@ -46,7 +47,13 @@ class InputEntry:
 
 class Block(nn.Module):
     """Sequential pre-norm ``h = x + attn(n1(x)); h + mlp(n2(h))`` or parallel
-    ``x + attn(n(x)) + mlp(n(x))`` with one shared norm (GPT-J / PaLM)."""
+    ``x + attn(n(x)) + mlp(n(x))`` with one shared norm (GPT-J / PaLM).
+
+    A parallel block computes the attention's input projections (q, k, v) and the MLP's (gate, up)
+    in one matmul, as PaLM does — the source of its training speed — when both modules expose
+    ``input_projections()`` and those are plain ``nn.Linear`` (an adapter wrapping one, e.g. LoRA,
+    falls back to separate matmuls). The weights stay separate parameters, so checkpoints, exports
+    and adapters see the same names as in a sequential block."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -57,10 +64,28 @@ class Block(nn.Module):
             self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
+    def _fused_projections(self, h: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """The attention's and the MLP's input projections of ``h`` from one matmul, or None."""
+        if not hasattr(self.self_attn, "input_projections"):
+            return None
+        attn_in, mlp_in = self.self_attn.input_projections(), self.mlp.input_projections()
+        mods = attn_in + mlp_in
+        if any(type(m) is not nn.Linear for m in mods):
+            return None
+        weight = torch.cat([m.weight for m in mods])
+        bias = None
+        if any(m.bias is not None for m in mods):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+        out = list(F.linear(h, weight, bias).split([m.out_features for m in mods], dim=-1))
+        return out[:len(attn_in)], out[len(attn_in):]
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)
         if self.parallel:
-            return x + self.self_attn(h, ctx) + self.mlp(h)
+            fused = self._fused_projections(h)
+            if fused is None:
+                return x + self.self_attn(h, ctx) + self.mlp(h)
+            return x + self.self_attn(h, ctx, projected=fused[0]) + self.mlp(h, projected=fused[1])
         x = x + self.self_attn(h, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -92,6 +117,9 @@ class Transformer(nn.Module):
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         # ALiBi: a fixed distance penalty per head, added to the scores (no parameters, not saved).
         self.alibi = AlibiBias(cfg.n_head) if cfg.pos == "alibi" else None
+        # T5: a learned bias per (relative-position bucket, head), shared by every layer.
+        if cfg.pos == "t5":
+            self.embed_relative = T5RelativeBias(cfg.n_head, cfg.relative_buckets, cfg.relative_max_distance)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -237,6 +265,8 @@ class Transformer(nn.Module):
         ctx = self._positions(tokens, T, attention_mask, cache, segment_ids, prefix_len, backend)
         if self.alibi is not None:
             ctx.score_bias, ctx.all_visible = self.alibi, False
+        elif self.cfg.pos == "t5":
+            ctx.score_bias, ctx.all_visible = self.embed_relative, False
         return ctx
 
     def _positions(self, tokens: torch.Tensor, T: int, attention_mask: torch.Tensor | None, cache: KVCache | None,

@@ -168,8 +168,9 @@ def base_signature(model: nn.Module) -> list[list[float]]:
 
 def read_adapter_config(directory: str | Path) -> dict:
     if not Path(directory).is_dir():
-        raise CheckpointError(f"adapter directory {str(directory)!r} does not exist (give the OUT/adapter directory "
-                              f"that kvlab finetune wrote)")
+        state = "is a file, not a directory" if Path(directory).exists() else "does not exist"
+        raise CheckpointError(f"adapter {str(directory)!r} {state} (give the OUT/adapter directory that kvlab "
+                              f"finetune wrote)")
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         hint = (" (this is a PEFT adapter; kvlab loads its own adapter directories)"

@@ -36,6 +36,10 @@ class LoraConfig:
     rslora: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)) or not all(
+                isinstance(t, str) for t in self.target_modules):
+            raise ConfigError(f"LoRA target_modules={self.target_modules!r} must be a list of module names, e.g. "
+                              f"[\"q_proj\", \"v_proj\"]")
         self.target_modules = tuple(self.target_modules)
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"LoRA r={self.r!r} must be a positive integer (typical: 4-64)")

@@ -24,7 +24,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from kvlab.errors import ConfigError, require_positive_ints
 from kvlab.io import save_checkpoint
 from kvlab.io.provenance import new_provenance
 from kvlab.study.report import mark_pareto, write_plots, write_report
-from kvlab.study.results import Entry
+from kvlab.study.results import Entry, aggregate
 
 SCRATCH, PRETRAINED, CONVERTED, UPTRAINED, LOADED = "from scratch", "pretrained", "converted", "uptrained", "loaded"
 # The control: the unconverted model trained on the same uptraining tokens. It separates what
@@ -77,6 +77,12 @@ class StudyConfig:
     plan_context: int = 8192
     device: str = "cpu"
     seed: int = 0
+    # Repeat every training run with seeds seed, seed+1, ...: the report gives mean ± std and the
+    # plots error bars (one seed cannot tell a few-percent wiring effect from noise).
+    seeds: int = 1
+    # Give the from-scratch variants MHA's parameter count back (seed 000: Falcon widened d_model,
+    # ChatGLM2 the FFN): "ffn" widens d_ff, "width" d_model (head_dim kept, d_ff in proportion).
+    match_params: str | None = None
     keep_checkpoints: bool = False
     verbose: bool = False
     cache_dir: str | None = None
@@ -99,7 +105,12 @@ class StudyConfig:
     def __post_init__(self) -> None:
         require_positive_ints(self, ("d_model", "n_layer", "n_head", "d_ff", "pretrain_tokens", "seq_len",
                                      "batch_size", "eval_tokens", "decode_batch", "decode_context", "decode_steps",
-                                     "plan_context"))
+                                     "plan_context", "seeds"))
+        if self.match_params not in (None, "ffn", "width"):
+            raise ConfigError(f"--match-params {self.match_params}: choose 'ffn' (widen the MLP) or 'width' "
+                              f"(widen d_model)")
+        if self.match_params and self.model is not None:
+            raise ConfigError("--match-params sizes the from-scratch models; it goes without --model")
         for a in (*self.alphas, *self.mqa_alphas):
             if not 0 < a <= 1:
                 raise ConfigError(f"alpha={a} must be in (0, 1]: a fraction of the pretraining budget")
@@ -140,11 +151,36 @@ KIND_VARIANTS = {
     "alibi": lambda c: dict(pos="alibi"),
     "window": lambda c: dict(sliding_window=max(1, c.seq_len // 4)),
     "window-sinks": lambda c: dict(sliding_window=max(1, c.seq_len // 4), attention_sinks=4),
+    # Longformer/BigBird-like: blocks of 1/16 of the training length, the two latest, the first
+    # one global, every 4th block back (46 % of the causal pairs at the study's length).
+    "block-sparse": lambda c: dict(block_sparse={"block": max(1, c.seq_len // 16), "local": 2, "global": 1,
+                                                 "stride": 4}),
     "linear": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"}] * c.n_layer),
     "linear-hybrid": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"} if i % 2 == 0 else "gqa"
                                                       for i in range(c.n_layer)]),
     "mla": lambda c: dict(attn_kind="mla", kv_lora_rank=c.d_model // c.n_head * 2),
+    # PaLM / GPT-J's parallel block (one norm, attention and MLP side by side, their input
+    # projections in one matmul) against the sequential MHA model: training speed and quality.
+    "parallel": lambda c: dict(block="parallel"),
 }
+
+
+def param_matched(cfg, target: int, how: str):
+    """``cfg`` widened until its parameter count is the closest to ``target`` from below or above:
+    ``how="ffn"`` solves for d_ff (linear in it), ``"width"`` searches d_model with head_dim and the
+    heads kept and d_ff scaled in proportion (Falcon's 4096 → 4544)."""
+    if how == "ffn":
+        per_unit = cfg.replace(d_ff=cfg.d_ff + 1).param_counts()["total"] - cfg.param_counts()["total"]
+        d_ff = cfg.d_ff + round((target - cfg.param_counts()["total"]) / per_unit)
+        return cfg.replace(d_ff=max(1, d_ff))
+    best = cfg
+    for d in range(cfg.d_model, 4 * cfg.d_model + 1):
+        candidate = cfg.replace(d_model=d, head_dim=cfg.head_dim, d_ff=max(1, round(cfg.d_ff * d / cfg.d_model)))
+        if abs(candidate.param_counts()["total"] - target) < abs(best.param_counts()["total"] - target):
+            best = candidate
+        if candidate.param_counts()["total"] > target:
+            break
+    return best
 
 
 @dataclass
@@ -187,6 +223,8 @@ class Study:
         self.decode_cache: dict[tuple, tuple[float, float]] = {}
         self.t0 = time.perf_counter()
         self.step_no = 0
+        self.seed = cfg.seed                    # the seed of the pass under way (--seeds repeats them)
+        self._loaded = None
 
     # ----------------------------------------------------------------------------- plumbing
     def say(self, text: str) -> None:
@@ -212,7 +250,7 @@ class Study:
 
         c = self.cfg
         steps = steps_for_budget(c.batch_size * c.seq_len, tokens=tokens)
-        run_dir = self.dir / "runs" / name
+        run_dir = self.dir / "runs" / (name + (f"-seed{self.seed}" if c.seeds > 1 else ""))
         tc = TrainConfig(out_dir=str(run_dir), max_steps=steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=lr,
                          # Validation 4 times a run (and at its end); short runs only at the end.
                          warmup_steps=max(1, round(c.warmup_frac * steps)),
@@ -235,8 +273,7 @@ class Study:
         model.to(self.device).eval()
         result = evaluate(model, self.tokenizer, self.val_docs, seq_len=c.seq_len, max_tokens=c.eval_tokens,
                           batch_size=8, progress=c.verbose)
-        key = (mcfg.n_kv_head, tuple(mcfg.kv_sources), tuple(map(str, mcfg.layer_specs)), mcfg.pos,
-               mcfg.sliding_window, mcfg.attention_sinks)
+        key = json.dumps({k: v for k, v in mcfg.to_dict().items() if k != "name"}, sort_keys=True, default=str)
         if key not in self.decode_cache:
             speed = measure_decode(model, c.decode_batch, c.decode_context, steps=c.decode_steps, warmup=1)
             self.decode_cache[key] = (speed.tokens_per_s, speed.step_ms)
@@ -251,6 +288,7 @@ class Study:
                                                                    result.tokens)
         entry.max_batch = max_batch(mcfg, parse_size(c.plan_memory), c.plan_context, "bf16")
         entry.decode_tokens_per_s, entry.decode_step_ms = self.decode_cache[key]
+        entry.seed = self.seed
         self.entries.append(entry)
         how = entry.origin + (f" ({entry.method})" if entry.method else "")
         budget = f", α={entry.alpha:g}" if entry.alpha else (f", {entry.uptrain_tokens:,} tokens"
@@ -270,11 +308,21 @@ class Study:
             return self._run()
 
     def _run(self) -> dict:
+        for s in range(self.cfg.seeds):
+            self.seed = self.cfg.seed + s
+            if self.cfg.seeds > 1:
+                self.say(f"seed {self.seed} ({s + 1} of {self.cfg.seeds})")
+            self._run_seed()
+        return self.finish()
+
+    def _run_seed(self) -> None:
+        """Every step of the study with :attr:`seed`: its pretraining, conversions, uptraining and
+        from-scratch runs."""
         from kvlab.convert.heads import convert
         from kvlab.eval.plan import kv_label
 
         c = self.cfg
-        torch.manual_seed(c.seed)
+        torch.manual_seed(self.seed)
         base, base_entry = self.base_model()
         uptrain_lr = c.uptrain_lr if c.uptrain_lr is not None else (c.lr / 3 if c.model is None else 1e-4)
         ablation = c.ablation_uptrain if c.ablation_uptrain is not None else c.model is None
@@ -285,7 +333,7 @@ class Study:
             methods = ("mean", "first", "random") if v.n_kv_head == 1 and v.cla == 1 else ("mean",)
             for method in methods:
                 converted = convert(base, n_kv_head=v.n_kv_head, cla=v.cla if v.cla > 1 else None, method=method,
-                                    seed=c.seed)
+                                    seed=self.seed)
                 name = f"{v.label}-{method}"
                 self.measure(converted, Entry(name=f"{name}-a0", variant=v.label, origin=CONVERTED, method=method,
                                               alpha=0.0 if c.model is None else None,
@@ -294,10 +342,10 @@ class Study:
                     continue
                 for alpha, tokens in self.uptrain_budgets(v):
                     model = convert(base, n_kv_head=v.n_kv_head, cla=v.cla if v.cla > 1 else None, method=method,
-                                    seed=c.seed)
+                                    seed=self.seed)
                     tag = f"a{alpha:g}" if alpha is not None else f"t{tokens}"
                     trained, secs, metrics = self.train_run(model, f"uptrain-{name}-{tag}", tokens, uptrain_lr,
-                                                            seed=c.seed + 1)
+                                                            seed=self.seed + 1)
                     self.measure(model, Entry(name=f"{name}-{tag}", variant=v.label, origin=UPTRAINED, method=method,
                                               alpha=alpha, uptrain_tokens=trained,
                                               train_tokens=base_entry.train_tokens + trained, train_seconds=secs,
@@ -311,7 +359,7 @@ class Study:
             base.tokenizer = model.tokenizer = tokenizer
             tag = f"a{alpha:g}" if alpha is not None else f"t{tokens}"
             trained, secs, metrics = self.train_run(model, f"continue-{base_entry.variant}-{tag}", tokens, uptrain_lr,
-                                                    seed=c.seed + 1)
+                                                    seed=self.seed + 1)
             self.measure(model, Entry(name=f"{base_entry.variant}-continued-{tag}", variant=base_entry.variant,
                                       origin=CONTINUED, alpha=alpha, uptrain_tokens=trained,
                                       train_tokens=base_entry.train_tokens + trained, train_seconds=secs,
@@ -320,19 +368,21 @@ class Study:
         # Step 3: every variant from scratch with the full budget, then the other attention kinds.
         if c.model is None and c.from_scratch:
             for v in variants:
-                model = self.new_model(n_kv_head=v.n_kv_head, cla=v.cla)
-                trained, secs, metrics = self.train_run(model, f"scratch-{v.label}", c.pretrain_tokens, c.lr, c.seed)
+                model = self.new_model(n_kv_head=v.n_kv_head, cla=v.cla, matched=True)
+                trained, secs, metrics = self.train_run(model, f"scratch-{v.label}", c.pretrain_tokens, c.lr,
+                                                        self.seed)
                 self.measure(model, Entry(name=f"{v.label}-scratch", variant=v.label, origin=SCRATCH,
-                                          train_tokens=trained, train_seconds=secs, metrics=metrics))
+                                          train_tokens=trained, train_seconds=secs, metrics=metrics,
+                                          matched=c.match_params))
         for name in c.variants:
-            model = self.new_model(**KIND_VARIANTS[name](c))
+            model = self.new_model(matched=name != "parallel", **KIND_VARIANTS[name](c))
             label = kv_label(model.cfg)
             if name.split("-")[0] not in label.lower():                # "MHA alibi", but "Linear-4"
                 label = f"{label} {name}"
-            trained, secs, metrics = self.train_run(model, f"scratch-{name}", c.pretrain_tokens, c.lr, c.seed)
+            trained, secs, metrics = self.train_run(model, f"scratch-{name}", c.pretrain_tokens, c.lr, self.seed)
             self.measure(model, Entry(name=f"{name}-scratch", variant=label, origin=SCRATCH, train_tokens=trained,
-                                      train_seconds=secs, metrics=metrics))
-        return self.finish()
+                                      train_seconds=secs, metrics=metrics,
+                                      matched=c.match_params if name != "parallel" else None))
 
     def uptrain_budgets(self, v: Variant) -> list[tuple[float | None, int]]:
         c = self.cfg
@@ -341,7 +391,9 @@ class Study:
         alphas = c.mqa_alphas if v.n_kv_head == 1 and v.cla == 1 else c.alphas
         return [(a, round(a * c.pretrain_tokens)) for a in alphas]
 
-    def new_model(self, n_kv_head: int | None = None, cla: int = 1, **kind):
+    def new_model(self, n_kv_head: int | None = None, cla: int = 1, matched: bool = False, **kind):
+        """A fresh byte-level model of the study's shape with these changes; ``matched`` (with
+        ``match_params``) widens it to the MHA model's parameter count."""
         from kvlab.config.model import ModelConfig
         from kvlab.io.tokenizer import ByteTokenizer
         from kvlab.models.decoder import Transformer
@@ -350,7 +402,11 @@ class Study:
         cfg = ModelConfig.from_preset("tiny", d_model=c.d_model, n_layer=c.n_layer, n_head=c.n_head,
                                       n_kv_head=n_kv_head or c.n_head, d_ff=c.d_ff, cla=cla,
                                       max_seq_len=max(c.seq_len, c.decode_context + 1), **kind).replace(name="study")
-        torch.manual_seed(c.seed)                  # every from-scratch model starts from the same seed
+        if matched and c.match_params:
+            mha = cfg.replace(n_kv_head=c.n_head, cla=1, attn_kind="gqa", attention_layers=None,
+                              block_sparse=None, kv_lora_rank=None)
+            cfg = param_matched(cfg, mha.param_counts()["total"], c.match_params)
+        torch.manual_seed(self.seed)               # every from-scratch model of a pass starts from one seed
         model = Transformer(cfg)
         model.tokenizer = ByteTokenizer()
         model.provenance = new_provenance("init", config="study")
@@ -358,6 +414,9 @@ class Study:
 
     def base_model(self):
         c = self.cfg
+        if c.model is not None and self._loaded is not None:     # a later seed: the same original
+            self.entries.append(replace(self._loaded[1], seed=self.seed))
+            return self._loaded[0], self._loaded[1]
         if c.model is not None:
             from kvlab.io import load
 
@@ -367,23 +426,25 @@ class Study:
                 raise ConfigError(f"{c.model} has no tokenizer; the study evaluates on text")
             self.setup_data(model.tokenizer)
             model.float()
-            return model, self.measure(model, Entry(name="original", variant="", origin=LOADED))
+            self._loaded = model, self.measure(model, Entry(name="original", variant="", origin=LOADED))
+            return self._loaded
         from kvlab.io.tokenizer import ByteTokenizer
 
         self.setup_data(ByteTokenizer())
         model = self.new_model()
         self.say(f"pretraining the MHA model ({model.cfg.param_counts()['total']:,} parameters) on "
                  f"{c.pretrain_tokens:,} tokens (the corpus has {self.train_corpus_tokens:,})")
-        trained, secs, metrics = self.train_run(model, "pretrain-MHA", c.pretrain_tokens, c.lr, c.seed)
-        save_checkpoint(model, self.dir / "pretrained-mha")    # always kept: the study's one reusable model
+        trained, secs, metrics = self.train_run(model, "pretrain-MHA", c.pretrain_tokens, c.lr, self.seed)
+        if self.seed == c.seed:                   # always kept: the study's one reusable model (first seed)
+            save_checkpoint(model, self.dir / "pretrained-mha")
         return model, self.measure(model, Entry(name="MHA-pretrained", variant="", origin=PRETRAINED,
                                                 train_tokens=trained, train_seconds=secs, metrics=metrics))
 
     # ------------------------------------------------------------------------------ outputs
     def finish(self) -> dict:
-
-        mark_pareto(self.entries)
         c = self.cfg
+        models = aggregate(self.entries)
+        mark_pareto(models)
         meta = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c).items()},
                 "out_dir": str(self.dir), "date": time.strftime("%Y-%m-%d %H:%M"),
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -393,8 +454,10 @@ class Study:
                 "train_corpus_tokens": self.train_corpus_tokens,
                 "kv_bytes_dtype": "bf16", "decode": {"batch": c.decode_batch, "context": c.decode_context},
                 "plan": {"memory": c.plan_memory, "context": c.plan_context}}
-        results = {"meta": meta, "models": [asdict(e) for e in self.entries]}
-        write_plots(self.entries, self.dir, meta)
+        results = {"meta": meta, "models": [asdict(e) for e in models]}
+        if c.seeds > 1:
+            results["runs"] = [asdict(e) for e in self.entries]
+        write_plots(models, self.dir, meta)
         write_report(results, self.dir)
         tmp = self.dir / ".results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")

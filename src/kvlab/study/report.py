@@ -29,7 +29,12 @@ def _budget(e) -> str:
 
 
 def _how(e) -> str:
-    return e.origin + (f" ({e.method})" if e.method else "")
+    return e.origin + (f" ({e.method})" if e.method else "") + (f", params matched ({e.matched})" if e.matched else "")
+
+
+def _ppl_cell(e) -> str:
+    """Perplexity, with ± the standard deviation over seeds when there are several."""
+    return _fmt_ppl(e.val_ppl) + (f" ± {_fmt_ppl(e.val_ppl_std)}" if e.n_seeds > 1 else "")
 
 
 def _variant_colors(entries) -> dict:
@@ -56,6 +61,9 @@ def write_plots(entries, out: Path, meta: dict) -> None:
     for e in entries:
         ax.scatter(e.kv_bytes_per_token, e.val_ppl, marker=ORIGIN_MARKERS[e.origin], s=90 if e.origin in (
             "pretrained", "loaded") else 45, color=colors[e.variant], zorder=3)
+        if e.n_seeds > 1:                        # ± one standard deviation over the seeds
+            ax.errorbar(e.kv_bytes_per_token, e.val_ppl, yerr=e.val_ppl_std, color=colors[e.variant], capsize=3,
+                        lw=1, zorder=3)
     front = sorted((e for e in entries if e.pareto), key=lambda e: e.kv_bytes_per_token)
     if front:
         xs, ys = [], []
@@ -89,10 +97,11 @@ def write_plots(entries, out: Path, meta: dict) -> None:
     by_alpha = meta["config"].get("model") is None
     base = next((e for e in entries if e.origin in ("pretrained", "loaded")), None)
     for (variant, method) in sorted({(e.variant, e.method) for e in entries if e.method}):
-        pts = sorted(((e.alpha if by_alpha else e.uptrain_tokens), e.val_ppl) for e in entries
+        pts = sorted(((e.alpha if by_alpha else e.uptrain_tokens), e.val_ppl, e.val_ppl_std) for e in entries
                      if e.variant == variant and e.method == method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], METHOD_STYLES.get(method, "-"), marker="o",
-                color=colors[variant], label=f"{variant} ({method})")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    fmt=METHOD_STYLES.get(method, "-"), marker="o", capsize=3, color=colors[variant],
+                    label=f"{variant} ({method})")
     if base is not None:                         # the control: no conversion, same training tokens
         pts = sorted([(0.0 if by_alpha else 0, base.val_ppl)]
                      + [((e.alpha if by_alpha else e.uptrain_tokens), e.val_ppl)
@@ -153,7 +162,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for e in results["models"]:
         e = _entry(e)
-        rows.append([e.name, e.variant, _how(e), _budget(e), f"{e.kv_bytes_per_token:,}", _fmt_ppl(e.val_ppl),
+        rows.append([e.name, e.variant, _how(e), _budget(e), f"{e.kv_bytes_per_token:,}", _ppl_cell(e),
                      f"{e.val_bits_per_byte:.3f}", f"{e.max_batch:,}", f"{e.decode_tokens_per_s:,.0f}",
                      "yes" if e.pareto else ""])
     return head, rows
@@ -204,10 +213,15 @@ def reading(results: dict) -> list[str]:
         first, last = conv[0], conv[-1]
         gap = math.log(first.val_ppl / base.val_ppl)
         closed = math.log(first.val_ppl / last.val_ppl) / gap if gap > 0 else float("nan")
+        if gap <= 0:                             # the conversion lost nothing: there is no gap to close
+            outcome = f"the conversion already matched the {base.origin} {base.variant} ({_fmt_ppl(base.val_ppl)})"
+        elif closed >= 0:
+            outcome = (f"{closed:.0%} of the log-perplexity gap to the {base.origin} {base.variant} "
+                       f"({_fmt_ppl(base.val_ppl)}) closed")
+        else:
+            outcome = "worse than before uptraining"
         text = (f"{v} (mean): perplexity {_fmt_ppl(first.val_ppl)} at {_budget(first)} → "
-                f"{_fmt_ppl(last.val_ppl)} after {_budget(last)}, "
-                + (f"{closed:.0%} of the log-perplexity gap to the {base.origin} {base.variant} "
-                   f"({_fmt_ppl(base.val_ppl)}) closed" if closed >= 0 else "worse than before uptraining"))
+                f"{_fmt_ppl(last.val_ppl)} after {_budget(last)}, {outcome}")
         control = [e for e in models if e.origin == "continued" and e.uptrain_tokens == last.uptrain_tokens]
         if control:
             text += (f"; the unconverted model trained on the same tokens reaches {_fmt_ppl(control[0].val_ppl)} "
@@ -242,7 +256,21 @@ def reading(results: dict) -> list[str]:
                        f"{o.variant} ({how}): perplexity {_fmt_ppl(e.val_ppl)} vs {_fmt_ppl(o.val_ppl)} "
                        f"({_change(e.val_ppl, o.val_ppl)}); {'on' if e.pareto else 'off'} the Pareto frontier.")
 
-    # 4. Decode speed and capacity relative to the base model.
+    # 4. Other kinds and blocks trained from scratch, against the MHA model trained on the same
+    # tokens: quality and training speed (the parallel block's claim is speed).
+    if base.origin == "pretrained":
+        for e in models:
+            if e.origin != "from scratch" or not e.train_seconds or not base.train_seconds:
+                continue
+            speed, base_speed = e.train_tokens / e.train_seconds, base.train_tokens / base.train_seconds
+            spread = (f" (± {_fmt_ppl(e.val_ppl_std)} and ± {_fmt_ppl(base.val_ppl_std)} over {e.n_seeds} seeds)"
+                      if e.n_seeds > 1 else "")
+            out.append(f"{e.variant} from scratch{', params matched (' + e.matched + ')' if e.matched else ''}: "
+                       f"perplexity {_fmt_ppl(e.val_ppl)} vs {_fmt_ppl(base.val_ppl)} for {base.variant} "
+                       f"({_change(e.val_ppl, base.val_ppl)}){spread}; {e.params:,} vs {base.params:,} parameters; "
+                       f"training {speed:,.0f} vs {base_speed:,.0f} tokens/s ({speed / base_speed - 1:+.0%}).")
+
+    # 5. Decode speed and capacity relative to the base model.
     fastest = max(models, key=lambda e: e.decode_tokens_per_s)
     d = results["meta"]["decode"]
     out.append(f"Decode at batch {d['batch']} with {d['context']:,} tokens cached: {base.variant} "
@@ -285,7 +313,10 @@ def write_report(results: dict, out: Path) -> None:
             f"KV bytes per token in bf16. Max batch: (memory − bf16 weights) // KV per sequence. Decode: median step "
             f"with the cache filled to the context, models of the same wiring measured once.", "",
             f"Machine: {m['machine']}, {m['device']}, {m['cpu_threads']} CPU threads, torch {m['torch']}; "
-            f"the whole study took {m['seconds']:,.0f} s.", "",
+            f"the whole study took {m['seconds']:,.0f} s."
+            + (f" Every training run repeated with {c['seeds']} seeds ({c['seed']}–{c['seed'] + c['seeds'] - 1}): "
+               f"perplexities are means ± sample standard deviations, plots show them as error bars, "
+               f"`results.json` holds each seed's run under `runs`." if c.get("seeds", 1) > 1 else ""), "",
             "## Every model", "", _md_table(head, rows), "",
             "## Uptraining: validation perplexity by budget", "",
             _md_table(["conversion", *budgets, "from scratch"], up_rows), "",

@@ -119,7 +119,10 @@ def _save_adapter_checkpoint(out_dir: Path, step: int, model, optimizer, cfg: Tr
 # TrainConfig fields that may change between a run and its resumption: when things are logged,
 # evaluated and saved, and max_steps — continuing a run for longer (its learning-rate schedule
 # then stretches to the new length from the resumed step on; the steps before keep theirs).
-RESUMABLE_CHANGES = ("out_dir", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "max_steps")
+# Settings a resumed run may change: where and how often it reports and saves, how long it runs, and
+# its peak learning rate (the way on after a loss spike).
+RESUMABLE_CHANGES = ("out_dir", "eval_every", "eval_batches", "save_every", "keep_last", "log_every", "max_steps",
+                     "lr")
 # What a training run writes into its directory (besides the record of :mod:`kvlab.io.rundir`).
 TRAIN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final")
 

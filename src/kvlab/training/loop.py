@@ -73,8 +73,16 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if self.train_only not in TRAIN_ONLY:
             raise ConfigError(f"train_only={self.train_only!r} is not one of {list(TRAIN_ONLY)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr={self.lr} must be a positive finite number")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}={value!r} must be a non-negative finite number")
 
     @property
     def tokens_per_step(self) -> int:
@@ -88,18 +96,26 @@ def steps_for_budget(tokens_per_step: int, *, tokens: int | None = None, alpha: 
     if alpha is not None:
         if reference_tokens is None:
             raise ConfigError("--alpha needs --reference-tokens (the pretraining budget it is a fraction of)")
+        if not (math.isfinite(alpha) and 0 < alpha):
+            raise ConfigError(f"--alpha {alpha} must be a positive fraction of --reference-tokens")
+        if reference_tokens < 1:
+            raise ConfigError(f"--reference-tokens {reference_tokens} must be a positive token count")
         tokens = int(alpha * reference_tokens)
     if tokens is None:
         raise ConfigError("give --max-steps, --tokens, or --alpha with --reference-tokens")
+    if tokens < 1:
+        raise ConfigError(f"a budget of {tokens} tokens trains nothing; give a positive number of tokens")
     return max(1, math.ceil(tokens / tokens_per_step))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine from ``lr`` down to ``min_lr_ratio·lr``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    """Linear warm-up over ``warmup_steps`` (at most the run's steps: a run shorter than its warm-up
+    reaches the peak at its last step), then cosine from ``lr`` down to ``min_lr_ratio·lr``."""
+    warmup = min(cfg.warmup_steps, cfg.max_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, cfg.max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -267,8 +283,11 @@ def _steps(model, wrapped, objective, optimizer, params, train_windows, val_wind
             loss.backward()
         loss_sum = dist_ctx.mean(loss_sum)        # the global batch's loss, identical on every rank
         if not math.isfinite(loss_sum):
+            if last_good is None:
+                raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping before any checkpoint was "
+                                    f"saved: lower --lr or check the data, and run the command again")
             raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping. The last good checkpoint is "
-                                f"{last_good or '(none yet)'}; lower --lr or check the data, then --resume")
+                                f"{last_good}; lower --lr or check the data, then --resume (a changed --lr is taken)")
         torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
         optimizer.step()
         if hooks is not None:

@@ -9,10 +9,13 @@ linear in sequence length.
 GQA/MQA natively: queries are viewed as ``(B, n_kv_head, group, Tq, D)`` and each query tile of a
 KV head covers its whole group, so every K/V tile is read once for all the query heads sharing it.
 Masks come as :class:`~kvlab.attention.masks.AttentionMask` (positions + validity + causal +
-window) and are evaluated tile by tile; tiles that are entirely masked are skipped. A score bias
+window + block-sparse layout) and are evaluated tile by tile; tiles that the mask's tile map
+(:meth:`AttentionMask.tile_map`, one entry per tile) marks hidden are skipped without being looked
+at, so the work grows with the visible tiles — a window's band, a sparse layout's blocks — not Tq×Tk. A score bias
 (a tensor, sliced per tile, or a positional :class:`~kvlab.attention.bias.ScoreBias`, evaluated per
-tile) is added to each tile's scores; a bias with trainable parameters is declined (this backward
-computes no bias gradient), and ``auto`` never picks this backend anyway. Values may be narrower or
+tile) is added to each tile's scores; a trainable bias (T5's buckets, a tensor that requires grad)
+gets its gradient tile by tile in the backward too, through autograd on each recomputed bias tile
+with that tile's dS — still nothing of size Tq × Tk. Values may be narrower or
 wider than keys (``Dv != Dk``).
 
 This is the readable reference of the algorithm that runs everywhere; the Triton kernels are the
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlab.attention.bias import bias_requires_grad, bias_tile, grouped
+from kvlab.attention.bias import bias_tile, grouped
 from kvlab.attention.kernels.common import check_shapes, positional_bias_needs_mask
 from kvlab.attention.masks import AttentionMask, may_attend
 from kvlab.registry import Backend, register_backend
@@ -44,15 +47,14 @@ def _tile_mask(mask: AttentionMask | None, i0: int, i1: int, j0: int, j1: int) -
                       k_valid=None if mask.k_valid is None else mask.k_valid[:, j0:j1],
                       causal=mask.causal, window=mask.window, sinks=mask.sinks,
                       q_seg=None if mask.q_seg is None else mask.q_seg[:, i0:i1],
-                      k_seg=None if mask.k_seg is None else mask.k_seg[:, j0:j1])
+                      k_seg=None if mask.k_seg is None else mask.k_seg[:, j0:j1], sparse=mask.sparse)
 
 
-def _tile_is_empty(mask: AttentionMask | None, tile: torch.Tensor | None, i0: int, i1: int, j0: int, j1: int) -> bool:
-    if tile is None:
-        return False
-    if mask.plain_causal:                      # positions are 0..T-1: decidable without looking
-        return j0 > i1 - 1
-    return not bool(tile.any())
+def _visible_tiles(mask: AttentionMask | None, block_q: int, block_k: int) -> list[list[bool]] | None:
+    """Which (query tile, key tile) pairs may hold a visible pair; None = all of them."""
+    if mask is None:
+        return None
+    return mask.tile_map(block_q, block_k).tolist()
 
 
 def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -83,6 +85,7 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
     out = torch.empty(B, Hkv, G, Tq, Dv, dtype=acc_dtype, device=q.device)
     lse = torch.empty(B, Hkv, G, Tq, dtype=acc_dtype, device=q.device)
     neg_inf = float("-inf")
+    visible = _visible_tiles(mask, block_q, block_k)
     for i0 in range(0, Tq, block_q):
         i1 = min(i0 + block_q, Tq)
         bq = i1 - i0
@@ -91,10 +94,10 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
         l = torch.zeros_like(m)
         acc = torch.zeros(B, Hkv, G * bq, Dv, dtype=acc_dtype, device=q.device)
         for j0 in range(0, Tk, block_k):
+            if visible is not None and not visible[i0 // block_q][j0 // block_k]:
+                continue
             j1 = min(j0 + block_k, Tk)
             tile = _tile_mask(mask, i0, i1, j0, j1)
-            if _tile_is_empty(mask, tile, i0, i1, j0, j1):
-                continue
             s = qt @ k[:, :, j0:j1].to(acc_dtype).transpose(-1, -2)            # (B, Hkv, G·bq, bk)
             s = _add_bias(s, bias, mask, i0, i1, j0, j1)
             if tile is not None:
@@ -112,13 +115,30 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
     return out.view(B, Hq, Tq, Dv).to(q.dtype), lse.view(B, Hq, Tq)
 
 
+def _trainable(bias) -> list[torch.Tensor]:
+    """The tensors a bias's gradient flows to: a tensor bias itself, a ScoreBias's parameters."""
+    if bias is None:
+        return []
+    if isinstance(bias, torch.Tensor):
+        return [bias] if bias.requires_grad else []
+    return [p for p in bias.parameters() if p.requires_grad]
+
+
+def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient over the dimensions its tensor was broadcast along."""
+    dims = [i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1]
+    return g.sum(dims, keepdim=True) if dims else g
+
+
 def flash_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, mask: AttentionMask | None, scale: float,
                    block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K, bias=None):
-    """Gradients of q, k, v, recomputing P tile by tile from the log-sum-exp (FlashAttention-2).
+    """Gradients of q, k, v (and of a trainable bias's tensors, :func:`_trainable`), recomputing P
+    tile by tile from the log-sum-exp (FlashAttention-2).
 
-    dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = dS K·scale, dK = dSᵀ Q·scale.
-    With grouped queries the products over ``G·bq`` rows sum each KV head's gradient over its group.
+    dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − rowsum(dO ∘ O)), dQ = dS K·scale, dK = dSᵀ Q·scale,
+    dBias = dS. With grouped queries the products over ``G·bq`` rows sum each KV head's gradient
+    over its group.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -130,15 +150,18 @@ def flash_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq = torch.zeros(B, Hkv, G, Tq, D, dtype=acc_dtype, device=q.device)
     dk = torch.zeros(B, Hkv, Tk, D, dtype=acc_dtype, device=q.device)
     dv = torch.zeros(B, Hkv, Tk, v.shape[-1], dtype=acc_dtype, device=q.device)
+    visible = _visible_tiles(mask, block_q, block_k)
+    trainable = _trainable(bias)
+    d_bias = [torch.zeros_like(t) for t in trainable]
     for j0 in range(0, Tk, block_k):
         j1 = min(j0 + block_k, Tk)
         kt, vt = k[:, :, j0:j1].to(acc_dtype), v[:, :, j0:j1].to(acc_dtype)
         for i0 in range(0, Tq, block_q):
             i1 = min(i0 + block_q, Tq)
             bq = i1 - i0
-            tile = _tile_mask(mask, i0, i1, j0, j1)
-            if _tile_is_empty(mask, tile, i0, i1, j0, j1):
+            if visible is not None and not visible[i0 // block_q][j0 // block_k]:
                 continue
+            tile = _tile_mask(mask, i0, i1, j0, j1)
             qt = qg[:, :, :, i0:i1].to(acc_dtype).reshape(B, Hkv, G * bq, D)
             dot = dog[:, :, :, i0:i1].to(acc_dtype).reshape(B, Hkv, G * bq, -1)
             row_lse = lse_g[:, :, :, i0:i1].reshape(B, Hkv, G * bq, 1)
@@ -151,14 +174,23 @@ def flash_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
             ds = p * (dp - delta[:, :, :, i0:i1].reshape(B, Hkv, G * bq, 1))
             dq[:, :, :, i0:i1] += (ds @ kt).view(B, Hkv, G, bq, D) * scale
             dk[:, :, j0:j1] += (ds.transpose(-1, -2) @ qt) * scale
-    return dq.view(B, Hq, Tq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            if trainable:
+                with torch.enable_grad():
+                    tile_bias = bias_tile(bias, mask, i0, i1, j0, j1)
+                    g = _sum_to(ds.view(B, Hq, bq, j1 - j0), tile_bias.shape).to(tile_bias.dtype)
+                    for acc, got in zip(d_bias, torch.autograd.grad(tile_bias, trainable, g, allow_unused=True)):
+                        if got is not None:
+                            acc += got
+    return dq.view(B, Hq, Tq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_bias
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     """Saves q, k, v, the output and the log-sum-exp — O(T) beyond the inputs — never P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, block_q, block_k, bias):
+    def forward(ctx, q, k, v, mask, scale, block_q, block_k, bias, *trainable):
+        # ``trainable`` (the bias's tensors that want a gradient) are inputs only so that autograd
+        # routes their gradients through backward.
         out, lse = flash_forward(q, k, v, mask, scale, block_q, block_k, bias)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale, ctx.blocks, ctx.bias = mask, scale, (block_q, block_k), bias
@@ -167,9 +199,9 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = flash_backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, ctx.scale, *ctx.blocks,
-                                    bias=ctx.bias)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, d_bias = flash_backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, ctx.scale, *ctx.blocks,
+                                            bias=ctx.bias)
+        return (dq, dk, dv, None, None, None, None, None, *d_bias)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None,
@@ -181,7 +213,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
 
         raise ConfigError(f"tile sizes must be positive, got block_q={block_q}, block_k={block_k}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = FlashAttentionFunction.apply(q, k, v, mask, scale, block_q, block_k, bias)
+    trainable = _trainable(bias) if torch.is_grad_enabled() else []
+    out, lse = FlashAttentionFunction.apply(q, k, v, mask, scale, block_q, block_k, bias, *trainable)
     return (out, lse) if return_lse else out
 
 
@@ -191,8 +224,6 @@ def flash_backend(q, k, v, mask, scale, bias=None):
 
 
 def _supports(q, k, v, mask, bias) -> str | None:
-    if bias_requires_grad(bias):
-        return "the flash backward computes no gradient for a trainable score bias; use 'sdpa' or 'reference'"
     return positional_bias_needs_mask(mask, bias)
 
 

@@ -1,6 +1,8 @@
 """The ``triton`` attention backend: launches the kernels of :mod:`kvlab.attention.kernels.triton_kernels`.
 
-- Prefill / training: FlashAttention-2 forward and backward (autograd), any mask kvlab builds.
+- Prefill / training: FlashAttention-2 forward and backward (autograd), any mask kvlab builds;
+  a mask other than the plain causal one comes with its tile map as per-tile lists of the tiles to
+  visit, so windows and block-sparse layouts cost their visible tiles only.
 - Decode (one query per row, no gradient, the allowed keys of each row a prefix ``[0, len)`` —
   what a kvlab KV cache gives): split-KV Flash-Decoding with per-row lengths.
 
@@ -78,10 +80,11 @@ def _mask_args(mask: AttentionMask | None, device: torch.device, bias=None):
     ALiBi's slopes (fp32, one per query head) when the bias is ALiBi."""
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
     slopes = bias.slopes(device).contiguous() if bias is not None else torch.zeros(1, device=device)
+    no_sparse = dict(SP_BLOCK=0, SP_LOCAL=0, SP_GLOBAL=0, SP_STRIDE=0)
     if mask is None:
         return dict(tensors=(dummy, dummy, dummy, dummy, slopes), strides=(0, 0, 0, 0),
                     flags=dict(HAS_MASK=False, HAS_QV=False, HAS_KV=False, CAUSAL=False, PLAIN_CAUSAL=False, WINDOW=0,
-                               SINKS=0, ALIBI=False))
+                               SINKS=0, ALIBI=False, **no_sparse))
 
     def prep(t):
         if t is None:
@@ -94,7 +97,27 @@ def _mask_args(mask: AttentionMask | None, device: torch.device, bias=None):
     return dict(tensors=(qp, qv, kp, kv, slopes), strides=(s_qp, s_qv, s_kp, s_kv),
                 flags=dict(HAS_MASK=True, HAS_QV=mask.q_valid is not None, HAS_KV=mask.k_valid is not None,
                            CAUSAL=mask.causal, PLAIN_CAUSAL=mask.plain_causal, WINDOW=mask.window or 0,
-                           SINKS=mask.sinks if mask.window else 0, ALIBI=bias is not None))
+                           SINKS=mask.sinks if mask.window else 0, ALIBI=bias is not None,
+                           **(no_sparse if mask.sparse is None else dict(
+                               SP_BLOCK=mask.sparse.block, SP_LOCAL=mask.sparse.local,
+                               SP_GLOBAL=mask.sparse.global_blocks, SP_STRIDE=mask.sparse.stride))))
+
+
+def _tile_lists(mask: AttentionMask | None, device: torch.device, by_key: bool = False):
+    """``(counts, indices, row stride, USE_LIST)``: for each query tile (``by_key``: each key tile)
+    the number of tiles of the other side that may hold a visible pair and their indices, from the
+    mask's tile map — computed on the device, no host sync. The plain causal mask needs none (the
+    kernels bound their loops directly), nor does no mask."""
+    if mask is None or mask.plain_causal:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy, 0, False
+    visible = mask.tile_map(PREFILL_BLOCK_M, PREFILL_BLOCK_N).to(device)
+    if by_key:
+        visible = visible.t()
+    counts = visible.sum(-1, dtype=torch.int32)
+    # A stable sort of "hidden" puts each row's visible tiles first, in order.
+    order = torch.sort((~visible).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    return counts.contiguous(), order, order.stride(0), True
 
 
 def _prefill_forward(q, k, v, mask, scale, bias=None):
@@ -105,10 +128,11 @@ def _prefill_forward(q, k, v, mask, scale, bias=None):
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     m = _mask_args(mask, q.device, bias)
+    counts, order, s_ti, use_list = _tile_lists(mask, q.device)
     grid = (math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)
-    flash_fwd_kernel[grid](q, k, v, out, lse, *m["tensors"],
+    flash_fwd_kernel[grid](q, k, v, out, lse, *m["tensors"], counts, order,
                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-                           *m["strides"], Hq, Hq // Hkv, Tq, Tk, scale, **m["flags"],
+                           *m["strides"], s_ti, Hq, Hq // Hkv, Tq, Tk, scale, **m["flags"], USE_LIST=use_list,
                            BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
     return out, lse
 
@@ -129,15 +153,17 @@ def _prefill_backward(do, q, k, v, out, lse, mask, scale, bias=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     m = _mask_args(mask, q.device, bias)
     common = (*m["strides"],)
+    k_counts, k_order, s_k, use_list = _tile_lists(mask, q.device, by_key=True)
     flash_bwd_dkdv_kernel[(math.ceil(Tk / PREFILL_BLOCK_N), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *m["tensors"],
+        q, k, v, do, lse, delta, dk, dv, *m["tensors"], k_counts, k_order,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2],
-        *dk.stride()[:3], *dv.stride()[:3], *common, Hq, Hkv, G, Tq, Tk, scale, **m["flags"],
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
+        *dk.stride()[:3], *dv.stride()[:3], *common, s_k, Hq, Hkv, G, Tq, Tk, scale, **m["flags"],
+        USE_LIST=use_list, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
+    q_counts, q_order, s_q, _ = _tile_lists(mask, q.device)
     flash_bwd_dq_kernel[(math.ceil(Tq / PREFILL_BLOCK_M), B * Hq)](
-        q, k, v, do, lse, delta, dq, *m["tensors"],
+        q, k, v, do, lse, delta, dq, *m["tensors"], q_counts, q_order,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride()[:2], *dq.stride()[:3],
-        *common, Hq, G, Tq, Tk, scale, **m["flags"],
+        *common, s_q, Hq, G, Tq, Tk, scale, **m["flags"], USE_LIST=use_list,
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, HEAD_DIM=D, UPCAST=_upcast(q))
     return dq, dk, dv
 
@@ -213,7 +239,8 @@ def prefix_lengths(mask: AttentionMask | None, batch: int, Tk: int) -> torch.Ten
     """Per-row key counts when each row may attend to exactly the keys ``[0, len)``, else None."""
     if mask is None:
         return torch.full((batch,), Tk, dtype=torch.int32)
-    if mask.k_lengths is not None and mask.window is None and mask.q_valid is None and mask.causal:
+    if (mask.k_lengths is not None and mask.window is None and mask.sparse is None and mask.q_valid is None
+            and mask.causal):
         return mask.k_lengths.to(torch.int32)        # set by the cache: no device-to-host sync needed
     allowed = mask.dense()[:, 0, 0].expand(batch, Tk)                 # (B, Tk) for Tq = 1
     lengths = allowed.sum(-1)

@@ -50,15 +50,26 @@ class RollingKVLayer:
         """Store the new ``k, v (B, n_kv_head, T, D)``; return the keys and values the new tokens
         attend to, with their positions and validity ``(B, n + T)``."""
         B, _, T, _ = k.shape
-        old_k, old_v, old_pos = self._stored()
         q_pos = step.q_pos.expand(B, T)
         q_valid = step.q_valid if step.q_valid is not None else torch.ones(B, T, dtype=torch.bool, device=k.device)
+        if T == 1:
+            # A decode step: its token's slot held the position `window` back, which the new query no
+            # longer sees, so write first and attend over the ring as it lies — no copy, no reorder
+            # (the mask reads each slot's position; the order of keys does not matter).
+            self._write(k, v, q_pos, q_valid, step)
+            return self.keys, self.values, self.pos, self.pos >= 0
+        old_k, old_v, old_pos = self._stored()
         keys = torch.cat([old_k, k.to(old_k.dtype)], dim=2)
         values = torch.cat([old_v, v.to(old_v.dtype)], dim=2)
         positions = torch.cat([old_pos, q_pos], dim=1)
         valid = torch.cat([old_pos >= 0, q_valid], dim=1)
-        # Keep each row's sink positions and its last `window` positions; within one call no two
-        # kept tokens share a slot, so the scatter below has no conflicting writes.
+        self._write(k, v, q_pos, q_valid, step)
+        return keys, values, positions, valid
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, q_valid: torch.Tensor,
+               step: CacheStep) -> None:
+        """Keep each row's sink positions and its last `window` positions; within one call no two
+        kept tokens share a slot, so the scatter has no conflicting writes."""
         keep = q_valid & ((q_pos < self.sinks) | (q_pos >= step.new_lengths.unsqueeze(1) - self.window))
         rows, toks = keep.nonzero(as_tuple=True)
         p = q_pos[rows, toks]
@@ -66,7 +77,6 @@ class RollingKVLayer:
         self.keys[rows, :, slot] = k[rows, :, toks].to(self.keys.dtype)
         self.values[rows, :, slot] = v[rows, :, toks].to(self.values.dtype)
         self.pos[rows, slot] = p
-        return keys, values, positions, valid
 
     def assume_filled(self, n_tokens: int) -> None:
         """Every row holds positions ``[0, n_tokens)`` (as far as it keeps them); for benchmarks that

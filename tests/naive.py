@@ -94,6 +94,28 @@ def _sparse_allowed(spec: dict, qp: int, kp: int) -> bool:
             or (stride > 0 and (qb - kb) % stride == 0))
 
 
+def _compressed_attention(cfg, q, k, v, i):
+    """Memory compression from its definition, query by query: the keys of the last `window`
+    positions, plus the mean key/value of every complete block of `block` positions whose first
+    position is at least `window` back."""
+    W, C = (cfg.layer_specs[i].options[o] for o in ("window", "block"))
+    n, Hq, D = q.shape
+    group = Hq // k.shape[1]
+    out = torch.zeros(n, Hq, D, dtype=torch.float64)
+    for t in range(n):
+        for hq in range(Hq):
+            hk = hq // group
+            keys = [k[j, hk] for j in range(max(0, t - W + 1), t + 1)]
+            vals = [v[j, hk] for j in range(max(0, t - W + 1), t + 1)]
+            for b in range(n // C):
+                if b * C + W <= t:
+                    keys.append(k[b * C:(b + 1) * C, hk].mean(0))
+                    vals.append(v[b * C:(b + 1) * C, hk].mean(0))
+            p = torch.softmax(torch.stack(keys) @ q[t, hq] / math.sqrt(D), 0)
+            out[t, hq] = p @ torch.stack(vals)
+    return out.reshape(n, Hq * D)
+
+
 def _block_rest(cfg, P, pre, x, h, attn):
     """The residual and the MLP of a block, after its attention output ``attn``."""
     if cfg.block == "parallel":
@@ -174,6 +196,10 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
             if cfg.pos == "rope":
                 q = _rope(q, pos, cfg.rope_theta)
             group, Dq = Hq // Hkv, D
+        if cfg.layer_specs[i].kind == "compressed":
+            attn = _linear(P, pre + ".self_attn.o_proj", _compressed_attention(cfg, q, k, v, i))
+            x = _block_rest(cfg, P, pre, x, h, attn)
+            continue
         heads = []
         for hq in range(Hq):
             hk = hq // group

@@ -31,20 +31,24 @@ if TYPE_CHECKING:   # annotations only: the registry imports nothing above it
 class CacheBytes:
     """What a cache costs: bytes that grow with every token, bytes fixed per sequence (a recurrent
     state, quantization scales), and ``bounded`` terms ``(bytes per token, at most this many
-    tokens)`` — a rolling window grows with the sequence until it holds its window, then stays."""
+    tokens)`` — a rolling window grows with the sequence until it holds its window, then stays — and
+    ``pooled`` terms ``(bytes per slot, tokens per slot)``: memory compression, one summary slot per
+    block of tokens (a slot is allocated as soon as its block begins)."""
 
     per_token: int = 0
     per_sequence: int = 0
     bounded: tuple[tuple[int, int], ...] = ()
+    pooled: tuple[tuple[int, int], ...] = ()
 
     def __add__(self, other: "CacheBytes") -> "CacheBytes":
         return CacheBytes(self.per_token + other.per_token, self.per_sequence + other.per_sequence,
-                          self.bounded + other.bounded)
+                          self.bounded + other.bounded, self.pooled + other.pooled)
 
     def for_sequence(self, n_tokens: int) -> int:
         """Bytes one sequence of ``n_tokens`` tokens holds."""
         return (self.per_token * n_tokens + self.per_sequence
-                + sum(rate * min(n_tokens, cap) for rate, cap in self.bounded))
+                + sum(rate * min(n_tokens, cap) for rate, cap in self.bounded)
+                + sum(rate * -(-n_tokens // block) for rate, block in self.pooled))
 
     @property
     def at_most(self) -> int:

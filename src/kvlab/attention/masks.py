@@ -119,7 +119,7 @@ def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tenso
                k_valid: torch.Tensor | None = None, causal: bool = True,
                window: int | None = None, q_seg: torch.Tensor | None = None,
                k_seg: torch.Tensor | None = None, sinks: int = 0,
-               sparse: BlockSparse | None = None) -> torch.Tensor:
+               sparse: BlockSparse | None = None, k_exempt: torch.Tensor | None = None) -> torch.Tensor:
     """The boolean mask ``(B, 1, Tq, Tk)`` from positions ``(B|1, Tq)``, ``(B|1, Tk)``, validity,
     (packed rows) segment ids and a block-sparse layout."""
     qp = q_pos.unsqueeze(-1)            # (B|1, Tq, 1)
@@ -132,6 +132,8 @@ def may_attend(q_pos: torch.Tensor, k_pos: torch.Tensor, *, q_valid: torch.Tenso
         in_window = (qp - kp) < window
         if sinks:
             in_window = in_window | (kp < sinks)
+        if k_exempt is not None:          # keys the window does not apply to (summary slots)
+            in_window = in_window | k_exempt.bool().unsqueeze(-2)
         allowed = allowed & in_window
     if sparse is not None:
         allowed = allowed & sparse.allows(qp, kp)
@@ -164,6 +166,7 @@ class AttentionMask:
     k_seg: torch.Tensor | None = None
     k_lengths: torch.Tensor | None = None  # (B,) keys per row when a cache knows them (decode kernels)
     sparse: BlockSparse | None = None      # a block-sparse layout on top of the rest
+    k_exempt: torch.Tensor | None = None   # (B|1, Tk) keys the window does not hide (compressed memory)
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _tiles: dict = field(default_factory=dict, repr=False)
 
@@ -172,7 +175,8 @@ class AttentionMask:
         if self._dense is None:
             self._dense = may_attend(self.q_pos, self.k_pos, q_valid=self.q_valid,
                                      k_valid=self.k_valid, causal=self.causal, window=self.window,
-                                     q_seg=self.q_seg, k_seg=self.k_seg, sinks=self.sinks, sparse=self.sparse)
+                                     q_seg=self.q_seg, k_seg=self.k_seg, sinks=self.sinks, sparse=self.sparse,
+                                     k_exempt=self.k_exempt)
         return self._dense
 
     def row_has_keys(self) -> torch.Tensor:
@@ -200,11 +204,20 @@ class AttentionMask:
                 near = (q_lo - k_hi) < self.window
                 if self.sinks:
                     near = near | (k_lo < self.sinks)
+                if self.k_exempt is not None:
+                    near = near | _tile_any(self.k_exempt, block_k)
                 visible = visible & near
             if self.sparse is not None:
                 visible = visible & self.sparse.any_allowed(q_lo, q_hi, k_lo, k_hi)
             self._tiles[key] = visible
         return self._tiles[key]
+
+
+def _tile_any(flags: torch.Tensor, block: int) -> torch.Tensor:
+    """Per tile of ``block`` consecutive indices: whether any row flags any of them."""
+    T = flags.shape[-1]
+    flags = torch.nn.functional.pad(flags.bool(), (0, -(-T // block) * block - T))
+    return flags.view(flags.shape[0], -1, block).any(dim=2).any(dim=0)
 
 
 def _tile_ranges(pos: torch.Tensor, valid: torch.Tensor | None, block: int):

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         "n_kv_layers": cfg.n_kv_layers, "kv_sources": cfg.kv_sources, "dtype": args.dtype,
         "kv_bytes_per_token": cost.per_token, "cache_bytes_per_sequence": cost.per_sequence,
         "cache_bytes_windowed": [{"bytes_per_token": r, "up_to_tokens": c} for r, c in cost.bounded],
+        "cache_bytes_pooled": [{"bytes_per_slot": r, "tokens_per_slot": c} for r, c in cost.pooled],
         "attention": [{"kind": s.kind, **s.options} for s in cfg.layer_specs],
         "param_counts": counts,
     }
@@ -61,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
                      f"{sum(r * c for r, c in cost.bounded):,} bytes per sequence at most ("
                      + ", ".join(f"{c} tokens x {r:,} B" for r, c in cost.bounded[:4])
                      + (", ..." if len(cost.bounded) > 4 else "") + "): they stop growing at their windows"))
+    if cost.pooled:
+        rows.append((f"compressed memory ({args.dtype} window, fp32 sums)", ", ".join(
+            f"{r:,} B per {c} tokens" for r, c in cost.pooled[:4]) + (", ..." if len(cost.pooled) > 4 else "")
+            + ": one summary slot per block of older tokens"))
     kinds = sorted({s.kind for s in cfg.layer_specs})
     details = [_layer_details(cfg, i) for i in range(cfg.n_layer)]
     if cfg.attention_layers is not None or kinds != ["gqa"] or any(details):
@@ -83,4 +88,6 @@ def _layer_details(cfg, layer: int) -> list[str]:
         out.append(f"sinks {cfg.layer_sinks(layer)}")
     if cfg.layer_sparse(layer) is not None:
         out.append(layer_sparse(cfg, layer).describe())
+    if "block" in cfg.layer_specs[layer].options:
+        out.append(f"summary per {cfg.layer_specs[layer].options['block']} older tokens")
     return out

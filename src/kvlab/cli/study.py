@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                    help="skip step 3 (training every variant from scratch)")
     g.add_argument("--variants", type=number_list(str, "names"),
                    help="attention kinds and blocks to train from scratch too: alibi, window, window-sinks, "
-                        "block-sparse, linear, linear-hybrid, mla, parallel (comma-separated)")
+                        "block-sparse, compressed, linear, linear-hybrid, mla, parallel (comma-separated)")
     g = p.add_argument_group("uptraining and measurement")
     g.add_argument("--uptrain-tokens", type=number_list(int, "token counts"),
                    help="with --model: uptraining budgets in tokens (default 4096)")

@@ -159,6 +159,9 @@ KIND_VARIANTS = {
     "linear-hybrid": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"} if i % 2 == 0 else "gqa"
                                                       for i in range(c.n_layer)]),
     "mla": lambda c: dict(attn_kind="mla", kv_lora_rank=c.d_model // c.n_head * 2),
+    # Memory compression: the window of "window", and a summary of every older block of 1/16 of it.
+    "compressed": lambda c: dict(attention_layers=[
+        {"kind": "compressed", "window": max(1, c.seq_len // 4), "block": max(1, c.seq_len // 16)}] * c.n_layer),
     # PaLM / GPT-J's parallel block (one norm, attention and MLP side by side, their input
     # projections in one matmul) against the sequential MHA model: training speed and quality.
     "parallel": lambda c: dict(block="parallel"),

@@ -47,7 +47,8 @@ def _tile_mask(mask: AttentionMask | None, i0: int, i1: int, j0: int, j1: int) -
                       k_valid=None if mask.k_valid is None else mask.k_valid[:, j0:j1],
                       causal=mask.causal, window=mask.window, sinks=mask.sinks,
                       q_seg=None if mask.q_seg is None else mask.q_seg[:, i0:i1],
-                      k_seg=None if mask.k_seg is None else mask.k_seg[:, j0:j1], sparse=mask.sparse)
+                      k_seg=None if mask.k_seg is None else mask.k_seg[:, j0:j1], sparse=mask.sparse,
+                      k_exempt=None if mask.k_exempt is None else mask.k_exempt[:, j0:j1])
 
 
 def _visible_tiles(mask: AttentionMask | None, block_q: int, block_k: int) -> list[list[bool]] | None:

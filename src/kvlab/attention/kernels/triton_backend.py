@@ -58,6 +58,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor 
         return "the triton kernels add no score bias but ALiBi's; use 'flash', 'sdpa' or 'reference'"
     if bias is not None and mask is None:
         return "ALiBi reads the mask's positions; pass an AttentionMask"
+    if mask is not None and mask.k_exempt is not None:
+        return "the triton kernels have no window-exempt keys (compressed memory); use 'flash' or 'sdpa'"
     if mask is not None and mask.q_seg is not None:
         return ("the triton backend has no packed-row (segment) masking; train packed SFT rows with "
                 "backend 'sdpa' or 'flash', or turn packing off")

@@ -4,7 +4,8 @@ step, at contexts from 1k to 64k tokens (the issue's "decode memory/speed at lon
 One model shape (d_model 256, 4 layers, 8 heads of 32, fp32, batch 8, random weights — speed and
 memory do not depend on training) with each kind: full MHA, GQA-2, MQA, a 512-token rolling
 window, the window with 4 sinks, a Gemma-like hybrid (3 windowed layers, 1 global), a block-sparse
-layout (full cache, fewer keys read), MLA (latent 64 + RoPE 16) and linear attention (a fixed state).
+layout (full cache, fewer keys read), MLA (latent 64 + RoPE 16), memory compression (window 512 plus
+a summary per 32 older tokens) and linear attention (a fixed state).
 For each: the bytes the cache allocates (``cache.nbytes``, from the cache itself) against the
 closed form's, and the median decode step (the cache filled to the context, one new token per row).
 
@@ -33,6 +34,8 @@ KINDS = {
     "hybrid (3 windowed + 1 global)": dict(attention_layers=[{"kind": "gqa", "window": 512}] * 3 + ["gqa"]),
     "block-sparse (block 128, local 2, global 1)": dict(block_sparse={"block": 128, "local": 2, "global": 1}),
     "MLA (latent 64 + RoPE 16)": dict(attn_kind="mla", kv_lora_rank=64, qk_rope_head_dim=16),
+    "compressed (window 512, block 32)": dict(attention_layers=[{"kind": "compressed", "window": 512,
+                                                                 "block": 32}] * 4),
     "linear (elu, RetNet decay)": dict(attn_kind="linear"),
 }
 

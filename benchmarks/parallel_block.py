@@ -58,7 +58,7 @@ def main() -> None:
         models = {}
         for name, block in (("sequential", "sequential"), ("parallel (fused)", "parallel"),
                             ("parallel (separate matmuls)", "parallel")):
-            cfg = ModelConfig.from_preset("tiny", vocab_size=256, block=block, max_seq_len=args.seq_len, **dims)
+            cfg = ModelConfig.from_preset("tiny", block=block, max_seq_len=args.seq_len, **dims)
             model = Transformer(cfg)
             models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), cfg.param_counts()["total"])
         times: dict[str, list[float]] = {name: [] for name in models}

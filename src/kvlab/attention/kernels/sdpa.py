@@ -10,9 +10,10 @@ from kvlab.attention.kernels.common import check_shapes, positional_bias_needs_m
 from kvlab.attention.masks import AttentionMask
 from kvlab.registry import Backend, register_backend
 
-# With values narrower or wider than keys (MLA's absorbed decode), PyTorch's CPU kernels fall back to
-# a path that copies K and V for every query head: 15x slower measured at 4k context (B 8, 8 heads).
-# Few queries per row are then folded into one query block per KV head instead (no copy at all).
+# With values narrower or wider than keys and grouped heads, PyTorch's CPU kernels fall back to a path
+# that copies K and V for every query head: 15x slower measured at 4k context (B 8, 8 heads, one KV
+# head, 80-wide keys, 64-wide values). Few queries per row are then folded into one query block per KV
+# head instead (no copy at all). (kvlab's MLA decode avoids the case: its values are its keys.)
 FOLD_MAX_QUERIES = 16
 
 

@@ -327,3 +327,14 @@ def test_a_file_the_user_put_into_a_kvlab_output_is_never_replaced_with_it(tmp_p
     assert (tmp_path / "c" / "NOTES.md").read_text() == "my notes on this model"
     (tmp_path / "c" / "NOTES.md").unlink()
     assert main(["convert", str(tmp_path / "m"), "--mqa", "-o", str(tmp_path / "c")]) == 0   # its own: replaced
+
+
+def test_a_run_may_fill_the_current_directory_but_an_output_may_not_replace_it(tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["train", "--preset", "tiny", "--out", ".", "--max-steps", "2", "--seq-len", "32", "--batch-size", "2",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "final", "metrics.jsonl", "run.json"]
+    assert main(["convert", "final", "--mqa", "-o", ".", "--overwrite"]) == 2
+    assert "is the current directory or contains it" in capsys.readouterr().err

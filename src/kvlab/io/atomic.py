@@ -108,9 +108,10 @@ def _entries(items: list[str]) -> str:
             f"({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
 
 
-def check_path_usable(target: Path, what: str) -> None:
+def check_path_usable(target: Path, what: str, replaced_whole: bool = True) -> None:
     """Refuse an output path kvlab cannot or must not use, whatever it would write there: a
-    symbolic link (kvlab writes no output through one), a path under a file, and the current
+    symbolic link (kvlab writes no output through one), a path under a file, and — for an output
+    replaced as a whole (``replaced_whole``; a run directory is filled, not replaced) — the current
     directory or one that contains it (replacing it would pull the directory from under the user)."""
     if target.is_symlink():
         state = "" if target.exists() else " (dangling)"
@@ -122,7 +123,7 @@ def check_path_usable(target: Path, what: str) -> None:
                 raise OutputExistsError(f"{parent} is a file, so {target} cannot be created inside it: choose another "
                                         f"path")
             break
-    if target.exists():
+    if replaced_whole and target.exists():
         here, where = Path.cwd().resolve(), target.resolve()
         if where == here or where in here.parents:
             raise OutputExistsError(f"{target} is the current directory or contains it; kvlab writes {what} as a "

@@ -153,7 +153,7 @@ class RunDirectory:
 
     def _check(self) -> None:
         path, what = self.path, f"a kvlab {self.kind} run"
-        check_path_usable(path, what)
+        check_path_usable(path, what, replaced_whole=False)
         if path.exists() and not path.is_dir():
             raise OutputExistsError(f"{path} exists and is a file; {what} needs a directory: choose another path")
         present = sorted(p.name for p in path.iterdir() if p.name != LOCK) if path.is_dir() else []

@@ -112,26 +112,25 @@ def device_arg(text: str) -> str:
     return text
 
 
-def seed_arg(text: str) -> int:
-    """``--seed``: an integer in [0, 2**32) (what torch, numpy and Python's generators all take)."""
+def _bounded_int(text: str, low: int, high: int | None, name: str, rule: str) -> int:
+    """An argparse type's check: an integer in ``[low, high)``, else one line naming it."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed {text!r} is not an integer") from None
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"--seed {value} must be in [0, 2**32)")
+        raise argparse.ArgumentTypeError(f"{name}{text!r} is not an integer") from None
+    if value < low or (high is not None and value >= high):
+        raise argparse.ArgumentTypeError(f"{name}{value} {rule}")
     return value
+
+
+def seed_arg(text: str) -> int:
+    """``--seed``: an integer in [0, 2**32) (what torch, numpy and Python's generators all take)."""
+    return _bounded_int(text, 0, 2 ** 32, "--seed ", "must be in [0, 2**32)")
 
 
 def positive_int(text: str) -> int:
     """A flag that counts something: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+    return _bounded_int(text, 1, None, "", "must be at least 1")
 
 
 def number_list(kind, what: str):

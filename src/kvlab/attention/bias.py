@@ -23,10 +23,6 @@ class ScoreBias(nn.Module):
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    @property
-    def requires_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi's per-head slopes (Press et al. 2022): the geometric sequence ``2^(-8/n)^(i+1)`` for a
@@ -99,14 +95,6 @@ class T5RelativeBias(ScoreBias):
         relative = k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)                  # (B|1, Tq, Tk)
         buckets = t5_relative_buckets(relative, self.num_buckets, self.max_distance, self.bidirectional)
         return self.relative_attention_bias(buckets).permute(0, 3, 1, 2)     # (B|1, H, Tq, Tk)
-
-
-def bias_requires_grad(bias) -> bool:
-    if bias is None:
-        return False
-    if isinstance(bias, torch.Tensor):
-        return torch.is_grad_enabled() and bias.requires_grad
-    return bias.requires_grad
 
 
 def bias_tile(bias, mask, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor | None:

@@ -23,9 +23,9 @@ nothing is forgotten outright as with a window alone.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kvlab.attention.context import ForwardContext
+from kvlab.attention.gqa import GQAAttention, param_count
 from kvlab.attention.kernels import attention
 from kvlab.attention.masks import AttentionMask
 from kvlab.cache.pooled import SUM_DTYPE, PooledKVLayer, add_to_blocks
@@ -41,29 +41,24 @@ def _options(cfg: ModelConfig, layer: int) -> tuple[int, int]:
     return opts["window"], opts["block"]
 
 
-class CompressedAttention(nn.Module):
+class CompressedAttention(GQAAttention):
+    """A gqa producer's projections (and its fused-projection hook for parallel blocks); its own
+    keys: the window's raw ones and the older blocks' means."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
+        super().__init__(cfg, layer_idx)
         self.window, self.block = _options(cfg, layer_idx)
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.use_rope = cfg.pos == "rope"
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
 
-    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, n, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext,
+                projected: list[torch.Tensor] | None = None) -> torch.Tensor:
         if ctx.prefix is not None:
             raise ConfigError("prefix tuning needs a full KV cache; a compressed-memory layer pools its past")
         B, T, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_head)
-        k = self._heads(self.k_proj(x), self.n_kv_head)
-        v = self._heads(self.v_proj(x), self.n_kv_head)
+        if projected is None:
+            projected = [m(x) for m in self.input_projections()]
+        q = self._heads(projected[0], self.n_head)
+        k = self._heads(projected[1], self.n_kv_head)
+        v = self._heads(projected[2], self.n_kv_head)
         if self.use_rope:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
@@ -107,13 +102,6 @@ def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
     return CacheBytes(bounded=((raw, window),), pooled=((slot, block),))
 
 
-def _param_count(cfg: ModelConfig, layer: int) -> int:
-    d, hd = cfg.d_model, cfg.head_dim
-    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
-    bias = 1 if cfg.qkv_bias else 0
-    return (d + bias) * q_out + q_out * d + (d if cfg.o_bias else 0) + 2 * (d + bias) * kv_out
-
-
 def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
     for name in ("window", "block"):
         value = options.get(name)
@@ -135,7 +123,7 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 COMPRESSED = register_kind(AttentionKind(
     name="compressed", module=CompressedAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window", "block"), validate=_validate,
+    param_count=param_count, options=("window", "block"), validate=_validate,
     description="memory compression: a sliding window of raw K/V plus the mean K/V of each older block",
     examples={
         "compressed": dict(n_kv_head=2, attention_layers=[{"kind": "compressed", "window": 4, "block": 2}] * 4),

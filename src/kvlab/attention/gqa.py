@@ -118,7 +118,7 @@ def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
     return CacheBytes(bounded=((rate, sum(span)),))
 
 
-def _param_count(cfg: ModelConfig, layer: int) -> int:
+def param_count(cfg: ModelConfig, layer: int) -> int:
     d, hd = cfg.d_model, cfg.head_dim
     q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
     bias = 1 if cfg.qkv_bias else 0
@@ -152,7 +152,7 @@ def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 GQA = register_kind(AttentionKind(
     name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window", "sinks", "sparse"), validate=validate_window,
+    param_count=param_count, options=("window", "sinks", "sparse"), validate=validate_window,
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),

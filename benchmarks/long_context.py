@@ -8,7 +8,8 @@ Then scores validation windows of 4x the training
 length and reports perplexity per quarter of the window (positions [0, T), [T, 2T), ...), for those
 three and for the RoPE full-attention model run with a window at inference — without sinks
 (StreamingLLM's "window attention", whose rolling cache evicts the first tokens) and with
-``--sinks`` attention sinks.
+``--sinks`` attention sinks, seen at their original positions and at their places in the cache
+(StreamingLLM's positions).
 
     python benchmarks/long_context.py [--steps 400] [--seq-len 128] [--out benchmarks/results/long_context.json]
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from kvlab import ModelConfig
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
 from kvlab.data.windows import Windows, tokenize_to_file
+from kvlab.inference.streaming import with_window
 from kvlab.recipes.pretrain import new_byte_level_model
 from kvlab.training import TrainConfig, train
 
@@ -76,12 +78,11 @@ def main() -> None:
         print(f"trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     # The full-attention RoPE model run with a window at inference (its weights, another wiring).
     full = models["rope"]
-    for name, change in ((f"rope, window {args.window} at inference", dict(sliding_window=args.window)),
-                         (f"rope, window {args.window} + {args.sinks} sinks at inference",
-                          dict(sliding_window=args.window, attention_sinks=args.sinks))):
-        model = new_byte_level_model(full.cfg.replace(**change))
-        model.load_state_dict(full.state_dict())
-        models[name] = model.eval()
+    models[f"rope, window {args.window} at inference"] = with_window(full, args.window).eval()
+    models[f"rope, window {args.window} + {args.sinks} sinks at inference (original positions)"] = with_window(
+        full, args.window, args.sinks, "original").eval()
+    models[f"rope, window {args.window} + {args.sinks} sinks at inference (cache positions)"] = with_window(
+        full, args.window, args.sinks, "cache").eval()
     for name, model in models.items():
         nll = per_position_nll(model, val_tokens, 4 * T, args.eval_windows)
         quarters = [math.exp(float(nll[q * T:(q + 1) * T].mean())) for q in range(4)]

@@ -193,6 +193,7 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
                     k = _rope(k, pos, cfg.rope_theta)
                 kv[i] = (k, v)
             k, v = kv[src]
+            q_unrotated = q
             if cfg.pos == "rope":
                 q = _rope(q, pos, cfg.rope_theta)
             group, Dq = Hq // Hkv, D
@@ -210,6 +211,11 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
                 # ... except the first `sinks` positions, which a windowed layer always sees (StreamingLLM)
                 sinks = cfg.layer_specs[i].options.get("sinks", cfg.attention_sinks)
                 allowed &= ((pos[:, None] - pos[None, :]) < window) | (pos[None, :] < sinks)
+                if sinks and cfg.sink_positions == "cache":
+                    # StreamingLLM: the cache holds the sinks, then the window, the query last, and
+                    # each token's position is its index there: sink j is seen from min(i, S+W-1).
+                    q_at = _rope(q_unrotated, pos.clamp(max=sinks + window - 1), cfg.rope_theta)
+                    scores[:, :sinks] = (q_at[:, hq] @ k[:sinks, hk].T) / math.sqrt(Dq)
             sparse = cfg.layer_specs[i].options.get("sparse", cfg.block_sparse)
             if sparse is not None:
                 allowed &= torch.tensor([[_sparse_allowed(sparse, a, b) for b in range(n)] for a in range(n)])

@@ -82,6 +82,10 @@ class AttentionKind:
     # before validation), e.g. MLA's head widths from head_dim.
     fill_defaults: Callable[..., None] | None = None
     description: str = ""
+    # reach(cfg, layer) -> how many positions back a query of the layer can see a key at (what its
+    # position encoding must have been trained on), or None when that grows with the sequence.
+    # None (the default) for a kind that does not say.
+    reach: Callable[..., int | None] | None = None
     # Small configurations that exercise every code path of the kind: overrides of the "tiny"
     # preset by name. The test suite's generic tests (decode == forward, backends vs float64, cache
     # bytes vs allocation, checkpoint round trip) run on every registered kind's examples.

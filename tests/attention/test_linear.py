@@ -89,3 +89,85 @@ def test_linear_options_are_checked():
         ModelConfig.from_preset("tiny", attn_kind="linear", cla=2)
     with pytest.raises(ConfigError, match="packed rows"):
         make_model(attn_kind="linear")(torch.ones(1, 4, dtype=torch.long), segment_ids=torch.tensor([[1, 1, 2, 2]]))
+
+
+def _simple_gla_by_its_docstring(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, **kw):
+    """flash-linear-attention's ``chunk_simple_gla`` as its documentation defines it, in a loop:
+    ``[B, T, H, K]`` inputs, ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · q_tᵀ S_t``."""
+    B, T, H, K = q.shape
+    S = initial_state.clone() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1])
+    out = []
+    for t in range(T):
+        S = g[:, t, :, None, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), (S if output_final_state else None)
+
+
+def test_the_fla_path_computes_the_pytorch_chunked_form(monkeypatch):
+    """The wrapper around flash-linear-attention (ones channel for z, copies per query head, layouts)
+    against the PyTorch form, with the kernel replaced by its documented definition (the kernel
+    itself needs a GPU: test_fla_kernel_on_gpu)."""
+    import sys
+    import types
+
+    from kvlab.attention.linear import fla_linear_attention
+
+    fake = types.ModuleType("fla.ops.simple_gla")
+    fake.chunk_simple_gla = _simple_gla_by_its_docstring
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla", fake)
+    g = torch.Generator().manual_seed(0)
+    B, H, T, F, Dv = 2, 2, 11, 5, 3
+    fq = torch.rand(B, H, 1, T, F, generator=g, dtype=torch.float64)
+    fk, v = torch.rand(B, H, T, F, generator=g, dtype=torch.float64), torch.randn(B, H, T, Dv, generator=g,
+                                                                                  dtype=torch.float64)
+    log_decay = -torch.rand(B, H, T, generator=g, dtype=torch.float64) * 0.2
+    log_decay[0, :, :3] = 0                                              # padding: no decay
+    S0, z0 = torch.rand(B, H, F, Dv, generator=g, dtype=torch.float64), torch.rand(B, H, F, generator=g,
+                                                                                   dtype=torch.float64)
+    want = chunked_linear_attention(fq, fk, v, log_decay, S0, z0, chunk=4)
+    got = fla_linear_attention(fq, fk, v, log_decay, S0, z0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_fla_path_is_only_taken_on_cuda_with_a_kernel_backend():
+    from kvlab.attention.linear import fla_available
+
+    assert not fla_available(torch.zeros(1), "auto") and not fla_available(torch.zeros(1), "triton")
+    if torch.cuda.is_available():
+        cuda = torch.zeros(1, device="cuda")
+        assert not fla_available(cuda, "reference") and not fla_available(cuda, "auto", group=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fla_kernel_on_gpu(dtype, monkeypatch):
+    """A linear-attention model on the GPU: backend auto (flash-linear-attention's kernel) against
+    the PyTorch chunked form, forward and gradients, and decoding after an fla prefill."""
+    pytest.importorskip("fla")
+    import kvlab.attention.linear as linear
+
+    calls = []
+    real = linear.fla_linear_attention
+    monkeypatch.setattr(linear, "fla_linear_attention", lambda *a: calls.append(1) or real(*a))
+    model = make_model(**dict(HEDGEHOG, n_kv_head=4)).to("cuda", dtype)          # G == 1: the fla path
+    tokens = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(tokens)
+    mask[0, :17] = 0                                                     # a left-padded row
+    outs = {}
+    for backend in ("auto", "reference"):
+        model.zero_grad()
+        logits = model(tokens, attention_mask=mask, backend=backend)
+        logits.float().square().mean().backward()
+        outs[backend] = (logits.float(), model.layers[0].self_attn.k_proj.weight.grad.float().clone())
+    assert len(calls) == 3                                                 # the three linear layers, once
+    tol = 2e-3 if dtype == torch.float32 else 5e-2
+    for a, b in zip(outs["auto"], outs["reference"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    with torch.no_grad():
+        cache = model.new_cache(2, 160)
+        model(tokens, attention_mask=mask, cache=cache, backend="auto")
+        step = model(tokens[:, -1:], cache=cache, backend="auto")
+        full = model(torch.cat([tokens, tokens[:, -1:]], 1), attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                     backend="reference")
+    torch.testing.assert_close(step[:, -1].float(), full[:, -1].float(), rtol=tol, atol=tol)

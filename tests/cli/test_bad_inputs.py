@@ -348,6 +348,13 @@ CASES = [
     ("info-config-float-int", ["info", "--config", "{ws}/cfg/floatint.json"], 2, "n_layer=4.5"),
     ("info-config-bool-text", ["info", "--config", "{ws}/cfg/booltext.json"], 2, "tie_embeddings='yes'"),
     ("eval-adapter-is-a-file", ["eval", M, "--adapter", "{ws}/chat/good.jsonl"], 1, "is a file, not a directory"),
+    ("generate-sinks-without-window", ["generate", M, "--prompt-ids", "1,2", "--sinks", "4"], 2, "--window W"),
+    ("generate-window-0", ["generate", M, "--prompt-ids", "1,2", "--window", "0"], 2, "0 must be at least 1"),
+    ("eval-sinks-negative", ["eval", M, "--window", "8", "--sinks", "-1"], 2, "-1 must be at least 0"),
+    ("eval-sink-positions-unknown", ["eval", M, "--window", "8", "--sinks", "2", "--sink-positions", "middle"], 2,
+     "middle"),
+    ("generate-cache-sinks-learned", ["generate", "{ws}/ck_learned", "--prompt-ids", "1,2", "--window", "8",
+                                      "--sinks", "2", "--sink-positions", "cache"], 2, "sink_positions='cache'"),
 ]
 CASES[[c[0] for c in CASES].index("generate-learned-too-long")] = (
     "generate-learned-too-long", ["generate", "{ws}/ck_learned", "--prompt-ids", "1,2,3", "--max-new-tokens", "500"],

@@ -134,6 +134,25 @@ def test_generate_from_checkpoint(capsys, tmp_path):
     assert code == 0 and out.startswith("hi")
 
 
+def test_generate_and_eval_with_a_window_at_inference(capsys, tmp_path):
+    from kvlab.inference.streaming import with_window
+
+    model = make_model(max_seq_len=32)
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    # StreamingLLM: 4x the training length in a cache of 2 sinks + 8 window entries per layer.
+    expected = generate(with_window(model, 8, 2), [[256, 104, 105]], 128, stop_tokens=[])[0]
+    code, out, err = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt-ids", "256,104,105",
+                         "--max-new-tokens", "128", "--no-stop", "--window", "8", "--sinks", "2", "--json")
+    assert code == 0 and json.loads(out)[0]["new_ids"] == expected
+    assert "past the context" not in err            # no distance exceeds sinks + window - 1
+    code, out, _ = run(capsys, "generate", str(tmp_path / "ckpt"), "--prompt-ids", "256,104,105",
+                       "--max-new-tokens", "128", "--no-stop", "--json")
+    assert json.loads(out)[0]["new_ids"] != expected
+    code, out, _ = run(capsys, "eval", str(tmp_path / "ckpt"), "--seq-len", "24", "--max-tokens", "200",
+                       "--window", "8", "--sinks", "2", "--json")
+    assert code == 0 and json.loads(out)["perplexity"] > 1
+
+
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "kvlab", "info", "--preset", "tiny", "--json"],
                           capture_output=True, text=True, check=True)

@@ -37,6 +37,7 @@ class ForwardContext:
     all_visible: bool = False
     cos: torch.Tensor | None = None            # RoPE tables for the new tokens, (B|1, 1, T, D)
     sin: torch.Tensor | None = None
+    rope_inv_freq: torch.Tensor | None = None  # the RoPE frequencies (to rotate at other positions)
     cache: "object | None" = None              # kvlab.cache.KVCache
     step: "object | None" = None               # kvlab.cache.CacheStep
     kv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # producer layer -> what it made

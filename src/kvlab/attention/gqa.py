@@ -7,7 +7,8 @@ producer. A producer whose readers (itself and its consumers) are all windowed k
 cache (:mod:`kvlab.cache.rolling`) of the largest of their sinks + windows, so its memory is bounded
 by the window, not the context; otherwise the full cache. Options of a layer spec: ``window`` (a
 sliding window for this layer, overriding the model's ``sliding_window``) and ``sinks`` (overriding
-``attention_sinks``: the first positions a windowed layer always sees).
+``attention_sinks``: the first positions a windowed layer always sees; ``sink_positions="cache"``
+places them as StreamingLLM does, :mod:`kvlab.attention.sinks`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from kvlab.attention.context import ForwardContext
 from kvlab.attention.kernels import attention
 from kvlab.attention.masks import BlockSparse
+from kvlab.attention.sinks import sinks_at_cache_positions
 from kvlab.cache.full import FullKVLayer
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
@@ -39,6 +41,7 @@ class GQAAttention(nn.Module):
         self.sparse = layer_sparse(cfg, layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos == "rope"
+        self.sinks_at_cache_places = self.sinks > 0 and cfg.sink_positions == "cache"
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
         if self.is_producer:
             self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -59,7 +62,7 @@ class GQAAttention(nn.Module):
         B, T, _ = x.shape
         if projected is None:
             projected = [m(x) for m in self.input_projections()]
-        q = self._heads(projected[0], self.n_head)
+        q = q_unrotated = self._heads(projected[0], self.n_head)
         if self.use_rope:
             q = apply_rope(q, ctx.cos, ctx.sin)
         if self.is_producer:
@@ -80,7 +83,10 @@ class GQAAttention(nn.Module):
         if k.dtype != q.dtype:            # a cache kept in another dtype than the model
             k, v = k.to(q.dtype), v.to(q.dtype)
         mask = ctx.mask(self.window, self.sinks, source=self.kv_source, sparse=self.sparse)
-        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias)
+        if self.sinks_at_cache_places:
+            q, k = sinks_at_cache_positions(q_unrotated, q, k, mask.q_pos, mask.k_pos, sinks=self.sinks,
+                                            window=self.window, inv_freq=ctx.rope_inv_freq)
+        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -128,6 +134,15 @@ def param_count(cfg: ModelConfig, layer: int) -> int:
     return count
 
 
+def window_reach(cfg: ModelConfig, layer: int) -> int | None:
+    """How far back a softmax layer sees: its window, or (StreamingLLM's positions) its sinks at
+    their cache places; None without a window, or with sinks at their original positions."""
+    window, sinks = cfg.layer_window(layer), cfg.layer_sinks(layer)
+    if window is None or (sinks and cfg.sink_positions != "cache"):
+        return None
+    return window - 1 + sinks
+
+
 def layer_sparse(cfg: ModelConfig, layer: int) -> BlockSparse | None:
     """The layer's block-sparse layout, parsed (None: dense)."""
     own = "sparse" in cfg.layer_specs[layer].options
@@ -152,7 +167,7 @@ def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 GQA = register_kind(AttentionKind(
     name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=param_count, options=("window", "sinks", "sparse"), validate=validate_window,
+    param_count=param_count, options=("window", "sinks", "sparse"), validate=validate_window, reach=window_reach,
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),
@@ -180,6 +195,11 @@ GQA = register_kind(AttentionKind(
             {"kind": "gqa", "sparse": {"block": 3, "local": 1, "global": 1}}, "gqa",
             {"kind": "gqa", "sparse": {"block": 2, "local": 2, "stride": 2}, "window": 6}, "gqa"]),
         "window-sinks": dict(n_kv_head=2, sliding_window=4, attention_sinks=2),
+        # StreamingLLM's positions: sinks seen at their places in the cache; CLA readers of one
+        # rolling producer with their own windows and sinks.
+        "streaming-sinks": dict(n_kv_head=2, n_layer=3, cla=3, sink_positions="cache", attention_layers=[
+            {"kind": "gqa", "window": 4, "sinks": 2}, {"kind": "gqa", "window": 3, "sinks": 1},
+            {"kind": "gqa", "window": 5, "sinks": 2}]),
         # Gemma-style: windowed layers with a rolling cache, every other layer global; CLA readers
         # with different windows and sinks share one rolling producer.
         "rolling-hybrid": dict(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 3, 3], attention_layers=[

@@ -17,8 +17,14 @@ Layer options: ``feature`` — ``elu`` (φ(x) = elu(x) + 1, F = head_dim) or ``h
 per-head linear map followed by ``[softmax(Wx), softmax(-Wx)]``, F = 2·head_dim, Zhang et al. 2024 —
 the map LoLCATs fits to imitate softmax attention); ``decay`` — ``none`` or ``retnet``
 (γ_j = 1 − 2^(−5−j) for KV head j). Queries are grouped onto the KV heads' states (GQA). No
-positional encoding: order comes from causality and the decay. On GPUs flash-linear-attention's
-kernels compute the same chunked form; this PyTorch form is the reference and the CPU path.
+positional encoding: order comes from causality and the decay.
+
+On CUDA, where flash-linear-attention (``fla-core``) is installed and the backend is ``auto`` or
+``triton``, training and prefill of layers with one query head per KV head run its
+``chunk_simple_gla`` kernel (:func:`fla_linear_attention`):
+the same state update with a per-token, per-head log-decay, and the normaliser ``z`` carried as one
+extra value channel of ones. The PyTorch chunked form here is the reference, the CPU path and the
+decode path (one token needs no kernel).
 """
 
 from __future__ import annotations
@@ -84,6 +90,43 @@ def chunked_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor
     return torch.cat(out, 3), S, z
 
 
+def fla_available(x: torch.Tensor, backend: str, group: int = 1) -> bool:
+    """Whether this call may use flash-linear-attention's kernels: a CUDA tensor, a backend that
+    allows kernels (``auto`` or ``triton``; ``reference``/``sdpa``/``flash`` keep the PyTorch form),
+    one query head per KV head (the kernel would need copies of K/V per query head otherwise) and
+    the ``fla`` package installed."""
+    if not x.is_cuda or backend not in ("auto", "triton") or group != 1:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
+
+
+def fla_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                         S: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunked_linear_attention` (same arguments and results) through flash-linear-attention's
+    ``chunk_simple_gla``: ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = q_tᵀ S_t`` with ``scale=1``.
+    Values get one extra channel of ones, so the same state carries ``z`` and the output's last
+    channel is the normaliser ``φ(q)ᵀz``. One query head per KV head (``G == 1``): the kernel keeps
+    one state per query head, and kvlab never copies keys and values per query head, so grouped
+    layers keep the PyTorch form (:func:`fla_available`)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    B, Hkv, G, T, Fdim = fq.shape
+    if G != 1:
+        raise ValueError(f"fla_linear_attention takes one query head per KV head, got {G}")
+    Dv = v.shape[-1]
+    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+    q = fq[:, :, 0].transpose(1, 2)                                           # (B, T, H, F)
+    vz = torch.cat([v, ones], -1).transpose(1, 2)                             # (B, T, H, Dv + 1)
+    g = log_decay.expand(B, Hkv, T).transpose(1, 2)                           # (B, T, H)
+    h0 = torch.cat([S, z.unsqueeze(-1)], -1)                                  # (B, H, F, Dv + 1)
+    o, h = chunk_simple_gla(q.contiguous(), fk.transpose(1, 2).contiguous(), vz.contiguous(), g=g.contiguous(),
+                            scale=1.0, initial_state=h0.contiguous(), output_final_state=True)
+    o = o.transpose(1, 2).unsqueeze(2)                                        # (B, H, 1, T, Dv + 1)
+    return o[..., :Dv] / (o[..., Dv:] + EPS), h[..., :Dv], h[..., Dv]
+
+
 class LinearAttention(nn.Module):
     """Linear attention with a feature map, an optional decay and a recurrent state cache."""
 
@@ -142,7 +185,8 @@ class LinearAttention(nn.Module):
             S = torch.zeros(B, self.n_kv_head, Fdim, self.head_dim, dtype=work, device=x.device)
             z = torch.zeros(B, self.n_kv_head, Fdim, dtype=work, device=x.device)
         G = self.n_head // self.n_kv_head
-        out, S, z = chunked_linear_attention(fq.reshape(B, self.n_kv_head, G, T, Fdim), fk, v, log_decay, S, z)
+        run = fla_linear_attention if T > 1 and fla_available(x, ctx.backend, G) else chunked_linear_attention
+        out, S, z = run(fq.reshape(B, self.n_kv_head, G, T, Fdim), fk, v, log_decay, S, z)
         if ctx.cache is not None:
             ctx.cache.update(self.layer_idx, S, z, step=ctx.step)
         out = out.reshape(B, self.n_head, T, self.head_dim).to(x.dtype)
@@ -193,6 +237,7 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 LINEAR = register_kind(AttentionKind(
     name="linear", module=LinearAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
     param_count=_param_count, options=("feature", "decay"), validate=_validate,
+    reach=lambda cfg, layer: 0,       # no positions: order comes from causality and decay
     description="kernelized linear attention (elu+1 or Hedgehog features, optional RetNet decay) with a "
                 "fixed-size recurrent state",
     examples={

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import is_producer, layer_sparse, validate_window
+from kvlab.attention.gqa import is_producer, layer_sparse, validate_window, window_reach
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -184,6 +184,9 @@ def _fill_defaults(cfg: ModelConfig) -> None:
 
 def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
     validate_window(cfg, layer, options)
+    if cfg.sink_positions == "cache" and cfg.layer_sinks(layer):
+        raise ConfigError(f"layer {layer}: sink_positions='cache' is built for gqa layers; an mla layer keeps its "
+                          f"sinks at their original positions (use sink_positions='original')")
     if cfg.kv_lora_rank is None:
         raise ConfigError(f"layer {layer} is an mla layer but kv_lora_rank is not set; give the latent width, "
                           f"e.g. kv_lora_rank={2 * cfg.head_dim}")
@@ -203,7 +206,8 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 MLA = register_kind(AttentionKind(
     name="mla", module=MLAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window", "sinks", "sparse"), validate=_validate, fill_defaults=_fill_defaults,
+    param_count=_param_count, options=("window", "sinks", "sparse"), validate=_validate, reach=window_reach,
+    fill_defaults=_fill_defaults,
     description="multi-head latent attention (DeepSeek-V2/V3): a latent plus one shared RoPE key per token",
     examples={
         "mla": dict(attn_kind="mla", kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14),

@@ -72,6 +72,12 @@ def load_model(args: argparse.Namespace):
 
     dtype = parse_dtype(args.model_dtype) if getattr(args, "model_dtype", None) else None
     model = load(args.model, dtype=dtype, device=args.device)
+    if getattr(args, "window", None) is not None:
+        from kvlab.inference.streaming import with_window
+
+        model = with_window(model, args.window, args.sinks, args.sink_positions)
+    elif getattr(args, "sinks", None) or getattr(args, "sink_positions", None):
+        raise UsageError("--sinks and --sink-positions go with --window W (the window they keep sinks for)")
     if getattr(args, "adapter", None):
         from kvlab.peft import load_adapter
 
@@ -133,6 +139,11 @@ def positive_int(text: str) -> int:
     return _bounded_int(text, 1, None, "", "must be at least 1")
 
 
+def nonnegative_int(text: str) -> int:
+    """A flag that may be zero: an integer >= 0."""
+    return _bounded_int(text, 0, None, "", "must be at least 0")
+
+
 def number_list(kind, what: str):
     def parse(text: str):
         try:
@@ -142,7 +153,7 @@ def number_list(kind, what: str):
     return parse
 
 
-def model_args(p: argparse.ArgumentParser, adapter: bool = False) -> None:
+def model_args(p: argparse.ArgumentParser, adapter: bool = False, window: bool = False) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
@@ -150,6 +161,16 @@ def model_args(p: argparse.ArgumentParser, adapter: bool = False) -> None:
                    help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
     if adapter:    # where the adapted model is only run (finetune attaches its own; export/convert refuse)
         p.add_argument("--adapter", metavar="DIR", help="a kvlab adapter (from kvlab finetune) to apply to MODEL")
+    if window:     # StreamingLLM: any model run with a rolling window cache (kvlab.inference.streaming)
+        p.add_argument("--window", type=positive_int, metavar="W",
+                       help="run every softmax layer with a sliding window of W positions and a rolling cache "
+                            "of W entries (memory bounded whatever the length)")
+        p.add_argument("--sinks", type=nonnegative_int, default=0, metavar="S",
+                       help="with --window: keep the first S positions visible too (StreamingLLM's attention sinks; "
+                            "4 is its choice)")
+        p.add_argument("--sink-positions", choices=["cache", "original"],
+                       help="with --sinks: see each sink at its place in the cache (StreamingLLM; the default for "
+                            "RoPE models: no distance exceeds S+W-1) or at its original position")
 
 
 def torch_seed(seed: int) -> None:

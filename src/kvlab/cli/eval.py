@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
                        description="Perplexity and bits per byte. Documents are scored separately, each after "
                                    "one BOS/EOS context token, long ones in windows of --seq-len tokens advancing "
                                    "by --stride, every token scored once.")
-    model_args(p, adapter=True)
+    model_args(p, adapter=True, window=True)
     p.add_argument("--data", default="builtin", help="'builtin' (validation split), 'builtin:train', a text "
                                                      "file, a .jsonl file (field 'text') or a directory of .txt")
     p.add_argument("--seq-len", type=int, default=1024)

@@ -11,7 +11,7 @@ from kvlab.cli.common import UsageError, load_model, model_args, positive_int, s
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a model",
                        description="Generate from a model: prefill, then decode with the KV cache.")
-    model_args(p, adapter=True)
+    model_args(p, adapter=True, window=True)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", metavar="IDS", help="a prompt as token ids, e.g. 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")

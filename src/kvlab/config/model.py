@@ -31,6 +31,7 @@ MLP_TYPES = ("swiglu", "gelu")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POS_TYPES = ("rope", "learned", "alibi", "t5")
 BLOCK_TYPES = ("sequential", "parallel")
+SINK_POSITIONS = ("original", "cache")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -88,6 +89,11 @@ class ModelConfig:
     # StreamingLLM's attention sinks: a windowed layer also attends to the first this-many
     # positions forever, and its rolling cache keeps them (a layer spec's "sinks" overrides it).
     attention_sinks: int = 0
+    # Where a RoPE query sees a sink: "original" (at its own position, so a query far down the
+    # sequence sees it far away) or "cache" (StreamingLLM: at its place in a cache that holds the
+    # sinks and then the window, so no sink is ever further than sinks + window - 1 back; what lets a
+    # full-attention model run with a window far past the distances it was trained on).
+    sink_positions: str = "original"
     # A block-sparse layout for every softmax layer (a layer spec's "sparse" overrides it):
     # {"block": B, "local": L, "global": G, "stride": S} (kvlab.attention.masks.BlockSparse).
     block_sparse: dict[str, int] | None = None
@@ -188,6 +194,11 @@ class ModelConfig:
         if not isinstance(self.attention_sinks, int) or isinstance(self.attention_sinks, bool) or \
                 self.attention_sinks < 0:
             raise ConfigError(f"attention_sinks={self.attention_sinks!r} must be a non-negative integer")
+        if self.sink_positions not in SINK_POSITIONS:
+            raise ConfigError(f"sink_positions={self.sink_positions!r} is not one of {list(SINK_POSITIONS)}")
+        if self.sink_positions == "cache" and self.pos != "rope":
+            raise ConfigError(f"sink_positions='cache' re-positions rotary keys (StreamingLLM) and pos={self.pos!r} "
+                              f"has none; use sink_positions='original'")
         if self.pos == "t5" and not 4 <= self.relative_buckets <= self.relative_max_distance:
             raise ConfigError(f"relative_buckets={self.relative_buckets} with relative_max_distance="
                               f"{self.relative_max_distance}: T5's bias needs at least 4 buckets and no more buckets "
@@ -257,6 +268,24 @@ class ModelConfig:
         if self.layer_window(layer) is None:
             return 0
         return self.layer_specs[layer].options.get("sinks", self.attention_sinks)
+
+    def positional_reach(self) -> int | None:
+        """The farthest distance (in positions) at which any layer's query sees a key, whatever the
+        sequence length, or None when some layer's grows with it: a sequence longer than
+        ``max_seq_len`` extrapolates only if this is None or at least ``max_seq_len``."""
+        reaches = []
+        for i, spec in enumerate(self.layer_specs):
+            rule = get_kind(spec.kind).reach
+            reaches.append(None if rule is None else rule(self, i))
+        return None if None in reaches else max(reaches, default=0)
+
+    def extrapolates(self, length: int) -> bool:
+        """Whether a sequence of ``length`` tokens takes some query past the positions (learned
+        embeddings) or distances (relative encodings) a model trained at ``max_seq_len`` saw."""
+        if length <= self.max_seq_len:
+            return False
+        reach = self.positional_reach()
+        return self.pos == "learned" or reach is None or reach >= self.max_seq_len
 
     def layer_sparse(self, layer: int) -> dict[str, int] | None:
         """The block-sparse layout of ``layer`` (its spec's ``sparse``, else ``block_sparse``) as

@@ -86,7 +86,7 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
         raise ConfigError(f"max_tokens={max_tokens} must be at least 1 (leave it out to score every token)")
     if model.cfg.pos == "learned" and seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
-    if seq_len > model.cfg.max_seq_len:
+    if model.cfg.extrapolates(seq_len):
         warnings.warn(f"seq_len={seq_len} goes past the context this model was trained for (max_seq_len="
                       f"{model.cfg.max_seq_len}); its perplexity there measures extrapolation", stacklevel=2)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -103,7 +103,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
     longest = max(len(p) for p in prompts) + max_new_tokens
-    if longest > cfg.max_seq_len:
+    if cfg.extrapolates(longest):
         if cfg.pos == "learned":
             raise ConfigError(f"a prompt of {max(len(p) for p in prompts)} tokens plus max_new_tokens={max_new_tokens} "
                               f"is longer than this model's positions (max_seq_len={cfg.max_seq_len}); shorten the "

@@ -237,7 +237,8 @@ class Transformer(nn.Module):
         if cfg.pos == "learned":
             x = x + self.embed_positions(ctx.q_pos)
         elif cfg.pos == "rope":
-            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, self.rope_inv_freq(x.device), x.dtype)
+            ctx.rope_inv_freq = self.rope_inv_freq(x.device)
+            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, ctx.rope_inv_freq, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx)
         if cache is not None:
@@ -255,7 +256,8 @@ class Transformer(nn.Module):
             raise ConfigError(f"attention_on needs one input per layer ({self.cfg.n_layer}), got {len(inputs)}")
         ctx = self._context(tokens, tokens.shape[1], None, None, None, 0, backend or self.cfg.attn_backend)
         if self.cfg.pos == "rope":
-            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, self.rope_inv_freq(tokens.device), inputs[0].dtype)
+            ctx.rope_inv_freq = self.rope_inv_freq(tokens.device)
+            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, ctx.rope_inv_freq, inputs[0].dtype)
         return [block.self_attn(h, ctx) for block, h in zip(self.layers, inputs)]
 
     def _context(self, tokens: torch.Tensor, T: int, attention_mask: torch.Tensor | None, cache: KVCache | None,

@@ -11,15 +11,21 @@ from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args, 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune an adapter (LoRA, QLoRA, AdaLoRA, prefix, P-tuning v2, prompt) "
-                                        "on chat data",
+                                        "on chat data (SFT) or preference pairs (reward model, DPO)",
                        description="Supervised fine-tuning on chat JSONL ({\"messages\": [...]} per line) with the "
                                    "model's chat template and the loss on assistant tokens only. Writes OUT/adapter "
                                    "(kvlab), OUT/peft (HF PEFT, LoRA family), OUT/merged (--merge) and "
                                    "OUT/summary.json; checkpoints for --resume.")
     model_args(p)
     p.add_argument("--method", required=True, choices=["lora", "qlora", "adalora", "prefix", "ptuning", "prompt"])
-    p.add_argument("--data", required=True, metavar="FILE", help="chat JSONL to train on (kvlab tasks writes one)")
-    p.add_argument("--eval-data", metavar="FILE", help="held-out chat JSONL: exact-match accuracy before and after")
+    p.add_argument("--objective", default="sft", choices=["sft", "reward", "dpo"],
+                   help="sft (chat data, loss on assistant tokens; default), reward (a reward model: a score head "
+                        "trained with the adapter on preference pairs, Bradley-Terry) or dpo (preference pairs, "
+                        "the adapter-free base as reference)")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="chat JSONL (sft) or preference JSONL in TRL's formats (reward, dpo); kvlab tasks writes both")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out chat JSONL (sft, dpo: exact-match accuracy) or "
+                                                       "preference JSONL (reward: pairwise accuracy), before and after")
     p.add_argument("--eval-limit", type=int, help="score at most this many held-out conversations")
     p.add_argument("--out", required=True, metavar="DIR")
     budget = p.add_argument_group("budget (give one)")
@@ -46,6 +52,12 @@ def add_parser(sub) -> None:
     lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     lora.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
                       help="comma-separated layer names or regular expressions over full names")
+    pref = p.add_argument_group("reward / dpo")
+    pref.add_argument("--beta", type=float, default=0.1, help="dpo: inverse temperature of the preference loss")
+    pref.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "simpo"],
+                      help="dpo: DPO (sigmoid), IPO, or SimPO (reference-free)")
+    pref.add_argument("--simpo-gamma", type=float, default=0.5, help="dpo --loss-type simpo: the target margin")
+    pref.add_argument("--center-rewards", type=float, help="reward: centring coefficient c · (r+ + r-)^2 (e.g. 0.01)")
     prompt = p.add_argument_group("prefix / P-tuning v2 / prompt tuning")
     prompt.add_argument("--virtual-tokens", type=positive_int, default=16)
     prompt.add_argument("--reparam-hidden", type=int, default=512, help="prefix tuning's MLP width")
@@ -75,8 +87,25 @@ def run(args: argparse.Namespace) -> int:
         if args.method == "prefix":
             options["reparam_hidden"] = args.reparam_hidden
     spec = AdapterSpec(args.method, options)
-    train_convs = read_chat_jsonl(args.data)
-    eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
+    preferences = args.objective in ("reward", "dpo")
+    if preferences:
+        from kvlab.data.preferences import read_preference_jsonl
+
+        train_records = read_preference_jsonl(args.data)
+        eval_convs = None
+        eval_records = None
+        if args.eval_data:
+            if args.objective == "reward":
+                eval_records = read_preference_jsonl(args.eval_data)[:args.eval_limit]
+            else:
+                eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit]
+    else:
+        train_convs = read_chat_jsonl(args.data)
+        eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
+    if not (args.beta > 0 and args.beta < float("inf")):
+        raise UsageError(f"kvlab finetune: --beta {args.beta} must be a positive number (0.1 is usual)")
+    if args.center_rewards is not None and not (0 <= args.center_rewards < float("inf")):
+        raise UsageError(f"kvlab finetune: --center-rewards {args.center_rewards} must be a non-negative number")
     if (args.max_steps is None) == (args.epochs is None):
         raise UsageError("kvlab finetune: give one budget, --max-steps N or --epochs E"
                          + (" (not both)" if args.max_steps is not None else ""))
@@ -91,27 +120,57 @@ def run(args: argparse.Namespace) -> int:
     if args.seq_len > model.cfg.max_seq_len:
         raise UsageError(f"kvlab finetune: --seq-len {args.seq_len} exceeds the model's max_seq_len "
                          f"{model.cfg.max_seq_len}; use rows of at most {model.cfg.max_seq_len} tokens")
-    batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack, seed=args.seed)
+    objective, eval_pairs = None, None
+    if preferences:
+        from kvlab.data.preferences import PreferenceBatches, encode_preference
+        from kvlab.training.preference import DPOLoss, Reference, RewardLoss
+
+        if args.pack:
+            raise UsageError("kvlab finetune: --pack is for chat data (sft); preference pairs are one pair per row")
+        tok = model.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        batches = PreferenceBatches([encode_preference(tok, r) for r in train_records], pad, args.seq_len,
+                                    args.batch_size, seed=args.seed)
+        if eval_records:
+            eval_pairs = PreferenceBatches([encode_preference(tok, r) for r in eval_records], pad, args.seq_len,
+                                           args.batch_size)
+        if args.objective == "reward":
+            from kvlab.models.heads import add_score_head
+
+            add_score_head(model, seed=args.seed)
+            objective = RewardLoss(center_coefficient=args.center_rewards)
+        else:
+            objective = DPOLoss(None if args.loss_type == "simpo" else Reference(), beta=args.beta,
+                                loss_type=args.loss_type, simpo_gamma=args.simpo_gamma)
+        n_rows = len(batches.rows)
+    else:
+        batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack,
+                              seed=args.seed)
+        n_rows = len(batches.rows)
     max_steps = args.max_steps
     if max_steps is None:
-        max_steps = max(1, round(args.epochs * len(batches.rows) / args.batch_size))
+        max_steps = max(1, round(args.epochs * n_rows / args.batch_size))
     cfg = TrainConfig(out_dir=str(out), max_steps=max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps,
                       weight_decay=0.0, eval_every=max_steps, save_every=args.save_every, keep_last=args.keep_last,
                       log_every=args.log_every, seed=args.seed, train_only="adapter")
     torch_seed(args.seed)
     settings = {"model": args.model, "adapter_method": args.method, "options": spec.options, "data": args.data,
+                "objective": args.objective, "beta": args.beta, "loss_type": args.loss_type,
+                "simpo_gamma": args.simpo_gamma, "center_rewards": args.center_rewards,
                 "eval_data": args.eval_data, "eval_limit": args.eval_limit, "pack": args.pack, "merge": args.merge,
                 **run_settings(cfg)}
     with RunDirectory(out, "finetune", settings, entries=FINETUNE_OUTPUTS, resume=args.resume,
                       overwrite=args.overwrite, free=RESUMABLE_CHANGES,
                       scaffolding=("metrics.jsonl", "checkpoints")):
         summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
-                           merge=args.merge, resume=args.resume, device=args.device)
+                           merge=args.merge, resume=args.resume, device=args.device, objective=objective,
+                           eval_pairs=eval_pairs)
     keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
             "base_weight_memory", "adapter", "peft", "merged")
     brief = {k: summary[k] for k in keys if k in summary}
-    for k in ("accuracy_before", "accuracy_after"):
+    brief["objective"] = summary["objective"]
+    for k in ("accuracy_before", "accuracy_after", "pairwise_accuracy_before", "pairwise_accuracy_after"):
         if k in summary:
             brief[k] = summary[k]["accuracy"]
     print(json.dumps(brief))

@@ -9,9 +9,10 @@ from kvlab.cli.common import add_overwrite, seed_arg
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tasks", help="write the built-in instruction set (train.jsonl, test.jsonl)",
+    p = sub.add_parser("tasks", help="write the built-in instruction set (train/test chat JSONL and preference pairs)",
                        description="Deterministic chat tasks with checkable answers: addition, upper-casing, "
-                                   "sorting, date formatting, maximum.")
+                                   "sorting, date formatting, maximum; as chat (SFT, evaluation) and as preference "
+                                   "pairs (correct answer chosen, a plausible wrong one rejected: reward models, DPO).")
     p.add_argument("out", metavar="DIR")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--test", type=int, default=200)

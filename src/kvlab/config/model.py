@@ -113,6 +113,9 @@ class ModelConfig:
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
     latent_norm: bool | None = None
+    # A scalar head beside the LM head, read at each row's last real token: a reward model has one
+    # output (kvlab.models.heads.add_score_head; HF's *ForSequenceClassification "score").
+    score_outputs: int | None = None
     # Special token ids, where the model has them (used by generation and the tokenizer).
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -194,6 +197,8 @@ class ModelConfig:
         if not isinstance(self.attention_sinks, int) or isinstance(self.attention_sinks, bool) or \
                 self.attention_sinks < 0:
             raise ConfigError(f"attention_sinks={self.attention_sinks!r} must be a non-negative integer")
+        if self.score_outputs is not None and self.score_outputs < 1:
+            raise ConfigError(f"score_outputs={self.score_outputs!r} must be a positive integer or null")
         if self.sink_positions not in SINK_POSITIONS:
             raise ConfigError(f"sink_positions={self.sink_positions!r} is not one of {list(SINK_POSITIONS)}")
         if self.sink_positions == "cache" and self.pos != "rope":

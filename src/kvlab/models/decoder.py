@@ -123,6 +123,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.score_outputs:      # a reward model's head, read at the last real token (sequence_scores)
+            self.score = nn.Linear(cfg.d_model, cfg.score_outputs, bias=False)
         # RoPE frequencies live outside the module state, in float32, so that model.to(bf16) or
         # loading from the meta device can never degrade them.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -198,6 +200,17 @@ class Transformer(nn.Module):
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
+
+    def sequence_scores(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                        backend: str | None = None) -> torch.Tensor:
+        """``(B, score_outputs)``: the score head at each row's last real token (a reward model)."""
+        from kvlab.models.heads import last_real_token
+
+        if not self.cfg.score_outputs:
+            raise ConfigError("this model has no score head; add one with kvlab.models.heads.add_score_head")
+        h = self.hidden_states(tokens, attention_mask=attention_mask, backend=backend)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.score(h[rows, last_real_token(tokens, attention_mask)])
 
     def hidden_states(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, backend: str | None = None,

@@ -31,9 +31,29 @@ class ScalarHead(nn.Module):
         h = self.backbone.hidden_states(tokens, attention_mask=attention_mask, backend=backend)
         if self.per_token:
             return self.score(h)
-        if attention_mask is None:
-            last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
-        else:   # the last real token of each row, whether the row is left- or right-padded
-            idx = torch.arange(tokens.shape[1], device=tokens.device)
-            last = torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp_min(0)
-        return self.score(h[torch.arange(tokens.shape[0], device=tokens.device), last])
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return self.score(h[rows, last_real_token(tokens, attention_mask)])
+
+
+def last_real_token(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)``: the index of each row's last real token (the last 1 of ``attention_mask``, whether
+    the row is left- or right-padded; the last position without a mask)."""
+    if attention_mask is None:
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+    idx = torch.arange(tokens.shape[1], device=tokens.device)
+    return torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp_min(0)
+
+
+def add_score_head(model: Transformer, n_outputs: int = 1, *, seed: int | None = None) -> Transformer:
+    """Give ``model`` (in place) a score head of ``n_outputs`` beside its LM head — a reward model
+    (:meth:`Transformer.sequence_scores`) — initialised N(0, 1/d_model) (a head of this scale starts
+    with rewards of order one); a model that has one keeps it."""
+    if model.cfg.score_outputs == n_outputs and hasattr(model, "score"):
+        return model
+    model.cfg = model.cfg.replace(score_outputs=n_outputs)
+    head = nn.Linear(model.cfg.d_model, n_outputs, bias=False)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * model.cfg.d_model ** -0.5)
+    model.score = head.to(device=model.device, dtype=model.dtype)
+    return model

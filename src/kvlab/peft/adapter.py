@@ -103,8 +103,9 @@ def parameter_count(model_cfg, spec: AdapterSpec) -> int:
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """Whether a model parameter belongs to an adapter (``*.lora_*`` or ``prompt_adapter.*``)."""
-    return ".lora_" in name or name.startswith("prompt_adapter.")
+    """Whether a model parameter belongs to an adapter (``*.lora_*`` or ``prompt_adapter.*``) or
+    trains with it: a reward model's new score head (``score.*``, PEFT's ``modules_to_save``)."""
+    return ".lora_" in name or name.startswith(("prompt_adapter.", "score."))
 
 
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -116,9 +117,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     spec = getattr(model, "adapter_spec", None)
     if spec is None:
         raise ConfigError("the model has no adapter to save; attach one with kvlab.peft.attach")
+    head = {f"score.{k}": v.detach() for k, v in model.score.state_dict().items()} if hasattr(model, "score") else {}
     if spec.method in LORA_FAMILY:
-        return lora_state_dict(model)
-    return {f"prompt_adapter.{k}": v.detach() for k, v in model.prompt_adapter.state_dict().items()}
+        return lora_state_dict(model) | head
+    return {f"prompt_adapter.{k}": v.detach() for k, v in model.prompt_adapter.state_dict().items()} | head
 
 
 def merge_prompt_reparameterization(model: nn.Module) -> None:
@@ -144,7 +146,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *, extra=None, overwri
             "base_shape": _shape(model.cfg), "base_name": getattr(model.cfg, "name", None),
             "base_signature": base_signature(model),
             "parameters": int(sum(v.numel() for v in tensors.values())),
-            "prefix_merged": spec.method == "prefix" and not model.prompt_adapter.reparameterized}
+            "prefix_merged": spec.method == "prefix" and not model.prompt_adapter.reparameterized,
+            "score_outputs": model.cfg.score_outputs}
     if spec.method in PREFIX_METHODS:
         meta["options"].pop("method", None)
 
@@ -201,6 +204,10 @@ def load_adapter(model: nn.Module, directory: str | Path, *, compute_dtype: torc
         raise CheckpointError(f"the adapter in {directory} was trained on another model of the same shape (the input "
                               f"embeddings differ); load it onto its base model ({meta.get('base_name')})")
     spec = AdapterSpec(meta["method"], meta["options"])
+    if meta.get("score_outputs"):          # a reward model's adapter carries its score head
+        from kvlab.models.heads import add_score_head
+
+        add_score_head(model, meta["score_outputs"])
     attached = attach(model, spec, compute_dtype=compute_dtype)
     if meta.get("prefix_merged"):
         merge_prompt_reparameterization(model)

@@ -85,6 +85,7 @@ class LoraLinear(nn.Linear):
         self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.merged = False
+        self.disabled = False        # the base alone (a DPO/GRPO reference: kvlab.training.preference)
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(A, B, s)`` with the update ``s · B A``; AdaLoRA overrides it (``A`` scaled by ``Λ``)."""
@@ -97,7 +98,7 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         a, b, s = self.low_rank()
         return y + F.linear(F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype)) * s

@@ -1,4 +1,5 @@
-"""``kvlab finetune``: attach an adapter, train it on chat data, write it (and what it is worth).
+"""``kvlab finetune``: attach an adapter, train it on chat data (SFT) or preference pairs (a reward
+model, DPO / IPO / SimPO), write it (and what it is worth).
 
 The run directory gets the training loop's ``metrics.jsonl`` and adapter-only ``checkpoints/``
 (``--resume`` continues exactly), then ``adapter/`` (the kvlab adapter; prefix tuning's MLP
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from kvlab.data.chat import ChatBatches
 from kvlab.errors import ConfigError
 from kvlab.io import save_checkpoint
 from kvlab.peft import (
@@ -50,15 +50,20 @@ def peak_memory_bytes(device: torch.device) -> int:
 FINETUNE_OUTPUTS = ("metrics.jsonl", "checkpoints", "adapter", "peft", "merged", "summary.json")
 
 
-def finetune(model, tokenizer, spec: AdapterSpec, batches: ChatBatches, cfg: TrainConfig, *,
+def finetune(model, tokenizer, spec: AdapterSpec, batches, cfg: TrainConfig, *,
              eval_conversations: Sequence | None = None, merge: bool = False,
              resume: bool = False, device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None,
-             eval_max_new_tokens: int = 16, quiet: bool = False) -> dict:
+             eval_max_new_tokens: int = 16, quiet: bool = False, objective=None, eval_pairs=None) -> dict:
+    """Train ``spec``'s adapter on ``batches`` (chat rows for SFT; preference pairs with a
+    :class:`~kvlab.training.preference.RewardLoss` or :class:`~kvlab.training.preference.DPOLoss`
+    ``objective``). ``eval_conversations``: task accuracy before and after; ``eval_pairs``
+    (:class:`~kvlab.data.preferences.PreferenceBatches`, reward models): pairwise accuracy."""
     from kvlab.eval.tasks import task_accuracy
+    from kvlab.training.preference import pairwise_accuracy
 
     if cfg.train_only != "adapter":
         raise ConfigError("finetune trains adapters: TrainConfig(train_only='adapter')")
-    if batches.pack and spec.method in PREFIX_METHODS:
+    if getattr(batches, "pack", False) and spec.method in PREFIX_METHODS:
         raise ConfigError(f"--pack puts several conversations in one row, but a {spec.method} adapter is one prefix "
                           f"per row; fine-tune {spec.method} without --pack")
     if merge and spec.method not in MERGEABLE:
@@ -71,11 +76,14 @@ def finetune(model, tokenizer, spec: AdapterSpec, batches: ChatBatches, cfg: Tra
         spec = AdapterSpec("adalora", {**spec.options, "total_steps": cfg.max_steps})
     model.to(device)
     summary: dict = {"method": spec.method, "options": spec.config.to_dict(), "train_config": asdict(cfg),
-                     "data": batches.stats}
+                     "data": batches.stats, "objective": getattr(objective, "name", "lm")}
     if eval_conversations and not resume:
         summary["accuracy_before"] = task_accuracy(model, tokenizer, eval_conversations,
                                                    max_new_tokens=eval_max_new_tokens)
         _say(quiet, f"accuracy before: {summary['accuracy_before']['accuracy']:.1%}")
+    if eval_pairs is not None and not resume:
+        summary["pairwise_accuracy_before"] = pairwise_accuracy(model, eval_pairs.all_batches())
+        _say(quiet, f"pairwise accuracy before: {summary['pairwise_accuracy_before']['accuracy']:.1%}")
     attached = attach(model, spec, compute_dtype=compute_dtype)
     trainable = adapter_parameters(model)
     summary["trainable_parameters"] = sum(p.numel() for _, p in trainable)
@@ -88,7 +96,8 @@ def finetune(model, tokenizer, spec: AdapterSpec, batches: ChatBatches, cfg: Tra
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    result = train(model, batches, None, cfg, resume=resume, device=device, quiet=quiet, hooks=attached.allocator)
+    result = train(model, batches, None, cfg, resume=resume, device=device, quiet=quiet, hooks=attached.allocator,
+                   objective=objective)
     elapsed = time.perf_counter() - t0
     steps_run = cfg.max_steps - result["start_step"]
     summary.update(final_loss=result.get("loss"), steps=cfg.max_steps, seconds_per_step=elapsed / max(1, steps_run),
@@ -103,6 +112,9 @@ def finetune(model, tokenizer, spec: AdapterSpec, batches: ChatBatches, cfg: Tra
     summary["adapter"] = str(out / "adapter")
     if spec.method in LORA_FAMILY:
         summary["peft"] = _try_export_peft(model, out / "peft")
+    if eval_pairs is not None:
+        summary["pairwise_accuracy_after"] = pairwise_accuracy(model, eval_pairs.all_batches())
+        _say(quiet, f"pairwise accuracy after: {summary['pairwise_accuracy_after']['accuracy']:.1%}")
     if eval_conversations:
         summary["accuracy_after"] = task_accuracy(model, tokenizer, eval_conversations,
                                                   max_new_tokens=eval_max_new_tokens)

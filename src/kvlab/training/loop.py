@@ -129,7 +129,9 @@ def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str,
 
     chosen = []
     for name, p in model.named_parameters():
-        if is_adapter_parameter(name) and train_only in ("adapter", "attention+adapter"):
+        if name.startswith("score."):       # a reward model's head trains whatever else does
+            keep = True
+        elif is_adapter_parameter(name) and train_only in ("adapter", "attention+adapter"):
             # Prefix tuning's merged prefixes are frozen on purpose; everything else adapter trains.
             keep = p.requires_grad if name.startswith("prompt_adapter.") else True
         else:

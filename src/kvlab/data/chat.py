@@ -32,31 +32,54 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 
-def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
-    """Conversations from a chat JSONL file, validated (errors name the line)."""
+def jsonl_records(path: str | Path, what: str, shape: str) -> list[tuple[str, object]]:
+    """``(where, record)`` for every non-blank line of a JSONL file (``where``: ``path:line``, for
+    messages); a missing file, a directory or a line that is not JSON is one clear error naming
+    ``what`` the file should hold and the ``shape`` of a line."""
+    from kvlab.data.corpus import read_utf8
+
     path = Path(path)
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"chat data {path} {state}; give a JSONL file with one {{\"messages\": [...]}} per line")
-    conversations = []
-    from kvlab.data.corpus import read_utf8
-
+        raise ConfigError(f"{what} {path} {state}; give a JSONL file with one {shape} per line")
+    out = []
     for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            out.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+    return out
+
+
+def epoch_indices(i: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Item indices of batch ``i`` over ``n`` items: consecutive slices of a fresh permutation per
+    epoch (seeded by ``(seed, epoch)``), so a batch is a pure function of ``(seed, i)``."""
+    flat = i * batch_size + np.arange(batch_size)
+    perms: dict[int, np.ndarray] = {}
+    out = np.empty(batch_size, dtype=np.int64)
+    for k, f in enumerate(flat):
+        epoch, at = divmod(int(f), n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out[k] = perms[epoch][at]
+    return out
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
+    """Conversations from a chat JSONL file, validated (errors name the line)."""
+    conversations = []
+    for where, record in jsonl_records(path, "chat data", "{\"messages\": [...]}"):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list) or not messages:
-            raise ConfigError(f"{path}:{n} has no \"messages\" list; each line must be {{\"messages\": [{{\"role\": "
+            raise ConfigError(f"{where} has no \"messages\" list; each line must be {{\"messages\": [{{\"role\": "
                               f"..., \"content\": ...}}, ...]}}")
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ConfigError(f"{path}:{n}: message {m!r} needs a role in {list(ROLES)} and a string content")
+                raise ConfigError(f"{where}: message {m!r} needs a role in {list(ROLES)} and a string content")
         if not any(m["role"] == "assistant" for m in messages):
-            raise ConfigError(f"{path}:{n} has no assistant message, so nothing to learn from it")
+            raise ConfigError(f"{where} has no assistant message, so nothing to learn from it")
         conversations.append(messages)
     if not conversations:
         raise ConfigError(f"{path} holds no conversations")
@@ -152,17 +175,8 @@ class ChatBatches:
         return x, y, seg
 
     def indices(self, i: int) -> np.ndarray:
-        """Row indices of batch ``i``: consecutive slices of a fresh permutation per epoch."""
-        n = len(self.rows)
-        flat = i * self.batch_size + np.arange(self.batch_size)
-        perms: dict[int, np.ndarray] = {}
-        out = np.empty(self.batch_size, dtype=np.int64)
-        for k, f in enumerate(flat):
-            epoch, at = divmod(int(f), n)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
-            out[k] = perms[epoch][at]
-        return out
+        """Row indices of batch ``i`` (:func:`epoch_indices`)."""
+        return epoch_indices(i, self.batch_size, len(self.rows), self.seed)
 
     def batch(self, i: int):
         rows = [self._row(self.rows[r]) for r in self.indices(i)]

@@ -21,7 +21,6 @@ the batches it would have.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlab.data.chat import ROLES
+from kvlab.data.chat import ROLES, epoch_indices, jsonl_records
 from kvlab.errors import ConfigError
 
 
@@ -44,22 +43,9 @@ class PreferencePair:
 
 def read_preference_jsonl(path: str | Path) -> list[dict]:
     """Records of a preference JSONL file, validated (errors name the line and the format)."""
-    from kvlab.data.corpus import read_utf8
-
-    path = Path(path)
-    if not path.is_file():
-        state = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"preference data {path} {state}; give a JSONL file with one {{\"prompt\", \"chosen\", "
-                          f"\"rejected\"}} per line")
     records = []
-    for n, line in enumerate(read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-        _check_record(record, f"{path}:{n}")
+    for where, record in jsonl_records(path, "preference data", "{\"prompt\", \"chosen\", \"rejected\"}"):
+        _check_record(record, where)
         records.append(record)
     if not records:
         raise ConfigError(f"{path} holds no preference pairs")
@@ -148,17 +134,8 @@ class PreferenceBatches:
                       "dropped": len(self.pairs) - len(kept)}
 
     def indices(self, i: int) -> np.ndarray:
-        """Pair indices of batch ``i``: consecutive slices of a fresh permutation per epoch."""
-        n = len(self.rows)
-        flat = i * self.batch_size + np.arange(self.batch_size)
-        out = np.empty(self.batch_size, dtype=np.int64)
-        perms: dict[int, np.ndarray] = {}
-        for k, f in enumerate(flat):
-            epoch, at = divmod(int(f), n)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(n)
-            out[k] = perms[epoch][at]
-        return out
+        """Pair indices of batch ``i`` (:func:`~kvlab.data.chat.epoch_indices`)."""
+        return epoch_indices(i, self.batch_size, len(self.rows), self.seed)
 
     def batch(self, i: int) -> tuple[torch.Tensor, ...]:
         idx = self.indices(i)

@@ -194,6 +194,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None
     if cfg.block_sparse is not None:
         problems.append("a block-sparse layout (HF's Llama-family attention is dense; keep the model in the kvlab "
                         "format)")
+    if cfg.score_outputs:
+        problems.append("a score head (a reward model; HF export writes causal LMs, so keep it in the kvlab format, "
+                        "or export the adapter)")
     if cfg.attention_sinks and cfg.sliding_window is not None:
         problems.append("attention sinks (Mistral's sliding window has none; keep the model in the kvlab format)")
     if problems:

@@ -18,10 +18,11 @@ def add_parser(sub) -> None:
                                    "OUT/summary.json; checkpoints for --resume.")
     model_args(p)
     p.add_argument("--method", required=True, choices=["lora", "qlora", "adalora", "prefix", "ptuning", "prompt"])
-    p.add_argument("--objective", default="sft", choices=["sft", "reward", "dpo"],
+    p.add_argument("--objective", default="sft", choices=["sft", "reward", "dpo", "grpo"],
                    help="sft (chat data, loss on assistant tokens; default), reward (a reward model: a score head "
-                        "trained with the adapter on preference pairs, Bradley-Terry) or dpo (preference pairs, "
-                        "the adapter-free base as reference)")
+                        "trained with the adapter on preference pairs, Bradley-Terry), dpo (preference pairs, "
+                        "the adapter-free base as reference) or grpo (online RL on chat tasks: groups sampled with "
+                        "the KV cache, rewarded by exact match with the answer or by --reward-model)")
     p.add_argument("--data", required=True, metavar="FILE",
                    help="chat JSONL (sft) or preference JSONL in TRL's formats (reward, dpo); kvlab tasks writes both")
     p.add_argument("--eval-data", metavar="FILE", help="held-out chat JSONL (sft, dpo: exact-match accuracy) or "
@@ -52,10 +53,19 @@ def add_parser(sub) -> None:
     lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     lora.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
                       help="comma-separated layer names or regular expressions over full names")
-    pref = p.add_argument_group("reward / dpo")
-    pref.add_argument("--beta", type=float, default=0.1, help="dpo: inverse temperature of the preference loss")
-    pref.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "simpo"],
-                      help="dpo: DPO (sigmoid), IPO, or SimPO (reference-free)")
+    pref = p.add_argument_group("reward / dpo / grpo")
+    pref.add_argument("--beta", type=float, help="dpo: inverse temperature of the preference loss (default 0.1); "
+                                                 "grpo: weight of the KL to the adapter-free base (default 0)")
+    pref.add_argument("--loss-type", choices=["sigmoid", "ipo", "simpo", "grpo", "dr_grpo"],
+                      help="dpo: DPO (sigmoid, default), IPO, or SimPO (reference-free); grpo: grpo (per-completion "
+                           "mean, default) or dr_grpo (token sum over completions x max new tokens)")
+    pref.add_argument("--num-generations", type=positive_int, default=8, help="grpo: completions per prompt")
+    pref.add_argument("--max-new-tokens", type=positive_int, default=32, help="grpo: longest completion")
+    pref.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature of the rollouts")
+    pref.add_argument("--epsilon", type=float, default=0.2, help="grpo: clipping range of the ratio")
+    pref.add_argument("--reward-model", metavar="MODEL",
+                      help="grpo: score completions with this reward model (a model with a score head, e.g. "
+                           "finetune --objective reward --merge's OUT/merged) instead of exact match")
     pref.add_argument("--simpo-gamma", type=float, default=0.5, help="dpo --loss-type simpo: the target margin")
     pref.add_argument("--center-rewards", type=float, help="reward: centring coefficient c · (r+ + r-)^2 (e.g. 0.01)")
     prompt = p.add_argument_group("prefix / P-tuning v2 / prompt tuning")
@@ -74,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.training.checkpoints import RESUMABLE_CHANGES, run_settings
 
     out = Path(args.out)
-    refuse_output_over_input(out, [args.model])
+    refuse_output_over_input(out, [args.model, args.reward_model])
     refuse_output_over_input(out, [args.data, args.eval_data], what="its data", holds=False)
     if args.method in LORA_FAMILY:
         options = dict(alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules.split(","))
@@ -87,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
         if args.method == "prefix":
             options["reparam_hidden"] = args.reparam_hidden
     spec = AdapterSpec(args.method, options)
+    losses = {"dpo": ("sigmoid", "ipo", "simpo"), "grpo": ("grpo", "dr_grpo")}
+    if args.loss_type is not None and args.loss_type not in losses.get(args.objective, ()):
+        raise UsageError(f"kvlab finetune: --loss-type {args.loss_type} is not a loss of --objective {args.objective}"
+                         + (f"; choose one of {', '.join(losses[args.objective])}" if args.objective in losses else ""))
+    loss_type = args.loss_type or {"dpo": "sigmoid", "grpo": "grpo"}.get(args.objective)
+    beta = args.beta if args.beta is not None else {"dpo": 0.1, "grpo": 0.0}.get(args.objective, 0.1)
+    if args.reward_model and args.objective != "grpo":
+        raise UsageError("kvlab finetune: --reward-model scores GRPO's rollouts; it goes with --objective grpo")
     preferences = args.objective in ("reward", "dpo")
     if preferences:
         from kvlab.data.preferences import read_preference_jsonl
@@ -102,8 +120,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         train_convs = read_chat_jsonl(args.data)
         eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
-    if not (args.beta > 0 and args.beta < float("inf")):
-        raise UsageError(f"kvlab finetune: --beta {args.beta} must be a positive number (0.1 is usual)")
+    if not (beta > 0 or (args.objective == "grpo" and beta == 0)) or beta == float("inf"):
+        raise UsageError(f"kvlab finetune: --beta {beta} must be a positive number (dpo: 0.1 is usual; grpo: 0 or "
+                         f"e.g. 0.04)")
+    if args.objective == "grpo" and not (0 < args.epsilon < 1 and args.temperature > 0):
+        raise UsageError(f"kvlab finetune: --epsilon {args.epsilon} must be in (0, 1) and --temperature "
+                         f"{args.temperature} positive (GRPO samples its groups)")
     if args.center_rewards is not None and not (0 <= args.center_rewards < float("inf")):
         raise UsageError(f"kvlab finetune: --center-rewards {args.center_rewards} must be a non-negative number")
     if (args.max_steps is None) == (args.epochs is None):
@@ -140,8 +162,35 @@ def run(args: argparse.Namespace) -> int:
             add_score_head(model, seed=args.seed)
             objective = RewardLoss(center_coefficient=args.center_rewards)
         else:
-            objective = DPOLoss(None if args.loss_type == "simpo" else Reference(), beta=args.beta,
-                                loss_type=args.loss_type, simpo_gamma=args.simpo_gamma)
+            objective = DPOLoss(None if loss_type == "simpo" else Reference(), beta=beta,
+                                loss_type=loss_type, simpo_gamma=args.simpo_gamma)
+        n_rows = len(batches.rows)
+    elif args.objective == "grpo":
+        from kvlab.training.preference import Reference
+        from kvlab.training.rl import (
+            ExactMatchReward,
+            GRPOLoss,
+            PromptBatches,
+            RewardModelReward,
+            prompts_from_conversations,
+        )
+
+        if args.pack:
+            raise UsageError("kvlab finetune: --pack is for chat data (sft); GRPO samples one completion per row")
+        tok = model.tokenizer
+        prompts, answers = prompts_from_conversations(tok, train_convs)
+        stop = [t for t in {tok.eos_token_id, model.cfg.eos_token_id} if t is not None]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        batches = PromptBatches(prompts, pad, args.batch_size, seed=args.seed, answers=answers)
+        if args.reward_model:
+            from kvlab.io import load
+
+            reward = RewardModelReward(load(args.reward_model, device=args.device))
+        else:
+            reward = ExactMatchReward(tok, answers, stop)
+        objective = GRPOLoss(reward, num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, beta=beta, reference=Reference() if beta else None,
+                             epsilon=args.epsilon, loss_type=loss_type, stop_tokens=stop, pad_id=pad, seed=args.seed)
         n_rows = len(batches.rows)
     else:
         batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack,
@@ -156,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
                       log_every=args.log_every, seed=args.seed, train_only="adapter")
     torch_seed(args.seed)
     settings = {"model": args.model, "adapter_method": args.method, "options": spec.options, "data": args.data,
-                "objective": args.objective, "beta": args.beta, "loss_type": args.loss_type,
+                "objective": args.objective, "beta": beta, "loss_type": loss_type,
                 "simpo_gamma": args.simpo_gamma, "center_rewards": args.center_rewards,
+                "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "epsilon": args.epsilon, "reward_model": args.reward_model,
                 "eval_data": args.eval_data, "eval_limit": args.eval_limit, "pack": args.pack, "merge": args.merge,
                 **run_settings(cfg)}
     with RunDirectory(out, "finetune", settings, entries=FINETUNE_OUTPUTS, resume=args.resume,
@@ -166,8 +217,8 @@ def run(args: argparse.Namespace) -> int:
         summary = finetune(model, model.tokenizer, spec, batches, cfg, eval_conversations=eval_convs,
                            merge=args.merge, resume=args.resume, device=args.device, objective=objective,
                            eval_pairs=eval_pairs)
-    keys = ("method", "trainable_parameters", "first_loss", "final_loss", "seconds_per_step", "peak_memory_bytes",
-            "base_weight_memory", "adapter", "peft", "merged")
+    keys = ("method", "trainable_parameters", "first_loss", "final_loss", "first_reward", "final_reward",
+            "seconds_per_step", "peak_memory_bytes", "base_weight_memory", "adapter", "peft", "merged")
     brief = {k: summary[k] for k in keys if k in summary}
     brief["objective"] = summary["objective"]
     for k in ("accuracy_before", "accuracy_after", "pairwise_accuracy_before", "pairwise_accuracy_after"):

@@ -102,9 +102,12 @@ def finetune(model, tokenizer, spec: AdapterSpec, batches, cfg: TrainConfig, *,
     steps_run = cfg.max_steps - result["start_step"]
     summary.update(final_loss=result.get("loss"), steps=cfg.max_steps, seconds_per_step=elapsed / max(1, steps_run),
                    peak_memory_bytes=peak_memory_bytes(device))
-    first = _first_loss(out)
+    first = _first_record(out)
     if first is not None:
-        summary["first_loss"] = first
+        summary["first_loss"] = first["loss"]
+    if "reward" in result:                     # GRPO: the mean reward of the first and last steps' rollouts
+        summary.update(first_reward=first.get("reward"), final_reward=result["reward"],
+                       rollout_tokens_per_s=result.get("rollout_tokens_per_s"))
     if attached.allocator is not None:
         summary["adalora_ranks"] = attached.allocator.ranks()
     merge_prompt_reparameterization(model)
@@ -139,13 +142,13 @@ def _try_export_peft(model, directory: Path) -> str:
     return str(directory)
 
 
-def _first_loss(out: Path) -> float | None:
+def _first_record(out: Path) -> dict | None:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return None
     for line in path.read_text().splitlines():
         if line:
-            return json.loads(line)["loss"]
+            return json.loads(line)
     return None
 
 

@@ -297,7 +297,8 @@ def _steps(model, wrapped, objective, optimizer, params, train_windows, val_wind
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         tokens_since += cfg.tokens_per_step
-        record = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": loss_sum, "lr": lr}
+        record = {"step": done, "tokens": done * cfg.tokens_per_step, "loss": loss_sum, "lr": lr,
+                  **objective.pop_metrics()}
         if val_windows is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             record["val_loss"] = evaluate_loss(wrapped, val_windows, cfg.eval_batches, device, dist_ctx, objective)
         now = time.perf_counter()

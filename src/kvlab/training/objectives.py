@@ -43,6 +43,11 @@ class Objective:
         """Models the objective uses but does not train (moved to the device, eval mode, no grad)."""
         return []
 
+    def pop_metrics(self) -> dict[str, float]:
+        """What the objective measured since the last call (e.g. GRPO's mean reward and rollout
+        speed); the loop adds it to the step's metrics record."""
+        return {}
+
     def prepare(self, device: torch.device) -> None:
         for m in self.frozen_models():
             m.to(device).eval().requires_grad_(False)

@@ -1,0 +1,276 @@
+"""Online RL: GRPO (Shao et al. 2024, DeepSeekMath), with rollouts from kvlab's batched cached
+generation — on any attention kind, so a model with a smaller KV cache samples its groups faster.
+
+A step's batch is ``B`` prompts (:class:`PromptBatches`). For each, :class:`GRPOLoss` samples ``G``
+completions in one batched ``generate`` call (the model in eval mode, a seed fixed by the prompt's
+place in the run, so a resumed run samples what it would have), scores them with a reward
+function — a verifiable checker (:class:`ExactMatchReward`, the built-in tasks' answers) or a
+reward model (:class:`RewardModelReward`) — and normalises each group:
+``A_i = (r_i − mean(r)) / (std(r) + 1e-4)`` (``scale_rewards="group"``; ``"batch"``: the batch's
+std; ``"none"``: not divided). The per-token loss is TRL's::
+
+    ratio = exp(logp − logp_old)        (one optimisation pass per rollout: logp_old = logp, detached)
+    loss_t = −min(ratio·A, clip(ratio, 1−ε_low, 1+ε_high)·A) + β·KL_t
+    KL_t  = exp(ref − logp) − (ref − logp) − 1          (k3 estimator, to the reference policy)
+
+reduced per ``loss_type``: ``grpo`` — each completion's mean over its tokens, averaged over
+completions; ``dr_grpo`` — the token sum over ``completions × max_new_tokens`` (Dr. GRPO). Both
+count completions, so the loop's division by :meth:`GRPOLoss.count` gives TRL's values.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from kvlab.data.chat import epoch_indices
+from kvlab.errors import ConfigError
+from kvlab.training.objectives import Objective
+from kvlab.training.preference import Reference, adapters_disabled
+
+LOSS_TYPES = ("grpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class PromptBatches:
+    """Step-determined batches of prompts: ``(prompt_tokens (B, Tp) left-padded, prompt_mask,
+    prompt_ids (B,), step (B,))``. ``prompts`` are token-id lists; ``answers`` (optional) what a
+    verifiable reward checks each against."""
+
+    prompts: Sequence[Sequence[int]]
+    pad_id: int
+    batch_size: int
+    seed: int = 0
+    answers: Sequence[str] | None = None
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ConfigError("no prompts to train on")
+        self.rows = list(self.prompts)
+        self.stats = {"prompts": len(self.rows), "longest": max(len(p) for p in self.rows)}
+
+    def batch(self, i: int) -> tuple[torch.Tensor, ...]:
+        from kvlab.inference.generation import left_pad
+
+        idx = epoch_indices(i, self.batch_size, len(self.rows), self.seed)
+        tokens, mask = left_pad([self.rows[j] for j in idx], self.pad_id, torch.device("cpu"))
+        if mask is None:
+            mask = torch.ones_like(tokens)
+        return tokens, mask, torch.from_numpy(idx), torch.full((len(idx),), i, dtype=torch.long)
+
+
+def prompts_from_conversations(tokenizer, conversations: Sequence[Sequence[dict]]) -> tuple[list[list[int]], list[str]]:
+    """Chat tasks -> (the prompt of each conversation without its last, assistant, message, rendered
+    with the generation prompt; that message's content, the answer a checker compares with)."""
+    prompts, answers = [], []
+    for c in conversations:
+        if c[-1]["role"] != "assistant":
+            raise ConfigError("every conversation must end with the assistant's answer (what the reward checks)")
+        prompts.append(tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True))
+        answers.append(c[-1]["content"].strip())
+    return prompts, answers
+
+
+class ExactMatchReward:
+    """1 when the completion, decoded without its stop tokens and stripped, equals the prompt's
+    answer, else 0 — the built-in tasks' verifiable reward."""
+
+    name = "exact_match"
+
+    def __init__(self, tokenizer, answers: Sequence[str], stop_tokens: Sequence[int] = ()):
+        self.tokenizer, self.answers, self.stop = tokenizer, list(answers), set(stop_tokens)
+
+    def __call__(self, prompt_ids: Sequence[int], prompts: Sequence[Sequence[int]],
+                 completions: Sequence[Sequence[int]]) -> torch.Tensor:
+        out = []
+        for p, c in zip(prompt_ids, completions):
+            text = self.tokenizer.decode([t for t in c if t not in self.stop], skip_special_tokens=True).strip()
+            out.append(float(text == self.answers[int(p)]))
+        return torch.tensor(out)
+
+
+class RewardModelReward:
+    """The score of a reward model (a model with a score head, :mod:`kvlab.models.heads`) on
+    prompt + completion, read at the last token."""
+
+    name = "reward_model"
+
+    def __init__(self, model: nn.Module, batch_size: int = 16):
+        if not getattr(model.cfg, "score_outputs", None):
+            raise ConfigError("the reward model has no score head; train one with kvlab finetune --objective reward "
+                              "(and --merge), or add_score_head")
+        self.model, self.batch_size = model, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids, prompts, completions) -> torch.Tensor:
+        from kvlab.data.preferences import PreferencePair, collate_pairs
+
+        self.model.eval()
+        scores = []
+        for s in range(0, len(prompts), self.batch_size):
+            rows = [PreferencePair(tuple(p), tuple(c) or (p[-1],), tuple(c) or (p[-1],))
+                    for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size])]
+            tokens, attn, _ = collate_pairs(rows, pad_id=0)
+            scores.append(self.model.sequence_scores(tokens[:, 0].to(self.model.device),
+                                                     attention_mask=attn[:, 0].to(self.model.device))[:, 0].float())
+        return torch.cat(scores).cpu()
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: str = "group") -> torch.Tensor:
+    """``(N,)`` rewards in groups of ``group`` consecutive completions -> advantages (TRL's formula:
+    minus the group mean, divided by the group's — or the batch's — sample std + 1e-4)."""
+    if scale not in SCALE_REWARDS:
+        raise ConfigError(f"scale_rewards={scale!r} is not one of {list(SCALE_REWARDS)}")
+    grouped = rewards.view(-1, group)
+    advantages = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    if scale == "group":
+        std = grouped.std(1, keepdim=True).expand_as(grouped).flatten() if group > 1 else torch.zeros_like(rewards)
+    elif scale == "batch":
+        std = (rewards.std() if rewards.numel() > 1 else torch.zeros(())).expand_as(rewards)
+    else:
+        return advantages
+    return advantages / (std + 1e-4)
+
+
+def completion_token_logps(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """``(N, Tc)``: log p(completion token | prompt and the completion before it) for left-padded
+    prompts followed by right-padded completions."""
+    tokens = torch.cat([prompt, completion], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(tokens, attention_mask=mask)[:, prompt.shape[1] - 1:-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+
+
+def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    ref_logps: torch.Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
+                    epsilon_high: float = 0.2) -> torch.Tensor:
+    """The per-token GRPO loss ``(N, Tc)`` (see the module docstring), zero outside ``mask``."""
+    ratio = torch.exp(logps - old_logps)
+    a = advantages.unsqueeze(1)
+    loss = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * a)
+    if beta:
+        if ref_logps is None:
+            raise ConfigError("a KL term (beta > 0) needs the reference's log-probabilities")
+        d = ref_logps - logps
+        loss = loss + beta * (torch.exp(d) - d - 1)
+    return loss * mask
+
+
+def reduce_grpo_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """The batch's loss *summed over completions* (the loop divides by their number)."""
+    if loss_type == "grpo":
+        return (per_token.sum(1) / mask.sum(1).clamp_min(1)).sum()
+    return per_token.sum() / max_new_tokens
+
+
+class GRPOLoss(Objective):
+    """Group relative policy optimisation on :class:`PromptBatches` (see the module docstring)."""
+
+    name = "grpo"
+
+    def __init__(self, reward: Callable, *, num_generations: int = 8, max_new_tokens: int = 32,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 beta: float = 0.0, reference: Reference | None = None, epsilon: float = 0.2,
+                 epsilon_high: float | None = None, loss_type: str = "grpo", scale_rewards: str = "group",
+                 stop_tokens: Sequence[int] = (), pad_id: int = 0, seed: int = 0):
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type={loss_type!r} is not one of {list(LOSS_TYPES)}")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"scale_rewards={scale_rewards!r} is not one of {list(SCALE_REWARDS)}")
+        if not isinstance(num_generations, int) or num_generations < 2:
+            raise ConfigError(f"num_generations={num_generations!r} must be at least 2 (advantages compare the "
+                              f"completions of one prompt)")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        if not temperature > 0:
+            raise ConfigError(f"temperature={temperature!r} must be positive: GRPO samples its groups")
+        if beta < 0 or not 0 < epsilon < 1:
+            raise ConfigError(f"beta={beta!r} must be >= 0 and epsilon={epsilon!r} in (0, 1)")
+        if beta and reference is None:
+            raise ConfigError("beta > 0 adds a KL term to a reference; give Reference(model) or Reference() for an "
+                              "adapter's base")
+        self.reward, self.G, self.max_new_tokens = reward, num_generations, max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.beta, self.reference, self.loss_type, self.scale_rewards = beta, reference, loss_type, scale_rewards
+        self.epsilon_low, self.epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
+        self.stop, self.pad_id, self.seed = list(stop_tokens), pad_id, seed
+        self._metrics: dict[str, list[float]] = {}
+
+    def frozen_models(self) -> list[nn.Module]:
+        return self.reference.frozen() if self.reference is not None else []
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return batch[0].shape[0] * self.G
+
+    def rollouts(self, model: nn.Module, batch: tuple[torch.Tensor, ...]):
+        """Sample G completions per prompt: ``(prompts (N, Tp), prompt_mask, completions (N, Tc)
+        right-padded, completion_mask, prompt_ids (N,), rewards (N,))`` with N = B·G, groups consecutive."""
+        from kvlab.inference.generation import generate
+
+        tokens, mask, prompt_ids, step = batch
+        rows = [tokens[i][mask[i].bool()].tolist() for i in range(tokens.shape[0]) for _ in range(self.G)]
+        # The seed of a micro-batch: the run's seed, the step and the first prompt's place in the step.
+        seed = (self.seed * 1_000_003 + int(step[0]) * 7_919 + int(prompt_ids[0])) % 2**63
+        was = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            outs = generate(model, rows, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                            top_p=self.top_p, seed=seed, stop_tokens=self.stop)
+        finally:
+            model.train(was)
+        elapsed = time.perf_counter() - t0
+        ids = prompt_ids.repeat_interleave(self.G)
+        rewards = self.reward(ids.tolist(), rows, outs).float()
+        width = max(1, max(len(o) for o in outs))
+        completion = torch.full((len(outs), width), self.pad_id, dtype=torch.long)
+        completion_mask = torch.zeros(len(outs), width, dtype=torch.long)
+        for r, o in enumerate(outs):
+            completion[r, :len(o)] = torch.tensor(o, dtype=torch.long)
+            completion_mask[r, :len(o)] = 1
+        n_new = sum(len(o) for o in outs)
+        self._note(reward=float(rewards.mean()), completion_tokens=n_new / len(outs),
+                   rollout_tokens_per_s=n_new / max(elapsed, 1e-9))
+        dev = tokens.device
+        return (tokens.repeat_interleave(self.G, 0), mask.repeat_interleave(self.G, 0), completion.to(dev),
+                completion_mask.to(dev), ids, rewards.to(dev))
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        kvlab_model = getattr(model, "module", model)
+        prompt, prompt_mask, completion, completion_mask, _, rewards = self.rollouts(kvlab_model, batch)
+        advantages = group_advantages(rewards, self.G, self.scale_rewards)
+        logps = completion_token_logps(model, prompt, prompt_mask, completion, completion_mask)
+        ref = None
+        if self.beta:
+            with torch.no_grad():
+                if self.reference.model is not None:
+                    ref = completion_token_logps(self.reference.model, prompt, prompt_mask, completion,
+                                                 completion_mask)
+                else:
+                    with adapters_disabled(kvlab_model):
+                        ref = completion_token_logps(kvlab_model, prompt, prompt_mask, completion, completion_mask)
+        m = completion_mask.to(logps.dtype)
+        per_token = grpo_token_loss(logps, logps.detach(), advantages, m, ref_logps=ref, beta=self.beta,
+                                    epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high)
+        if ref is not None:
+            d = ref - logps.detach()
+            self._note(kl=float(((torch.exp(d) - d - 1) * m).sum() / m.sum().clamp_min(1)))
+        return reduce_grpo_loss(per_token, m, self.loss_type, self.max_new_tokens)
+
+    def _note(self, **values: float) -> None:
+        for k, v in values.items():
+            self._metrics.setdefault(k, []).append(v)
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = {k: float(np.mean(v)) for k, v in self._metrics.items()}
+        self._metrics.clear()
+        return out

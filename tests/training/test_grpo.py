@@ -1,0 +1,170 @@
+"""GRPO: group advantages against their closed form, the per-token loss against a float64 hand
+computation, rollouts through kvlab's cached generation, learning a dense reward on a tiny model,
+exact resume, and the KL to an adapter's base. (Parity with TRL's GRPO loss: test_trl_parity.py.)"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kvlab import ConfigError
+from kvlab.data.instruct import make_tasks
+from kvlab.io.tokenizer import ByteTokenizer
+from kvlab.peft import AdapterSpec, attach
+from kvlab.training import TrainConfig, train
+from kvlab.training.preference import Reference
+from kvlab.training.rl import (
+    ExactMatchReward,
+    GRPOLoss,
+    PromptBatches,
+    group_advantages,
+    grpo_token_loss,
+    prompts_from_conversations,
+    reduce_grpo_loss,
+)
+
+from conftest import make_model
+
+TOK = ByteTokenizer()
+LETTERS = set(TOK.encode("abcdefghijklmnopqrstuvwxyz", add_special_tokens=False))
+
+
+def test_group_advantages_closed_form_and_equal_rewards_give_zero():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(r, 4)
+    g = r[:4]
+    want = (g - g.mean()) / (((g - g.mean()) ** 2).sum() / 3).sqrt().add(1e-4)
+    torch.testing.assert_close(adv[:4], want)
+    assert torch.equal(adv[4:], torch.zeros(4))                     # a group with equal rewards learns nothing
+    torch.testing.assert_close(group_advantages(r, 4, "none"), torch.cat([g - 0.5, torch.zeros(4)]))
+    with pytest.raises(ConfigError, match="scale_rewards"):
+        group_advantages(r, 4, "median")
+
+
+def test_the_per_token_loss_is_the_clipped_surrogate_plus_k3():
+    g = torch.Generator().manual_seed(0)
+    logps, old, ref = (-torch.rand(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    got = grpo_token_loss(logps, old, adv, mask, ref_logps=ref, beta=0.04, epsilon_low=0.2, epsilon_high=0.28)
+    for i in range(3):
+        for t in range(5):
+            ratio = float(torch.exp(logps[i, t] - old[i, t]))
+            clipped = min(max(ratio, 0.8), 1.28)
+            d = float(ref[i, t] - logps[i, t])
+            a = adv[i].item()
+            want = (-min(ratio * a, clipped * a) + 0.04 * (math.exp(d) - d - 1)) * mask[i, t].item()
+            assert got[i, t].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
+    per_seq = [float(got[i].sum() / mask[i].sum()) for i in range(3)]
+    assert reduce_grpo_loss(got, mask, "grpo", 5).item() == pytest.approx(sum(per_seq))
+    assert reduce_grpo_loss(got, mask, "dr_grpo", 5).item() == pytest.approx(float(got.sum()) / 5)
+
+
+def _a_reward(prompt_ids, prompts, completions):
+    """Dense and learnable: the share of lower-case letters in the completion (~8 % at random)."""
+    return torch.tensor([sum(t in LETTERS for t in c) / max(len(c), 1) for c in completions])
+
+
+def _prompts(n=8):
+    return [TOK.encode(f"say {i}:", add_special_tokens=False) for i in range(n)]
+
+
+def _cfg(tmp_path, steps, **kw):
+    return TrainConfig(out_dir=str(tmp_path), max_steps=steps, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=0,
+                       weight_decay=0.0, log_every=1, eval_every=10**6, save_every=kw.pop("save_every", 10**6),
+                       seed=0, **kw)
+
+
+def test_grpo_learns_a_dense_reward_on_a_tiny_model(tmp_path):
+    model = make_model(seed=0)
+    objective = GRPOLoss(_a_reward, num_generations=4, max_new_tokens=8, temperature=1.0, pad_id=TOK.pad_token_id,
+                         seed=0)
+    train(model, PromptBatches(_prompts(), TOK.pad_token_id, 4), None, _cfg(tmp_path, 30), quiet=True,
+          objective=objective)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "completion_tokens", "rollout_tokens_per_s"} <= set(records[0])
+    first = sum(r["reward"] for r in records[:5]) / 5
+    last = sum(r["reward"] for r in records[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+
+
+def test_grpo_resumes_exactly(tmp_path):
+    def run(out, steps, resume=False):
+        model = make_model(seed=0)
+        objective = GRPOLoss(_a_reward, num_generations=3, max_new_tokens=6, pad_id=TOK.pad_token_id, seed=1)
+        train(model, PromptBatches(_prompts(), TOK.pad_token_id, 4), None, _cfg(out, steps, save_every=2),
+              quiet=True, objective=objective, resume=resume)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=True)
+    for a, b in zip(straight, resumed):
+        assert (a["loss"], a["reward"]) == (b["loss"], b["reward"])
+
+
+def test_kl_to_an_adapters_base_is_zero_before_the_adapter_moves():
+    model = make_model(seed=0)
+    attach(model, AdapterSpec("lora", {"r": 4}))
+    objective = GRPOLoss(_a_reward, num_generations=2, max_new_tokens=5, beta=0.1, reference=Reference(),
+                         pad_id=TOK.pad_token_id)
+    batch = PromptBatches(_prompts(2), TOK.pad_token_id, 2).batch(0)
+    objective.loss(model, batch)
+    assert objective.pop_metrics()["kl"] == 0.0
+
+
+def test_exact_match_reward_checks_the_builtin_answers():
+    conversations = make_tasks(5, seed=2)
+    prompts, answers = prompts_from_conversations(TOK, conversations)
+    reward = ExactMatchReward(TOK, answers, stop_tokens=[TOK.eos_token_id])
+    right = TOK.encode(answers[3], add_special_tokens=False) + [TOK.eos_token_id]
+    wrong = TOK.encode(answers[3] + "0", add_special_tokens=False)
+    assert reward([3, 3], [prompts[3]] * 2, [right, wrong]).tolist() == [1.0, 0.0]
+
+
+def test_grpo_options_are_checked():
+    with pytest.raises(ConfigError, match="num_generations"):
+        GRPOLoss(_a_reward, num_generations=1)
+    with pytest.raises(ConfigError, match="reference"):
+        GRPOLoss(_a_reward, beta=0.1)
+    with pytest.raises(ConfigError, match="loss_type"):
+        GRPOLoss(_a_reward, loss_type="ppo")
+
+
+def test_finetune_cli_runs_grpo_with_exact_match_and_with_a_reward_model(tmp_path, capsys):
+    """kvlab finetune --objective grpo on the built-in tasks: exact-match rewards, then the rewards of
+    a reward model trained (and merged) by kvlab finetune --objective reward; metrics carry rewards
+    and rollout speed, and a resumed run continues exactly."""
+    from kvlab.cli import main
+    from kvlab.io import save_checkpoint
+
+    model = make_model(seed=0)
+    model.tokenizer = TOK
+    save_checkpoint(model, tmp_path / "m")
+    assert main(["tasks", str(tmp_path / "t"), "--train", "40", "--test", "10"]) == 0
+    common = ["--method", "lora", "--batch-size", "4", "--lr", "3e-3", "--seq-len", "96"]
+    grpo = ["--objective", "grpo", "--data", str(tmp_path / "t" / "train.jsonl"), "--num-generations", "3",
+            "--max-new-tokens", "6", "--max-steps", "4", "--save-every", "2"]
+    assert main(["finetune", str(tmp_path / "m"), *grpo, "--out", str(tmp_path / "g"), *common]) == 0
+    brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert brief["objective"] == "grpo" and brief["final_reward"] == 0.0       # a random model answers nothing
+    records = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["rollout_tokens_per_s"] > 0 for r in records)
+
+    assert main(["finetune", str(tmp_path / "m"), "--objective", "reward", "--data",
+                 str(tmp_path / "t" / "preferences_train.jsonl"), "--max-steps", "3", "--merge",
+                 "--out", str(tmp_path / "rm"), *common]) == 0
+    capsys.readouterr()
+    with_rm = [*grpo, "--reward-model", str(tmp_path / "rm" / "merged"), "--beta", "0.04"]
+    assert main(["finetune", str(tmp_path / "m"), *with_rm, "--out", str(tmp_path / "g2"), *common]) == 0
+    straight = [json.loads(x) for x in (tmp_path / "g2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward"] != 0.0 and "kl" in r for r in straight)
+    # Killed after step 2's checkpoint (simulated: the same run without its step-4 checkpoint), resumed.
+    import shutil
+
+    shutil.copytree(tmp_path / "g2", tmp_path / "g3")
+    shutil.rmtree(tmp_path / "g3" / "checkpoints" / "step_0000004")
+    assert main(["finetune", str(tmp_path / "m"), *with_rm, "--out", str(tmp_path / "g3"), "--resume", *common]) == 0
+    resumed = [json.loads(x) for x in (tmp_path / "g3" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["reward"]) for r in resumed] == [(r["loss"], r["reward"]) for r in straight]

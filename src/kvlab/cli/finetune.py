@@ -18,11 +18,12 @@ def add_parser(sub) -> None:
                                    "OUT/summary.json; checkpoints for --resume.")
     model_args(p)
     p.add_argument("--method", required=True, choices=["lora", "qlora", "adalora", "prefix", "ptuning", "prompt"])
-    p.add_argument("--objective", default="sft", choices=["sft", "reward", "dpo", "grpo"],
+    p.add_argument("--objective", default="sft", choices=["sft", "reward", "dpo", "grpo", "ppo"],
                    help="sft (chat data, loss on assistant tokens; default), reward (a reward model: a score head "
                         "trained with the adapter on preference pairs, Bradley-Terry), dpo (preference pairs, "
-                        "the adapter-free base as reference) or grpo (online RL on chat tasks: groups sampled with "
-                        "the KV cache, rewarded by exact match with the answer or by --reward-model)")
+                        "the adapter-free base as reference), grpo (online RL on chat tasks: groups sampled with "
+                        "the KV cache, rewarded by exact match with the answer or by --reward-model) or ppo (the "
+                        "same rollouts, one per prompt by default, a value head, GAE and a per-token KL penalty)")
     p.add_argument("--data", required=True, metavar="FILE",
                    help="chat JSONL (sft) or preference JSONL in TRL's formats (reward, dpo); kvlab tasks writes both")
     p.add_argument("--eval-data", metavar="FILE", help="held-out chat JSONL (sft, dpo: exact-match accuracy) or "
@@ -59,10 +60,13 @@ def add_parser(sub) -> None:
     pref.add_argument("--loss-type", choices=["sigmoid", "ipo", "simpo", "grpo", "dr_grpo"],
                       help="dpo: DPO (sigmoid, default), IPO, or SimPO (reference-free); grpo: grpo (per-completion "
                            "mean, default) or dr_grpo (token sum over completions x max new tokens)")
-    pref.add_argument("--num-generations", type=positive_int, default=8, help="grpo: completions per prompt")
+    pref.add_argument("--num-generations", type=positive_int,
+                      help="grpo: completions per prompt (default 8); ppo: (default 1)")
     pref.add_argument("--max-new-tokens", type=positive_int, default=32, help="grpo: longest completion")
     pref.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature of the rollouts")
     pref.add_argument("--epsilon", type=float, default=0.2, help="grpo: clipping range of the ratio")
+    pref.add_argument("--kl-coef", type=float, default=0.05, help="ppo: per-token KL penalty to the adapter-free base")
+    pref.add_argument("--vf-coef", type=float, default=0.1, help="ppo: weight of the value loss")
     pref.add_argument("--reward-model", metavar="MODEL",
                       help="grpo: score completions with this reward model (a model with a score head, e.g. "
                            "finetune --objective reward --merge's OUT/merged) instead of exact match")
@@ -103,8 +107,15 @@ def run(args: argparse.Namespace) -> int:
                          + (f"; choose one of {', '.join(losses[args.objective])}" if args.objective in losses else ""))
     loss_type = args.loss_type or {"dpo": "sigmoid", "grpo": "grpo"}.get(args.objective)
     beta = args.beta if args.beta is not None else {"dpo": 0.1, "grpo": 0.0}.get(args.objective, 0.1)
-    if args.reward_model and args.objective != "grpo":
-        raise UsageError("kvlab finetune: --reward-model scores GRPO's rollouts; it goes with --objective grpo")
+    rl = args.objective in ("grpo", "ppo")
+    if args.reward_model and not rl:
+        raise UsageError("kvlab finetune: --reward-model scores RL rollouts; it goes with --objective grpo or ppo")
+    generations = args.num_generations or (8 if args.objective == "grpo" else 1)
+    if args.objective == "grpo" and generations < 2:
+        raise UsageError(f"kvlab finetune: --num-generations {generations}: GRPO compares the completions of one "
+                         f"prompt, so it needs at least 2")
+    if args.objective == "ppo" and not (args.kl_coef >= 0 and args.vf_coef >= 0):
+        raise UsageError(f"kvlab finetune: --kl-coef {args.kl_coef} and --vf-coef {args.vf_coef} must be >= 0")
     preferences = args.objective in ("reward", "dpo")
     if preferences:
         from kvlab.data.preferences import read_preference_jsonl
@@ -123,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if not (beta > 0 or (args.objective == "grpo" and beta == 0)) or beta == float("inf"):
         raise UsageError(f"kvlab finetune: --beta {beta} must be a positive number (dpo: 0.1 is usual; grpo: 0 or "
                          f"e.g. 0.04)")
-    if args.objective == "grpo" and not (0 < args.epsilon < 1 and args.temperature > 0):
+    if rl and not (0 < args.epsilon < 1 and args.temperature > 0):
         raise UsageError(f"kvlab finetune: --epsilon {args.epsilon} must be in (0, 1) and --temperature "
                          f"{args.temperature} positive (GRPO samples its groups)")
     if args.center_rewards is not None and not (0 <= args.center_rewards < float("inf")):
@@ -165,18 +176,20 @@ def run(args: argparse.Namespace) -> int:
             objective = DPOLoss(None if loss_type == "simpo" else Reference(), beta=beta,
                                 loss_type=loss_type, simpo_gamma=args.simpo_gamma)
         n_rows = len(batches.rows)
-    elif args.objective == "grpo":
+    elif rl:
         from kvlab.training.preference import Reference
         from kvlab.training.rl import (
             ExactMatchReward,
             GRPOLoss,
+            PPOLoss,
             PromptBatches,
             RewardModelReward,
             prompts_from_conversations,
         )
 
         if args.pack:
-            raise UsageError("kvlab finetune: --pack is for chat data (sft); GRPO samples one completion per row")
+            raise UsageError(f"kvlab finetune: --pack is for chat data (sft); {args.objective} samples one completion "
+                             f"per row")
         tok = model.tokenizer
         prompts, answers = prompts_from_conversations(tok, train_convs)
         stop = [t for t in {tok.eos_token_id, model.cfg.eos_token_id} if t is not None]
@@ -188,9 +201,17 @@ def run(args: argparse.Namespace) -> int:
             reward = RewardModelReward(load(args.reward_model, device=args.device))
         else:
             reward = ExactMatchReward(tok, answers, stop)
-        objective = GRPOLoss(reward, num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, beta=beta, reference=Reference() if beta else None,
-                             epsilon=args.epsilon, loss_type=loss_type, stop_tokens=stop, pad_id=pad, seed=args.seed)
+        sampling = dict(num_generations=generations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        epsilon=args.epsilon, stop_tokens=stop, pad_id=pad, seed=args.seed)
+        if args.objective == "grpo":
+            objective = GRPOLoss(reward, beta=beta, reference=Reference() if beta else None, loss_type=loss_type,
+                                 **sampling)
+        else:
+            from kvlab.models.heads import add_score_head
+
+            add_score_head(model, seed=args.seed)            # the value head, trained with the adapter
+            objective = PPOLoss(reward, kl_coef=args.kl_coef, vf_coef=args.vf_coef,
+                                reference=Reference() if args.kl_coef else None, **sampling)
         n_rows = len(batches.rows)
     else:
         batches = ChatBatches(train_convs, model.tokenizer, args.seq_len, args.batch_size, pack=args.pack,
@@ -207,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"model": args.model, "adapter_method": args.method, "options": spec.options, "data": args.data,
                 "objective": args.objective, "beta": beta, "loss_type": loss_type,
                 "simpo_gamma": args.simpo_gamma, "center_rewards": args.center_rewards,
-                "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
+                "num_generations": generations, "max_new_tokens": args.max_new_tokens, "kl_coef": args.kl_coef,
+                "vf_coef": args.vf_coef,
                 "temperature": args.temperature, "epsilon": args.epsilon, "reward_model": args.reward_model,
                 "eval_data": args.eval_data, "eval_limit": args.eval_limit, "pack": args.pack, "merge": args.merge,
                 **run_settings(cfg)}

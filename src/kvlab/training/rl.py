@@ -1,5 +1,6 @@
-"""Online RL: GRPO (Shao et al. 2024, DeepSeekMath), with rollouts from kvlab's batched cached
-generation — on any attention kind, so a model with a smaller KV cache samples its groups faster.
+"""Online RL: GRPO (Shao et al. 2024, DeepSeekMath) and PPO (:class:`PPOLoss`: a value head,
+GAE, clipped policy and value losses, a per-token KL penalty), with rollouts from kvlab's batched
+cached generation — on any attention kind, so a model with a smaller KV cache samples faster.
 
 A step's batch is ``B`` prompts (:class:`PromptBatches`). For each, :class:`GRPOLoss` samples ``G``
 completions in one batched ``generate`` call (the model in eval mode, a seed fixed by the prompt's
@@ -176,6 +177,7 @@ class GRPOLoss(Objective):
     """Group relative policy optimisation on :class:`PromptBatches` (see the module docstring)."""
 
     name = "grpo"
+    MIN_GENERATIONS = 2
 
     def __init__(self, reward: Callable, *, num_generations: int = 8, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -186,9 +188,9 @@ class GRPOLoss(Objective):
             raise ConfigError(f"loss_type={loss_type!r} is not one of {list(LOSS_TYPES)}")
         if scale_rewards not in SCALE_REWARDS:
             raise ConfigError(f"scale_rewards={scale_rewards!r} is not one of {list(SCALE_REWARDS)}")
-        if not isinstance(num_generations, int) or num_generations < 2:
-            raise ConfigError(f"num_generations={num_generations!r} must be at least 2 (advantages compare the "
-                              f"completions of one prompt)")
+        if not isinstance(num_generations, int) or num_generations < self.MIN_GENERATIONS:
+            raise ConfigError(f"num_generations={num_generations!r} must be at least {self.MIN_GENERATIONS} "
+                              f"(GRPO's advantages compare the completions of one prompt)")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         if not temperature > 0:
@@ -274,3 +276,107 @@ class GRPOLoss(Objective):
         out = {k: float(np.mean(v)) for k, v in self._metrics.items()}
         self._metrics.clear()
         return out
+
+
+# ------------------------------------------------------------------------------------------- PPO
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded rows ``(N, T)`` (Schulman et al. 2016):
+    ``δ_t = r_t + γ V_{t+1} − V_t`` (``V`` is 0 after a row's last token), ``A_t = Σ_k (γλ)^k δ_{t+k}``;
+    returns ``(advantages, returns = A + V)``, zero outside ``mask``."""
+    mask = mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        following = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * following - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` normalised to mean 0 and std 1 over the ``mask``ed entries (PPO's advantage whitening)."""
+    m = mask.to(x.dtype)
+    mean = (x * m).sum() / m.sum().clamp_min(1)
+    var = (((x - mean) * m) ** 2).sum() / (m.sum() - 1).clamp_min(1)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * m
+
+
+def policy_and_values(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor,
+                      completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logps, values)`` ``(N, Tc)`` from one pass of a model with a score head: the policy's
+    log-probability of each completion token and the value head's estimate at the position that
+    predicts it (the state before the token)."""
+    kvlab_model = getattr(model, "module", model)
+    tokens = torch.cat([prompt, completion], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    h = kvlab_model.hidden_states(tokens, attention_mask=mask)[:, prompt.shape[1] - 1:-1]
+    logits = kvlab_model.lm_head(h)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logps = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    values = kvlab_model.score(h)[..., 0]
+    return logps, values.to(logps.dtype)
+
+
+class PPOLoss(GRPOLoss):
+    """PPO for language models (Ouyang et al. 2022, as TRL's PPOTrainer): one completion per prompt
+    (``num_generations``), the sequence reward at its last token plus a per-token KL penalty
+    ``−kl_coef · (logp − ref)``, GAE on a value head (the model's score head, read per token),
+    whitened advantages, the clipped policy loss and the clipped value loss (``vf_coef``).
+
+    One optimisation pass per rollout batch, as the loop makes one optimizer step per batch: the
+    ratio starts at 1 and the old values are the current ones, so the clipping bounds the step
+    within that pass. The loss is the masked mean over the completion tokens of each micro-batch."""
+
+    name = "ppo"
+    MIN_GENERATIONS = 1
+
+    def __init__(self, reward: Callable, *, kl_coef: float = 0.05, gamma: float = 1.0, lam: float = 0.95,
+                 vf_coef: float = 0.1, cliprange_value: float = 0.2, num_generations: int = 1, **kw):
+        reference = kw.pop("reference", None)
+        super().__init__(reward, num_generations=num_generations, reference=reference, **kw)
+        if kl_coef < 0 or not 0 <= gamma <= 1 or not 0 <= lam <= 1 or vf_coef < 0:
+            raise ConfigError(f"kl_coef={kl_coef}, gamma={gamma}, lam={lam}, vf_coef={vf_coef}: kl_coef and vf_coef "
+                              f"must be >= 0, gamma and lam in [0, 1]")
+        if kl_coef and reference is None:
+            raise ConfigError("kl_coef > 0 penalises the distance to a reference; give Reference(model) or "
+                              "Reference() for an adapter's base")
+        self.kl_coef, self.gamma, self.lam = kl_coef, gamma, lam
+        self.vf_coef, self.cliprange_value = vf_coef, cliprange_value
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        kvlab_model = getattr(model, "module", model)
+        if not getattr(kvlab_model.cfg, "score_outputs", None):
+            raise ConfigError("PPO needs a value head: add_score_head(model) before training")
+        prompt, prompt_mask, completion, completion_mask, _, scores = self.rollouts(kvlab_model, batch)
+        m = completion_mask.to(torch.float32)
+        logps, values = policy_and_values(model, prompt, prompt_mask, completion, completion_mask)
+        m = m.to(logps.dtype)
+        with torch.no_grad():
+            old_logps, old_values = logps.detach(), values.detach()
+            rewards = torch.zeros_like(old_logps)
+            if self.kl_coef:
+                if self.reference.model is not None:
+                    ref = completion_token_logps(self.reference.model, prompt, prompt_mask, completion,
+                                                 completion_mask)
+                else:
+                    with adapters_disabled(kvlab_model):
+                        ref = completion_token_logps(kvlab_model, prompt, prompt_mask, completion, completion_mask)
+                kl = (old_logps - ref) * m
+                rewards = rewards - self.kl_coef * kl
+                self._note(kl=float(kl.sum() / m.sum().clamp_min(1)))
+            last = (completion_mask.sum(1) - 1).clamp_min(0)
+            rewards[torch.arange(len(last)), last] += scores.to(rewards.dtype)
+            advantages, returns = gae(rewards, old_values, m, self.gamma, self.lam)
+            advantages = masked_whiten(advantages, m)
+        ratio = torch.exp(logps - old_logps)
+        pg = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - self.epsilon_low,
+                                                                     1 + self.epsilon_high))
+        clipped_v = old_values + torch.clamp(values - old_values, -self.cliprange_value, self.cliprange_value)
+        vf = 0.5 * torch.max((values - returns) ** 2, (clipped_v - returns) ** 2)
+        n = m.sum().clamp_min(1)
+        pg_loss, vf_loss = (pg * m).sum() / n, (vf * m).sum() / n
+        self._note(value_loss=float(vf_loss), policy_loss=float(pg_loss))
+        return (pg_loss + self.vf_coef * vf_loss) * completion.shape[0]

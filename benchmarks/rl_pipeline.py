@@ -1,0 +1,151 @@
+"""The post-training pipeline on SmolLM2-135M: SFT with LoRA -> reward model -> DPO and GRPO, with
+exact-match accuracy on held-out instruction tasks at each stage, and rollout throughput of the
+original GQA-3 model against its MQA conversion at the same batch.
+
+Stages (each from the merged SFT model, LoRA r 8 on q/k/v/o, the built-in tasks of `kvlab tasks`):
+
+1. SFT on chat (``--sft-steps``), merged into the weights: the starting point of the rest;
+2. a reward model (score head + LoRA, Bradley-Terry) on preference pairs; pairwise accuracy on
+   held-out pairs;
+3. DPO (beta 0.1) on the same pairs, the adapter-free SFT model as reference;
+4. GRPO with the exact-match reward (``--grpo-prompts`` prompts x ``--generations`` per step).
+
+Then rollouts: ``--rollout-batch`` task prompts, ``--rollout-tokens`` new tokens each (sampling,
+no stop), generated with the KV cache by the GQA-3 model and by its MQA conversion (mean pooling;
+its quality is not the point here), timed, with the KV cache's bytes.
+
+    python benchmarks/rl_pipeline.py [--out benchmarks/results/rl_pipeline.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvlab.convert.heads import convert
+from kvlab.data.chat import ChatBatches
+from kvlab.data.instruct import make_preference_tasks, make_tasks
+from kvlab.data.preferences import PreferenceBatches, encode_preference
+from kvlab.eval.tasks import task_accuracy
+from kvlab.inference.generation import generate
+from kvlab.io import load, save_checkpoint
+from kvlab.models.heads import add_score_head
+from kvlab.peft import AdapterSpec
+from kvlab.peft.lora import merge_and_unload
+from kvlab.recipes.finetune import finetune
+from kvlab.training import TrainConfig
+from kvlab.training.preference import DPOLoss, Reference, RewardLoss
+from kvlab.training.rl import ExactMatchReward, GRPOLoss, PromptBatches, prompts_from_conversations
+
+LORA = AdapterSpec("lora", {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+
+
+def _cfg(out: Path, steps: int, batch: int, lr: float, seq_len: int = 64) -> TrainConfig:
+    return TrainConfig(out_dir=str(out), max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, warmup_steps=5,
+                       weight_decay=0.0, eval_every=steps, save_every=steps, log_every=10, seed=0,
+                       train_only="adapter")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--sft-steps", type=int, default=80)
+    ap.add_argument("--rm-steps", type=int, default=60)
+    ap.add_argument("--dpo-steps", type=int, default=60)
+    ap.add_argument("--grpo-steps", type=int, default=40)
+    ap.add_argument("--grpo-prompts", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--rollout-batch", type=int, default=64)
+    ap.add_argument("--rollout-tokens", type=int, default=128)
+    ap.add_argument("--out", default="benchmarks/results/rl_pipeline.json")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kvlab-rl-"))
+    train_convs, test_convs = make_tasks(2000, 0), make_tasks(args.test, 1_000_003)
+    train_prefs, test_prefs = make_preference_tasks(2000, 0), make_preference_tasks(args.test, 1_000_003)
+    results: dict = {"stages": {}}
+
+    def stage(name: str, summary: dict, seconds: float, **extra) -> None:
+        row = {"seconds": round(seconds, 1), "first_loss": summary.get("first_loss"),
+               "final_loss": summary.get("final_loss"), **extra}
+        for k in ("accuracy_after", "pairwise_accuracy_before", "pairwise_accuracy_after"):
+            if k in summary:
+                row[k] = summary[k]["accuracy"]
+        if "accuracy_after" in summary:
+            row["per_task"] = summary["accuracy_after"]["per_task"]
+        for k in ("first_reward", "final_reward", "rollout_tokens_per_s"):
+            if k in summary:
+                row[k] = summary[k]
+        results["stages"][name] = row
+        print(name, json.dumps(row), flush=True)
+
+    base = load(args.model)
+    tok = base.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    results["original_accuracy"] = task_accuracy(base, tok, test_convs)["accuracy"]
+
+    t0 = time.perf_counter()
+    s = finetune(base, tok, LORA, ChatBatches(train_convs, tok, 64, 16), _cfg(work / "sft", args.sft_steps, 16, 2e-4),
+                 eval_conversations=test_convs, quiet=True)
+    sft = merge_and_unload(base)
+    sft.tokenizer = tok
+    save_checkpoint(sft, work / "sft-model")
+    stage("sft", s, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    rm = add_score_head(load(work / "sft-model"), seed=0)
+    pairs = [encode_preference(tok, r) for r in train_prefs]
+    held = PreferenceBatches([encode_preference(tok, r) for r in test_prefs], pad, 64, 16)
+    s = finetune(rm, tok, LORA, PreferenceBatches(pairs, pad, 64, 16), _cfg(work / "rm", args.rm_steps, 16, 1e-3),
+                 objective=RewardLoss(), eval_pairs=held, quiet=True)
+    stage("reward model", s, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    s = finetune(load(work / "sft-model"), tok, LORA, PreferenceBatches(pairs, pad, 64, 8),
+                 _cfg(work / "dpo", args.dpo_steps, 8, 2e-4), objective=DPOLoss(Reference(), beta=0.1),
+                 eval_conversations=test_convs, quiet=True)
+    stage("dpo", s, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    prompts, answers = prompts_from_conversations(tok, train_convs)
+    stop = [t for t in {tok.eos_token_id, base.cfg.eos_token_id} if t is not None]
+    objective = GRPOLoss(ExactMatchReward(tok, answers, stop), num_generations=args.generations, max_new_tokens=12,
+                         temperature=1.0, stop_tokens=stop, pad_id=pad, seed=0)
+    s = finetune(load(work / "sft-model"), tok, LORA, PromptBatches(prompts, pad, args.grpo_prompts),
+                 _cfg(work / "grpo", args.grpo_steps, args.grpo_prompts, 1e-4), objective=objective,
+                 eval_conversations=test_convs, quiet=True)
+    stage("grpo", s, time.perf_counter() - t0)
+
+    # Rollout throughput: the same prompts and batch through GQA-3 and its MQA conversion.
+    rollout_prompts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True)
+                       for c in (train_convs * 2)[:args.rollout_batch]]
+    original = load(args.model).eval()
+    rows = []
+    for name, model in (("GQA-3 (original)", original), ("MQA (converted)", convert(original, n_kv_head=1))):
+        n = args.rollout_batch * args.rollout_tokens
+        cache_bytes = model.new_cache(args.rollout_batch, max(map(len, rollout_prompts)) + args.rollout_tokens).nbytes
+        times = []
+        for rep in range(2):
+            t = time.perf_counter()
+            generate(model, rollout_prompts, args.rollout_tokens, temperature=1.0, seed=rep, stop_tokens=[])
+            times.append(time.perf_counter() - t)
+        rows.append({"model": name, "kv_bytes_per_token": model.cfg.kv_bytes_per_token("fp32"),
+                     "kv_cache_bytes": cache_bytes, "seconds": min(times), "tokens_per_s": n / min(times)})
+        print(json.dumps(rows[-1]), flush=True)
+    results["rollouts"] = {"batch": args.rollout_batch, "new_tokens": args.rollout_tokens, "rows": rows}
+    results["meta"] = {k: v for k, v in vars(args).items()} | {
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

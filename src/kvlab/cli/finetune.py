@@ -116,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
                          f"prompt, so it needs at least 2")
     if args.objective == "ppo" and not (args.kl_coef >= 0 and args.vf_coef >= 0):
         raise UsageError(f"kvlab finetune: --kl-coef {args.kl_coef} and --vf-coef {args.vf_coef} must be >= 0")
+    if not (beta > 0 or (args.objective == "grpo" and beta == 0)) or beta == float("inf"):
+        raise UsageError(f"kvlab finetune: --beta {beta} must be a positive number (dpo: 0.1 is usual; grpo: 0 or "
+                         f"e.g. 0.04)")
+    if rl and not (0 < args.epsilon < 1 and args.temperature > 0):
+        raise UsageError(f"kvlab finetune: --epsilon {args.epsilon} must be in (0, 1) and --temperature "
+                         f"{args.temperature} positive (GRPO samples its groups)")
     preferences = args.objective in ("reward", "dpo")
     if preferences:
         from kvlab.data.preferences import read_preference_jsonl
@@ -131,12 +137,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         train_convs = read_chat_jsonl(args.data)
         eval_convs = read_chat_jsonl(args.eval_data)[:args.eval_limit] if args.eval_data else None
-    if not (beta > 0 or (args.objective == "grpo" and beta == 0)) or beta == float("inf"):
-        raise UsageError(f"kvlab finetune: --beta {beta} must be a positive number (dpo: 0.1 is usual; grpo: 0 or "
-                         f"e.g. 0.04)")
-    if rl and not (0 < args.epsilon < 1 and args.temperature > 0):
-        raise UsageError(f"kvlab finetune: --epsilon {args.epsilon} must be in (0, 1) and --temperature "
-                         f"{args.temperature} positive (GRPO samples its groups)")
     if args.center_rewards is not None and not (0 <= args.center_rewards < float("inf")):
         raise UsageError(f"kvlab finetune: --center-rewards {args.center_rewards} must be a non-negative number")
     if (args.max_steps is None) == (args.epochs is None):

@@ -64,8 +64,15 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--rollout-batch", type=int, default=64)
     ap.add_argument("--rollout-tokens", type=int, default=128)
+    ap.add_argument("--rollouts-only", action="store_true",
+                    help="measure only the rollout throughput (on a quiet machine) and update --out's rollouts")
     ap.add_argument("--out", default="benchmarks/results/rl_pipeline.json")
     args = ap.parse_args()
+    if args.rollouts_only:
+        results = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        results["rollouts"] = rollouts(args)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        return
 
     work = Path(tempfile.mkdtemp(prefix="kvlab-rl-"))
     train_convs, test_convs = make_tasks(2000, 0), make_tasks(args.test, 1_000_003)
@@ -123,28 +130,35 @@ def main() -> None:
                  eval_conversations=test_convs, quiet=True)
     stage("grpo", s, time.perf_counter() - t0)
 
-    # Rollout throughput: the same prompts and batch through GQA-3 and its MQA conversion.
-    rollout_prompts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True)
-                       for c in (train_convs * 2)[:args.rollout_batch]]
-    original = load(args.model).eval()
-    rows = []
-    for name, model in (("GQA-3 (original)", original), ("MQA (converted)", convert(original, n_kv_head=1))):
-        n = args.rollout_batch * args.rollout_tokens
-        cache_bytes = model.new_cache(args.rollout_batch, max(map(len, rollout_prompts)) + args.rollout_tokens).nbytes
-        times = []
-        for rep in range(2):
-            t = time.perf_counter()
-            generate(model, rollout_prompts, args.rollout_tokens, temperature=1.0, seed=rep, stop_tokens=[])
-            times.append(time.perf_counter() - t)
-        rows.append({"model": name, "kv_bytes_per_token": model.cfg.kv_bytes_per_token("fp32"),
-                     "kv_cache_bytes": cache_bytes, "seconds": min(times), "tokens_per_s": n / min(times)})
-        print(json.dumps(rows[-1]), flush=True)
-    results["rollouts"] = {"batch": args.rollout_batch, "new_tokens": args.rollout_tokens, "rows": rows}
+    results["rollouts"] = rollouts(args)
     results["meta"] = {k: v for k, v in vars(args).items()} | {
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def rollouts(args) -> dict:
+    """The same task prompts and batch through GQA-3 and its MQA conversion: new tokens per second
+    (best of two) and the KV cache's bytes."""
+    original = load(args.model).eval()
+    tok = original.tokenizer
+    prompts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True)
+               for c in make_tasks(args.rollout_batch, 0)]
+    rows = []
+    for name, model in (("GQA-3 (original)", original), ("MQA (converted)", convert(original, n_kv_head=1))):
+        n = args.rollout_batch * args.rollout_tokens
+        cache_bytes = model.new_cache(args.rollout_batch, max(map(len, prompts)) + args.rollout_tokens).nbytes
+        times = []
+        for rep in range(2):
+            t = time.perf_counter()
+            generate(model, prompts, args.rollout_tokens, temperature=1.0, seed=rep, stop_tokens=[])
+            times.append(time.perf_counter() - t)
+        rows.append({"model": name, "kv_bytes_per_token": model.cfg.kv_bytes_per_token("fp32"),
+                     "kv_cache_bytes": cache_bytes, "seconds": min(times), "tokens_per_s": n / min(times)})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"batch": args.rollout_batch, "new_tokens": args.rollout_tokens, "threads": torch.get_num_threads(),
+            "rows": rows}
 
 
 if __name__ == "__main__":

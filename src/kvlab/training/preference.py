@@ -89,21 +89,25 @@ class Reference:
         if ids is not None and all(i in self._memo for i in ids):
             chosen, rejected = zip(*(self._memo[i] for i in ids))
             return torch.tensor([*chosen, *rejected], dtype=torch.float32, device=tokens.device)
-        with torch.no_grad():
-            if self.model is not None:
-                out, _ = completion_logps(self.model, tokens, attention_mask, completion_mask)
-            else:
-                was_training = policy.training
-                policy.eval()              # no dropout in the reference
-                try:
-                    with adapters_disabled(policy):
-                        out, _ = completion_logps(policy, tokens, attention_mask, completion_mask)
-                finally:
-                    policy.train(was_training)
+        out, _ = self.run(policy, lambda m: completion_logps(m, tokens, attention_mask, completion_mask))
         if ids is not None:
             for k, i in enumerate(ids):
                 self._memo[i] = (float(out[k]), float(out[B + k]))
         return out
+
+    @torch.no_grad()
+    def run(self, policy: nn.Module, fn):
+        """``fn(reference)`` without gradients: on the frozen model, or on ``policy`` with its
+        adapter switched off (in eval mode: no dropout in a reference)."""
+        if self.model is not None:
+            return fn(self.model)
+        was_training = policy.training
+        policy.eval()
+        try:
+            with adapters_disabled(policy):
+                return fn(policy)
+        finally:
+            policy.train(was_training)
 
     def frozen(self) -> list[nn.Module]:
         return [self.model] if self.model is not None else []

@@ -32,7 +32,7 @@ from torch import nn
 from kvlab.data.chat import epoch_indices
 from kvlab.errors import ConfigError
 from kvlab.training.objectives import Objective
-from kvlab.training.preference import Reference, adapters_disabled
+from kvlab.training.preference import Reference
 
 LOSS_TYPES = ("grpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -253,13 +253,8 @@ class GRPOLoss(Objective):
         logps = completion_token_logps(model, prompt, prompt_mask, completion, completion_mask)
         ref = None
         if self.beta:
-            with torch.no_grad():
-                if self.reference.model is not None:
-                    ref = completion_token_logps(self.reference.model, prompt, prompt_mask, completion,
-                                                 completion_mask)
-                else:
-                    with adapters_disabled(kvlab_model):
-                        ref = completion_token_logps(kvlab_model, prompt, prompt_mask, completion, completion_mask)
+            ref = self.reference.run(kvlab_model, lambda r: completion_token_logps(
+                r, prompt, prompt_mask, completion, completion_mask))
         m = completion_mask.to(logps.dtype)
         per_token = grpo_token_loss(logps, logps.detach(), advantages, m, ref_logps=ref, beta=self.beta,
                                     epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high)
@@ -358,12 +353,8 @@ class PPOLoss(GRPOLoss):
             old_logps, old_values = logps.detach(), values.detach()
             rewards = torch.zeros_like(old_logps)
             if self.kl_coef:
-                if self.reference.model is not None:
-                    ref = completion_token_logps(self.reference.model, prompt, prompt_mask, completion,
-                                                 completion_mask)
-                else:
-                    with adapters_disabled(kvlab_model):
-                        ref = completion_token_logps(kvlab_model, prompt, prompt_mask, completion, completion_mask)
+                ref = self.reference.run(kvlab_model, lambda r: completion_token_logps(
+                    r, prompt, prompt_mask, completion, completion_mask))
                 kl = (old_logps - ref) * m
                 rewards = rewards - self.kl_coef * kl
                 self._note(kl=float(kl.sum() / m.sum().clamp_min(1)))

@@ -18,8 +18,8 @@ LAYERS = [
     ["io"],
     ["convert", "peft"],
     ["data"],
-    ["training"],
     ["inference", "eval"],
+    ["training"],          # above generation: RL objectives sample their rollouts with it
     ["recipes", "study"],
     ["cli", "__main__"],
 ]

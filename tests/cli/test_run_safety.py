@@ -151,6 +151,11 @@ def test_two_runs_on_one_directory_the_second_is_refused_and_a_stale_lock_is_tak
 # so the test never depends on how fast the machine is.
 SIGINT_AFTER_SECOND_SAVE = """
 import signal
+# A signal mask is inherited across exec: if the test process happens to have SIGINT blocked (a
+# library spawning a helper blocks it around the spawn), the child would never receive it. A
+# user's shell never blocks it; make the child's state that one.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import kvlab.training.loop as loop
 real, calls = loop.save_training_checkpoint, [0]
 def saving(*args, **kwargs):

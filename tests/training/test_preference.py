@@ -109,6 +109,9 @@ def test_dpo_ipo_and_simpo_losses_equal_hand_computations():
     ipo = sum((((a - c) / m) - ((b - d) / k) - 1 / (2 * beta)) ** 2 for (a, b), (c, d), (m, k) in zip(pi, rho, lens))
     assert DPOLoss(Reference(ref), beta=beta, loss_type="ipo").loss(policy, (tokens, attn, comp)).item() == \
         pytest.approx(ipo, rel=1e-9)
+    rpo = want - 0.7 * sum(a for a, _ in pi) / sum(m for m, _ in lens) * len(pairs)    # + w · NLL(chosen)/token
+    assert DPOLoss(Reference(ref), beta=beta, sft_weight=0.7).loss(policy, (tokens, attn, comp)).item() == \
+        pytest.approx(rpo, rel=1e-9)
     simpo = sum(-math.log(1 / (1 + math.exp(-(beta * (a / m - b / k) - 0.5)))) for (a, b), (m, k) in zip(pi, lens))
     assert DPOLoss(beta=beta, loss_type="simpo").loss(policy, (tokens, attn, comp)).item() == \
         pytest.approx(simpo, rel=1e-9)

@@ -71,6 +71,8 @@ def add_parser(sub) -> None:
                       help="grpo: score completions with this reward model (a model with a score head, e.g. "
                            "finetune --objective reward --merge's OUT/merged) instead of exact match")
     pref.add_argument("--simpo-gamma", type=float, default=0.5, help="dpo --loss-type simpo: the target margin")
+    pref.add_argument("--sft-weight", type=float, default=0.0,
+                      help="dpo: add this weight times the chosen answers' NLL per token (RPO; 1.0 is its choice)")
     pref.add_argument("--center-rewards", type=float, help="reward: centring coefficient c · (r+ + r-)^2 (e.g. 0.01)")
     prompt = p.add_argument_group("prefix / P-tuning v2 / prompt tuning")
     prompt.add_argument("--virtual-tokens", type=positive_int, default=16)
@@ -173,8 +175,10 @@ def run(args: argparse.Namespace) -> int:
             add_score_head(model, seed=args.seed)
             objective = RewardLoss(center_coefficient=args.center_rewards)
         else:
+            if not 0 <= args.sft_weight < float("inf"):
+                raise UsageError(f"kvlab finetune: --sft-weight {args.sft_weight} must be a non-negative number")
             objective = DPOLoss(None if loss_type == "simpo" else Reference(), beta=beta,
-                                loss_type=loss_type, simpo_gamma=args.simpo_gamma)
+                                loss_type=loss_type, simpo_gamma=args.simpo_gamma, sft_weight=args.sft_weight)
         n_rows = len(batches.rows)
     elif rl:
         from kvlab.training.preference import Reference
@@ -227,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     torch_seed(args.seed)
     settings = {"model": args.model, "adapter_method": args.method, "options": spec.options, "data": args.data,
                 "objective": args.objective, "beta": beta, "loss_type": loss_type,
-                "simpo_gamma": args.simpo_gamma, "center_rewards": args.center_rewards,
+                "simpo_gamma": args.simpo_gamma, "sft_weight": args.sft_weight, "center_rewards": args.center_rewards,
                 "num_generations": generations, "max_new_tokens": args.max_new_tokens, "kl_coef": args.kl_coef,
                 "vf_coef": args.vf_coef,
                 "temperature": args.temperature, "epsilon": args.epsilon, "reward_model": args.reward_model,

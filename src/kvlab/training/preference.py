@@ -14,7 +14,10 @@ of a completion, ``h = (π⁺ − ρ⁺) − (π⁻ − ρ⁻)`` and
 - ``ipo`` (Azar et al.): ``(h̄ − 1/(2β))²`` with log-ratios averaged over each completion's tokens
   (TRL's normalisation, which IPO's authors confirmed);
 - ``simpo`` (Meng et al.; no reference): ``−log σ(β (π̄⁺ − π̄⁻) − γ)`` with length-averaged
-  log-probabilities and a target margin ``γ``.
+  log-probabilities and a target margin ``γ``;
+
+and, with ``sft_weight`` w > 0, RPO's ``+ w · NLL(chosen)`` per token (Pang et al. 2024; TRL's
+``loss_type=["sigmoid", "sft"]``), which keeps DPO from lowering the chosen answers' likelihood.
 
 The reference is a :class:`Reference`: a frozen copy of the model, or — for a model trained
 through an adapter — the same model with its adapter switched off, so no second copy is held in
@@ -146,7 +149,7 @@ class DPOLoss(Objective):
     name = "dpo"
 
     def __init__(self, reference: Reference | None = None, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                 simpo_gamma: float = 0.5):
+                 simpo_gamma: float = 0.5, sft_weight: float = 0.0):
         if loss_type not in DPO_LOSSES:
             raise ConfigError(f"loss_type={loss_type!r} is not one of {list(DPO_LOSSES)}")
         if not beta > 0:
@@ -154,7 +157,10 @@ class DPOLoss(Objective):
         if loss_type != "simpo" and reference is None:
             raise ConfigError(f"{loss_type} compares the policy with a reference; give Reference(model) or "
                               f"Reference() for an adapter's base (simpo needs none)")
+        if not sft_weight >= 0:
+            raise ConfigError(f"sft_weight={sft_weight!r} must be a non-negative number (RPO uses 1.0)")
         self.reference, self.beta, self.loss_type, self.simpo_gamma = reference, beta, loss_type, simpo_gamma
+        self.sft_weight = sft_weight
 
     def frozen_models(self) -> list[nn.Module]:
         return self.reference.frozen() if self.reference is not None else []
@@ -163,12 +169,26 @@ class DPOLoss(Objective):
         tokens, attention_mask, completion_mask = (as_rows(t) for t in batch[:3])
         rest = batch[3:]
         logps, counts = completion_logps(model, tokens, attention_mask, completion_mask)
+        pair_ids = rest[0] if rest else None
+        return self._preference(model, tokens, attention_mask, completion_mask, pair_ids, logps, counts) + \
+            self._sft(logps, counts)
+
+    def _sft(self, logps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """RPO's term (TRL's ``loss_type=[..., "sft"]``): the chosen completions' negative
+        log-likelihood per token over the batch, weighted by ``sft_weight`` (times the pairs, as the
+        loop divides by them) — it keeps the chosen answers likely while DPO separates the pair."""
+        if not self.sft_weight:
+            return logps.new_zeros(())
+        chosen, chosen_n = logps.chunk(2)[0], counts.chunk(2)[0]
+        return -self.sft_weight * chosen.sum() / chosen_n.sum().clamp_min(1) * chosen.shape[0]
+
+    def _preference(self, model, tokens, attention_mask, completion_mask, pair_ids, logps, counts):
         n = counts.clamp_min(1).float()
         if self.loss_type == "simpo":
             avg = logps / n
             chosen, rejected = avg.chunk(2)
             return -F.logsigmoid(self.beta * (chosen - rejected) - self.simpo_gamma).sum()
-        ref = self.reference.logps(model, tokens, attention_mask, completion_mask, rest[0] if rest else None)
+        ref = self.reference.logps(model, tokens, attention_mask, completion_mask, pair_ids)
         ratios = logps - ref
         if self.loss_type == "ipo":
             ratios = ratios / n

@@ -7,7 +7,8 @@ Stages (each from the merged SFT model, LoRA r 8 on q/k/v/o, the built-in tasks 
 1. SFT on chat (``--sft-steps``), merged into the weights: the starting point of the rest;
 2. a reward model (score head + LoRA, Bradley-Terry) on preference pairs; pairwise accuracy on
    held-out pairs;
-3. DPO (beta 0.1) on the same pairs, the adapter-free SFT model as reference;
+3. DPO (beta 0.1) on the same pairs, the adapter-free SFT model as reference, and the same with
+   RPO's NLL term on the chosen answers (``sft_weight=1``);
 4. GRPO with the exact-match reward (``--grpo-prompts`` prompts x ``--generations`` per step).
 
 Then rollouts: ``--rollout-batch`` task prompts, ``--rollout-tokens`` new tokens each (sampling,
@@ -119,6 +120,12 @@ def main() -> None:
                  _cfg(work / "dpo", args.dpo_steps, 8, 2e-4), objective=DPOLoss(Reference(), beta=0.1),
                  eval_conversations=test_convs, quiet=True)
     stage("dpo", s, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()        # DPO with RPO's NLL term on the chosen answers
+    s = finetune(load(work / "sft-model"), tok, LORA, PreferenceBatches(pairs, pad, 64, 8),
+                 _cfg(work / "dpo-rpo", args.dpo_steps, 8, 2e-4),
+                 objective=DPOLoss(Reference(), beta=0.1, sft_weight=1.0), eval_conversations=test_convs, quiet=True)
+    stage("dpo + sft term (RPO, weight 1)", s, time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     prompts, answers = prompts_from_conversations(tok, train_convs)

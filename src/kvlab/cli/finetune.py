@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         prompts, answers = prompts_from_conversations(tok, train_convs)
         stop = [t for t in {tok.eos_token_id, model.cfg.eos_token_id} if t is not None]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        batches = PromptBatches(prompts, pad, args.batch_size, seed=args.seed, answers=answers)
+        batches = PromptBatches(prompts, pad, args.batch_size, seed=args.seed)
         if args.reward_model:
             from kvlab.io import load
 

@@ -45,12 +45,15 @@ def completion_logps(model: nn.Module, tokens: torch.Tensor, attention_mask: tor
                      completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its completion tokens and their number, ``(R,)`` each:
     token ``t`` is predicted from the logits at ``t − 1``."""
-    logits = model(tokens, attention_mask=attention_mask)[:, :-1]
-    targets = tokens[:, 1:]
+    per_token = token_logps(model(tokens, attention_mask=attention_mask)[:, :-1], tokens[:, 1:])
     mask = completion_mask[:, 1:].bool()
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))      # bf16 logits scored in fp32
-    per_token = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
     return (per_token * mask).sum(-1), mask.sum(-1)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[target]`` per position (bf16 logits scored in fp32)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from torch import nn
 from kvlab.data.chat import epoch_indices
 from kvlab.errors import ConfigError
 from kvlab.training.objectives import Objective
-from kvlab.training.preference import Reference
+from kvlab.training.preference import Reference, token_logps
 
 LOSS_TYPES = ("grpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -41,14 +41,13 @@ SCALE_REWARDS = ("group", "batch", "none")
 @dataclass
 class PromptBatches:
     """Step-determined batches of prompts: ``(prompt_tokens (B, Tp) left-padded, prompt_mask,
-    prompt_ids (B,), step (B,))``. ``prompts`` are token-id lists; ``answers`` (optional) what a
-    verifiable reward checks each against."""
+    prompt_ids (B,), step (B,))`` from token-id lists (a reward reads a prompt's id to find what
+    to check its completions against)."""
 
     prompts: Sequence[Sequence[int]]
     pad_id: int
     batch_size: int
     seed: int = 0
-    answers: Sequence[str] | None = None
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,16 +110,18 @@ class RewardModelReward:
 
     @torch.no_grad()
     def __call__(self, prompt_ids, prompts, completions) -> torch.Tensor:
-        from kvlab.data.preferences import PreferencePair, collate_pairs
-
         self.model.eval()
         scores = []
-        for s in range(0, len(prompts), self.batch_size):
-            rows = [PreferencePair(tuple(p), tuple(c) or (p[-1],), tuple(c) or (p[-1],))
-                    for p, c in zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size])]
-            tokens, attn, _ = collate_pairs(rows, pad_id=0)
-            scores.append(self.model.sequence_scores(tokens[:, 0].to(self.model.device),
-                                                     attention_mask=attn[:, 0].to(self.model.device))[:, 0].float())
+        rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            width = max(map(len, chunk))
+            tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, row in enumerate(chunk):          # right-padded: the head reads each row's last real token
+                tokens[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
+            dev = self.model.device
+            scores.append(self.model.sequence_scores(tokens.to(dev), attention_mask=mask.to(dev))[:, 0].float())
         return torch.cat(scores).cpu()
 
 
@@ -146,9 +147,7 @@ def completion_token_logps(model: nn.Module, prompt: torch.Tensor, prompt_mask: 
     prompts followed by right-padded completions."""
     tokens = torch.cat([prompt, completion], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
-    logits = model(tokens, attention_mask=mask)[:, prompt.shape[1] - 1:-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return token_logps(model(tokens, attention_mask=mask)[:, prompt.shape[1] - 1:-1], completion)
 
 
 def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -308,9 +307,7 @@ def policy_and_values(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch
     tokens = torch.cat([prompt, completion], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
     h = kvlab_model.hidden_states(tokens, attention_mask=mask)[:, prompt.shape[1] - 1:-1]
-    logits = kvlab_model.lm_head(h)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    logps = torch.log_softmax(logits, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    logps = token_logps(kvlab_model.lm_head(h), completion)
     values = kvlab_model.score(h)[..., 0]
     return logps, values.to(logps.dtype)
 
@@ -346,9 +343,8 @@ class PPOLoss(GRPOLoss):
         if not getattr(kvlab_model.cfg, "score_outputs", None):
             raise ConfigError("PPO needs a value head: add_score_head(model) before training")
         prompt, prompt_mask, completion, completion_mask, _, scores = self.rollouts(kvlab_model, batch)
-        m = completion_mask.to(torch.float32)
         logps, values = policy_and_values(model, prompt, prompt_mask, completion, completion_mask)
-        m = m.to(logps.dtype)
+        m = completion_mask.to(logps.dtype)
         with torch.no_grad():
             old_logps, old_values = logps.detach(), values.detach()
             rewards = torch.zeros_like(old_logps)

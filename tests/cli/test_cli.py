@@ -245,3 +245,28 @@ def test_convert_calibrated_on_a_small_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--method", "calibrated",
                        "--calibration-tokens", "0", "-o", str(tmp_path / "x"))
     assert code == 2 and "calibration tokens=0 must be a positive integer" in err and not (tmp_path / "x").exists()
+
+
+def test_convert_with_refit_equals_the_python_api(capsys, tmp_path):
+    """``--refit`` after an MLA conversion: the output projections are refitted as
+    ``refit_outputs`` does in Python, and the provenance records the step."""
+    model = make_model(n_kv_head=4)
+    save_checkpoint(model, tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--mla", "12", "--rope-dim", "8", "--refit",
+                       "--calibration-tokens", "1024", "-o", str(tmp_path / "mla"))
+    assert code == 0 and "refitted 4 output projections" in out, out
+    converted = kvlab.load(tmp_path / "mla")
+    step = converted.provenance["steps"][-1]
+    assert step["op"] == "refit" and step["calibration_tokens"] == 1024
+    from kvlab.convert import convert_to_mla
+    from kvlab.convert.refit import refit_outputs
+    from kvlab.data.windows import calibration_batches
+
+    calib = calibration_batches(ByteTokenizer(), 1024)
+    same = convert_to_mla(model, kv_lora_rank=12, qk_rope_head_dim=8, calibration=calib)
+    plain = {k: v.clone() for k, v in same.state_dict().items()}
+    refit_outputs(model, same, calib)
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v)
+    o_proj = "layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(plain[o_proj], same.state_dict()[o_proj])

@@ -52,6 +52,8 @@ def test_quick_shrink_end_to_end(small, tmp_path):
     for r in recovered:
         tokens = [t for t, _ in r["curve"]]
         assert tokens[0] == 0 and tokens == sorted(tokens) and tokens[-1] == r["train_tokens"] > 0
+        # the output refit is the curve's second point, at 0 tokens, and the provenance has it
+        assert tokens[1] == 0 and r["curve"][1][1] == r["refit_proxy_ppl"] and math.isfinite(r["refit_proxy_ppl"])
         assert 0 <= r["chat_agreement"] <= 1 and math.isfinite(r["val"]["perplexity"])
     best = next(r for r in recovered if r["name"] == results["best"])
     assert best["proxy_ppl"] == min(r["proxy_ppl"] for r in recovered)
@@ -61,6 +63,7 @@ def test_quick_shrink_end_to_end(small, tmp_path):
     again = evaluate(model, model.tokenizer, builtin_corpus("validation"), seq_len=64, max_tokens=512, progress=False)
     assert again.perplexity == pytest.approx(best["val"]["perplexity"], rel=1e-5)
     assert model.provenance["steps"][-1]["op"] == "shrink"
+    assert [s["op"] for s in model.provenance["steps"]][-3:] == ["convert", "refit", "shrink"]
     report = (out / "report.md").read_text()
     assert f"**Chosen: {results['best']}**" in report and "| original |" in report
     if results["hf_export"]:

@@ -32,10 +32,15 @@ def add_parser(sub) -> None:
                         "projections adjusted (default: mean); for --mla: pca (default: joint PCA of the "
                         "calibration K/V) or whitened (weighted by the queries and the output projection)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
-                   help="--method calibrated: tokens of calibration text (default 8192)")
+                   help="--method calibrated, --mla and --refit: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
-                   help="--method calibrated: 'builtin' (the built-in corpus's train split), a text file, JSONL or "
-                        "a directory of .txt; validation documents are never used")
+                   help="--method calibrated, --mla and --refit: 'builtin' (the built-in corpus's train split), a "
+                        "text file, JSONL or a directory of .txt; validation documents are never used")
+    p.add_argument("--refit", action="store_true",
+                   help="after converting, refit every layer's output projection in closed form so that the "
+                        "converted attention, on the converted model's own hidden states, reproduces the "
+                        "original's attention output on calibration text (layer by layer, in order; a much "
+                        "better start for MLA and calibrated conversions)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of --method random and of the calibration windows")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     add_overwrite(p)
@@ -66,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
     plan_conversion(load_config(args.model), **change)          # fail before loading any weights
     model = load_model(args)
     before = model.cfg
+    calibration = _calibration(args, model) if args.method == "calibrated" or args.refit else None
     if args.method == "calibrated":
-        change["calibration"] = _calibration(args, model)
+        change["calibration"] = calibration
     new = convert(model, seed=args.seed, **change)
+    _refit(args, model, new, calibration)
     save_checkpoint(new, args.output, overwrite=args.overwrite)
     print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "
           f"{before.n_kv_layers} -> {new.cfg.n_kv_layers} KV layers ({args.method}); KV bytes per token (bf16) "
@@ -82,6 +89,17 @@ def _calibration(args: argparse.Namespace, model):
     if model.tokenizer is None:
         raise UsageError(f"kvlab convert: {args.model} has no tokenizer to read calibration text with")
     return calibration_batches(model.tokenizer, args.calibration_tokens, data=args.calibration_data, seed=args.seed)
+
+
+def _refit(args: argparse.Namespace, original, new, calibration) -> None:
+    if not args.refit:
+        return
+    from kvlab.convert.refit import refit_outputs
+
+    report = refit_outputs(original, new, calibration)
+    before, after = (sum(report[k]) / len(report[k]) for k in ("before", "after"))
+    print(f"refitted {len(report['after'])} output projections: relative attention-output error on the calibration "
+          f"text {before:.4f} -> {after:.4f} (mean over layers)")
 
 
 def _run_mla(args: argparse.Namespace) -> int:
@@ -99,7 +117,9 @@ def _run_mla(args: argparse.Namespace) -> int:
     before = load_config(args.model)
     plan_mla(before, **change)                                   # fail before loading any weights
     model = load_model(args)
-    new = convert_to_mla(model, calibration=_calibration(args, model), **change)
+    calibration = _calibration(args, model)
+    new = convert_to_mla(model, calibration=calibration, **change)
+    _refit(args, model, new, calibration)
     save_checkpoint(new, args.output, overwrite=args.overwrite)
     print(f"{args.model} -> {args.output}: MLA, latent {new.cfg.kv_lora_rank} + RoPE key {new.cfg.qk_rope_head_dim} "
           f"channels per layer ({method}); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "

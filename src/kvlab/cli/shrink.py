@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--generated-tokens", type=int, default=65536, metavar="N",
                    help="--data generated/mixed: tokens to sample (default 65536)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="skip the closed-form output refit of each recovered candidate after its conversion "
+                        "(the ablation; the refit is on by default)")
     p.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
                    help="validation tokens scored per model (0: the whole split)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None and args.tokens < 0:
         raise UsageError(f"kvlab shrink: --tokens {args.tokens} must be >= 0")
     common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed,
-                  data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank)
+                  data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank,
+                  refit=args.refit)
     if args.quick:
         scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
     else:

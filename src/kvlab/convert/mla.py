@@ -83,67 +83,73 @@ def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.
     """The state dict of ``model`` converted to the MLA config ``new_cfg`` (from :func:`plan_mla`);
     ``moments`` holds ``E[x̂ x̂ᵀ]`` of every layer's attention input (``attention_input_moments``)."""
     cfg = model.cfg
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    for i in range(cfg.n_layer):
+        mla_layer_state(state, cfg, new_cfg, i, moments[i, i], method)
+    return state
+
+
+def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: ModelConfig, i: int,
+                    S: torch.Tensor, method: str = "pca") -> None:
+    """Convert layer ``i`` of ``state`` (a GQA state dict of config ``cfg``) to ``new_cfg``'s MLA in
+    place, from ``S = E[x̂ x̂ᵀ]`` of the inputs the converted layer will see."""
     D, G, n_kv = cfg.head_dim, cfg.q_per_kv, cfg.n_kv_head
     R, rank = new_cfg.qk_rope_head_dim, new_cfg.kv_lora_rank
     rope_rows = _pair_rows(range(R // 2), D)                    # the fastest pairs keep RoPE
     nope_rows = _pair_rows(range(R // 2, D // 2), D)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if not (cfg.tie_embeddings and k == "lm_head.weight")}
     dtype = state["embed_tokens.weight"].dtype
-    for i in range(cfg.n_layer):
-        prefix = f"layers.{i}.self_attn"
-        S = moments[i, i]
-        wk, wv, wq = (_augmented(state, f"{prefix}.{leaf}") for leaf in ("k_proj", "v_proj", "q_proj"))
-        wo = state[f"{prefix}.o_proj.weight"].double()
-        for leaf in ("k_proj", "v_proj", "q_proj"):
-            for part in ("weight", "bias"):
-                state.pop(f"{prefix}.{leaf}.{part}", None)
-        heads = [range(g * G, (g + 1) * G) for g in range(n_kv)]   # the query heads reading KV head g
+    prefix = f"layers.{i}.self_attn"
+    wk, wv, wq = (_augmented(state, f"{prefix}.{leaf}") for leaf in ("k_proj", "v_proj", "q_proj"))
+    wo = state[f"{prefix}.o_proj.weight"].double()
+    for leaf in ("k_proj", "v_proj", "q_proj"):
+        for part in ("weight", "bias"):
+            state.pop(f"{prefix}.{leaf}.{part}", None)
+    heads = [range(g * G, (g + 1) * G) for g in range(n_kv)]   # the query heads reading KV head g
 
-        def energy(rows: torch.Tensor, S: torch.Tensor = S) -> torch.Tensor:   # E[row²] per pair, re + im
-            e = torch.einsum("ij,jk,ik->i", rows, S, rows)
-            return e[:len(e) // 2] + e[len(e) // 2:]
+    def energy(rows: torch.Tensor, S: torch.Tensor = S) -> torch.Tensor:   # E[row²] per pair, re + im
+        e = torch.einsum("ij,jk,ik->i", rows, S, rows)
+        return e[:len(e) // 2] + e[len(e) // 2:]
 
-        # The shared RoPE key: per kept pair, the rank-1 complex fit across KV heads.
-        k_rope = [wk[g * D:(g + 1) * D][rope_rows] for g in range(n_kv)]
-        q_energy = torch.stack([sum(energy(wq[h * D:(h + 1) * D][rope_rows]) for h in heads[g]) for g in range(n_kv)])
-        rope_key, factors = _merge_keys(k_rope, S, q_energy, torch.stack([energy(k) for k in k_rope]))
-        # The latent: joint (whitened) PCA of the position-free keys and the values of every KV head.
-        parts, unwhiten = [], []
-        for g in range(n_kv):
-            k_nope = wk[g * D:(g + 1) * D][nope_rows]
-            v = wv[g * D:(g + 1) * D]
-            if method == "whitened":
-                mq = sum(wq[h * D:(h + 1) * D][nope_rows] @ S @ wq[h * D:(h + 1) * D][nope_rows].T for h in heads[g])
-                mv = sum(wo[:, h * D:(h + 1) * D].T @ wo[:, h * D:(h + 1) * D] for h in heads[g])
-            else:
-                mq, mv = torch.eye(len(nope_rows), dtype=torch.float64), torch.eye(D, dtype=torch.float64)
-            parts.append((_power(mq, 0.5) @ k_nope, _power(mv, 0.5) @ v))
-            unwhiten.append((_power(mq, -0.5), _power(mv, -0.5)))
-        k_energy = sum(torch.einsum("ij,jk,ik->", k, S, k) for k, _ in parts)
-        v_energy = sum(torch.einsum("ij,jk,ik->", v, S, v) for _, v in parts)
-        balance = (v_energy / k_energy.clamp_min(EPS)).sqrt() if k_energy > 0 else torch.tensor(1.0)
-        stacked = torch.cat([torch.cat([balance * k, v]) for k, v in parts])
-        vals, vecs = torch.linalg.eigh(stacked @ S @ stacked.T)
-        P = vecs[:, -rank:].flip(1)                                          # top principal directions
-        latent = P.T @ stacked                                               # (rank, d+1)
-        if new_cfg.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
-            rms = (torch.einsum("ij,jk,ik->", latent, S, latent) / rank).sqrt().clamp_min(EPS)
-            state[f"{prefix}.kv_a_layernorm.weight"] = torch.full((rank,), float(rms), dtype=dtype)
-        _store(state, f"{prefix}.kv_a_proj_with_mqa", torch.cat([latent, rope_key]), dtype, cfg.qkv_bias)
-        width = len(nope_rows) + D
-        up, queries = [], []
-        for g in range(n_kv):
-            block = P[g * width:(g + 1) * width]
-            w_uk = unwhiten[g][0] @ block[:len(nope_rows)] / balance
-            w_uv = unwhiten[g][1] @ block[len(nope_rows):]
-            for h in heads[g]:
-                up.append(torch.cat([w_uk, w_uv]))
-                q = wq[h * D:(h + 1) * D]
-                queries += [q[nope_rows], _rotate_query_rows(q[rope_rows], factors[g].conj())]
-        state[f"{prefix}.kv_b_proj.weight"] = torch.cat(up).to(dtype).contiguous()
-        _store(state, f"{prefix}.q_proj", torch.cat(queries), dtype, cfg.qkv_bias)
-    return state
+    # The shared RoPE key: per kept pair, the rank-1 complex fit across KV heads.
+    k_rope = [wk[g * D:(g + 1) * D][rope_rows] for g in range(n_kv)]
+    q_energy = torch.stack([sum(energy(wq[h * D:(h + 1) * D][rope_rows]) for h in heads[g]) for g in range(n_kv)])
+    rope_key, factors = _merge_keys(k_rope, S, q_energy, torch.stack([energy(k) for k in k_rope]))
+    # The latent: joint (whitened) PCA of the position-free keys and the values of every KV head.
+    parts, unwhiten = [], []
+    for g in range(n_kv):
+        k_nope = wk[g * D:(g + 1) * D][nope_rows]
+        v = wv[g * D:(g + 1) * D]
+        if method == "whitened":
+            mq = sum(wq[h * D:(h + 1) * D][nope_rows] @ S @ wq[h * D:(h + 1) * D][nope_rows].T for h in heads[g])
+            mv = sum(wo[:, h * D:(h + 1) * D].T @ wo[:, h * D:(h + 1) * D] for h in heads[g])
+        else:
+            mq, mv = torch.eye(len(nope_rows), dtype=torch.float64), torch.eye(D, dtype=torch.float64)
+        parts.append((_power(mq, 0.5) @ k_nope, _power(mv, 0.5) @ v))
+        unwhiten.append((_power(mq, -0.5), _power(mv, -0.5)))
+    k_energy = sum(torch.einsum("ij,jk,ik->", k, S, k) for k, _ in parts)
+    v_energy = sum(torch.einsum("ij,jk,ik->", v, S, v) for _, v in parts)
+    balance = (v_energy / k_energy.clamp_min(EPS)).sqrt() if k_energy > 0 else torch.tensor(1.0)
+    stacked = torch.cat([torch.cat([balance * k, v]) for k, v in parts])
+    vals, vecs = torch.linalg.eigh(stacked @ S @ stacked.T)
+    P = vecs[:, -rank:].flip(1)                                          # top principal directions
+    latent = P.T @ stacked                                               # (rank, d+1)
+    if new_cfg.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
+        rms = (torch.einsum("ij,jk,ik->", latent, S, latent) / rank).sqrt().clamp_min(EPS)
+        state[f"{prefix}.kv_a_layernorm.weight"] = torch.full((rank,), float(rms), dtype=dtype)
+    _store(state, f"{prefix}.kv_a_proj_with_mqa", torch.cat([latent, rope_key]), dtype, cfg.qkv_bias)
+    width = len(nope_rows) + D
+    up, queries = [], []
+    for g in range(n_kv):
+        block = P[g * width:(g + 1) * width]
+        w_uk = unwhiten[g][0] @ block[:len(nope_rows)] / balance
+        w_uv = unwhiten[g][1] @ block[len(nope_rows):]
+        for h in heads[g]:
+            up.append(torch.cat([w_uk, w_uv]))
+            q = wq[h * D:(h + 1) * D]
+            queries += [q[nope_rows], _rotate_query_rows(q[rope_rows], factors[g].conj())]
+    state[f"{prefix}.kv_b_proj.weight"] = torch.cat(up).to(dtype).contiguous()
+    _store(state, f"{prefix}.q_proj", torch.cat(queries), dtype, cfg.qkv_bias)
 
 
 def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = None, method: str = "pca",

@@ -2,7 +2,8 @@
 training tokens for every cell, validation perplexity after.
 
 Starting points: MQA by mean pooling (the GQA paper's), MQA by calibrated merging, MLA (latent 160
-+ RoPE key 32, KV/2) by PCA. Objectives on the training loop: ``lm`` (the language-model loss on all
++ RoPE key 32, KV/2) by PCA, and that MLA followed by the output refit (``kvlab.convert.refit``).
+Objectives on the training loop: ``lm`` (the language-model loss on all
 weights: the papers' uptraining), ``transfer`` (layer-wise attention transfer, attention weights),
 ``kd`` (logit distillation from the original, attention weights), ``transfer+kd`` (30 % / 70 % of
 the tokens, what ``kvlab shrink`` does). A cell may name what distillation trains as a third field
@@ -28,13 +29,14 @@ import kvlab
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.mla import convert_to_mla
+from kvlab.convert.refit import refit_outputs
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
 from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
 from kvlab.eval.perplexity import evaluate
 from kvlab.peft.lora import LoraConfig, apply_lora, merge_and_unload
 from kvlab.training import AttentionTransfer, CrossEntropy, Distillation, TrainConfig, train
 
-STARTS = ("MQA mean", "MQA calibrated", "MLA 160+32 pca")
+STARTS = ("MQA mean", "MQA calibrated", "MLA 160+32 pca", "MLA 160+32 pca+refit")
 OBJECTIVES = ("lm", "transfer", "kd", "transfer+kd")
 TRAIN_SETS = ("attention", "all", "lora")
 DEFAULT_CELLS = ("MQA mean:lm;MQA mean:transfer+kd;MQA calibrated:lm;MQA calibrated:transfer+kd;"
@@ -66,7 +68,10 @@ def main() -> None:
             return convert(base, n_kv_head=1, method="mean")
         if name == "MQA calibrated":
             return convert(base, n_kv_head=1, method="calibrated", calibration=calibration, moments=moments)
-        return convert_to_mla(base, kv_lora_rank=160, qk_rope_head_dim=32, calibration=calibration, moments=moments)
+        model = convert_to_mla(base, kv_lora_rank=160, qk_rope_head_dim=32, calibration=calibration, moments=moments)
+        if name.endswith("+refit"):
+            refit_outputs(base, model, calibration)
+        return model
 
     def ppl(model) -> float:
         with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 
 from kvlab import ConfigError
 from kvlab.convert import convert, convert_to_mla
-from kvlab.convert.refit import RIDGE, refit_outputs
+from kvlab.convert.refit import refit_outputs
 from kvlab.training import evaluate_loss
 
 from conftest import make_model
@@ -50,20 +50,25 @@ def test_an_unconverted_copy_stays_the_same_model(variant):
     assert max(report["after"]) < 1e-7 and max(report["before"]) < 1e-9
 
 
-def test_each_layer_is_the_least_squares_fit_on_the_refitted_layers_before_it():
+def test_each_layer_is_the_least_squares_fit_on_the_refitted_layers_before_it(trained_mha):
     """Reference: after the refit, full forward passes of the *refitted* student give each layer's
     o_proj input, full passes of the teacher its attention output; ``lstsq`` in float64 on those
     must give the refitted weights (so layer i was fitted with layers < i already refitted). The
     objective is ridge regression, solved here as the augmented least-squares problem
     ``[u; √λ·I] W = [y; 0]`` rather than through the normal equations."""
-    teacher = make_model(n_kv_head=2)
+    teacher, _, calib = trained_mha
     student = convert(teacher, n_kv_head=1, method="mean")
-    refit_outputs(teacher, student, CALIB)
-    u = _captured(student, CALIB, "in")
-    y = _captured(teacher, CALIB, "out")
+    converted = [b.self_attn.o_proj.weight.clone() for b in student.layers]
+    report = refit_outputs(teacher, student, calib)
+    u = _captured(student, calib, "in")
+    y = _captured(teacher, calib, "out")
+    assert any(r is not None for r in report["ridge"])
     for i, block in enumerate(student.layers):
+        if report["ridge"][i] is None:          # kept: it predicted the held-out rows best
+            assert torch.equal(block.self_attn.o_proj.weight, converted[i])
+            continue
         n = u[i].shape[1]
-        lam = RIDGE * (u[i] ** 2).sum(0).mean()
+        lam = report["ridge"][i] * (u[i] ** 2).sum(0).mean()
         a = torch.cat([u[i], lam.sqrt() * torch.eye(n, dtype=torch.float64)])
         b = torch.cat([y[i], torch.zeros(n, y[i].shape[1], dtype=torch.float64)])
         expected = torch.linalg.lstsq(a, b).solution.T
@@ -91,3 +96,26 @@ def test_a_student_of_another_shape_is_refused():
         refit_outputs(make_model(), make_model(n_layer=3), CALIB)
     with pytest.raises(ConfigError, match="at least one batch"):
         refit_outputs(make_model(), make_model(), [])
+
+
+def test_the_ridge_is_chosen_on_held_out_rows():
+    """The eigen-decomposed shortcut gives the held-out errors of direct ridge solves; the choice is the
+    weakest within TOLERANCE of the best of them, or None ("kept") when the converted projection
+    predicts better."""
+    from kvlab.convert.refit import RIDGES, TOLERANCE, _choose_ridge, _ridge_fit
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(200, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    y = u @ w.T + 3 * torch.randn(200, 5, generator=g, dtype=torch.float64)      # noisy: a ridge can help
+    fit, held = slice(0, 40), slice(40, 200)
+    ridge, errors = _choose_ridge(u[fit], y[fit], u[held], y[held], torch.zeros(5, 12, dtype=torch.float64))
+    scale = (y[held] ** 2).sum()
+    for r in RIDGES:
+        direct = ((u[held] @ _ridge_fit(u[fit], y[fit], r).T - y[held]) ** 2).sum() / scale
+        assert errors[r] == pytest.approx(float(direct), rel=1e-8)
+    best = min(errors[r] for r in RIDGES)       # the weakest ridge within TOLERANCE of the best
+    assert ridge == next(r for r in RIDGES if errors[r] <= best * (1 + TOLERANCE))
+    assert errors[ridge] > best or ridge == min(RIDGES, key=errors.get)
+    kept, _ = _choose_ridge(u[fit], y[fit], u[held], y[held], w)     # the true map beats every fit
+    assert kept is None

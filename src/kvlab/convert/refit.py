@@ -17,11 +17,22 @@ through the refitted layers before it, so later layers correct what earlier ones
 sequential order of GPTQ/OBC, applied to attention outputs). It is the closed-form optimum of
 layer-wise attention transfer restricted to ``o_proj``, and a cheap start for it.
 
-Measured on SmolLM2-135M converted to MLA 160+32 (KV/2) at α = 0: validation perplexity 28.5 →
-21.4 with 8,192 calibration tokens (32,768 gave 21.9: more text does not help). Regressing the
-K/V inputs onto the converted model's hidden states as well (a GPTQ-style input correction) made it
-worse (31.1 without the output refit, 23.4 with it), and a target that also cancels the residual
-stream's drift over-fits (25.5); so only ``W_o`` is refitted, to the original's attention output.
+**The ridge λ is chosen per layer on held-out calibration rows** (every 4th row): the weakest of
+:data:`RIDGES` whose held-out error is within 25 % of the best, or no refit at all for a layer whose
+converted projection predicts the held-out rows better. Why not one fixed λ: on SmolLM2 converted to
+GQA-3-CLA2 the consumer layers' attention outputs are nearly degenerate, and the least-squares fit
+with λ = 1e-6 (relative) over-fits them — validation perplexity 2,689 → 117,004, though every
+layer's calibration error fell. Taking the best held-out λ per layer (mostly 0.1–1) fixes that
+(115) but over-shrinks where nothing over-fits (MLA 160+32: 24.8 against 21.5 at λ = 1e-6); the
+weakest ridge within 25 % of the best keeps both (CLA2 66.3, MLA 21.4).
+
+Measured on SmolLM2-135M at α = 0 (validation perplexity on 8,192 tokens at 1,024 context; 8,192
+calibration tokens; ~50 s on 2 cores): MLA 160+32 (KV/2) 28.5 → 21.4, GQA-3-CLA2 calibrated (KV/2)
+2,689 → 66.3, MQA calibrated (KV/3) 115 → 60.5 (at λ = 1e-6). 32,768 calibration tokens did not do
+better (MLA 21.9). Regressing the K/V inputs onto the converted model's hidden states as well (a
+GPTQ-style input correction) made it worse (MLA 31.1 without the output refit, 23.4 with it), and a
+target that also cancels the residual stream's drift over-fits (25.5); so only ``W_o`` is refitted,
+to the original's attention output.
 
 Works for every attention kind whose layers end in ``o_proj`` (GQA/MQA/CLA consumers included, MLA),
 and for any student with the teacher's depth, width and norms outside attention.
@@ -36,21 +47,61 @@ import torch
 from kvlab.errors import ConfigError
 from kvlab.io.provenance import record_step
 
-RIDGE = 1e-6        # relative to the mean diagonal of E[ûûᵀ]: keeps unexcited directions defined
+# Ridge strengths tried, relative to the mean diagonal of ``ûᵀû``; each layer takes the weakest whose
+# held-out error is within TOLERANCE of the best (or keeps its converted projection if that does
+# better on the held-out rows).
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+TOLERANCE = 0.25
+HOLD_OUT_EVERY = 4          # every 4th calibration row is held out to choose the ridge
+
+
+def _held_out_rows(batches: list[torch.Tensor]) -> torch.Tensor:
+    """A flag per calibration token (flattened as the fit's rows are): is its row held out? None
+    are when there are fewer than two rows."""
+    rows = sum(t.shape[0] for t in batches)
+    flags = [(r % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1) and rows > 1 for r in range(rows)]
+    T = batches[0].shape[1]
+    return torch.tensor(flags).repeat_interleave(T)
+
+
+def _ridge_fit(u: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``W`` minimising ``‖u Wᵀ − y‖² + λ‖W‖²`` with ``λ = ridge · mean(diag(uᵀu))``."""
+    gram = u.T @ u
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
+                              u.T @ y).T
+
+
+def _choose_ridge(u_fit, y_fit, u_held, y_held, old) -> tuple[float | None, dict]:
+    """The weakest ridge (from :data:`RIDGES`) whose fit on the fitting rows predicts the held-out
+    rows within TOLERANCE of the best, or None when the converted projection ``old`` predicts them
+    better; with the held-out relative errors of each. Without held-out rows: the smallest ridge."""
+    if not len(u_held):
+        return RIDGES[0], {}
+    gram = u_fit.T @ u_fit
+    vals, vecs = torch.linalg.eigh(gram)
+    proj = (y_fit.T @ u_fit) @ vecs                       # C Q
+    u_q = u_held @ vecs
+    scale = float((y_held ** 2).sum().clamp_min(1e-30))
+    errors = {"kept": float(((u_held @ old.T - y_held) ** 2).sum()) / scale}
+    mean_diag = gram.diagonal().mean().clamp_min(1e-30)
+    for r in RIDGES:
+        pred = u_q @ (proj / (vals + r * mean_diag)).T     # u_h Q (Λ + λ)⁻¹ Qᵀ Cᵀ
+        errors[r] = float(((pred - y_held) ** 2).sum()) / scale
+    best = min(errors[r] for r in RIDGES)
+    # The weakest ridge within TOLERANCE of the best held-out error: per-layer held-out error favours
+    # strong shrinkage more than the model's perplexity does (module docstring).
+    chosen = next(r for r in RIDGES if errors[r] <= best * (1 + TOLERANCE))
+    return (None if errors["kept"] <= errors[chosen] else chosen), errors
 
 
 def _entry(model, tokens: torch.Tensor):
-    """The first block's input and the forward context of a plain call (no cache, no mask) on
-    ``tokens``, as ``hidden_states`` builds them, so that blocks can be run one at a time."""
-    from kvlab.layers.rope import rope_cos_sin
-
+    """The first block's input and the context of a plain call on ``tokens``, as ``hidden_states``
+    builds them, so that blocks can be run one at a time."""
     x = model.embed_tokens(tokens)
-    ctx = model._context(tokens, tokens.shape[1], None, None, None, 0, model.cfg.attn_backend)
+    ctx = model.plain_context(tokens, x.dtype)
     if model.cfg.pos == "learned":
         x = x + model.embed_positions(ctx.q_pos)
-    elif model.cfg.pos == "rope":
-        ctx.rope_inv_freq = model.rope_inv_freq(tokens.device)
-        ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, ctx.rope_inv_freq, x.dtype)
     return x, ctx
 
 
@@ -80,7 +131,7 @@ def refit_outputs(teacher, student, calibration, *, progress: Callable[[int, int
     try:
         h_t, t_ctx = map(list, zip(*(_entry(teacher, t) for t in batches)))
         h_s, s_ctx = map(list, zip(*(_entry(student, t) for t in batches)))
-        report = {"before": [], "after": []}
+        report = {"before": [], "after": [], "ridge": [], "held_out": []}
         for i, (tb, sb) in enumerate(zip(teacher.layers, student.layers)):
             o = sb.self_attn.o_proj
             captured: list[torch.Tensor] = []
@@ -98,18 +149,22 @@ def refit_outputs(teacher, student, calibration, *, progress: Callable[[int, int
             if o.bias is not None:
                 u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)], 1)
             old = o.weight.double() if o.bias is None else torch.cat([o.weight.double(), o.bias.double()[:, None]], 1)
-            gram = u.T @ u
-            ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(gram.shape[0], dtype=gram.dtype,
-                                                                               device=gram.device)
-            new = torch.linalg.solve(gram + ridge, u.T @ y).T
+            held = _held_out_rows(batches).to(u.device)
+            ridge, errors = _choose_ridge(u[~held], y[~held], u[held], y[held], old)
             scale = (y ** 2).sum().clamp_min(1e-30)
             report["before"].append(float(((u @ old.T - y) ** 2).sum() / scale))
-            report["after"].append(float(((u @ new.T - y) ** 2).sum() / scale))
-            if o.bias is None:
-                o.weight.copy_(new.to(o.weight.dtype))
+            report["ridge"].append(ridge)
+            report["held_out"].append(errors)
+            if ridge is None:        # the converted projection predicts held-out text better: keep it
+                report["after"].append(report["before"][-1])
             else:
-                o.weight.copy_(new[:, :-1].to(o.weight.dtype))
-                o.bias.copy_(new[:, -1].to(o.bias.dtype))
+                new = _ridge_fit(u, y, ridge)
+                report["after"].append(float(((u @ new.T - y) ** 2).sum() / scale))
+                if o.bias is None:
+                    o.weight.copy_(new.to(o.weight.dtype))
+                else:
+                    o.weight.copy_(new[:, :-1].to(o.weight.dtype))
+                    o.bias.copy_(new[:, -1].to(o.bias.dtype))
             # Advance both streams through the whole block: the student's with its refitted layer.
             h_t = [tb(h, c) for h, c in zip(h_t, t_ctx)]
             h_s = [sb(h, c) for h, c in zip(h_s, s_ctx)]
@@ -120,5 +175,6 @@ def refit_outputs(teacher, student, calibration, *, progress: Callable[[int, int
         student.train(was[1])
     record_step(student, "refit", what="o_proj", calibration_tokens=sum(int(t.numel()) for t in batches),
                 attention_error_before=[round(e, 6) for e in report["before"]],
-                attention_error_after=[round(e, 6) for e in report["after"]])
+                attention_error_after=[round(e, 6) for e in report["after"]],
+                ridge=["kept" if r is None else r for r in report["ridge"]])
     return report

@@ -267,11 +267,17 @@ class Transformer(nn.Module):
         read what their producer computed from its own given input."""
         if len(inputs) != self.cfg.n_layer:
             raise ConfigError(f"attention_on needs one input per layer ({self.cfg.n_layer}), got {len(inputs)}")
+        ctx = self.plain_context(tokens, inputs[0].dtype, backend)
+        return [block.self_attn(h, ctx) for block, h in zip(self.layers, inputs)]
+
+    def plain_context(self, tokens: torch.Tensor, dtype: torch.dtype, backend: str | None = None) -> ForwardContext:
+        """The forward context of a plain call on ``tokens`` (no cache, mask or prompt adapter), RoPE
+        tables included, for callers that run layers one at a time."""
         ctx = self._context(tokens, tokens.shape[1], None, None, None, 0, backend or self.cfg.attn_backend)
         if self.cfg.pos == "rope":
             ctx.rope_inv_freq = self.rope_inv_freq(tokens.device)
-            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, ctx.rope_inv_freq, inputs[0].dtype)
-        return [block.self_attn(h, ctx) for block, h in zip(self.layers, inputs)]
+            ctx.cos, ctx.sin = rope_cos_sin(ctx.q_pos, ctx.rope_inv_freq, dtype)
+        return ctx
 
     def _context(self, tokens: torch.Tensor, T: int, attention_mask: torch.Tensor | None, cache: KVCache | None,
                  segment_ids: torch.Tensor | None, prefix_len: int, backend: str) -> ForwardContext:

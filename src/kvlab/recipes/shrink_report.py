@@ -102,8 +102,9 @@ def write_report(results: dict, path: Path) -> None:
     lines += ["", "## Every candidate at α = 0 (the ranking)", "",
               "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA), "
               "no training; perplexity on held-out windows of the training split.", "",
-              "Recovered candidates first get the output refit (each layer's output projection fitted in closed form "
-              "to the original's attention output, `kvlab.convert.refit`), unless the run says `refit: false`.", "",
+              "With `--refit` (the run's `refit: true`), recovered candidates first get the output refit: each "
+              "layer's output projection fitted in closed form to the original's attention output "
+              "(`kvlab.convert.refit`).", "",
               "| candidate | KV bytes/token | perplexity at α = 0 | after the output refit | after recovery |",
               "|---|---:|---:|---:|---:|",
               f"| original | {orig['kv_bytes']:,} | {orig['proxy_ppl']:.3f} | – | – |"]
@@ -112,6 +113,8 @@ def write_report(results: dict, path: Path) -> None:
         rec = recovered.get(r["name"])
         after = f"{rec['proxy_ppl']:.3f}" if rec else "not recovered"
         refit = f"{rec['refit_proxy_ppl']:,.3f}" if rec and rec.get("refit_proxy_ppl") is not None else "–"
+        if rec and rec.get("refit_proxy_ppl") is not None and not rec.get("refit_used"):
+            refit += " (worse: not used)"
         lines.append(f"| {r['name']} | {r['kv_bytes']:,} | {r['alpha0_proxy_ppl']:,.3f} | {refit} | {after} |")
     lines += ["", "![perplexity against KV bytes](pareto.png)", "", "![recovery](recovery.png)", ""]
     timing = results["plan"].get("timing")

@@ -28,7 +28,7 @@ weakest ridge within 25 % of the best keeps both (CLA2 66.3, MLA 21.4).
 
 Measured on SmolLM2-135M at α = 0 (validation perplexity on 8,192 tokens at 1,024 context; 8,192
 calibration tokens; ~50 s on 2 cores): MLA 160+32 (KV/2) 28.5 → 21.4, GQA-3-CLA2 calibrated (KV/2)
-2,689 → 66.3, MQA calibrated (KV/3) 115 → 60.5 (at λ = 1e-6). 32,768 calibration tokens did not do
+2,689 → 66.3, MQA calibrated (KV/3) 115 → 60.4. 32,768 calibration tokens did not do
 better (MLA 21.9). Regressing the K/V inputs onto the converted model's hidden states as well (a
 GPTQ-style input correction) made it worse (MLA 31.1 without the output refit, 23.4 with it), and a
 target that also cancels the residual stream's drift over-fits (25.5); so only ``W_o`` is refitted,

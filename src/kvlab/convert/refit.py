@@ -119,8 +119,10 @@ def _check_pair(teacher, student) -> None:
 @torch.no_grad()
 def refit_outputs(teacher, student, calibration, *, progress: Callable[[int, int], None] | None = None) -> dict:
     """Refit every ``student`` layer's ``o_proj`` in place (see the module docstring) on the
-    calibration token batches ``(B, T)``; returns per-layer relative errors of the attention output
-    on those tokens before and after (``{"before": [...], "after": [...]}``)."""
+    calibration token batches ``(B, T)``. Returns per layer: the relative error of the attention
+    output on those tokens before and after (``"before"``, ``"after"``), the ridge chosen (``"ridge"``;
+    None where the converted projection was kept) and the held-out errors it was chosen by
+    (``"held_out"``)."""
     _check_pair(teacher, student)
     batches = [t.to(teacher.device) for t in calibration]
     if not batches:
@@ -132,24 +134,28 @@ def refit_outputs(teacher, student, calibration, *, progress: Callable[[int, int
         h_t, t_ctx = map(list, zip(*(_entry(teacher, t) for t in batches)))
         h_s, s_ctx = map(list, zip(*(_entry(student, t) for t in batches)))
         report = {"before": [], "after": [], "ridge": [], "held_out": []}
+        held = _held_out_rows(batches).to(teacher.device)
         for i, (tb, sb) in enumerate(zip(teacher.layers, student.layers)):
             o = sb.self_attn.o_proj
-            captured: list[torch.Tensor] = []
-            hook = o.register_forward_pre_hook(lambda module, args, into=captured: into.append(args[0]))
+            # The teacher's block advances its stream and yields the target (its attention output) in
+            # one pass; the student's attention runs once before its refit, its block once after.
+            targets: list[torch.Tensor] = []
+            inputs: list[torch.Tensor] = []
+            hooks = [tb.self_attn.register_forward_hook(
+                         lambda m, args, out, into=targets: into.append(out.flatten(0, 1).double())),
+                     o.register_forward_pre_hook(
+                         lambda m, args, into=inputs: into.append(args[0].flatten(0, 1).double()))]
             try:
-                targets, inputs = [], []
-                for ht, hs, tc, sc in zip(h_t, h_s, t_ctx, s_ctx):
-                    targets.append(tb.self_attn(tb.input_layernorm(ht), tc).flatten(0, 1).double())
-                    captured.clear()
+                h_t = [tb(h, c) for h, c in zip(h_t, t_ctx)]
+                for hs, sc in zip(h_s, s_ctx):
                     sb.self_attn(sb.input_layernorm(hs), sc)
-                    inputs.append(captured[-1].flatten(0, 1).double())
             finally:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
             y, u = torch.cat(targets), torch.cat(inputs)
             if o.bias is not None:
                 u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)], 1)
             old = o.weight.double() if o.bias is None else torch.cat([o.weight.double(), o.bias.double()[:, None]], 1)
-            held = _held_out_rows(batches).to(u.device)
             ridge, errors = _choose_ridge(u[~held], y[~held], u[held], y[held], old)
             scale = (y ** 2).sum().clamp_min(1e-30)
             report["before"].append(float(((u @ old.T - y) ** 2).sum() / scale))
@@ -165,9 +171,7 @@ def refit_outputs(teacher, student, calibration, *, progress: Callable[[int, int
                 else:
                     o.weight.copy_(new[:, :-1].to(o.weight.dtype))
                     o.bias.copy_(new[:, -1].to(o.bias.dtype))
-            # Advance both streams through the whole block: the student's with its refitted layer.
-            h_t = [tb(h, c) for h, c in zip(h_t, t_ctx)]
-            h_s = [sb(h, c) for h, c in zip(h_s, s_ctx)]
+            h_s = [sb(h, c) for h, c in zip(h_s, s_ctx)]          # through the refitted layer
             if progress is not None:
                 progress(i + 1, len(student.layers))
     finally:

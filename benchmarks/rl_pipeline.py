@@ -63,6 +63,12 @@ def main() -> None:
     ap.add_argument("--grpo-steps", type=int, default=40)
     ap.add_argument("--grpo-prompts", type=int, default=4)
     ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--sft-model", help="a merged SFT model saved by an earlier run (its work folder's sft-model): "
+                    "skip the SFT stage and start the others from it")
+    ap.add_argument("--stages", default="rm,dpo,rpo,grpo",
+                    help="comma-separated stages after SFT to run (rm, dpo, rpo, grpo); the JSON at --out keeps "
+                         "the stages not run")
     ap.add_argument("--rollout-batch", type=int, default=64)
     ap.add_argument("--rollout-tokens", type=int, default=128)
     ap.add_argument("--rollouts-only", action="store_true",
@@ -78,7 +84,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kvlab-rl-"))
     train_convs, test_convs = make_tasks(2000, 0), make_tasks(args.test, 1_000_003)
     train_prefs, test_prefs = make_preference_tasks(2000, 0), make_preference_tasks(args.test, 1_000_003)
+    stages = set(args.stages.split(","))
+    if not stages <= {"rm", "dpo", "rpo", "grpo"}:
+        ap.error(f"--stages {args.stages}: choose from rm, dpo, rpo, grpo")
     results: dict = {"stages": {}}
+    if args.sft_model and Path(args.out).is_file():
+        results = json.loads(Path(args.out).read_text())
 
     def stage(name: str, summary: dict, seconds: float, **extra) -> None:
         row = {"seconds": round(seconds, 1), "first_loss": summary.get("first_loss"),
@@ -97,52 +108,68 @@ def main() -> None:
     base = load(args.model)
     tok = base.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    results["original_accuracy"] = task_accuracy(base, tok, test_convs)["accuracy"]
-
-    t0 = time.perf_counter()
-    s = finetune(base, tok, LORA, ChatBatches(train_convs, tok, 64, 16), _cfg(work / "sft", args.sft_steps, 16, 2e-4),
-                 eval_conversations=test_convs, quiet=True)
-    sft = merge_and_unload(base)
-    sft.tokenizer = tok
-    save_checkpoint(sft, work / "sft-model")
-    stage("sft", s, time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    rm = add_score_head(load(work / "sft-model"), seed=0)
+    sft_model = Path(args.sft_model) if args.sft_model else work / "sft-model"
+    if not args.sft_model:
+        results["original_accuracy"] = task_accuracy(base, tok, test_convs)["accuracy"]
+        t0 = time.perf_counter()
+        s = finetune(base, tok, LORA, ChatBatches(train_convs, tok, 64, 16),
+                     _cfg(work / "sft", args.sft_steps, 16, 2e-4), eval_conversations=test_convs, quiet=True)
+        sft = merge_and_unload(base)
+        sft.tokenizer = tok
+        save_checkpoint(sft, sft_model)
+        stage("sft", s, time.perf_counter() - t0)
     pairs = [encode_preference(tok, r) for r in train_prefs]
-    held = PreferenceBatches([encode_preference(tok, r) for r in test_prefs], pad, 64, 16)
-    s = finetune(rm, tok, LORA, PreferenceBatches(pairs, pad, 64, 16), _cfg(work / "rm", args.rm_steps, 16, 1e-3),
-                 objective=RewardLoss(), eval_pairs=held, quiet=True)
-    stage("reward model", s, time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
-    s = finetune(load(work / "sft-model"), tok, LORA, PreferenceBatches(pairs, pad, 64, 8),
-                 _cfg(work / "dpo", args.dpo_steps, 8, 2e-4), objective=DPOLoss(Reference(), beta=0.1),
-                 eval_conversations=test_convs, quiet=True)
-    stage("dpo", s, time.perf_counter() - t0)
+    if "rm" in stages:
+        reward_model_stage(args, work, sft_model, tok, pad, pairs, test_prefs, stage)
+    if "dpo" in stages:
+        t0 = time.perf_counter()
+        s = finetune(load(sft_model), tok, LORA, PreferenceBatches(pairs, pad, 64, 8),
+                     _cfg(work / "dpo", args.dpo_steps, 8, 2e-4), objective=DPOLoss(Reference(), beta=0.1),
+                     eval_conversations=test_convs, quiet=True)
+        stage("dpo", s, time.perf_counter() - t0)
+    if "rpo" in stages:
+        t0 = time.perf_counter()        # DPO with RPO's NLL term on the chosen answers
+        s = finetune(load(sft_model), tok, LORA, PreferenceBatches(pairs, pad, 64, 8),
+                     _cfg(work / "dpo-rpo", args.dpo_steps, 8, 2e-4),
+                     objective=DPOLoss(Reference(), beta=0.1, sft_weight=1.0), eval_conversations=test_convs,
+                     quiet=True)
+        stage("dpo + sft term (RPO, weight 1)", s, time.perf_counter() - t0)
+    if "grpo" in stages:
+        t0 = time.perf_counter()
+        prompts, answers = prompts_from_conversations(tok, train_convs)
+        stop = [t for t in {tok.eos_token_id, base.cfg.eos_token_id} if t is not None]
+        objective = GRPOLoss(ExactMatchReward(tok, answers, stop), num_generations=args.generations,
+                             max_new_tokens=12, temperature=1.0, stop_tokens=stop, pad_id=pad, seed=0)
+        s = finetune(load(sft_model), tok, LORA, PromptBatches(prompts, pad, args.grpo_prompts),
+                     _cfg(work / "grpo", args.grpo_steps, args.grpo_prompts, args.grpo_lr), objective=objective,
+                     eval_conversations=test_convs, quiet=True)
+        default = (args.grpo_steps, args.grpo_prompts, args.generations, args.grpo_lr) == (40, 4, 8, 1e-4)
+        name = "grpo" if default else (f"grpo {args.grpo_steps} steps x {args.grpo_prompts} prompts x "
+                                       f"{args.generations}, lr {args.grpo_lr:g}")
+        stage(name, s, time.perf_counter() - t0, steps=args.grpo_steps, prompts=args.grpo_prompts,
+              generations=args.generations, lr=args.grpo_lr, date=time.strftime("%Y-%m-%d"),
+              threads=torch.get_num_threads())
 
-    t0 = time.perf_counter()        # DPO with RPO's NLL term on the chosen answers
-    s = finetune(load(work / "sft-model"), tok, LORA, PreferenceBatches(pairs, pad, 64, 8),
-                 _cfg(work / "dpo-rpo", args.dpo_steps, 8, 2e-4),
-                 objective=DPOLoss(Reference(), beta=0.1, sft_weight=1.0), eval_conversations=test_convs, quiet=True)
-    stage("dpo + sft term (RPO, weight 1)", s, time.perf_counter() - t0)
-
-    t0 = time.perf_counter()
-    prompts, answers = prompts_from_conversations(tok, train_convs)
-    stop = [t for t in {tok.eos_token_id, base.cfg.eos_token_id} if t is not None]
-    objective = GRPOLoss(ExactMatchReward(tok, answers, stop), num_generations=args.generations, max_new_tokens=12,
-                         temperature=1.0, stop_tokens=stop, pad_id=pad, seed=0)
-    s = finetune(load(work / "sft-model"), tok, LORA, PromptBatches(prompts, pad, args.grpo_prompts),
-                 _cfg(work / "grpo", args.grpo_steps, args.grpo_prompts, 1e-4), objective=objective,
-                 eval_conversations=test_convs, quiet=True)
-    stage("grpo", s, time.perf_counter() - t0)
-
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.sft_model:      # a partial run: its rows say their own settings; the full run's meta stays
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        return
     results["rollouts"] = rollouts(args)
     results["meta"] = {k: v for k, v in vars(args).items()} | {
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def reward_model_stage(args, work, sft_model, tok, pad, pairs, test_prefs, stage) -> None:
+    t0 = time.perf_counter()
+    rm = add_score_head(load(sft_model), seed=0)
+    held = PreferenceBatches([encode_preference(tok, r) for r in test_prefs], pad, 64, 16)
+    s = finetune(rm, tok, LORA, PreferenceBatches(pairs, pad, 64, 16), _cfg(work / "rm", args.rm_steps, 16, 1e-3),
+                 objective=RewardLoss(), eval_pairs=held, quiet=True)
+    stage("reward model", s, time.perf_counter() - t0)
 
 
 def rollouts(args) -> dict:

@@ -164,3 +164,49 @@ def test_converted_smollm2_exports_to_transformers(smollm2, tmp_path):
     assert ((mqa(x) - theirs).abs().max() / theirs.abs().max()) < 1e-4
     back = load(tmp_path / "mqa")                      # and kvlab reads its own export
     assert torch.equal(back(x), mqa(x))
+
+
+MLA = dict(attn_kind="mla", kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14)
+ALIBI = dict(vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=4, mlp="gelu", norm="layernorm",
+             pos="alibi", tie_embeddings=True, d_ff=256)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(n_kv_head=2), dict(n_kv_head=1, tie_embeddings=True, pad_token_id=257),     # pad = EOS, as in SmolLM2
+    dict(n_kv_head=4, qkv_bias=True), dict(n_kv_head=2, sliding_window=5), dict(**MLA, tie_embeddings=True),
+    ALIBI], ids=["llama", "llama-pad-is-eos", "qwen2", "mistral", "deepseek_v3", "mpt"])
+def test_a_reward_model_exports_as_a_sequence_classifier_that_scores_alike(tmp_path, variant):
+    """A model with a score head is *ForSequenceClassification in transformers, scores every row as
+    kvlab does under right and left padding — a row that ends in EOS too, where EOS is the pad token
+    and both read the token before it — and imports back with its head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kvlab.models.heads import add_score_head
+
+    model = add_score_head(make_model(**variant), n_outputs=2, seed=0)
+    if model.cfg.pos == "alibi":                 # MPT's LayerNorms have no bias
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("layernorm.bias") or name == "norm.bias":
+                    p.zero_()
+    export_hf(model, tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification") and len(config["id2label"]) == 2
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    pad, eos = model.cfg.pad_token_id, model.cfg.eos_token_id
+    right = torch.tensor([[5, 6, 7, 8, eos], [9, 10, 11, pad, pad], [12, 13, eos, pad, pad]])
+    left = torch.tensor([[5, 6, 7, 8, eos], [pad, pad, 9, 10, 11], [pad, pad, 12, 13, eos]])
+    back = load(tmp_path / "rm")
+    assert back.cfg.score_outputs == 2
+    right_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    for tokens, mask in ((right, right_mask), (left, right_mask.flip(1))):
+        with torch.no_grad():
+            ours = model.sequence_scores(tokens, attention_mask=mask)
+            torch.testing.assert_close(hf(input_ids=tokens, attention_mask=mask).logits, ours, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(back.sequence_scores(tokens, attention_mask=mask), ours)
+    if pad == eos:               # the row "12 13 EOS" is read at 13, the same as "12 13" alone
+        with torch.no_grad():
+            torch.testing.assert_close(model.sequence_scores(right[2:, :3]), model.sequence_scores(right[2:, :2]))
+    if not model.cfg.tie_embeddings:            # a sequence classifier has no LM head
+        assert "lm_head.weight" not in load_file(str(tmp_path / "rm" / "model.safetensors"))
+        assert not back.lm_head.weight.any() and back.provenance["source"]["lm_head"].startswith("absent")

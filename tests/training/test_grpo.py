@@ -56,6 +56,9 @@ def test_the_per_token_loss_is_the_clipped_surrogate_plus_k3():
             a = adv[i].item()
             want = (-min(ratio * a, clipped * a) + 0.04 * (math.exp(d) - d - 1)) * mask[i, t].item()
             assert got[i, t].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
+    with_ratio = grpo_token_loss(logps, old, adv, mask, ref_logps=ref, beta=0.04, kl_ratio=True)
+    d = ref - logps
+    torch.testing.assert_close(with_ratio - got, 0.04 * (torch.exp(d) - d - 1) * (torch.exp(logps - old) - 1) * mask)
     per_seq = [float(got[i].sum() / mask[i].sum()) for i in range(3)]
     assert reduce_grpo_loss(got, mask, "grpo", 5).item() == pytest.approx(sum(per_seq))
     assert reduce_grpo_loss(got, mask, "dr_grpo", 5).item() == pytest.approx(float(got.sum()) / 5)
@@ -89,19 +92,106 @@ def test_grpo_learns_a_dense_reward_on_a_tiny_model(tmp_path):
     assert last > first + 0.2, (first, last)
 
 
-def test_grpo_resumes_exactly(tmp_path):
-    def run(out, steps, resume=False):
-        model = make_model(seed=0)
-        objective = GRPOLoss(_a_reward, num_generations=3, max_new_tokens=6, pad_id=TOK.pad_token_id, seed=1)
-        train(model, PromptBatches(_prompts(), TOK.pad_token_id, 4), None, _cfg(out, steps, save_every=2),
-              quiet=True, objective=objective, resume=resume)
+class _StopAt:
+    """Training hooks that interrupt the run after optimizer step ``step`` (as Ctrl-C would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def regularizer(self):
+        return 0.0
+
+    def after_step(self, n):
+        if n == self.step:
+            raise KeyboardInterrupt
+
+    def state_dict(self):
+        return None
+
+
+def _straight_and_resumed(tmp_path, make_objective, steps=4):
+    """Metrics of an uninterrupted run, and of the same run interrupted after step 3 (its last
+    checkpoint: step 2) and resumed."""
+    from kvlab.errors import Interrupted
+
+    def run(out, resume=False, hooks=None):
+        train(make_model(seed=0), PromptBatches(_prompts(), TOK.pad_token_id, 4), None,
+              _cfg(out, steps, save_every=2), quiet=True, objective=make_objective(), resume=resume, hooks=hooks)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    straight = run(tmp_path / "a", 4)
-    run(tmp_path / "b", 2)
-    resumed = run(tmp_path / "b", 4, resume=True)
-    for a, b in zip(straight, resumed):
-        assert (a["loss"], a["reward"]) == (b["loss"], b["reward"])
+    straight = run(tmp_path / "a")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", hooks=_StopAt(3))
+    return straight, run(tmp_path / "b", resume=True)
+
+
+def test_grpo_resumes_exactly(tmp_path):
+    straight, resumed = _straight_and_resumed(tmp_path, lambda: GRPOLoss(
+        _a_reward, num_generations=3, max_new_tokens=6, pad_id=TOK.pad_token_id, seed=1))
+    assert len(resumed) == 4
+    assert [(r["loss"], r["reward"]) for r in resumed] == [(r["loss"], r["reward"]) for r in straight]
+
+
+def test_rollouts_are_sampled_once_per_step_and_each_pass_reads_every_one_of_them(monkeypatch, tmp_path):
+    """num_iterations=2 x mini_batches=2: one generate call per step; each pass's two updates
+    read disjoint halves that together are all the step's rollouts; the sampling policy's
+    log-probabilities are those of the model that sampled them (ratio 1 at the first update), and
+    from the second update on the ratio moves."""
+    import kvlab.inference.generation as generation
+    from kvlab.training.rl import Rollouts, completion_token_logps
+
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_model(seed=0)
+    objective = GRPOLoss(_a_reward, num_generations=4, max_new_tokens=6, pad_id=TOK.pad_token_id, seed=0,
+                         num_iterations=2, mini_batches=2)
+    assert objective.updates_per_batch == 4 and objective.update_rows(4) == 8
+    batch = PromptBatches(_prompts(), TOK.pad_token_id, 4).batch(0)
+    first = objective.batch_for_update(model, batch, 0)
+    buffer = objective._buffer
+    assert len(calls) == 1 and buffer.prompt.shape[0] == 16
+    with torch.no_grad():
+        now = completion_token_logps(model, buffer.prompt, buffer.prompt_mask, buffer.completion,
+                                     buffer.completion_mask)
+    torch.testing.assert_close(buffer.old_logps, now * buffer.completion_mask)   # as sampled (0 at padding)
+    parts = [first] + [objective.batch_for_update(model, batch, u) for u in (1, 2, 3)]
+    assert len(calls) == 1
+
+    def rows(r):
+        return {tuple(r.prompt[i].tolist()) + tuple(r.completion[i].tolist()) + (float(r.advantages[i]),)
+                for i in range(r.prompt.shape[0])}
+
+    everything = rows(buffer)
+    for a, b in ((parts[0], parts[1]), (parts[2], parts[3])):
+        assert rows(a) | rows(b) == everything and not rows(a) & rows(b)
+    assert rows(parts[0]) != rows(parts[2])                       # each pass shuffles anew
+    objective.loss(model, first)
+    assert objective.pop_metrics()["clip_fraction"] == 0.0
+    with torch.no_grad():                                         # the policy moves, as after an update
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    loss = objective.loss(model, parts[1])
+    assert objective.pop_metrics()["clip_fraction"] > 0
+    r = Rollouts(*parts[1])
+    logps = completion_token_logps(model, r.prompt, r.prompt_mask, r.completion, r.completion_mask)
+    m = r.completion_mask.float()
+    want = reduce_grpo_loss(grpo_token_loss(logps, r.old_logps, r.advantages, m), m, "grpo", 6)
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(ConfigError, match="no rollouts"):
+        objective.batch_for_update(model, PromptBatches(_prompts(), TOK.pad_token_id, 4).batch(1), 1)
+    with pytest.raises(ConfigError, match="mini_batches=3"):
+        train(make_model(), PromptBatches(_prompts(), TOK.pad_token_id, 4), None, _cfg(tmp_path, 1), quiet=True,
+              objective=GRPOLoss(_a_reward, num_generations=2, mini_batches=3, pad_id=TOK.pad_token_id))
+
+
+def test_grpo_reusing_its_rollouts_resumes_exactly(tmp_path):
+    straight, resumed = _straight_and_resumed(tmp_path, lambda: GRPOLoss(
+        _a_reward, num_generations=2, max_new_tokens=6, pad_id=TOK.pad_token_id, seed=1, num_iterations=2,
+        mini_batches=2))
+    assert len(resumed) == 4 and resumed[-1]["clip_fraction"] > 0
+    assert [(r["loss"], r["reward"], r["clip_fraction"]) for r in resumed] == \
+        [(r["loss"], r["reward"], r["clip_fraction"]) for r in straight]
 
 
 def test_kl_to_an_adapters_base_is_zero_before_the_adapter_moves():
@@ -110,7 +200,7 @@ def test_kl_to_an_adapters_base_is_zero_before_the_adapter_moves():
     objective = GRPOLoss(_a_reward, num_generations=2, max_new_tokens=5, beta=0.1, reference=Reference(),
                          pad_id=TOK.pad_token_id)
     batch = PromptBatches(_prompts(2), TOK.pad_token_id, 2).batch(0)
-    objective.loss(model, batch)
+    objective.loss(model, objective.batch_for_update(model, batch, 0))
     assert objective.pop_metrics()["kl"] == 0.0
 
 
@@ -156,6 +246,17 @@ def test_finetune_cli_runs_grpo_with_exact_match_and_with_a_reward_model(tmp_pat
                  str(tmp_path / "t" / "preferences_train.jsonl"), "--max-steps", "3", "--merge",
                  "--out", str(tmp_path / "rm"), *common]) == 0
     capsys.readouterr()
+    # The reward model leaves kvlab as transformers' sequence classifier and scores the same there.
+    from transformers import AutoModelForSequenceClassification
+
+    from kvlab.io import load
+
+    assert main(["export", str(tmp_path / "rm" / "merged"), "--format", "hf", "-o", str(tmp_path / "rm-hf")]) == 0
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
+    rows = torch.tensor([TOK.encode("3 + 4 = 7", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=rows).logits, load(tmp_path / "rm" / "merged").sequence_scores(rows),
+                                   rtol=1e-4, atol=1e-5)
     with_rm = [*grpo, "--reward-model", str(tmp_path / "rm" / "merged"), "--beta", "0.04"]
     assert main(["finetune", str(tmp_path / "m"), *with_rm, "--out", str(tmp_path / "g2"), *common]) == 0
     straight = [json.loads(x) for x in (tmp_path / "g2" / "metrics.jsonl").read_text().splitlines()]
@@ -193,21 +294,31 @@ def test_gae_against_its_definition():
     assert adv1[0, 2].item() == pytest.approx(float(r[0, 2:].sum() - v[0, 2]), rel=1e-12)
 
 
-def test_ppo_learns_a_dense_reward_and_its_value_head(tmp_path):
+def test_ppo_learns_a_dense_reward_and_its_value_head_and_reusing_rollouts_learns_more(tmp_path):
+    """PPO on the same 20 batches of rollouts: four passes over each (TRL's default
+    num_ppo_epochs) learn far more than one pass, whose ratio is always 1."""
     from kvlab.models.heads import add_score_head
     from kvlab.training.rl import PPOLoss
 
-    model = add_score_head(make_model(seed=0), seed=0)
-    objective = PPOLoss(_a_reward, num_generations=2, max_new_tokens=8, kl_coef=0.01,
-                        reference=Reference(make_model(seed=0)), pad_id=TOK.pad_token_id, seed=0)
-    cfg = _cfg(tmp_path, 40)
-    train(model, PromptBatches(_prompts(), TOK.pad_token_id, 4), None, cfg, quiet=True, objective=objective)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward", "kl", "value_loss", "policy_loss"} <= set(records[0])
-    first = sum(r["reward"] for r in records[:5]) / 5
-    last = sum(r["reward"] for r in records[-5:]) / 5
-    assert last > first + 0.15, (first, last)        # measured: 0.09 -> 0.35
+    def run(out, **kw):
+        model = add_score_head(make_model(seed=0), seed=0)
+        objective = PPOLoss(_a_reward, num_generations=2, max_new_tokens=8, kl_coef=0.01,
+                            reference=Reference(make_model(seed=0)), pad_id=TOK.pad_token_id, seed=0, **kw)
+        train(model, PromptBatches(_prompts(), TOK.pad_token_id, 4), None, _cfg(out, 20), quiet=True,
+              objective=objective)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert {"reward", "kl", "value_loss", "policy_loss", "clip_fraction"} <= set(records[0])
+        first = sum(r["reward"] for r in records[:5]) / 5
+        last = sum(r["reward"] for r in records[-5:]) / 5
+        return first, last, records
+
+    first, last, records = run(tmp_path / "four")                 # num_iterations=4 by default
+    assert last > first + 0.4, (first, last)                      # measured: 0.12 -> 0.92
     assert sum(r["value_loss"] for r in records[-5:]) < sum(r["value_loss"] for r in records[:5])
+    assert max(r["clip_fraction"] for r in records) > 0
+    one_first, one_last, one = run(tmp_path / "one", num_iterations=1)
+    assert all(r["clip_fraction"] == 0 for r in one)
+    assert last > one_last + 0.3, (last, one_last)                # measured: 0.92 against 0.18
 
 
 def test_ppo_needs_a_value_head():
@@ -215,7 +326,7 @@ def test_ppo_needs_a_value_head():
 
     objective = PPOLoss(_a_reward, kl_coef=0.0, pad_id=TOK.pad_token_id)
     with pytest.raises(ConfigError, match="value head"):
-        objective.loss(make_model(), PromptBatches(_prompts(2), TOK.pad_token_id, 2).batch(0))
+        objective.batch_for_update(make_model(), PromptBatches(_prompts(2), TOK.pad_token_id, 2).batch(0), 0)
     with pytest.raises(ConfigError, match="reference"):
         PPOLoss(_a_reward, kl_coef=0.1)
 
@@ -235,7 +346,9 @@ def test_finetune_cli_runs_ppo_with_a_value_head(tmp_path, capsys):
     brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert brief["objective"] == "ppo"
     records = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
-    assert all({"value_loss", "kl", "reward"} <= set(r) for r in records)
+    assert all({"value_loss", "kl", "reward", "clip_fraction"} <= set(r) for r in records)
+    settings = json.loads((tmp_path / "p" / "run.json").read_text())["settings"]
+    assert (settings["num_iterations"], settings["mini_batches"]) == (4, 1)        # TRL's num_ppo_epochs
     assert main(["finetune", str(tmp_path / "m"), "--objective", "grpo", "--num-generations", "1", "--method",
                  "lora", "--data", str(tmp_path / "t" / "train.jsonl"), "--max-steps", "1",
                  "--out", str(tmp_path / "g")]) == 2

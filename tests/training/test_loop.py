@@ -127,6 +127,43 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     assert all(math.isfinite(json.loads(line)["loss"]) for line in lines)
 
 
+def test_several_updates_per_batch_equal_a_run_over_their_batches(tmp_path):
+    """An objective with ``updates_per_batch = 2`` (each update on one half of the step's batch, as
+    RL reusing its rollouts does) makes the optimizer updates of a plain run whose batches are
+    those halves, one per step (a constant learning rate: the schedule counts steps)."""
+
+    class Halves(CrossEntropy):
+        updates_per_batch = 2
+
+        def update_rows(self, rows):
+            return rows // 2
+
+        def batch_for_update(self, model, batch, update):
+            return tuple(t[update * 2:(update + 1) * 2] for t in batch)
+
+    class HalfWindows:
+        def __init__(self, windows):
+            self.windows = windows
+
+        def batch(self, i):
+            return tuple(t[(i % 2) * 2:(i % 2 + 1) * 2] for t in self.windows.batch(i // 2))
+
+    def run(out, objective, windows, steps, batch_size):
+        torch.manual_seed(0)
+        model = make_model()
+        cfg = TrainConfig(out_dir=str(out), max_steps=steps, seq_len=16, batch_size=batch_size, lr=3e-3,
+                          warmup_steps=0, min_lr_ratio=1.0, grad_clip=1e9, log_every=1, eval_every=10**6)
+        train(model, windows, None, cfg, quiet=True, objective=objective)
+        return model, [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    windows = Windows(TOKENS, 16, 4)
+    a, losses_a = run(tmp_path / "a", Halves(), windows, 3, 4)
+    b, losses_b = run(tmp_path / "b", CrossEntropy(), HalfWindows(windows), 6, 2)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    assert losses_a == pytest.approx([(losses_b[i] + losses_b[i + 1]) / 2 for i in (0, 2, 4)], rel=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
     """gloo on the CPU; the same global batch split over 2 ranks gives the same losses."""

@@ -112,46 +112,51 @@ def test_dpo_losses_equal_trls(tiny_with_smollm2_tokenizer, tmp_path, sft_weight
     assert ours[-1] < ours[0]
 
 
-def test_reward_model_losses_equal_trls(tiny_with_smollm2_tokenizer, tmp_path):
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "<|im_end|>"], ids=["pad-unused", "pad-is-eos"])
+def test_reward_model_losses_equal_trls(tiny_with_smollm2_tokenizer, tmp_path, pad):
+    """kvlab's reward model, exported as a sequence classifier, trained by TRL's RewardTrainer and by
+    kvlab. With SmolLM2's own padding (the pad token is the EOS that ends every answer), both read
+    the score at the token before that EOS."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     model, path = tiny_with_smollm2_tokenizer
     tok = AutoTokenizer.from_pretrained(path)
-    tok.pad_token = "<|endoftext|>"                          # id 0: never a real token of these pairs
+    tok.pad_token = pad
     pairs = [encode_preference(model.tokenizer, r) for r in _records()]
-    hf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float64)
-    hf.config.pad_token_id = 0
-    torch.manual_seed(1)
-    torch.nn.init.normal_(hf.score.weight, std=0.2)
-    ours_model = Transformer(model.cfg).double()
+    assert all(p.chosen[-1] == p.rejected[-1] == 2 for p in pairs)      # every answer ends in EOS (<|im_end|>)
+    ours_model = Transformer(model.cfg.replace(pad_token_id=tok.pad_token_id)).double()
     ours_model.load_state_dict(model.state_dict())
-    add_score_head(ours_model)
-    with torch.no_grad():
-        ours_model.score.weight.copy_(hf.score.weight)
+    add_score_head(ours_model, seed=1)
+    export_hf(ours_model, tmp_path / "rm")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float64)
+    assert hf.config.pad_token_id == tok.pad_token_id
     data = Dataset.from_list([{"chosen_ids": list(p.prompt + p.chosen), "rejected_ids": list(p.prompt + p.rejected)}
                               for p in pairs])
     trainer = RewardTrainer(model=hf, args=_trl_args(RewardConfig, tmp_path, center_rewards_coefficient=0.01,
-                                                     pad_token="<|endoftext|>"),
+                                                     pad_token=pad),
                             train_dataset=data, processing_class=tok)
     theirs = _trl_losses(trainer)
-    ours = _kvlab_losses(ours_model, RewardLoss(center_coefficient=0.01), pairs, tmp_path, pad_id=0)
+    ours = _kvlab_losses(ours_model, RewardLoss(center_coefficient=0.01), pairs, tmp_path, pad_id=tok.pad_token_id)
     assert len(ours) == len(theirs) == STEPS
     for a, b in zip(ours, theirs):
         assert a == pytest.approx(b, abs=1e-5)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo"])
-def test_grpo_loss_on_fixed_rollouts_equals_trls(tiny_with_smollm2_tokenizer, tmp_path, loss_type):
-    """TRL's GRPOTrainer._compute_loss and kvlab's GRPO loss on the same prompts, completions,
-    advantages and reference log-probabilities (a KL term included)."""
+@pytest.mark.parametrize("loss_type,reuse", [("grpo", False), ("dr_grpo", False), ("grpo", True)])
+def test_grpo_loss_on_fixed_rollouts_equals_trls(tiny_with_smollm2_tokenizer, tmp_path, loss_type, reuse):
+    """TRL's GRPOTrainer._compute_loss and kvlab's GRPOLoss on the same prompts, completions,
+    advantages and reference log-probabilities (a KL term included); with ``reuse``, on rollouts
+    sampled by an earlier policy (TRL's ``old_per_token_logps``, num_iterations > 1), so the
+    ratio is not 1 and the clipping acts."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from kvlab.inference.generation import left_pad
-    from kvlab.training.rl import completion_token_logps, grpo_token_loss, reduce_grpo_loss
+    from kvlab.training.preference import Reference
+    from kvlab.training.rl import GRPOLoss, Rollouts, completion_token_logps, grpo_token_loss, reduce_grpo_loss
 
     model, path = tiny_with_smollm2_tokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -175,30 +180,47 @@ def test_grpo_loss_on_fixed_rollouts_equals_trls(tiny_with_smollm2_tokenizer, tm
         shifted.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype)
                                  for k, v in model.state_dict().items()})
         ref = completion_token_logps(shifted, prompt_ids, prompt_mask, completion, completion_mask)
+        old = None
+        if reuse:                   # the policy that sampled: 0.6 nats per token away at most
+            old = completion_token_logps(ours_model, prompt_ids, prompt_mask, completion, completion_mask) + \
+                0.3 * torch.randn(completion.shape, generator=g, dtype=torch.float64).clamp(-2, 2)
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion,
               "completion_mask": completion_mask, "advantages": advantages, "ref_per_token_logps": ref,
               "num_items_in_batch": completion_mask.sum()}
+    if reuse:
+        inputs["old_per_token_logps"] = old
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     theirs = trainer._compute_loss(trainer.model, inputs)
 
-    logps = completion_token_logps(ours_model, prompt_ids, prompt_mask, completion, completion_mask)
+    objective = GRPOLoss(lambda *a: None, num_generations=G, max_new_tokens=Tc, beta=0.04, reference=Reference(shifted),
+                         loss_type=loss_type, num_iterations=2 if reuse else 1)
+    zeros = torch.zeros(completion.shape, dtype=torch.float64)
+    rollouts = Rollouts(prompt_ids, prompt_mask, completion, completion_mask, advantages,
+                        old if reuse else zeros, ref, zeros, zeros)
+    ours = objective.loss(ours_model, rollouts) / 4
+    if reuse:
+        assert 0 < objective.pop_metrics()["clip_fraction"] < 1
     m = completion_mask.double()
-    per_token = grpo_token_loss(logps, logps.detach(), advantages, m, ref_logps=ref, beta=0.04)
-    ours = reduce_grpo_loss(per_token, m, loss_type, Tc) / 4
-    assert abs(float(ours)) > 1e-2
-    assert float(ours) == pytest.approx(float(theirs), abs=1e-5)        # measured: 1e-7
-    # The gradients: equal to plain float64 autograd through transformers' own forward (the same loss
-    # on its logits), and within 2 % of TRL's, whose fused LM-head kernel's backward is measured here
-    # at ~0.3-0.9 % (relative) from float64 autograd while its loss agrees to 1e-7.
-    theirs.backward()
-    ours.backward()
+    # The reference of the value and of the gradients: the same loss on the log-probabilities of
+    # plain float64 autograd through transformers' own forward.
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     seq, att = torch.cat([prompt_ids, completion], 1), torch.cat([prompt_mask, completion_mask], 1)
     lp = torch.log_softmax(plain(input_ids=seq, attention_mask=att).logits[:, prompt_ids.shape[1] - 1:-1], -1)
     lp = lp.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-    (reduce_grpo_loss(grpo_token_loss(lp, lp.detach(), advantages, m, ref_logps=ref, beta=0.04), m, loss_type, Tc)
-     / 4).backward()
+    per_token = grpo_token_loss(lp, old if reuse else lp.detach(), advantages, m, ref_logps=ref, beta=0.04,
+                                kl_ratio=True)     # TRL's default use_bias_correction_kl, and kvlab's
+    plain_loss = reduce_grpo_loss(per_token, m, loss_type, Tc) / 4
+    assert abs(float(ours.detach())) > 1e-2
+    assert float(ours) == pytest.approx(float(plain_loss), abs=1e-9)      # measured: 3e-12
+    # TRL's value: 1e-7 away at ratio 1, where the loss hardly depends on the log-probabilities;
+    # 3e-5 away with a ratio, which exposes its fused LM-head kernel's log-probabilities.
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-4 if reuse else 1e-5)
+    # The gradients: equal to the float64 reference, and within 2 % of TRL's, whose fused kernel's
+    # backward is measured here at ~0.3-0.9 % (relative) from float64 autograd.
+    theirs.backward()
+    ours.backward()
+    plain_loss.backward()
     plain_params, trl_params = dict(plain.named_parameters()), dict(trainer.model.named_parameters())
     for name, p in ours_model.named_parameters():
         hf_name = name if name.startswith("lm_head") else "model." + name

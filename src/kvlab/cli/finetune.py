@@ -65,6 +65,11 @@ def add_parser(sub) -> None:
     pref.add_argument("--max-new-tokens", type=positive_int, default=32, help="grpo: longest completion")
     pref.add_argument("--temperature", type=float, default=1.0, help="grpo: sampling temperature of the rollouts")
     pref.add_argument("--epsilon", type=float, default=0.2, help="grpo: clipping range of the ratio")
+    pref.add_argument("--num-iterations", type=positive_int,
+                      help="grpo/ppo: optimizer passes over each batch of rollouts, reusing them (TRL's "
+                           "num_iterations / num_ppo_epochs; default: grpo 1, ppo 4)")
+    pref.add_argument("--mini-batches", type=positive_int, default=1,
+                      help="grpo/ppo: updates per pass, each on a shuffled part of the rollouts (default 1)")
     pref.add_argument("--kl-coef", type=float, default=0.05, help="ppo: per-token KL penalty to the adapter-free base")
     pref.add_argument("--vf-coef", type=float, default=0.1, help="ppo: weight of the value loss")
     pref.add_argument("--reward-model", metavar="MODEL",
@@ -124,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
     if rl and not (0 < args.epsilon < 1 and args.temperature > 0):
         raise UsageError(f"kvlab finetune: --epsilon {args.epsilon} must be in (0, 1) and --temperature "
                          f"{args.temperature} positive (GRPO samples its groups)")
+    iterations = args.num_iterations or (4 if args.objective == "ppo" else 1)
+    if not rl and (args.num_iterations is not None or args.mini_batches != 1):
+        raise UsageError("kvlab finetune: --num-iterations and --mini-batches reuse RL rollouts; they go with "
+                         "--objective grpo or ppo")
+    rollouts = args.batch_size * generations
+    if rl and (rollouts % args.mini_batches or (rollouts // args.mini_batches) % args.grad_accum):
+        raise UsageError(f"kvlab finetune: --batch-size {args.batch_size} x --num-generations {generations} = "
+                         f"{rollouts} rollouts per step do not split into --mini-batches {args.mini_batches} updates "
+                         f"of --grad-accum {args.grad_accum} equal micro-batches; change one of them")
     preferences = args.objective in ("reward", "dpo")
     if preferences:
         from kvlab.data.preferences import read_preference_jsonl
@@ -206,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             reward = ExactMatchReward(tok, answers, stop)
         sampling = dict(num_generations=generations, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        epsilon=args.epsilon, stop_tokens=stop, pad_id=pad, seed=args.seed)
+                        epsilon=args.epsilon, num_iterations=iterations, mini_batches=args.mini_batches,
+                        stop_tokens=stop, pad_id=pad, seed=args.seed)
         if args.objective == "grpo":
             objective = GRPOLoss(reward, beta=beta, reference=Reference() if beta else None, loss_type=loss_type,
                                  **sampling)
@@ -233,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                 "objective": args.objective, "beta": beta, "loss_type": loss_type,
                 "simpo_gamma": args.simpo_gamma, "sft_weight": args.sft_weight, "center_rewards": args.center_rewards,
                 "num_generations": generations, "max_new_tokens": args.max_new_tokens, "kl_coef": args.kl_coef,
-                "vf_coef": args.vf_coef,
+                "vf_coef": args.vf_coef, "num_iterations": iterations, "mini_batches": args.mini_batches,
                 "temperature": args.temperature, "epsilon": args.epsilon, "reward_model": args.reward_model,
                 "eval_data": args.eval_data, "eval_limit": args.eval_limit, "pack": args.pack, "merge": args.merge,
                 **run_settings(cfg)}

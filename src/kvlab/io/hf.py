@@ -2,6 +2,12 @@
 directories, export Llama (or Mistral, Qwen2), for ``mla`` models DeepSeek-V3, and for ALiBi models
 MPT (:mod:`kvlab.io.mpt`).
 
+A model with a score head (a reward model, :func:`kvlab.models.heads.add_score_head`) is
+``*ForSequenceClassification`` there, both ways: the head is ``score.weight``, ``num_labels`` its
+outputs, and transformers reads it at the rightmost token that is not ``pad_token_id`` — the rule
+kvlab's :meth:`~kvlab.models.decoder.Transformer.sequence_scores` keeps, so both score alike. A
+sequence classifier has no LM head: an untied one is not exported, and one imported comes back zero.
+
 kvlab's parameter names are HF Llama's (and for MLA DeepseekV3Attention's) without the ``model.``
 prefix, and its RoPE uses the same half-split layout, so weights map one to one; only the configs
 need translating, and DeepSeek's interleaved RoPE channels a permutation (:func:`_deinterleave_rope`).
@@ -50,8 +56,21 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+def is_sequence_classifier(hf: dict[str, Any]) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or ())
+
+
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """Translate a HF Llama-family ``config.json`` dict into a :class:`ModelConfig`."""
+    """Translate a HF Llama-family ``config.json`` dict into a :class:`ModelConfig` (with a score
+    head of ``num_labels`` outputs for a ``*ForSequenceClassification``)."""
+    cfg = _lm_config_from_hf(hf, where)
+    if is_sequence_classifier(hf):
+        labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2      # transformers' default: 2
+        cfg = cfg.replace(score_outputs=int(labels))
+    return cfg
+
+
+def _lm_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; kvlab imports "
@@ -169,7 +188,18 @@ def _deepseek_problems(cfg: ModelConfig, model: Transformer | None) -> list[str]
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None = None) -> dict[str, Any]:
     """A HF config for ``cfg``: LlamaForCausalLM, or Qwen2ForCausalLM when only q/k/v have biases,
-    MistralForCausalLM with a window, DeepseekV3ForCausalLM for MLA, MptForCausalLM for ALiBi."""
+    MistralForCausalLM with a window, DeepseekV3ForCausalLM for MLA, MptForCausalLM for ALiBi — and
+    ``*ForSequenceClassification`` instead for a model with a score head."""
+    hf = _lm_config_to_hf(cfg, dtype, model)
+    if cfg.score_outputs:
+        hf["architectures"] = [a.replace("ForCausalLM", "ForSequenceClassification") for a in hf["architectures"]]
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.score_outputs)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.score_outputs)}
+        hf["pad_token_id"] = cfg.pad_token_id       # where transformers stops reading (see the module docstring)
+    return hf
+
+
+def _lm_config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None) -> dict[str, Any]:
     if cfg.pos == "alibi":                  # MPT: the ALiBi architecture of transformers that kvlab's matches
         problems = mpt_problems(cfg, model)
         if problems:
@@ -194,9 +224,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None
     if cfg.block_sparse is not None:
         problems.append("a block-sparse layout (HF's Llama-family attention is dense; keep the model in the kvlab "
                         "format)")
-    if cfg.score_outputs:
-        problems.append("a score head (a reward model; HF export writes causal LMs, so keep it in the kvlab format, "
-                        "or export the adapter)")
     if cfg.attention_sinks and cfg.sliding_window is not None:
         problems.append("attention sinks (Mistral's sliding window has none; keep the model in the kvlab format)")
     if problems:
@@ -287,6 +314,9 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
         state[name.removeprefix("model.")] = tensor
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
+    lm_head_absent = bool(cfg.score_outputs) and not cfg.tie_embeddings and "lm_head.weight" not in state
+    if lm_head_absent:          # a sequence classifier has none: zero, so no token is preferred
+        state["lm_head.weight"] = torch.zeros_like(state["embed_tokens.weight"])
     if cfg.attn_kind == "mla":
         if hf_config.get("rope_interleave", True):
             _deinterleave_rope(cfg, state)
@@ -297,8 +327,8 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
                     state.setdefault(f"layers.{i}.self_attn.q_proj.bias", w.new_zeros(w.shape[0]))
     model = build_model(cfg, state, where=str(directory), device=device, dtype=dtype)
     model.tokenizer = load_tokenizer(directory)
-    model.provenance = new_provenance("hf", path=str(directory.resolve()),
-                                      model_type=json.loads((directory / "config.json").read_text())["model_type"])
+    model.provenance = new_provenance("hf", path=str(directory.resolve()), model_type=hf_config["model_type"],
+                                      **({"lm_head": "absent (a sequence classifier): zero"} if lm_head_absent else {}))
     return model
 
 
@@ -358,11 +388,11 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
         if name.startswith("mpt:"):
             state[name.removeprefix("mpt:")] = tensor.detach().to(dtype).contiguous().cpu()
             continue
-        if model.cfg.tie_embeddings and name == "lm_head.weight":
-            continue
+        if name == "lm_head.weight" and (model.cfg.tie_embeddings or model.cfg.score_outputs):
+            continue                                        # tied, or a sequence classifier (no LM head)
         if hf_config["model_type"] == "deepseek_v3" and name.endswith("self_attn.q_proj.bias"):
             continue                                        # zero (checked): DeepSeek's q_proj has no bias
-        key = name if name.startswith("lm_head.") else f"model.{name}"
+        key = name if name.startswith(("lm_head.", "score.")) else f"model.{name}"
         state[key] = tensor.detach().to(dtype).contiguous().cpu()
     tokenizer = model.tokenizer
 

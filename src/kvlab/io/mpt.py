@@ -130,4 +130,6 @@ def state_to_mpt(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
             [state[pre + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")])
         for ours, theirs in names.items():
             out[f"transformer.blocks.{i}.{theirs}"] = state[pre + ours]
+    if "score.weight" in state:                     # MptForSequenceClassification's head
+        out["score.weight"] = state["score.weight"]
     return out

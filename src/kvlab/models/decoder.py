@@ -203,14 +203,15 @@ class Transformer(nn.Module):
 
     def sequence_scores(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                         backend: str | None = None) -> torch.Tensor:
-        """``(B, score_outputs)``: the score head at each row's last real token (a reward model)."""
+        """``(B, score_outputs)``: the score head at each row's last real token (a reward model;
+        :func:`kvlab.models.heads.last_real_token`: the pad token is not read, as in transformers)."""
         from kvlab.models.heads import last_real_token
 
         if not self.cfg.score_outputs:
             raise ConfigError("this model has no score head; add one with kvlab.models.heads.add_score_head")
         h = self.hidden_states(tokens, attention_mask=attention_mask, backend=backend)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.score(h[rows, last_real_token(tokens, attention_mask)])
+        return self.score(h[rows, last_real_token(tokens, attention_mask, self.cfg.pad_token_id)])
 
     def hidden_states(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, backend: str | None = None,

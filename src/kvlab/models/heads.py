@@ -13,8 +13,8 @@ from kvlab.models.decoder import Transformer
 class ScalarHead(nn.Module):
     """``n_outputs`` scalars from a :class:`Transformer`'s hidden states.
 
-    ``per_token=False`` (a reward model): the hidden state of each row's last real token (the last
-    1 of ``attention_mask``; the last position without one) -> ``(B, n_outputs)``.
+    ``per_token=False`` (a reward model): the hidden state of each row's last real token
+    (:func:`last_real_token`, the backbone's pad token excluded) -> ``(B, n_outputs)``.
     ``per_token=True`` (a value model): every position -> ``(B, T, n_outputs)``.
     """
 
@@ -32,16 +32,24 @@ class ScalarHead(nn.Module):
         if self.per_token:
             return self.score(h)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.score(h[rows, last_real_token(tokens, attention_mask)])
+        return self.score(h[rows, last_real_token(tokens, attention_mask, self.backbone.cfg.pad_token_id)])
 
 
-def last_real_token(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``(B,)``: the index of each row's last real token (the last 1 of ``attention_mask``, whether
-    the row is left- or right-padded; the last position without a mask)."""
-    if attention_mask is None:
-        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+def last_real_token(tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+                    pad_id: int | None = None) -> torch.Tensor:
+    """``(B,)``: the index of each row's last real token — the last position that ``attention_mask``
+    marks real (every position without a mask) and, when ``pad_id`` is given, whose token is not
+    ``pad_id``, whether the row is left- or right-padded; 0 for a row without one.
+
+    The token rule is transformers' ``*ForSequenceClassification`` (the rightmost token that is not
+    ``pad_token_id``), so that an exported reward model scores what kvlab's does and kvlab's reward
+    loss equals TRL's: where the pad token is also the EOS (SmolLM2), a trailing EOS is read past,
+    to the token before it, as TRL's reward models read it."""
+    real = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if pad_id is not None:
+        real = real & (tokens != pad_id)
     idx = torch.arange(tokens.shape[1], device=tokens.device)
-    return torch.where(attention_mask.bool(), idx, -1).amax(-1).clamp_min(0)
+    return torch.where(real, idx, -1).amax(-1).clamp_min(0)
 
 
 def add_score_head(model: Transformer, n_outputs: int = 1, *, seed: int | None = None) -> Transformer:

@@ -15,9 +15,12 @@ a checkpoint holds only the adapter (a 4-bit base cannot be written as safetenso
 be: it never changes).
 
 What is minimized is an :class:`~kvlab.training.objectives.Objective` (cross-entropy by default):
-the loss of each micro-batch is its sum over counted units divided by the whole step's count, so
-gradient accumulation and several processes weigh every unit alike. Devices and torchrun live in
-:mod:`kvlab.training.distributed`, checkpoints in :mod:`kvlab.training.checkpoints`.
+the loss of each micro-batch is its sum over counted units divided by the whole update's count, so
+gradient accumulation and several processes weigh every unit alike. A step is one batch; most
+objectives make one optimizer update per step, online RL may make several on the same rollouts
+(``Objective.updates_per_batch``), and checkpoints fall between steps, so resume stays exact.
+Devices and torchrun live in :mod:`kvlab.training.distributed`, checkpoints in
+:mod:`kvlab.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -240,8 +243,9 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
     elif dist_ctx.is_main and metrics_path.exists():
         metrics_path.unlink()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    micro = cfg.batch_size // dist_ctx.world_size // cfg.grad_accum
-    if micro < 1 or (cfg.batch_size // dist_ctx.world_size) % cfg.grad_accum:
+    rows = objective.update_rows(cfg.batch_size // dist_ctx.world_size)   # an update's rows on this process
+    micro = rows // cfg.grad_accum
+    if micro < 1 or rows % cfg.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} over {dist_ctx.world_size} process(es) with "
                           f"grad_accum={cfg.grad_accum} leaves no whole micro-batch; adjust them")
     summary = {"start_step": start}
@@ -260,6 +264,25 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
     return summary
 
 
+def _update(wrapped, objective, batch, cfg, micro, device, autocast, hooks, dist_ctx) -> float:
+    """The gradients of one optimizer update on ``batch`` (``grad_accum`` micro-batches of ``micro``
+    rows); returns its loss (every process's mean)."""
+    n_counted = max(1, objective.count(batch))
+    loss_sum = 0.0
+    for m in range(cfg.grad_accum):
+        micro_batch = _on_device(batch, device, slice(m * micro, (m + 1) * micro))
+        if autocast is not None:
+            with autocast:
+                loss = objective.loss(wrapped, micro_batch) / n_counted
+        else:
+            loss = objective.loss(wrapped, micro_batch) / n_counted
+        loss_sum += float(loss.detach())      # the reported loss is the objective's alone
+        if hooks is not None:
+            loss = loss + hooks.regularizer() / cfg.grad_accum
+        loss.backward()
+    return dist_ctx.mean(loss_sum)            # the global batch's loss, identical on every rank
+
+
 def _steps(model, wrapped, objective, optimizer, params, train_windows, val_windows, cfg, start, device, dist_ctx,
            hooks, autocast, micro, metrics_path, quiet, summary, last_good) -> None:
     """The optimizer steps from ``start`` to ``cfg.max_steps``; ``summary`` gets the last record."""
@@ -270,28 +293,22 @@ def _steps(model, wrapped, objective, optimizer, params, train_windows, val_wind
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = train_windows.batch(step)         # this rank's rows of the global batch
-        n_counted = max(1, objective.count(batch))
-        loss_sum = 0.0
-        for m in range(cfg.grad_accum):
-            micro_batch = _on_device(batch, device, slice(m * micro, (m + 1) * micro))
-            if autocast is not None:
-                with autocast:
-                    loss = objective.loss(wrapped, micro_batch) / n_counted
-            else:
-                loss = objective.loss(wrapped, micro_batch) / n_counted
-            loss_sum += float(loss.detach())      # the reported loss is the objective's alone
-            if hooks is not None:
-                loss = loss + hooks.regularizer() / cfg.grad_accum
-            loss.backward()
-        loss_sum = dist_ctx.mean(loss_sum)        # the global batch's loss, identical on every rank
-        if not math.isfinite(loss_sum):
-            if last_good is None:
-                raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping before any checkpoint was "
-                                    f"saved: lower --lr or check the data, and run the command again")
-            raise TrainingError(f"the loss is {loss_sum} at step {step + 1}; stopping. The last good checkpoint is "
-                                f"{last_good}; lower --lr or check the data, then --resume (a changed --lr is taken)")
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
-        optimizer.step()
+        losses = []
+        for update in range(objective.updates_per_batch):
+            if update:
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(_update(wrapped, objective, objective.batch_for_update(wrapped, batch, update), cfg, micro,
+                                  device, autocast, hooks, dist_ctx))
+            if not math.isfinite(losses[-1]):
+                what = f"the loss is {losses[-1]} at step {step + 1}"
+                if last_good is None:
+                    raise TrainingError(f"{what}; stopping before any checkpoint was saved: lower --lr or check the "
+                                        f"data, and run the command again")
+                raise TrainingError(f"{what}; stopping. The last good checkpoint is {last_good}; lower --lr or check "
+                                    f"the data, then --resume (a changed --lr is taken)")
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+            optimizer.step()
+        loss_sum = sum(losses) / len(losses)      # several updates per batch (RL reusing rollouts): their mean
         if hooks is not None:
             hooks.after_step(step + 1)
         optimizer.zero_grad(set_to_none=True)

@@ -39,6 +39,19 @@ class Objective:
         """Units ``batch`` counts (tokens, sequences, pairs...)."""
         raise NotImplementedError
 
+    #: Optimizer updates the loop makes on one step's batch (more than one: online RL reusing its
+    #: rollouts, see :mod:`kvlab.training.rl`).
+    updates_per_batch = 1
+
+    def batch_for_update(self, model: nn.Module, batch: tuple[torch.Tensor, ...], update: int) -> tuple:
+        """What update ``update`` (of ``updates_per_batch``) of a step trains on, from the step's
+        ``batch``; the loop splits it into micro-batches. Default: the batch itself."""
+        return batch
+
+    def update_rows(self, rows: int) -> int:
+        """Rows of an update's batch when a step's batch has ``rows`` (per process)."""
+        return rows
+
     def frozen_models(self) -> list[nn.Module]:
         """Models the objective uses but does not train (moved to the device, eval mode, no grad)."""
         return []

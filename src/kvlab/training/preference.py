@@ -4,7 +4,8 @@ completion_mask, pair_ids)``, each pair's chosen row then its rejected one. Each
 step's loss is the mean over its pairs, as TRL's is.
 
 **Reward model** (:class:`RewardLoss`): the score head of :meth:`Transformer.sequence_scores` at
-each row's last real token, ``−log σ(r⁺ − r⁻)``, plus ``c · (r⁺ + r⁻)²`` with reward centring
+each row's last real token (not padding, and not the pad token: transformers' and TRL's rule,
+:func:`kvlab.models.heads.last_real_token`), ``−log σ(r⁺ − r⁻)``, plus ``c · (r⁺ + r⁻)²`` with reward centring
 (TRL's ``center_rewards_coefficient``: keeps rewards near zero mean).
 
 **DPO** (:class:`DPOLoss`): with ``π`` the policy's and ``ρ`` the reference's summed log-probability

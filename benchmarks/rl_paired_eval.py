@@ -4,11 +4,12 @@ tasks greedily, and McNemar's exact test on the tasks where they disagree says w
 gain over SFT is more than chance.
 
     python benchmarks/rl_paired_eval.py --work /tmp/kvlab-rl-XXXX [--grpo-work /tmp/kvlab-rl-YYYY] \\
-        [--n 500] [--out benchmarks/results/rl_paired_eval.json]
+        [--adapter NAME=DIR ...] [--n 500] [--out benchmarks/results/rl_paired_eval.json]
 
 ``--work`` is a work folder of ``benchmarks/rl_pipeline.py`` (its ``sft-model`` and the stages'
 ``adapter`` folders); ``--grpo-work`` another one whose ``grpo`` stage ran from that SFT model
-(``rl_pipeline.py --sft-model``).
+(``rl_pipeline.py --sft-model``); ``--adapter`` any other adapter of that SFT model. Stages
+already in ``--out`` (for the same ``--n``) are kept and not evaluated again.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True)
     ap.add_argument("--grpo-work")
+    ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--out", default="benchmarks/results/rl_paired_eval.json")
     args = ap.parse_args()
@@ -49,7 +51,12 @@ def main() -> None:
     stages = {"dpo + sft term (RPO, weight 1)": work / "dpo-rpo" / "adapter", "dpo": work / "dpo" / "adapter"}
     if args.grpo_work:
         stages["grpo"] = Path(args.grpo_work) / "grpo" / "adapter"
+    for item in args.adapter:
+        name, _, directory = item.partition("=")
+        stages[name] = Path(directory)
     results: dict = {"n": args.n, "stages": {}}
+    if Path(args.out).is_file() and json.loads(Path(args.out).read_text()).get("n") == args.n:
+        results = json.loads(Path(args.out).read_text())
     t0 = time.perf_counter()
     sft = load(work / "sft-model")
     tok = sft.tokenizer
@@ -59,7 +66,7 @@ def main() -> None:
     results["sft"] = {"accuracy": base["accuracy"], "per_task": base["per_task"]}
     print("sft", json.dumps(results["sft"]), flush=True)
     for name, adapter in stages.items():
-        if not adapter.is_dir():
+        if not adapter.is_dir() or name in results["stages"]:
             continue
         model = load(work / "sft-model")
         load_adapter(model, adapter)

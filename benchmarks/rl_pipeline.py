@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--grpo-prompts", type=int, default=4)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--grpo-lr", type=float, default=1e-4)
+    ap.add_argument("--grpo-iterations", type=int, default=1, help="GRPO's passes over each batch of rollouts")
+    ap.add_argument("--grpo-mini-batches", type=int, default=1, help="GRPO's updates per pass")
     ap.add_argument("--sft-model", help="a merged SFT model saved by an earlier run (its work folder's sft-model): "
                     "skip the SFT stage and start the others from it")
     ap.add_argument("--stages", default="rm,dpo,rpo,grpo",
@@ -140,16 +142,19 @@ def main() -> None:
         prompts, answers = prompts_from_conversations(tok, train_convs)
         stop = [t for t in {tok.eos_token_id, base.cfg.eos_token_id} if t is not None]
         objective = GRPOLoss(ExactMatchReward(tok, answers, stop), num_generations=args.generations,
-                             max_new_tokens=12, temperature=1.0, stop_tokens=stop, pad_id=pad, seed=0)
+                             max_new_tokens=12, temperature=1.0, stop_tokens=stop, pad_id=pad, seed=0,
+                             num_iterations=args.grpo_iterations, mini_batches=args.grpo_mini_batches)
         s = finetune(load(sft_model), tok, LORA, PromptBatches(prompts, pad, args.grpo_prompts),
                      _cfg(work / "grpo", args.grpo_steps, args.grpo_prompts, args.grpo_lr), objective=objective,
                      eval_conversations=test_convs, quiet=True)
-        default = (args.grpo_steps, args.grpo_prompts, args.generations, args.grpo_lr) == (40, 4, 8, 1e-4)
+        reuse = (args.grpo_iterations, args.grpo_mini_batches)
+        default = (args.grpo_steps, args.grpo_prompts, args.generations, args.grpo_lr, *reuse) == (40, 4, 8, 1e-4, 1, 1)
         name = "grpo" if default else (f"grpo {args.grpo_steps} steps x {args.grpo_prompts} prompts x "
-                                       f"{args.generations}, lr {args.grpo_lr:g}")
+                                       f"{args.generations}, lr {args.grpo_lr:g}"
+                                       + (f", {reuse[0]} passes x {reuse[1]} updates" if reuse != (1, 1) else ""))
         stage(name, s, time.perf_counter() - t0, steps=args.grpo_steps, prompts=args.grpo_prompts,
-              generations=args.generations, lr=args.grpo_lr, date=time.strftime("%Y-%m-%d"),
-              threads=torch.get_num_threads())
+              generations=args.generations, lr=args.grpo_lr, iterations=reuse[0], mini_batches=reuse[1],
+              date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads())
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.sft_model:      # a partial run: its rows say their own settings; the full run's meta stays

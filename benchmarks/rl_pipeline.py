@@ -178,26 +178,56 @@ def reward_model_stage(args, work, sft_model, tok, pad, pairs, test_prefs, stage
 
 
 def rollouts(args) -> dict:
-    """The same task prompts and batch through GQA-3 and its MQA conversion: new tokens per second
-    (best of two) and the KV cache's bytes."""
-    original = load(args.model).eval()
-    tok = original.tokenizer
-    prompts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True)
-               for c in make_tasks(args.rollout_batch, 0)]
+    """The same task prompts and batch through GQA-3 and its MQA conversion, each in a process of
+    its own: new tokens per second (best of two), the KV cache's bytes, and the process's peak
+    resident memory while generating (Linux: the peak is reset after loading, /proc/self/clear_refs)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     rows = []
-    for name, model in (("GQA-3 (original)", original), ("MQA (converted)", convert(original, n_kv_head=1))):
-        n = args.rollout_batch * args.rollout_tokens
-        cache_bytes = model.new_cache(args.rollout_batch, max(map(len, prompts)) + args.rollout_tokens).nbytes
-        times = []
-        for rep in range(2):
-            t = time.perf_counter()
-            generate(model, prompts, args.rollout_tokens, temperature=1.0, seed=rep, stop_tokens=[])
-            times.append(time.perf_counter() - t)
-        rows.append({"model": name, "kv_bytes_per_token": model.cfg.kv_bytes_per_token("fp32"),
-                     "kv_cache_bytes": cache_bytes, "seconds": min(times), "tokens_per_s": n / min(times)})
+    for name, kv_heads in (("GQA-3 (original)", None), ("MQA (converted)", 1)):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(_rollout_row, name, kv_heads, args.model, args.rollout_batch,
+                                    args.rollout_tokens, torch.get_num_threads()).result())
         print(json.dumps(rows[-1]), flush=True)
     return {"batch": args.rollout_batch, "new_tokens": args.rollout_tokens, "threads": torch.get_num_threads(),
             "rows": rows}
+
+
+def _proc_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _rollout_row(name: str, kv_heads: int | None, source: str, batch: int, new_tokens: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model = load(source).eval()
+    tok = model.tokenizer
+    if kv_heads is not None:
+        model = convert(model, n_kv_head=kv_heads)
+    prompts = [tok.apply_chat_template(c[:-1], add_generation_prompt=True) for c in make_tasks(batch, 0)]
+    cache_bytes = model.new_cache(batch, max(map(len, prompts)) + new_tokens).nbytes
+    # What loading and converting freed goes back to the system first, so that the allocator cannot
+    # serve the rollouts from it and hide their memory (glibc: malloc_trim).
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    loaded = _proc_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")          # reset the peak (VmHWM) to the current RSS
+    times = []
+    for rep in range(2):
+        t = time.perf_counter()
+        generate(model, prompts, new_tokens, temperature=1.0, seed=rep, stop_tokens=[])
+        times.append(time.perf_counter() - t)
+    peak = _proc_kib("VmHWM")
+    return {"model": name, "kv_bytes_per_token": model.cfg.kv_bytes_per_token("fp32"), "kv_cache_bytes": cache_bytes,
+            "seconds": min(times), "tokens_per_s": batch * new_tokens / min(times),
+            "rss_after_load_bytes": loaded * 1024, "peak_rss_bytes": peak * 1024,
+            "generation_peak_over_load_bytes": (peak - loaded) * 1024}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ LAYERS = [
     ["data"],
     ["inference", "eval"],
     ["training"],          # above generation: RL objectives sample their rollouts with it
-    ["recipes", "study"],
+    ["recipes", "study", "serve"],
     ["cli", "__main__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -16,6 +16,8 @@ from kvlab.cache.base import CacheStep, write_entries
 class FullKVLayer:
     """Preallocated K and V buffers of one KV-producing layer."""
 
+    token_fields = ("keys", "values")    # indexed by token slot (dim 2): a paged pool splits them in blocks
+
     def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, *,
                  dtype: torch.dtype, device: str | torch.device, value_dim: int | None = None):
         self.keys = torch.zeros(batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)

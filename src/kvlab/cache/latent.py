@@ -17,6 +17,8 @@ from kvlab.errors import ConfigError
 class LatentLayer:
     """Preallocated latent + RoPE-key entries of one MLA layer."""
 
+    token_fields = ("entries",)    # indexed by token slot (dim 2): a paged pool splits them in blocks
+
     def __init__(self, batch_size: int, max_len: int, width: int, *, dtype: torch.dtype,
                  device: str | torch.device):
         self.entries = torch.zeros(batch_size, 1, max_len, width, dtype=dtype, device=device)

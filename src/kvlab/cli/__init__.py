@@ -16,11 +16,11 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from kvlab.cli import convert, eval, export, finetune, generate, info, plan, shrink, study, tasks, train
+from kvlab.cli import convert, eval, export, finetune, generate, info, plan, serve, shrink, study, tasks, train
 from kvlab.cli.common import UsageError
 from kvlab.errors import ConfigError, Interrupted, KvlabError
 
-VERBS = (info, plan, generate, eval, convert, shrink, train, study, finetune, tasks, export)
+VERBS = (info, plan, generate, serve, eval, convert, shrink, train, study, finetune, tasks, export)
 RESUMABLE_VERBS = ("train", "finetune", "shrink")        # the verbs with --resume
 
 

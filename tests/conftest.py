@@ -28,6 +28,21 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
     return model
 
 
+def fail_call(monkeypatch, model, n: int) -> None:
+    """Make the ``n``-th forward call of ``model``'s class from now raise RuntimeError("simulated device
+    failure") (servers and engines must survive a failed step)."""
+    real = type(model).forward
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated device failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", flaky)
+
+
 @pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
 def variant_model(request) -> Transformer:
     return make_model(**VARIANTS[request.param])

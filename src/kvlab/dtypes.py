@@ -35,3 +35,40 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
 
 def dtype_name(dtype: str | torch.dtype) -> str:
     return _SHORT[parse_dtype(dtype)]
+
+
+# ------------------------------------------------------------------ quantized KV caches
+# int8 / int4 codes in groups of QUANT_GROUP channels with one float16 scale each
+# (kvlab.cache.quantized); the accounting counts the scales.
+KV_QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_GROUP = 32
+SCALE_BYTES = 2
+
+
+def parse_kv_quant(name: str | None) -> str | None:
+    """``None``/``'none'`` -> None; ``'int8'``/``'int4'`` -> itself; anything else: one clear error."""
+    if name is None or str(name).lower() in ("none", ""):
+        return None
+    name = str(name).lower()
+    if name not in KV_QUANT_BITS:
+        raise ConfigError(f"unknown KV quantization {name!r}; use int8, int4 or none")
+    return name
+
+
+def quant_group(width: int) -> int:
+    """Channels per scale for vectors of ``width``: 32, or the whole vector when 32 does not divide it."""
+    return QUANT_GROUP if width % QUANT_GROUP == 0 else width
+
+
+def quantized_vector_bytes(width: int, kv_quant: str) -> int:
+    """Bytes of one cached vector of ``width`` channels under ``kv_quant``, scales included."""
+    bits = KV_QUANT_BITS[kv_quant]
+    if bits == 4 and width % 2:
+        raise ConfigError(f"int4 packs two channels per byte; a cached vector of {width} channels cannot be packed "
+                          f"(use int8)")
+    return width * bits // 8 + SCALE_BYTES * (width // quant_group(width))
+
+
+def cache_vector_bytes(width: int, dtype: str | torch.dtype, kv_quant: str | None = None) -> int:
+    """Bytes of one cached vector: ``width × bytes(dtype)``, or its quantized size."""
+    return quantized_vector_bytes(width, kv_quant) if kv_quant else width * dtype_bytes(dtype)

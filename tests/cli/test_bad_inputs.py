@@ -299,6 +299,8 @@ CASES = [
     ("serve-port-out-of-range", ["serve", M, "--port", "70000"], 2, "--port 70000"),
     ("serve-max-seqs-0", ["serve", M, "--max-seqs", "0"], 2, "must be at least 1"),
     ("serve-missing-model", ["serve", "{ws}/nothing-here", "--port", "0"], 1, "not found"),
+    ("generate-kv-quant-int3", ["generate", M, "--prompt", "hi", "--kv-quant", "int3"], 2, "int3"),
+    ("plan-kv-quant-fp4", ["plan", M, "--kv-quant", "fp4"], 2, "fp4"),
     ("train-into-user-dir", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/user"], 2, "notes.txt"),
     ("train-onto-user-file", ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{ws}/userfile.txt"], 2,
      "userfile.txt"),

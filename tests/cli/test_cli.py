@@ -270,3 +270,36 @@ def test_convert_with_refit_equals_the_python_api(capsys, tmp_path):
         torch.testing.assert_close(converted.state_dict()[k], v)
     o_proj = "layers.0.self_attn.o_proj.weight"
     assert not torch.equal(plain[o_proj], same.state_dict()[o_proj])
+
+
+def test_kv_quant_in_generate_eval_plan_and_info(capsys, tmp_path):
+    from kvlab.config.accounting import cache_bytes
+    from kvlab.data.corpus import builtin_corpus
+    from kvlab.eval.perplexity import evaluate
+    from kvlab.eval.plan import max_batch, parse_size
+
+    model = make_model()
+    tok = ByteTokenizer()
+    save_checkpoint(model, tmp_path / "ckpt", tokenizer=tok)
+    ckpt = str(tmp_path / "ckpt")
+    code, out, _ = run(capsys, "generate", ckpt, "--prompt", "hi", "--max-new-tokens", "6", "--no-stop", "--json",
+                       "--kv-quant", "int8")
+    assert code == 0
+    assert json.loads(out)[0]["new_ids"] == generate(model, [tok.encode("hi")], 6, stop_tokens=[], kv_quant="int8")[0]
+    code, out, _ = run(capsys, "eval", ckpt, "--seq-len", "32", "--max-tokens", "256", "--json", "--no-progress",
+                       "--kv-quant", "int4")
+    got = json.loads(out)
+    want = evaluate(model, tok, builtin_corpus("validation"), seq_len=32, max_tokens=256, progress=False,
+                    kv_quant="int4")
+    plain = evaluate(model, tok, builtin_corpus("validation"), seq_len=32, max_tokens=256, progress=False)
+    assert got["kv_quant"] == "int4" and got["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+    assert got["perplexity"] != pytest.approx(plain.perplexity, rel=1e-6)
+    assert got["kv_bytes_per_token"] == cache_bytes(model.cfg, model.dtype, "int4").per_token
+    code, out, _ = run(capsys, "plan", "--preset", "tiny", "--kv-quant", "int8", "--json", "--memory", "1GiB")
+    rows = json.loads(out)["variants"]
+    cfg = kvlab.ModelConfig.from_preset("tiny")
+    model_row = next(r for r in rows if r["is_model"])
+    assert model_row["max_batch"] == max_batch(cfg, parse_size("1GiB"), 4096, "bf16", "int8")
+    assert model_row["max_batch_unquantized"] == max_batch(cfg, parse_size("1GiB"), 4096, "bf16")
+    code, out, _ = run(capsys, "info", "--preset", "tiny", "--kv-quant", "int4", "--json")
+    assert json.loads(out)["kv_bytes_per_token"] == cache_bytes(cfg, "bf16", "int4").per_token

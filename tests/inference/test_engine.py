@@ -1,6 +1,8 @@
 """Continuous batching against generation run alone: requests that arrive at different steps, share
 decode calls, are preempted and resumed, give exactly what ``generate`` gives each prompt by itself."""
 
+import time
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from kvlab.errors import ConfigError
 from kvlab.inference.engine import Engine, QueueFull, Request
 from kvlab.inference.generation import SamplingParams, generate
 
-from conftest import VARIANTS, make_model
+from conftest import VARIANTS, fail_call, make_model
 
 
 def _prompts(model, lengths, seed=0):
@@ -49,7 +51,7 @@ def test_preemption_recomputes_and_keeps_the_output():
     prompts = _prompts(model, [10, 14, 6, 11], seed=3)
     per_token = cache_bytes(model.cfg, model.dtype).per_token
     # 12 blocks of 4 tokens: the four sequences (up to 30 tokens = 8 blocks each) cannot all grow.
-    engine = Engine(model, kv_budget_bytes=per_token * 4 * 12, max_len=64, block_size=4)
+    engine = Engine(model, kv_budget_bytes=per_token * 4 * 12, max_len=64, block_size=4, admission="optimistic")
     reqs = [Request(p, 16, stop_tokens=frozenset()) for p in prompts]
     for r in reqs:
         engine.submit(r)
@@ -58,6 +60,41 @@ def test_preemption_recomputes_and_keeps_the_output():
     for r, p in zip(reqs, prompts):
         assert r.output == generate(model, [p], 16, stop_tokens=[])[0]
     assert engine.pool.free_blocks == 12
+
+
+@pytest.mark.parametrize("chunk", [12, 20])
+def test_optimistic_admission_under_pressure_stays_exact(chunk):
+    """Many requests, blocks for a third of them at full length: admitted on their prompts, they grow,
+    are preempted (a prompt still prefilling first, else the prefilled ones would be preempted as soon
+    as they run: a livelock), prefilled again in ragged calls of fresh and continuing chunks, and still
+    answer exactly."""
+    model = make_model(n_kv_head=2, max_seq_len=256)
+    prompts = _prompts(model, [16] * 24, seed=4)
+    per_token = cache_bytes(model.cfg, model.dtype).per_token
+    engine = Engine(model, kv_budget_bytes=per_token * 4 * 24, max_len=32, max_seqs=16, block_size=4,
+                    prefill_chunk=chunk, admission="optimistic")
+    reqs = [engine.submit(Request(p, 16, stop_tokens=frozenset())) for p in prompts]
+    for _ in range(1000):                       # bounded: a livelock fails instead of hanging
+        if not engine.has_work:
+            break
+        engine.step()
+    assert not engine.has_work and engine.stats.preemptions > 5
+    for r, p in zip(reqs, prompts):
+        assert r.output == generate(model, [p], 16, stop_tokens=[])[0]
+    assert engine.pool.free_blocks == 24
+
+
+def test_reserve_admission_admits_what_the_planner_predicts_and_never_preempts():
+    model = make_model(n_kv_head=2)
+    per_token = cache_bytes(model.cfg, model.dtype).per_token
+    engine = Engine(model, kv_budget_bytes=per_token * 4 * 30, max_len=64, block_size=4)
+    prompts = _prompts(model, [10] * 12, seed=6)
+    for p in prompts:
+        engine.submit(Request(p, 14, stop_tokens=frozenset()))        # 23 cached tokens: 6 blocks
+    engine.step()
+    assert len(engine.running) + len(engine.prefilling) == 5 == engine.pool.max_sequences(23)
+    engine.run_until_done()
+    assert engine.stats.preemptions == 0 and engine.stats.max_running == 5
 
 
 def test_seeded_sampling_equals_generate_with_the_seed():
@@ -124,6 +161,8 @@ def test_admission_limits_and_bad_requests():
                    block_size=16)
     with pytest.raises(ConfigError, match="raise the KV budget"):
         small.check(p, 40)
+    with pytest.raises(ConfigError, match="admission='eager'"):
+        Engine(model, kv_budget_bytes=2**21, admission="eager")
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "lora"])
@@ -144,3 +183,27 @@ def test_adapters_are_served_as_generate_runs_them(method):
     _run_staggered(engine, reqs, [0, 1, 3])
     for r, p in zip(reqs, prompts):
         assert r.output == generate(model, [p], 10, stop_tokens=[])[0]
+
+
+def test_a_failed_step_ends_the_admitted_requests_and_the_engine_goes_on(monkeypatch):
+    import threading
+
+    model = make_model(n_kv_head=2)
+    engine = Engine(model, kv_budget_bytes=2**21, max_len=64)
+    fail_call(monkeypatch, model, 2)
+    thread = threading.Thread(target=engine.run_forever, daemon=True)
+    thread.start()
+    p = _prompts(model, [6])[0]
+    r = engine.submit(Request(p, 8, stop_tokens=frozenset()))
+    deadline = time.monotonic() + 20
+    while r.finish_reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert r.finish_reason == "error" and "simulated device failure" in r.error
+    r2 = engine.submit(Request(p, 8, stop_tokens=frozenset()))
+    while r2.finish_reason is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    thread.join(10)
+    monkeypatch.undo()
+    assert r2.finish_reason == "length" and r2.output == generate(model, [p], 8, stop_tokens=[])[0]
+    assert engine.pool.free_blocks == engine.pool.num_blocks

@@ -25,14 +25,15 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def test_kvlab_serve_answers_as_kvlab_generate(checkpoint, capsys):
+@pytest.mark.parametrize("kv_quant", ["none", "int4"])
+def test_kvlab_serve_answers_as_kvlab_generate(checkpoint, capsys, kv_quant):
     prompts = ["hello", "The quick brown fox"]
     assert main(["generate", str(checkpoint), *[a for p in prompts for a in ("--prompt", p)], "--max-new-tokens",
-                 "12", "--json"]) == 0
+                 "12", "--json", "--kv-quant", kv_quant]) == 0
     want = [ByteTokenizer().decode(o["new_ids"], skip_special_tokens=True) for o in json.loads(capsys.readouterr().out)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kvlab", "serve", str(checkpoint), "--port", "0",
-                             "--kv-budget", "8MiB", "--served-model-name", "ckpt"],
+                             "--kv-budget", "8MiB", "--served-model-name", "ckpt", "--kv-quant", kv_quant],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         banner = proc.stdout.readline()

@@ -111,6 +111,16 @@ def test_stop_strings_cut_the_text_before_them(model, client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_ignore_eos_generates_exactly_max_tokens(model, client):
+    """vLLM's extension: the answer runs past EOS, as generate with no stop tokens does."""
+    ids = model.tokenizer.encode(PROMPTS[3])
+    a = client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    out = generate(model, [ids], 20, stop_tokens=[])[0]
+    assert a.usage.completion_tokens == 20 and a.choices[0].finish_reason == "length"
+    assert a.choices[0].text == model.tokenizer.decode(out, skip_special_tokens=True)
+
+
 def test_seeded_sampling_is_reproducible_and_n_gives_choices(client):
     kw = dict(model=NAME, prompt=PROMPTS[2], max_tokens=20, temperature=0.8, seed=7, n=3)
     a, b = client.completions.create(**kw), client.completions.create(**kw)
@@ -190,7 +200,8 @@ def test_a_budget_too_small_for_all_requests_preempts_and_keeps_them_exact(model
     at once, so some are preempted and recomputed, and every answer is still ``generate``'s."""
     from kvlab.config.accounting import cache_bytes
 
-    engine = _engine(model, kv_budget_bytes=cache_bytes(model.cfg, torch.float32).per_token * 16 * 16)
+    engine = _engine(model, kv_budget_bytes=cache_bytes(model.cfg, torch.float32).per_token * 16 * 16,
+                     admission="optimistic")
     prompts = [PROMPTS[i % 6] + "abcdefghijklmnopqrst"[:20 - len(PROMPTS[i % 6]) % 20] for i in range(8)]
     with BackgroundServer(engine, model.tokenizer, NAME) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
@@ -200,3 +211,16 @@ def test_a_budget_too_small_for_all_requests_preempts_and_keeps_them_exact(model
     assert engine.stats.preemptions > 0 and engine.pool.free_blocks == engine.pool.num_blocks == 16
     for p, o in zip(prompts, outs):
         assert o.choices[0].text == _alone(model, model.tokenizer.encode(p), 40)[0]
+
+
+def test_a_failed_generation_is_a_500_and_the_server_keeps_serving(monkeypatch):
+    from conftest import fail_call, make_model
+
+    model = make_model(n_kv_head=2)
+    model.tokenizer = ByteTokenizer()
+    fail_call(monkeypatch, model, 1)
+    with BackgroundServer(_engine(model), model.tokenizer, NAME) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError, match="simulated device failure"):
+            c.completions.create(model=NAME, prompt="hi", max_tokens=4)
+        assert c.completions.create(model=NAME, prompt="hi", max_tokens=4, temperature=0).usage.completion_tokens >= 1

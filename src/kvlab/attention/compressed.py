@@ -94,8 +94,8 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
                          dtype=dtype, device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
-    window, block = _options(cfg, layer)
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+    window, block = _options(cfg, layer)     # its window and sums are not quantized (bounded per sequence)
     raw = kv_bytes_per_token(1, cfg.n_kv_head, cfg.head_dim, dtype)
     # One slot per block: the float32 sums of its keys and values, and an int32 count.
     slot = 2 * cfg.n_kv_head * cfg.head_dim * dtype_bytes(SUM_DTYPE) + 4

@@ -23,6 +23,7 @@ from kvlab.attention.sinks import sinks_at_cache_positions
 from kvlab.cache.full import FullKVLayer
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
+from kvlab.dtypes import cache_vector_bytes
 from kvlab.errors import ConfigError
 from kvlab.layers.rope import apply_rope
 from kvlab.registry import AttentionKind, CacheBytes, register_kind
@@ -116,12 +117,14 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
                           device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
-    rate = kv_bytes_per_token(int(is_producer(cfg, layer)), cfg.n_kv_head, cfg.head_dim, dtype)
-    span = rolling_span(cfg, layer) if rate else None
-    if span is None:
-        return CacheBytes(per_token=rate)
-    return CacheBytes(bounded=((rate, sum(span)),))
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+    if not is_producer(cfg, layer):
+        return CacheBytes()
+    span = rolling_span(cfg, layer)
+    if span is None:       # full K/V: quantizable (kvlab.cache.quantized), scales counted
+        return CacheBytes(per_token=2 * cfg.n_kv_head * cache_vector_bytes(cfg.head_dim, dtype, kv_quant))
+    # A rolling window stays in the cache dtype: it is bounded, and it is not quantized.
+    return CacheBytes(bounded=((kv_bytes_per_token(1, cfg.n_kv_head, cfg.head_dim, dtype), sum(span)),))
 
 
 def param_count(cfg: ModelConfig, layer: int) -> int:

@@ -200,9 +200,9 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
     return RecurrentStateLayer(batch_size, cfg.n_kv_head, feature_width(cfg, layer), cfg.head_dim, device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
     Fdim = feature_width(cfg, layer)
-    # float32 states whatever the cache dtype (see kvlab.cache.state)
+    # float32 states whatever the cache dtype or quantization (see kvlab.cache.state)
     return CacheBytes(per_sequence=cfg.n_kv_head * (Fdim * cfg.head_dim + Fdim) * dtype_bytes(STATE_DTYPE))
 
 

@@ -29,7 +29,7 @@ from kvlab.attention.gqa import is_producer, layer_sparse, validate_window, wind
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import dtype_bytes
+from kvlab.dtypes import cache_vector_bytes
 from kvlab.errors import ConfigError
 from kvlab.layers.norms import RMSNorm
 from kvlab.layers.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -150,8 +150,8 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
     return LatentLayer(batch_size, max_len, _width(cfg), dtype=dtype, device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
-    return CacheBytes(per_token=_width(cfg) * dtype_bytes(dtype) if is_producer(cfg, layer) else 0)
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+    return CacheBytes(per_token=cache_vector_bytes(_width(cfg), dtype, kv_quant) if is_producer(cfg, layer) else 0)
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:

@@ -12,14 +12,29 @@ import torch
 
 from kvlab.cache.base import CacheLayer, CacheStep
 from kvlab.cache.full import FullKVLayer
+from kvlab.cache.quantized import QuantizedTokenLayer
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import parse_dtype
+from kvlab.dtypes import parse_dtype, parse_kv_quant
 from kvlab.errors import CacheOverflowError, ConfigError
 from kvlab.layers.positions import positions_from_attention_mask
 from kvlab.registry import get_kind
 
-__all__ = ["CacheStep", "KVCache"]
+__all__ = ["CacheStep", "KVCache", "make_cache_layer"]
+
+
+def make_cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
+                     device: str | torch.device, kv_quant: str | None = None) -> CacheLayer | None:
+    """Layer ``layer``'s cache layer, as its kind builds it; with ``kv_quant`` a layer of per-token
+    entries (``token_fields``) is kept quantized instead (:mod:`kvlab.cache.quantized`)."""
+    kind = get_kind(cfg.layer_specs[layer].kind)
+    if kv_quant:
+        shell = kind.cache_layer(cfg, layer, batch_size, max_len, dtype, "meta")    # shapes only
+        if shell is None:
+            return None
+        if getattr(shell, "token_fields", None):
+            return QuantizedTokenLayer(shell, kv_quant, device=device)
+    return kind.cache_layer(cfg, layer, batch_size, max_len, dtype, device)
 
 
 class KVCache:
@@ -31,7 +46,8 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
-                 dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 kv_quant: str | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         if not isinstance(max_len, int) or max_len < 1:
@@ -43,9 +59,10 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.dtype = parse_dtype(dtype)
+        self.kv_quant = parse_kv_quant(kv_quant)
         self.layers: dict[int, CacheLayer] = {}
-        for i, spec in enumerate(cfg.layer_specs):
-            layer = get_kind(spec.kind).cache_layer(cfg, i, batch_size, max_len, self.dtype, device)
+        for i in range(cfg.n_layer):
+            layer = make_cache_layer(cfg, i, batch_size, max_len, self.dtype, device, self.kv_quant)
             if layer is not None:
                 self.layers[i] = layer
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -68,7 +85,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the layers' buffers: ``cache_bytes(cfg, dtype).for_sequence(max_len) × batch_size``."""
+        """Bytes held by the layers' buffers: ``cache_bytes(cfg, dtype, kv_quant).for_sequence(max_len)``
+        × ``batch_size``."""
         return sum(layer.nbytes for layer in self.layers.values())
 
     def assume_filled(self, n_tokens: int) -> None:

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.cache.base import CacheStep
-from kvlab.cache.cache import KVCache
+from kvlab.cache.cache import KVCache, make_cache_layer
 from kvlab.config.accounting import cache_bytes
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import parse_dtype
+from kvlab.dtypes import parse_dtype, parse_kv_quant
 from kvlab.errors import CacheOverflowError, ConfigError
-from kvlab.registry import get_kind
 
 __all__ = ["PagedBatch", "PagedKVPool", "PagedSequence"]
 
@@ -59,7 +58,7 @@ class PagedKVPool:
 
     def __init__(self, cfg: ModelConfig, *, budget_bytes: int, max_len: int, max_seqs: int = 64,
                  block_size: int = 16, dtype: str | torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", kv_quant: str | None = None):
         for name, value in (("budget_bytes", budget_bytes), ("max_len", max_len), ("max_seqs", max_seqs),
                             ("block_size", block_size)):
             if not isinstance(value, int) or value < 1:
@@ -69,27 +68,30 @@ class PagedKVPool:
                               f"positions; use max_len <= {cfg.max_seq_len}")
         self.cfg, self.block_size, self.max_len = cfg, block_size, max_len
         self.dtype = parse_dtype(dtype)
+        self.kv_quant = parse_kv_quant(kv_quant)
         self.device = torch.device(device)
-        self.cost = cache_bytes(cfg, self.dtype)
+        self.cost = cache_bytes(cfg, self.dtype, self.kv_quant)
         # Each layer's cache at batch 1 and full length says what kind of memory it keeps: fields
         # indexed by token slot are paged, everything else is the layer's per-sequence state.
-        self.paged: dict[int, dict[str, torch.Tensor]] = {}      # layer -> field -> (blocks, heads, bs, D)
+        # layer -> field -> (blocks, block_size, heads, D): token-major inside a block, so that a gathered
+        # block table is a (B, tokens, heads, D) view without a second copy
+        self.paged: dict[int, dict[str, torch.Tensor]] = {}
         self.fixed: dict[int, object] = {}                        # layer -> a layer of batch max_seqs
         self._blank: dict[int, object] = {}                       # layer -> a fresh layer of batch 1
         self._templates: dict[int, object] = {}                   # layer -> its class's shell (paged layers)
-        shapes: dict[int, dict[str, torch.Size]] = {}
-        for i, spec in enumerate(cfg.layer_specs):
-            layer = get_kind(spec.kind).cache_layer(cfg, i, 1, max_len, self.dtype, "meta")
+        shapes: dict[int, dict[str, tuple[torch.Size, torch.dtype]]] = {}
+        for i in range(cfg.n_layer):
+            layer = make_cache_layer(cfg, i, 1, max_len, self.dtype, "meta", self.kv_quant)
             if layer is None:
                 continue
             fields = getattr(layer, "token_fields", None)
             if fields is not None:
-                shapes[i] = {f: getattr(layer, f).shape for f in fields}
+                shapes[i] = {f: (getattr(layer, f).shape, getattr(layer, f).dtype) for f in fields}
                 self._templates[i] = layer
             else:
-                self._blank[i] = get_kind(spec.kind).cache_layer(cfg, i, 1, max_len, self.dtype, self.device)
+                self._blank[i] = make_cache_layer(cfg, i, 1, max_len, self.dtype, self.device)
         per_seq = sum(_nbytes(layer) for layer in self._blank.values())
-        block_bytes = sum(s[1] * block_size * s[3] * self.dtype.itemsize for f in shapes.values() for s in f.values())
+        block_bytes = sum(s[1] * block_size * s[3] * dt.itemsize for f in shapes.values() for s, dt in f.values())
         if per_seq:
             max_seqs = min(max_seqs, budget_bytes // per_seq)
             if max_seqs < 1:
@@ -102,11 +104,10 @@ class PagedKVPool:
             raise ConfigError(f"a KV budget of {budget_bytes:,} bytes holds no block of {block_size} tokens "
                               f"({block_bytes:,} bytes); raise the budget or lower the block size")
         for i, fields in shapes.items():
-            self.paged[i] = {f: torch.zeros(self.num_blocks, s[1], block_size, s[3], dtype=self.dtype,
-                                            device=self.device) for f, s in fields.items()}
-        for i, spec in enumerate(cfg.layer_specs):
-            if i in self._blank:
-                self.fixed[i] = get_kind(spec.kind).cache_layer(cfg, i, max_seqs, max_len, self.dtype, self.device)
+            self.paged[i] = {f: torch.zeros(self.num_blocks, block_size, s[1], s[3], dtype=dt, device=self.device)
+                             for f, (s, dt) in fields.items()}
+        for i in self._blank:
+            self.fixed[i] = make_cache_layer(cfg, i, max_seqs, max_len, self.dtype, self.device)
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))     # pop() hands out low ids first
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.sequences: set[PagedSequence] = set()
@@ -206,6 +207,7 @@ class PagedBatch(KVCache):
                 setattr(view, name, value.index_select(0, self._slots))
             self.layers[i] = view
         self._written: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tables: dict[int, torch.Tensor] = {}          # k_len -> block table (one per call)
 
     def prepare(self, n_tokens: int, attention_mask: torch.Tensor | None = None) -> CacheStep:
         if self.pool.paged:
@@ -215,18 +217,25 @@ class PagedBatch(KVCache):
             if short:
                 raise CacheOverflowError(f"sequence(s) {short} of this batch have no blocks reserved for their "
                                          f"new token(s); reserve them with pool.reserve() first")
+        # Each row fits its blocks (checked above, and by reserve() against the pool's max_len); the
+        # call's key span (longest row + the padded width) may exceed max_len in a ragged call.
+        self.max_len = max(self.pool.max_len, self._bound + n_tokens)
         return super().prepare(n_tokens, attention_mask)
 
     def _table(self, k_len: int) -> torch.Tensor:
-        """``(B, ceil(k_len / block_size))`` block ids, padded with block 0 (masked by the row lengths)."""
-        width = -(-k_len // self.pool.block_size)
-        rows = [(s.blocks + [0] * width)[:width] for s in self.seqs]
-        return torch.tensor(rows, dtype=torch.long, device=self.pool.device)
+        """``(B, ceil(k_len / block_size))`` block ids, padded with block 0 (masked by the row lengths);
+        built once per call, for the first layer that asks."""
+        if k_len not in self._tables:
+            width = -(-k_len // self.pool.block_size)
+            rows = [(s.blocks + [0] * width)[:width] for s in self.seqs]
+            self._tables[k_len] = torch.tensor(rows, dtype=torch.long, device=self.pool.device)
+        return self._tables[k_len]
 
     def _gather(self, storage: torch.Tensor, table: torch.Tensor, k_len: int) -> torch.Tensor:
+        """``(B, heads, k_len, D)``: a strided view of one copy of the rows' blocks."""
         B, W = table.shape
-        _, H, bs, D = storage.shape
-        return storage[table].permute(0, 2, 1, 3, 4).reshape(B, H, W * bs, D)[:, :, :k_len]
+        _, bs, H, D = storage.shape
+        return storage[table].reshape(B, W * bs, H, D).transpose(1, 2)[:, :, :k_len]
 
     def _new_entries(self, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, block, offset) of every token this call adds."""
@@ -255,7 +264,7 @@ class PagedBatch(KVCache):
         out = view.update(*new, step=step)
         rows, pos, blocks, offsets = self._new_entries(step)
         for name, buf in storage.items():
-            buf[blocks, :, offsets] = getattr(view, name)[rows, :, pos]
+            buf[blocks, offsets] = getattr(view, name)[rows, :, pos]
         return out
 
     def write_prefix(self, per_layer: dict[int, tuple[torch.Tensor, ...]]) -> None:
@@ -276,7 +285,7 @@ class PagedBatch(KVCache):
             for seq in self.seqs:
                 blocks = torch.tensor(seq.blocks, dtype=torch.long, device=self.pool.device)[pos // bs]
                 for buf, value in zip(storage.values(), entries):
-                    buf[blocks, :, pos % bs] = value[0].transpose(0, 1).to(buf.dtype)
+                    buf[blocks, pos % bs] = value[0].transpose(0, 1).to(buf.dtype)
         self.lengths = torch.full_like(self.lengths, n)
         self._bound, self._uniform = n, True
 
@@ -288,6 +297,7 @@ class PagedBatch(KVCache):
         for seq, n in zip(self.seqs, self.lengths.tolist()):
             seq.length = n
         self._written = None
+        self._tables.clear()
 
     @property
     def nbytes(self) -> int:

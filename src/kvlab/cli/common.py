@@ -23,7 +23,15 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cla", type=int, metavar="K", help="override the cross-layer KV sharing factor")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
                    help="dtype of the KV cache and weights for byte counts (default bf16)")
+    kv_quant_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
+
+
+def kv_quant_arg(p: argparse.ArgumentParser) -> None:
+    """``--kv-quant``: int8/int4 storage of the KV cache's per-token entries (kvlab.cache.quantized)."""
+    p.add_argument("--kv-quant", choices=["none", "int8", "int4"], default="none",
+                   help="keep the KV cache's per-token entries (K/V, MLA latents) as int8 or int4 codes with a "
+                        "float16 scale per 32 channels (default none)")
 
 
 def model_config_from_args(args: argparse.Namespace):

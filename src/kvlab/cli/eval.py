@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import load_model, model_args, positive_int
+from kvlab.cli.common import kv_quant_arg, load_model, model_args, positive_int
 
 
 def add_parser(sub) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stride", type=int, help="window advance (default seq-len / 2)")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
     p.add_argument("--batch-size", type=positive_int, default=4)
+    kv_quant_arg(p)
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -34,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     result = evaluate(model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
                       max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.no_progress,
-                      backend=args.backend)
+                      backend=args.backend, kv_quant=args.kv_quant)
     out = {"model": str(args.model), "data": args.data, "data_fingerprint": corpus_fingerprint(docs),
-           "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16"), **result.to_dict()}
+           "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16"), "kv_quant": args.kv_quant,
+           "kv_bytes_per_token": model.cfg.kv_bytes_per_token(model.dtype, args.kv_quant), **result.to_dict()}
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import UsageError, load_model, model_args, positive_int, seed_arg
+from kvlab.cli.common import UsageError, kv_quant_arg, load_model, model_args, positive_int, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -23,17 +23,18 @@ def add_parser(sub) -> None:
     p.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (default EOS)")
     p.add_argument("--no-stop", action="store_true", help="generate exactly --max-new-tokens tokens (no EOS stop)")
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
+    kv_quant_arg(p)
     p.add_argument("--json", action="store_true", help="print prompts and outputs as JSON")
     p.set_defaults(func=run)
 
 
-def _check_cache_fits(model, rows: int, length: int, new_tokens: int) -> None:
+def _check_cache_fits(model, rows: int, length: int, new_tokens: int, kv_quant: str | None = None) -> None:
     """Refuse a generation whose KV cache alone would exceed this machine's memory (before trying)."""
     import os
 
     from kvlab.config.accounting import cache_bytes
 
-    need = rows * cache_bytes(model.cfg, model.dtype).for_sequence(length)
+    need = rows * cache_bytes(model.cfg, model.dtype, kv_quant).for_sequence(length)
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     for t in [*(stop or []), *(i for p in prompts for i in p)]:
         if not 0 <= t < model.cfg.vocab_size:
             raise UsageError(f"kvlab generate: token id {t} is outside the vocabulary [0, {model.cfg.vocab_size})")
-    _check_cache_fits(model, len(prompts), max(map(len, prompts)) + args.max_new_tokens, args.max_new_tokens)
+    _check_cache_fits(model, len(prompts), max(map(len, prompts)) + args.max_new_tokens, args.max_new_tokens,
+                      args.kv_quant)
     stream = len(prompts) == 1 and not args.json
     shown: list[int] = []
     text_so_far = ""
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         print(args.prompt[0], end="", flush=True)
     outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop_tokens=stop, backend=args.backend,
-                    on_token=on_token if stream else None)
+                    on_token=on_token if stream else None, kv_quant=args.kv_quant)
     if stream:
         print()
     if args.json:

@@ -26,12 +26,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = model_config_from_args(args)
     counts = cfg.param_counts()
-    cost = cfg.cache_bytes(args.dtype)
+    cost = cfg.cache_bytes(args.dtype, args.kv_quant)
     info = {
         "name": cfg.name, "variant": kv_label(cfg), "params": counts["total"],
         "attention_params": counts["attention"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
         "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "n_kv_layers": cfg.n_kv_layers, "kv_sources": cfg.kv_sources, "dtype": args.dtype,
+        "kv_quant": args.kv_quant,
         "kv_bytes_per_token": cost.per_token, "cache_bytes_per_sequence": cost.per_sequence,
         "cache_bytes_windowed": [{"bytes_per_token": r, "up_to_tokens": c} for r, c in cost.bounded],
         "cache_bytes_pooled": [{"bytes_per_slot": r, "tokens_per_slot": c} for r, c in cost.pooled],
@@ -52,11 +53,12 @@ def run(args: argparse.Namespace) -> int:
          f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
         ("KV-producing layers", f"{cfg.n_kv_layers} of {cfg.n_layer}"
          + ("" if cfg.n_kv_layers == cfg.n_layer else f"  (kv_source {cfg.kv_sources})")),
-        (f"KV bytes per token ({args.dtype})", f"{info['kv_bytes_per_token']:,} "
+        (f"KV bytes per token ({_cache_label(args)})", f"{info['kv_bytes_per_token']:,} "
          f"({format_bytes(info['kv_bytes_per_token'] * 1024)} per 1k tokens)"),
     ]
     if cost.per_sequence:
-        rows.append((f"cache bytes per sequence ({args.dtype})", f"{cost.per_sequence:,} (fixed, whatever the length)"))
+        rows.append((f"cache bytes per sequence ({_cache_label(args)})",
+                     f"{cost.per_sequence:,} (fixed, whatever the length)"))
     if cost.bounded:
         rows.append((f"rolling window caches ({args.dtype})",
                      f"{sum(r * c for r, c in cost.bounded):,} bytes per sequence at most ("
@@ -91,3 +93,7 @@ def _layer_details(cfg, layer: int) -> list[str]:
     if "block" in cfg.layer_specs[layer].options:
         out.append(f"summary per {cfg.layer_specs[layer].options['block']} older tokens")
     return out
+
+
+def _cache_label(args: argparse.Namespace) -> str:
+    return args.dtype if args.kv_quant == "none" else f"{args.kv_quant} K/V, {args.dtype} otherwise"

@@ -31,28 +31,42 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = model_config_from_args(args)
     memory = parse_size(args.memory)
-    rows = plan(cfg, memory, args.context, args.dtype)
+    quant = None if args.kv_quant == "none" else args.kv_quant
+    rows = plan(cfg, memory, args.context, args.dtype, quant)
+    # With a quantized cache, the batch each variant gets without it: the planner's batch gain.
+    plain = {r.variant: r.max_batch for r in plan(cfg, memory, args.context, args.dtype)} if quant else {}
     if args.json:
+        variants = plan_as_dicts(rows)
+        for v in variants:
+            if quant:
+                v["max_batch_unquantized"] = plain[v["variant"]]
         print(json.dumps({"model": cfg.name, "memory_bytes": memory, "context": args.context,
-                          "dtype": args.dtype, "variants": plan_as_dicts(rows)}, indent=2))
+                          "dtype": args.dtype, "kv_quant": args.kv_quant, "variants": variants}, indent=2))
         return 0
     from rich.table import Table
 
     table = Table(title=f"{cfg.name or 'model'}: KV cache at {args.context:,} tokens of context, "
-                        f"{format_bytes(memory)} memory, {args.dtype}")
-    for col, justify in (("variant", "left"), ("KV heads", "right"), ("KV layers", "right"),
-                         ("params", "right"), ("weights", "right"), ("KV bytes/token", "right"),
-                         ("KV / sequence", "right"), ("max batch", "right"), ("vs model", "right")):
+                        f"{format_bytes(memory)} memory, {args.dtype}"
+                        + (f", {quant} KV cache" if quant else ""))
+    columns = [("variant", "left"), ("KV heads", "right"), ("KV layers", "right"), ("params", "right"),
+               ("weights", "right"), ("KV bytes/token", "right"), ("KV / sequence", "right"), ("max batch", "right"),
+               ("vs model", "right")]
+    if quant:
+        columns.append((f"batch vs {args.dtype} KV", "right"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     base = next(r for r in rows if r.is_model)
     for r in rows:
-        table.add_row(("* " if r.is_model else "  ") + r.variant, str(r.n_kv_head), str(r.n_kv_layers),
-                      f"{r.params / 1e6:,.1f}M", format_bytes(r.weight_bytes), f"{r.kv_bytes_per_token:,}",
-                      format_bytes(r.kv_bytes_per_sequence),
-                      f"{r.max_batch:,}" if r.max_batch else _why_none(r, memory),
-                      # per sequence at this context: the same ratio as per token for caches that
-                      # grow, and the honest one for windows and fixed states
-                      _relative(r.kv_bytes_per_sequence, base.kv_bytes_per_sequence))
+        cells = [("* " if r.is_model else "  ") + r.variant, str(r.n_kv_head), str(r.n_kv_layers),
+                 f"{r.params / 1e6:,.1f}M", format_bytes(r.weight_bytes), f"{r.kv_bytes_per_token:,}",
+                 format_bytes(r.kv_bytes_per_sequence),
+                 f"{r.max_batch:,}" if r.max_batch else _why_none(r, memory),
+                 # per sequence at this context: the same ratio as per token for caches that
+                 # grow, and the honest one for windows and fixed states
+                 _relative(r.kv_bytes_per_sequence, base.kv_bytes_per_sequence)]
+        if quant:
+            cells.append(f"{r.max_batch / plain[r.variant]:.2f}x" if plain[r.variant] else "-")
+        table.add_row(*cells)
     console = make_console()
     console.print(table)
     console.print("* = this model. max batch = (memory - weights) // KV per sequence; activations "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import UsageError, load_model, model_args, positive_int
+from kvlab.cli.common import UsageError, kv_quant_arg, load_model, model_args, positive_int
 
 
 def add_parser(sub) -> None:
@@ -26,9 +26,14 @@ def add_parser(sub) -> None:
     p.add_argument("--max-queue", type=positive_int, default=256,
                    help="most requests waiting; beyond it requests get HTTP 429 (default 256)")
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--admission", choices=["reserve", "optimistic"], default="reserve",
+                   help="reserve: a request is admitted with KV blocks for its prompt and all its max_tokens, so it "
+                        "never waits (default); optimistic: blocks for the prompt only, more as it grows, the newest "
+                        "request preempted and recomputed when they run out (vLLM's policy)")
     p.add_argument("--prefill-chunk", type=positive_int, default=512,
                    help="most prompt tokens prefilled between two decode steps (default 512)")
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
+    kv_quant_arg(p)
     p.set_defaults(func=run)
 
 
@@ -53,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         name = args.served_model_name or model.cfg.name or args.model
         engine = Engine(model, kv_budget_bytes=budget, max_len=args.max_len, max_seqs=args.max_seqs,
                         max_queue=args.max_queue, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
-                        backend=args.backend)
+                        admission=args.admission,
+                        backend=args.backend, kv_quant=args.kv_quant)
         pool = engine.pool
         host, port = sock.getsockname()[:2]
         print(f"kvlab serve: {name} on http://{host}:{port}/v1 — KV pool {format_bytes(pool.nbytes)}: "

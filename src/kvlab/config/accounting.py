@@ -12,22 +12,27 @@ from __future__ import annotations
 import torch
 
 from kvlab.config.model import ModelConfig
+from kvlab.dtypes import parse_kv_quant
 from kvlab.registry import CacheBytes, get_kind
 
 
-def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16") -> list[CacheBytes]:
-    """Per layer, what it adds to the cache (zero for layers that read another layer's cache)."""
-    return [get_kind(spec.kind).cache_bytes(cfg, i, dtype) for i, spec in enumerate(cfg.layer_specs)]
+def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16",
+                      kv_quant: str | None = None) -> list[CacheBytes]:
+    """Per layer, what it adds to the cache (zero for layers that read another layer's cache).
+    ``kv_quant`` (``'int8'``/``'int4'``): the per-token entries stored quantized, scales included."""
+    kv_quant = parse_kv_quant(kv_quant)
+    return [get_kind(spec.kind).cache_bytes(cfg, i, dtype, kv_quant) for i, spec in enumerate(cfg.layer_specs)]
 
 
-def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16") -> CacheBytes:
+def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> CacheBytes:
     """The model's cache: bytes per token and bytes per sequence."""
     total = CacheBytes()
-    for b in layer_cache_bytes(cfg, dtype):
+    for b in layer_cache_bytes(cfg, dtype, kv_quant):
         total = total + b
     return total
 
 
-def cache_bytes_for(cfg: ModelConfig, batch_size: int, n_tokens: int, dtype: str | torch.dtype = "bf16") -> int:
+def cache_bytes_for(cfg: ModelConfig, batch_size: int, n_tokens: int, dtype: str | torch.dtype = "bf16",
+                    kv_quant: str | None = None) -> int:
     """Bytes of a cache holding ``batch_size`` sequences of ``n_tokens`` tokens."""
-    return batch_size * cache_bytes(cfg, dtype).for_sequence(n_tokens)
+    return batch_size * cache_bytes(cfg, dtype, kv_quant).for_sequence(n_tokens)

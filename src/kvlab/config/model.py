@@ -319,17 +319,17 @@ class ModelConfig:
         """Query heads per KV head (the group size G)."""
         return self.n_head // self.n_kv_head
 
-    def cache_bytes(self, dtype: str | torch.dtype = "bf16") -> "CacheBytes":
+    def cache_bytes(self, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> "CacheBytes":
         """Cache bytes per token and per sequence, summed over the layers' kinds
         (:func:`kvlab.config.accounting.cache_bytes`, the one accounting function)."""
         from kvlab.config.accounting import cache_bytes
 
-        return cache_bytes(self, dtype)
+        return cache_bytes(self, dtype, kv_quant)
 
-    def kv_bytes_per_token(self, dtype: str | torch.dtype = "bf16") -> int:
+    def kv_bytes_per_token(self, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> int:
         """Bytes one token adds to the cache; for full attention DESIGN's formula
         2 × n_kv_layers × n_kv_head × head_dim × bytes(dtype)."""
-        return self.cache_bytes(dtype).per_token
+        return self.cache_bytes(dtype, kv_quant).per_token
 
     # --------------------------------------------------------------------- parameter counts
     def param_counts(self) -> dict[str, int]:

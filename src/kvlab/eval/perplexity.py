@@ -72,8 +72,11 @@ def document_ids(tokenizer, doc: Document, prefix_id: int) -> list[int]:
 @torch.inference_mode()
 def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
              stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
-             progress: bool = True, backend: str | None = None) -> EvalResult:
-    """Perplexity and bits per byte of ``model`` on ``docs`` (see the module docstring)."""
+             progress: bool = True, backend: str | None = None, kv_quant: str | None = None) -> EvalResult:
+    """Perplexity and bits per byte of ``model`` on ``docs`` (see the module docstring).
+
+    With ``kv_quant`` (``'int8'``/``'int4'``) each window runs through a quantized KV cache, so
+    every query attends to quantized keys and values — what generation with that cache sees."""
     if tokenizer is None:
         raise ConfigError("evaluation needs a tokenizer; this model has none")
     if seq_len < 2:
@@ -128,7 +131,9 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
             targets[i, :len(w.targets)] = torch.tensor(w.targets)
             mask[i, :len(w.tokens)] = 1
         padded = bool((mask == 0).any())
-        logits = model(tokens.to(device), attention_mask=mask.to(device) if padded else None, backend=backend)
+        cache = model.new_cache(len(batch), width, kv_quant=kv_quant) if kv_quant else None
+        logits = model(tokens.to(device), attention_mask=mask.to(device) if padded else None, backend=backend,
+                       cache=cache)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
         total_nll += float(nll)
         scored += int((targets != -100).sum())

@@ -103,13 +103,16 @@ class PlanRow:
     max_batch: int
 
 
-def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16") -> int:
-    """The largest batch of ``context``-token sequences whose KV cache fits beside the weights."""
+def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16",
+              kv_quant: str | None = None) -> int:
+    """The largest batch of ``context``-token sequences whose KV cache fits beside the weights
+    (weights in ``dtype``; the cache in ``dtype`` or, with ``kv_quant``, int8/int4 plus scales)."""
     weights = cfg.param_counts()["total"] * dtype_bytes(dtype)
-    return max(0, (memory - weights) // cfg.cache_bytes(dtype).for_sequence(context))
+    return max(0, (memory - weights) // cfg.cache_bytes(dtype, kv_quant).for_sequence(context))
 
 
-def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16") -> list[PlanRow]:
+def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16",
+         kv_quant: str | None = None) -> list[PlanRow]:
     """One row per variant: KV bytes per token and per sequence, and the largest batch that fits."""
     if not isinstance(context, int) or context < 1:
         raise ConfigError(f"context={context!r} must be a positive number of tokens")
@@ -119,12 +122,12 @@ def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype =
     for v in variants(cfg):
         params = v.param_counts()["total"]
         weights = params * dtype_bytes(dtype)
-        cost = v.cache_bytes(dtype)              # per token and per sequence, over the layers' kinds
+        cost = v.cache_bytes(dtype, kv_quant)    # per token and per sequence, over the layers' kinds
         per_token, per_seq = cost.per_token, cost.for_sequence(context)
         rows.append(PlanRow(variant=kv_label(v), is_model=_wiring(v) == _wiring(cfg), n_kv_head=v.n_kv_head,
                             n_kv_layers=v.n_kv_layers, params=params, weight_bytes=weights,
                             kv_bytes_per_token=per_token, kv_bytes_per_sequence=per_seq,
-                            max_batch=max_batch(v, memory, context, dtype)))
+                            max_batch=max_batch(v, memory, context, dtype, kv_quant)))
     return rows
 
 

@@ -6,20 +6,26 @@ queue of requests and, at every :meth:`Engine.step`:
 
 1. drops cancelled requests and returns their blocks;
 2. admits waiting requests, first come first served, while the pool has a free sequence slot and
-   blocks for the whole prompt (the KV budget is the admission control: a model with a k× smaller
-   cache holds about k× the sequences);
-3. prefills one chunk of at most ``prefill_chunk`` prompt tokens of one admitted request (chunked
-   prefill: a long prompt never stalls the running sequences for more than one chunk); when the
-   prompt is done its first token is sampled — the time to first token;
+   blocks for the request (the KV budget is the admission control: a model with a k× smaller cache
+   holds about k× the sequences). ``admission="reserve"`` (the default) takes blocks for the prompt
+   and all ``max_tokens`` at once, so an admitted request never waits for memory and the admitted
+   concurrency is the planner's ``budget // bytes(prompt + max_tokens)``; ``"optimistic"`` takes
+   blocks for the prompt only and more as the sequence grows (vLLM's policy: more requests at once
+   when many stop early, preemptions when they do not);
+3. prefills at most ``prefill_chunk`` prompt tokens, in one batched call over the admitted requests
+   in arrival order (chunked prefill: a long prompt is cut into chunks and never stalls the running
+   sequences for more than one chunk); when a prompt is done its first token is sampled — the time
+   to first token;
 4. decodes one token for every running sequence in one batched call; a sequence that crosses a
-   block boundary takes a new block, and when none is free the most recently admitted sequence is
-   preempted — its blocks are freed and it goes back to the front of the queue, to be prefilled
-   again from its prompt and the tokens it already produced (vLLM's recompute preemption), so its
-   output is unchanged.
+   block boundary takes a new block, and when none is free (only under ``"optimistic"``) the most
+   recently admitted sequence is preempted — its blocks are freed and it goes back to the front of
+   the queue, to be prefilled again from its prompt and the tokens it already produced (vLLM's
+   recompute preemption), so its output is unchanged.
 
 Each request has its own sampling parameters and generator (``seed``), stop tokens and
 ``max_tokens``; ``sink`` receives its events: ``("token", id)`` for each new token and then one
-``("finish", reason)`` with reason ``"stop"``, ``"length"`` or ``"cancelled"``.
+``("finish", reason)`` with reason ``"stop"``, ``"length"``, ``"cancelled"`` or ``"error"`` (a
+failed forward call: the admitted requests end, the engine goes on).
 
 The engine is not thread-safe by itself except for :meth:`submit` and :meth:`cancel`, which may be
 called from any thread while another runs :meth:`run_forever` (the server does so).
@@ -28,6 +34,7 @@ called from any thread while another runs :meth:`run_forever` (the server does s
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -38,13 +45,14 @@ import torch
 
 from kvlab.cache.paged import PagedKVPool, PagedSequence
 from kvlab.errors import ConfigError, KvlabError
-from kvlab.inference.generation import SamplingParams, sample_next
+from kvlab.inference.generation import SamplingParams, left_pad, sample_next
 from kvlab.models.decoder import Transformer
 
 __all__ = ["Engine", "EngineStats", "QueueFull", "Request"]
 
 Event = tuple[str, object]
 _ids = itertools.count()
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(KvlabError):
@@ -65,6 +73,7 @@ class Request:
     # Filled in by the engine.
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None                               # why, when finish_reason is "error"
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     _seq: PagedSequence | None = None
@@ -93,20 +102,28 @@ class Engine:
     """Continuous batching of ``model`` over a paged pool of ``kv_budget_bytes`` bytes.
 
     ``max_len`` is the longest sequence (prompt + new tokens) served, by default the model's
-    ``max_seq_len``; ``max_seqs`` the most sequences running at once; ``max_queue`` the most waiting.
+    ``max_seq_len``; ``max_seqs`` the most sequences running at once; ``max_queue`` the most waiting;
+    ``kv_quant`` (``'int8'``/``'int4'``) stores the pool's per-token entries quantized.
     """
 
     def __init__(self, model: Transformer, *, kv_budget_bytes: int, max_len: int | None = None,
                  max_seqs: int = 64, max_queue: int = 256, block_size: int = 16, prefill_chunk: int = 512,
-                 backend: str | None = None, cache_dtype: str | torch.dtype | None = None):
+                 admission: str = "reserve",
+                 backend: str | None = None, cache_dtype: str | torch.dtype | None = None,
+                 kv_quant: str | None = None):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ConfigError(f"max_queue={max_queue!r} must be a non-negative integer")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk={prefill_chunk!r} must be a positive integer")
+        if admission not in ("reserve", "optimistic"):
+            raise ConfigError(f"admission={admission!r}: use 'reserve' (blocks for max_tokens up front) or "
+                              f"'optimistic' (blocks as sequences grow, with preemption)")
+        self.admission = admission
         self.model = model.eval()
         self.max_len = max_len or model.cfg.max_seq_len
         self.pool = PagedKVPool(model.cfg, budget_bytes=kv_budget_bytes, max_len=self.max_len, max_seqs=max_seqs,
-                                block_size=block_size, dtype=cache_dtype or model.dtype, device=model.device)
+                                block_size=block_size, dtype=cache_dtype or model.dtype, device=model.device,
+                                kv_quant=kv_quant)
         self.max_queue, self.prefill_chunk, self.backend = max_queue, prefill_chunk, backend
         eos = model.cfg.eos_token_id
         self.default_stop = frozenset() if eos is None else frozenset([eos])
@@ -178,9 +195,21 @@ class Engine:
                     self._wake.wait(idle_wait)
                 if self._stopped:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:       # a failed call must not leave clients waiting forever
+                self.fail_all(e)
         for r in [*self.waiting, *self._incoming, *self.prefilling, *self.running]:
             self._finish(r, "cancelled")
+
+    def fail_all(self, error: Exception) -> None:
+        """Finish every admitted request with ``"error"`` (their KV blocks return to the pool); the
+        waiting ones stay queued. Logged with its traceback; the engine goes on serving."""
+        logger.exception("kvlab engine step failed; %d admitted request(s) end with an error",
+                         len(self.prefilling) + len(self.running), exc_info=error)
+        for r in [*self.prefilling, *self.running]:
+            r.error = f"{type(error).__name__}: {error}"
+            self._finish(r, "error")
 
     def stop(self) -> None:
         with self._lock:
@@ -203,7 +232,7 @@ class Engine:
                 self._finish(request, reason)
         self._admit()
         if self.prefilling:
-            self._prefill(self.prefilling[0])
+            self._prefill()
         if self.running:
             self._decode()
         self.stats.steps += 1
@@ -215,31 +244,50 @@ class Engine:
             seq = self.pool.new_sequence()
             if seq is None:
                 return
-            if not self.pool.reserve(seq, len(r._todo) + self.model.n_virtual_tokens):
+            need = len(r._todo) + self.model.n_virtual_tokens
+            if self.admission == "reserve":    # the whole answer too (its last token is never fed back)
+                need = len(r.prompt) + r.max_tokens - 1 + self.model.n_virtual_tokens
+            if not self.pool.reserve(seq, need):
                 self.pool.release(seq)
                 return
             self.waiting.popleft()
             r._seq = seq
             self.prefilling.append(r)
 
-    def _prefill(self, r: Request) -> None:
-        chunk, r._todo = r._todo[:self.prefill_chunk], r._todo[self.prefill_chunk:]
-        tokens = torch.tensor([chunk], device=self.model.device)
-        logits = self.model(tokens, cache=self.pool.batch([r._seq]), backend=self.backend, logits_to_keep=1)[:, -1]
-        if r._todo:
-            return
-        self.prefilling.remove(r)
-        self.running.append(r)
-        if not r.output:               # a preempted request resumes from its last token instead
-            self.stats.prompt_tokens += len(r.prompt)
-            r.first_token_at = time.perf_counter()
-            self.stats.ttft_seconds.append(r.first_token_at - r.arrived)
-            self._accept(r, self._sample(r, logits))
+    def _prefill(self) -> None:
+        """One call over the next chunks of the admitted prompts, ``prefill_chunk`` tokens in all,
+        left-padded so that every row's last token is the call's last position."""
+        budget, rows, chunks = self.prefill_chunk, [], []
+        fresh = self.prefilling[0]._seq.length == 0
+        for r in self.prefilling:
+            if budget == 0:
+                break
+            # A prompt adapter enters only into an empty cache, so fresh and continuing rows go apart.
+            if self.model.prompt_adapter is not None and (r._seq.length == 0) != fresh:
+                continue
+            chunk, r._todo = r._todo[:budget], r._todo[budget:]
+            budget -= len(chunk)
+            rows.append(r)
+            chunks.append(chunk)
+        tokens, mask = left_pad(chunks, self.model.cfg.pad_token_id or 0, self.model.device)
+        logits = self.model(tokens, attention_mask=mask, cache=self.pool.batch([r._seq for r in rows]),
+                            backend=self.backend, logits_to_keep=1)[:, -1]
+        for i, r in enumerate(rows):
+            if r._todo:
+                continue
+            self.prefilling.remove(r)
+            self.running.append(r)
+            if not r.output:           # a preempted request resumes from its last token instead
+                self.stats.prompt_tokens += len(r.prompt)
+                r.first_token_at = time.perf_counter()
+                self.stats.ttft_seconds.append(r.first_token_at - r.arrived)
+                self._accept(r, self._sample(r, logits[i:i + 1]))
 
     def _decode(self) -> None:
         for r in list(self.running):   # every row needs room for one more token
             while r in self.running and not self.pool.reserve(r._seq, r._seq.length + 1):
-                self._preempt(self.running[-1])
+                # The newest admitted goes first: a prompt still prefilling, else the last to run.
+                self._preempt((self.prefilling or self.running)[-1])
         if not self.running:
             return
         rows = self.running
@@ -265,7 +313,7 @@ class Engine:
 
     def _preempt(self, r: Request) -> None:
         """Free ``r``'s blocks; it waits at the front of the queue to be prefilled again."""
-        self.running.remove(r)
+        (self.running if r in self.running else self.prefilling).remove(r)
         self.pool.release(r._seq)
         r._seq = None
         r._todo = r.prompt + r.output[:-1]    # the last token is fed by the next decode step

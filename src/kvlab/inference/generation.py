@@ -81,12 +81,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, stop_tokens: Sequence[int] | None = None,
              on_token: Callable[[int, int], None] | None = None, backend: str | None = None,
-             cache_dtype: str | torch.dtype | None = None) -> list[list[int]]:
+             cache_dtype: str | torch.dtype | None = None, kv_quant: str | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Returns the new tokens of each prompt, ending with the stop token if one was produced.
     ``seed`` makes sampling deterministic. ``on_token(row, token_id)`` is called for every
     token as soon as it is chosen (streaming). ``stop_tokens`` defaults to the model's EOS.
+    ``kv_quant`` (``'int8'``/``'int4'``) keeps the KV cache quantized (:mod:`kvlab.cache.quantized`).
     """
     cfg = model.cfg
     params = SamplingParams(temperature, top_k, top_p)
@@ -124,7 +125,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     outputs: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return outputs
-    cache = model.new_cache(B, model.n_virtual_tokens + tokens.shape[1] + max_new_tokens, dtype=cache_dtype)
+    cache = model.new_cache(B, model.n_virtual_tokens + tokens.shape[1] + max_new_tokens, dtype=cache_dtype,
+                            kv_quant=kv_quant)
     logits = model(tokens, attention_mask=mask, cache=cache, backend=backend, logits_to_keep=1)[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):

@@ -182,10 +182,11 @@ class Transformer(nn.Module):
         return self.prompt_adapter.n_tokens if self.prompt_adapter is not None else 0
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,
-                  device: str | torch.device | None = None) -> KVCache:
-        """A preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens."""
+                  device: str | torch.device | None = None, kv_quant: str | None = None) -> KVCache:
+        """A preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens; ``kv_quant``
+        (``'int8'``/``'int4'``) keeps its per-token entries quantized."""
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len,
-                       dtype=dtype or self.dtype, device=device or self.device)
+                       dtype=dtype or self.dtype, device=device or self.device, kv_quant=kv_quant)
 
     # --------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,

@@ -49,7 +49,8 @@ class _Body(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)          # vLLM's extension
+    top_k: int | None = Field(None, ge=1)          # vLLM's extensions: top_k, ignore_eos
+    ignore_eos: bool = False
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -122,6 +123,8 @@ class _Metrics:
                 ("kvlab_queue_length", "requests waiting for admission", e.queue_length),
                 ("kvlab_running_sequences", "sequences holding KV blocks (prefilling or decoding)",
                  len(e.running) + len(e.prefilling)),
+                ("kvlab_peak_running_sequences", "the most sequences held at once since the start",
+                 e.stats.max_running),
                 ("kvlab_kv_blocks_in_use", "KV blocks held by sequences", e.pool.used_blocks),
                 ("kvlab_kv_blocks_total", "KV blocks in the pool", e.pool.num_blocks),
                 ("kvlab_kv_block_bytes", "bytes of one KV block", e.pool.block_bytes),
@@ -218,6 +221,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, start_engine: bool
         events: asyncio.Queue = asyncio.Queue()
         seed = None if body.seed is None else body.seed + index
         req = EngineRequest(prompt, max_tokens, sampling(body), seed=seed,
+                            stop_tokens=frozenset() if body.ignore_eos else None,
                             sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         try:
             engine.submit(req)
@@ -277,6 +281,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, start_engine: bool
                     continue
                 req, _, prompt = subs[i]
                 stream = streams[i]
+                if kind == "finish" and value == "error":
+                    raise APIError(500, f"generation failed: {req.error}", "server_error")
                 if kind == "finish":
                     finished[i] = True
                     metrics.requests.labels(value).inc()

@@ -1,0 +1,124 @@
+"""int8 / int4 KV caches against independent references: codes and scales computed in float64 with
+NumPy's bit operations, the accounting against the bytes allocated, logits close to the float
+cache's for every attention variant, and the paged pool and generation agreeing on quantized caches."""
+
+import numpy as np
+import pytest
+import torch
+
+from kvlab.cache.paged import PagedKVPool
+from kvlab.cache.quantized import QuantizedTokenLayer, dequantize, quantize
+from kvlab.config.accounting import cache_bytes
+from kvlab.errors import ConfigError
+from kvlab.inference.engine import Engine, Request
+from kvlab.inference.generation import generate
+
+from conftest import VARIANTS, make_model
+
+
+def _reference(x: np.ndarray, bits: int, group: int):
+    """Codes (unpacked) and float16 scales, float64 arithmetic: absmax / qmax, round half to even."""
+    qmax = 2 ** (bits - 1) - 1
+    g = x.astype(np.float64).reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    scales = (np.abs(g).max(-1) / qmax).astype(np.float16)
+    s = scales.astype(np.float64)
+    s[s == 0] = 1
+    codes = np.clip(np.round(g / s[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(x.shape)
+    return codes, scales
+
+
+def _unpack_int4(packed: np.ndarray) -> np.ndarray:
+    lo = (packed & 0x0F).astype(np.int8)
+    hi = (packed >> 4).astype(np.int8)
+    lo[lo >= 8] -= 16
+    hi[hi >= 8] -= 16
+    return np.stack([lo, hi], -1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("width", [64, 18, 96])
+def test_codes_and_scales_equal_a_float64_reference(bits, width):
+    x = torch.randn(3, 2, 7, width) * torch.logspace(-2, 1, width)       # channels of very different size
+    x[0, 0, 0] = 0                                                         # an all-zero vector: scale 0
+    codes, scales = quantize(x, bits)
+    group = 32 if width % 32 == 0 else width
+    want_codes, want_scales = _reference(x.numpy(), bits, group)
+    got = codes.numpy() if bits == 8 else _unpack_int4(codes.numpy())
+    assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert codes.shape[-1] == width * bits // 8 and scales.shape[-1] == width // group
+    np.testing.assert_array_equal(scales.numpy(), want_scales)
+    # torch.round and np.round both round half to even; float32 vs float64 division may differ at an
+    # exact .5 tie, which random data essentially never hits.
+    assert (got != want_codes).mean() < 1e-3
+    back = dequantize(codes, scales, bits, torch.float64).numpy()
+    s = want_scales.astype(np.float64).repeat(group, -1).reshape(x.shape)
+    assert np.all(np.abs(back - x.double().numpy()) <= s / 2 + 1e-6 * np.abs(x.double().numpy()) + 1e-12)
+    assert np.all(back[0, 0, 0] == 0)
+
+
+def test_an_odd_width_cannot_be_int4():
+    with pytest.raises(ConfigError, match="int4 packs two channels"):
+        cache_bytes(make_model(attn_kind="mla", kv_lora_rank=11, qk_rope_head_dim=6).cfg, "fp32", "int4")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+@torch.inference_mode()
+def test_every_variant_runs_on_a_quantized_cache(name, kv_quant):
+    model = make_model(**VARIANTS[name])
+    try:
+        want_bytes = cache_bytes(model.cfg, torch.float32, kv_quant).for_sequence(40) * 2
+    except ConfigError as e:                  # int4 of an odd-width latent: refused, not mis-packed
+        assert "int4 packs" in str(e)
+        return
+    x = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    plain = model(x)
+    cache = model.new_cache(2, 40, kv_quant=kv_quant)
+    assert cache.nbytes == want_bytes
+    logits = model(x[:, :20], cache=cache)
+    for t in range(20, 24):
+        logits = torch.cat([logits, model(x[:, t:t + 1], cache=cache)], 1)
+    err = (logits - plain).abs().max() / plain.abs().max()
+    quantized = any(isinstance(layer, QuantizedTokenLayer) for layer in cache.layers.values())
+    assert err < (0.02 if kv_quant == "int8" else 0.2)
+    if quantized:
+        assert err > 0                             # the cache really was quantized
+
+
+@torch.inference_mode()
+def test_the_stored_codes_are_the_quantized_keys_and_values():
+    model = make_model(n_kv_head=2)
+    x = torch.randint(0, 256, (2, 12))
+    plain = model.new_cache(2, 12)
+    quant = model.new_cache(2, 12, kv_quant="int4")
+    model(x, cache=plain)
+    model(x, cache=quant)
+    layer = quant.layers[0]
+    for field, stored in (("keys", plain.keys[0]), ("values", plain.values[0])):
+        want_codes, want_scales = _reference(stored.numpy(), 4, 16)
+        got = _unpack_int4(getattr(layer, field + "_codes").numpy())
+        np.testing.assert_array_equal(getattr(layer, field + "_scales").numpy(), want_scales)
+        assert (got != want_codes).mean() < 1e-3
+
+
+def test_accounting_counts_the_scales_and_the_pool_follows_it():
+    cfg = make_model(n_kv_head=2, d_model=128, n_head=2).cfg         # head_dim 64: two groups of 32
+    n = cache_bytes(cfg, torch.float16).per_token // 2                 # cached channels per token
+    assert cache_bytes(cfg, torch.float16, "int8").per_token == n + n // 32 * 2         # 1 byte each + 2 per 32
+    assert cache_bytes(cfg, torch.float16, "int4").per_token == n // 2 + n // 32 * 2
+    for q in ("int8", "int4"):
+        pool = PagedKVPool(cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=q)
+        assert pool.block_bytes == cache_bytes(cfg, torch.float32, q).per_token * 16
+        assert pool.nbytes <= 2**20
+
+
+@pytest.mark.parametrize("name", ["gqa", "mla", "rolling-hybrid"])
+def test_the_engine_serves_quantized_caches_as_generate_runs_them(name):
+    model = make_model(**VARIANTS[name])
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 15, 3)]
+    engine = Engine(model, kv_budget_bytes=2**20, max_len=48, block_size=4, prefill_chunk=5, kv_quant="int8")
+    reqs = [engine.submit(Request(p, 10, stop_tokens=frozenset())) for p in prompts]
+    engine.run_until_done()
+    for r, p in zip(reqs, prompts):
+        assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant="int8")[0]

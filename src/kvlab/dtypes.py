@@ -38,11 +38,13 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------ quantized KV caches
-# int8 / int4 codes in groups of QUANT_GROUP channels with one float16 scale each
-# (kvlab.cache.quantized); the accounting counts the scales.
+# int8 / int4 codes in groups of QUANT_GROUP channels with float16 parameters per group — a scale
+# (int8, symmetric) or a scale and a minimum (int4, asymmetric) — see kvlab.cache.quantized; the
+# accounting counts them.
 KV_QUANT_BITS = {"int8": 8, "int4": 4}
+PARAMS_PER_GROUP = {"int8": 1, "int4": 2}
 QUANT_GROUP = 32
-SCALE_BYTES = 2
+PARAM_BYTES = 2
 
 
 def parse_kv_quant(name: str | None) -> str | None:
@@ -61,12 +63,12 @@ def quant_group(width: int) -> int:
 
 
 def quantized_vector_bytes(width: int, kv_quant: str) -> int:
-    """Bytes of one cached vector of ``width`` channels under ``kv_quant``, scales included."""
+    """Bytes of one cached vector of ``width`` channels under ``kv_quant``, its float16 parameters included."""
     bits = KV_QUANT_BITS[kv_quant]
     if bits == 4 and width % 2:
         raise ConfigError(f"int4 packs two channels per byte; a cached vector of {width} channels cannot be packed "
                           f"(use int8)")
-    return width * bits // 8 + SCALE_BYTES * (width // quant_group(width))
+    return width * bits // 8 + PARAM_BYTES * PARAMS_PER_GROUP[kv_quant] * (width // quant_group(width))
 
 
 def cache_vector_bytes(width: int, dtype: str | torch.dtype, kv_quant: str | None = None) -> int:

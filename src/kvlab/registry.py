@@ -65,9 +65,10 @@ class AttentionKind:
     reads and writes what it needs through the :class:`~kvlab.attention.context.ForwardContext`.
     ``cache_layer(cfg, layer, batch_size, max_len, dtype, device)`` returns the layer's cache
     layer, or ``None`` when the layer caches nothing itself (a CLA consumer).
-    ``cache_bytes(cfg, layer, dtype, kv_quant=None) -> CacheBytes`` and ``param_count(cfg, layer) -> int`` are
-    closed forms over the config (``kv_quant``: ``'int8'``/``'int4'`` storage of the per-token entries, see
-    :mod:`kvlab.cache.quantized`) (the tests check them against real allocations and modules).
+    ``cache_bytes(cfg, layer, dtype, kv_quant=None) -> CacheBytes`` and ``param_count(cfg, layer) -> int``
+    are closed forms over the config (the tests check them against real allocations and modules);
+    ``kv_quant`` (``'int8'``/``'int4'`` storage of the per-token entries, :mod:`kvlab.cache.quantized`)
+    is passed as a keyword only when asked for, so a kind may leave it out.
     ``validate(cfg, layer, options)`` raises :class:`ConfigError` for impossible options.
     ``examples`` are named test configurations (see the field's comment).
     """

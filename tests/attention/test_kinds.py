@@ -99,6 +99,9 @@ def test_the_throwaway_kind_is_accounted_for_by_the_one_function():
     # The windowed gqa layer keeps a rolling cache: its bytes stop growing at its window.
     assert cache_bytes(cfg, "bf16") == CacheBytes(per_token=per_token, bounded=((kv, 4),))
     assert cfg.kv_bytes_per_token("bf16") == per_token
+    # Its cache_bytes takes no kv_quant: a quantized cache is refused in one line, not a TypeError.
+    with pytest.raises(ConfigError, match="'shared-kv-test' does not count quantized caches"):
+        cache_bytes(cfg, "bf16", "int8")
 
 
 # ---- specs and their validation ----

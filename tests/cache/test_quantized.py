@@ -17,42 +17,52 @@ from conftest import VARIANTS, make_model
 
 
 def _reference(x: np.ndarray, bits: int, group: int):
-    """Codes (unpacked) and float16 scales, float64 arithmetic: absmax / qmax, round half to even."""
-    qmax = 2 ** (bits - 1) - 1
+    """Codes (unpacked) and float16 parameters in float64 arithmetic, round half to even. int8
+    (llama.cpp q8_0): scale = absmax / 127, codes in [-128, 127]. int4 (q4_1): scale = (max - min) / 15
+    and the minimum, both float16, codes (x - min) / scale in [0, 15]; parameters interleaved."""
     g = x.astype(np.float64).reshape(*x.shape[:-1], x.shape[-1] // group, group)
-    scales = (np.abs(g).max(-1) / qmax).astype(np.float16)
-    s = scales.astype(np.float64)
+    if bits == 8:
+        scales = (np.abs(g).max(-1) / 127).astype(np.float16)
+        s = scales.astype(np.float64)
+        s[s == 0] = 1
+        codes = np.clip(np.round(g / s[..., None]), -128, 127).astype(np.int8).reshape(x.shape)
+        return codes, scales, scales.astype(np.float64), np.zeros_like(s)
+    low = g.min(-1).astype(np.float16)
+    scale = ((g.max(-1) - low.astype(np.float64)) / 15).astype(np.float16)
+    s = scale.astype(np.float64)
     s[s == 0] = 1
-    codes = np.clip(np.round(g / s[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(x.shape)
-    return codes, scales
+    codes = np.clip(np.round((g - low.astype(np.float64)[..., None]) / s[..., None]), 0, 15).astype(np.int8)
+    params = np.stack([scale, low], -1).reshape(*scale.shape[:-1], -1)
+    return codes.reshape(x.shape), params, scale.astype(np.float64), low.astype(np.float64)
 
 
 def _unpack_int4(packed: np.ndarray) -> np.ndarray:
     lo = (packed & 0x0F).astype(np.int8)
     hi = (packed >> 4).astype(np.int8)
-    lo[lo >= 8] -= 16
-    hi[hi >= 8] -= 16
     return np.stack([lo, hi], -1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("width", [64, 18, 96])
 def test_codes_and_scales_equal_a_float64_reference(bits, width):
-    x = torch.randn(3, 2, 7, width) * torch.logspace(-2, 1, width)       # channels of very different size
+    x = torch.randn(3, 2, 7, width) * torch.logspace(-2, 1, width) + 0.5    # uneven channels, a shift
     x[0, 0, 0] = 0                                                         # an all-zero vector: scale 0
-    codes, scales = quantize(x, bits)
+    codes, params = quantize(x, bits)
     group = 32 if width % 32 == 0 else width
-    want_codes, want_scales = _reference(x.numpy(), bits, group)
+    want_codes, want_params, scale, low = _reference(x.numpy(), bits, group)
     got = codes.numpy() if bits == 8 else _unpack_int4(codes.numpy())
     assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert codes.shape[-1] == width * bits // 8 and scales.shape[-1] == width // group
-    np.testing.assert_array_equal(scales.numpy(), want_scales)
+    assert codes.shape[-1] == width * bits // 8 and params.shape[-1] == width // group * (1 if bits == 8 else 2)
+    np.testing.assert_array_equal(params.numpy(), want_params)
     # torch.round and np.round both round half to even; float32 vs float64 division may differ at an
     # exact .5 tie, which random data essentially never hits.
     assert (got != want_codes).mean() < 1e-3
-    back = dequantize(codes, scales, bits, torch.float64).numpy()
-    s = want_scales.astype(np.float64).repeat(group, -1).reshape(x.shape)
-    assert np.all(np.abs(back - x.double().numpy()) <= s / 2 + 1e-6 * np.abs(x.double().numpy()) + 1e-12)
+    back = dequantize(codes, params, bits, torch.float64).numpy()
+    x64 = x.double().numpy()
+    step = scale.repeat(group, -1).reshape(x.shape)
+    floor = np.abs(low).repeat(group, -1).reshape(x.shape)
+    # half a step, plus what the float16 rounding of the parameters can add at the range's ends
+    assert np.all(np.abs(back - x64) <= step / 2 + 2.0 ** -10 * (15 * step + floor) + 1e-6 * np.abs(x64))
     assert np.all(back[0, 0, 0] == 0)
 
 
@@ -95,9 +105,9 @@ def test_the_stored_codes_are_the_quantized_keys_and_values():
     model(x, cache=quant)
     layer = quant.layers[0]
     for field, stored in (("keys", plain.keys[0]), ("values", plain.values[0])):
-        want_codes, want_scales = _reference(stored.numpy(), 4, 16)
+        want_codes, want_params, _, _ = _reference(stored.numpy(), 4, 16)
         got = _unpack_int4(getattr(layer, field + "_codes").numpy())
-        np.testing.assert_array_equal(getattr(layer, field + "_scales").numpy(), want_scales)
+        np.testing.assert_array_equal(getattr(layer, field + "_scales").numpy(), want_params)
         assert (got != want_codes).mean() < 1e-3
 
 
@@ -105,7 +115,7 @@ def test_accounting_counts_the_scales_and_the_pool_follows_it():
     cfg = make_model(n_kv_head=2, d_model=128, n_head=2).cfg         # head_dim 64: two groups of 32
     n = cache_bytes(cfg, torch.float16).per_token // 2                 # cached channels per token
     assert cache_bytes(cfg, torch.float16, "int8").per_token == n + n // 32 * 2         # 1 byte each + 2 per 32
-    assert cache_bytes(cfg, torch.float16, "int4").per_token == n // 2 + n // 32 * 2
+    assert cache_bytes(cfg, torch.float16, "int4").per_token == n // 2 + n // 32 * 4    # + scale and min
     for q in ("int8", "int4"):
         pool = PagedKVPool(cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=q)
         assert pool.block_bytes == cache_bytes(cfg, torch.float32, q).per_token * 16

@@ -224,3 +224,17 @@ def test_a_failed_generation_is_a_500_and_the_server_keeps_serving(monkeypatch):
         with pytest.raises(openai.InternalServerError, match="simulated device failure"):
             c.completions.create(model=NAME, prompt="hi", max_tokens=4)
         assert c.completions.create(model=NAME, prompt="hi", max_tokens=4, temperature=0).usage.completion_tokens >= 1
+
+
+def test_a_generation_failing_mid_stream_ends_with_an_error_event(model, monkeypatch):
+    """Text was sent already, so the status stays 200: the stream ends with an error event, as vLLM's."""
+    from conftest import fail_call
+
+    fail_call(monkeypatch, model, 8)                 # the prefill and six decode steps work
+    with BackgroundServer(_engine(model), model.tokenizer, NAME) as url:
+        body = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": 20, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["message"] == "generation failed: RuntimeError: simulated device failure"
+        assert json.loads(events[0])["choices"][0]["finish_reason"] is None

@@ -13,6 +13,7 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import parse_kv_quant
+from kvlab.errors import ConfigError
 from kvlab.registry import CacheBytes, get_kind
 
 
@@ -21,7 +22,16 @@ def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16",
     """Per layer, what it adds to the cache (zero for layers that read another layer's cache).
     ``kv_quant`` (``'int8'``/``'int4'``): the per-token entries stored quantized, scales included."""
     kv_quant = parse_kv_quant(kv_quant)
-    return [get_kind(spec.kind).cache_bytes(cfg, i, dtype, kv_quant) for i, spec in enumerate(cfg.layer_specs)]
+    if not kv_quant:       # the three-argument form every kind has
+        return [get_kind(spec.kind).cache_bytes(cfg, i, dtype) for i, spec in enumerate(cfg.layer_specs)]
+    out = []
+    for i, spec in enumerate(cfg.layer_specs):
+        try:
+            out.append(get_kind(spec.kind).cache_bytes(cfg, i, dtype, kv_quant=kv_quant))
+        except TypeError:
+            raise ConfigError(f"attention kind {spec.kind!r} does not count quantized caches (its cache_bytes "
+                              f"takes no kv_quant); use kv_quant=None with it") from None
+    return out
 
 
 def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> CacheBytes:

@@ -368,7 +368,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, start_engine: bool
                     i, delta, reason, n = item
                     tokens[i] = n
                     yield chunk(i, delta, reason)
-                    item = await anext(gen, None)
+                    try:
+                        item = await anext(gen, None)
+                    except APIError as e:    # mid-stream: an error event, as vLLM sends, then the end
+                        yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "param": None,
+                                                               "code": e.code}}) + "\n\n"
+                        break
                 if include_usage:
                     yield "data: " + json.dumps({"id": rid, "object": obj + (".chunk" if chat else ""), "created": now,
                                                  "model": model_name, "choices": [],

@@ -10,9 +10,9 @@ per sequence whatever its length (a rolling window, a linear-attention state, co
 sums) lives in one of ``max_seqs`` fixed slots instead.
 
 The budget is in bytes: the number of blocks is what is left of it after the fixed slots, divided
-by a block's bytes — ``cache_bytes(cfg, dtype).per_token × block_size``, the one accounting
-function — so a model whose cache is k× smaller gets k× the blocks and admits about k× the
-sequences.
+by a block's bytes, read off the buffers themselves — equal to ``cache_bytes(cfg, dtype,
+kv_quant).per_token × block_size``, the one accounting function (tested) — so a model whose cache
+is k× smaller gets k× the blocks and admits about k× the sequences.
 
 One forward call runs on a :class:`PagedBatch` of sequences: a :class:`KVCache` whose layers are
 gathered from the pool — a per-token layer, when its attention module asks for it, into a
@@ -31,7 +31,6 @@ import torch
 
 from kvlab.cache.base import CacheStep
 from kvlab.cache.cache import KVCache, make_cache_layer
-from kvlab.config.accounting import cache_bytes
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import parse_dtype, parse_kv_quant
 from kvlab.errors import CacheOverflowError, ConfigError
@@ -70,7 +69,6 @@ class PagedKVPool:
         self.dtype = parse_dtype(dtype)
         self.kv_quant = parse_kv_quant(kv_quant)
         self.device = torch.device(device)
-        self.cost = cache_bytes(cfg, self.dtype, self.kv_quant)
         # Each layer's cache at batch 1 and full length says what kind of memory it keeps: fields
         # indexed by token slot are paged, everything else is the layer's per-sequence state.
         # layer -> field -> (blocks, block_size, heads, D): token-major inside a block, so that a gathered

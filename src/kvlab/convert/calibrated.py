@@ -44,6 +44,7 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.errors import ConfigError
+from kvlab.models.modes import eval_mode
 
 EPS = 1e-6
 
@@ -77,19 +78,17 @@ def attention_input_moments(model, batches, pairs: list[tuple[int, int]] | None 
 
     hooks = [block.self_attn.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.layers)
              if i in wanted]
-    was_training = model.training
-    model.eval()
     try:
-        for tokens in batches:
-            current.clear()
-            model(tokens.to(model.device))
-            for a, b in pairs:
-                sums[a, b] = sums.get((a, b), 0) + current[a].T @ current[b]
-            count += tokens.numel()
+        with eval_mode(model):
+            for tokens in batches:
+                current.clear()
+                model(tokens.to(model.device))
+                for a, b in pairs:
+                    sums[a, b] = sums.get((a, b), 0) + current[a].T @ current[b]
+                count += tokens.numel()
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     if not count:
         raise ConfigError("calibration needs at least one batch of tokens")
     return {pair: s.cpu() / count for pair, s in sums.items()}

@@ -75,7 +75,6 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None                               # why, when finish_reason is "error"
     arrived: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     _seq: PagedSequence | None = None
     _todo: list[int] = field(default_factory=list)       # tokens still to prefill
     _generator: torch.Generator | None = None
@@ -87,15 +86,13 @@ class Request:
 
 @dataclass
 class EngineStats:
-    """Counters the server reports (all since the engine started)."""
+    """Counters since the engine started (the server's /metrics reads them; latencies it measures
+    itself, per request, so nothing here grows with the number of requests)."""
 
     requests_finished: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
-    steps: int = 0
     max_running: int = 0
-    ttft_seconds: list[float] = field(default_factory=list)
 
 
 class Engine:
@@ -235,7 +232,6 @@ class Engine:
             self._prefill()
         if self.running:
             self._decode()
-        self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(self.running) + len(self.prefilling))
 
     def _admit(self) -> None:
@@ -278,9 +274,6 @@ class Engine:
             self.prefilling.remove(r)
             self.running.append(r)
             if not r.output:           # a preempted request resumes from its last token instead
-                self.stats.prompt_tokens += len(r.prompt)
-                r.first_token_at = time.perf_counter()
-                self.stats.ttft_seconds.append(r.first_token_at - r.arrived)
                 self._accept(r, self._sample(r, logits[i:i + 1]))
 
     def _decode(self) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from kvlab.errors import ConfigError
 from kvlab.models.decoder import InputEntry
+from kvlab.models.modes import eval_mode
 
 PREFIX_METHODS = ("prefix", "ptuning", "prompt")
 
@@ -154,10 +155,8 @@ def _kv_of_sampled_tokens(model, n: int, seed: int):
     sampled vocabulary tokens read as one sequence."""
     ids = _sampled_tokens(model, n, seed).unsqueeze(0)
     cache = model.new_cache(1, n)
-    was_training = model.training
-    model.eval()
-    model(ids, cache=cache)
-    model.train(was_training)
+    with eval_mode(model):
+        model(ids, cache=cache)
     return ({p: cache.keys[p][0].clone() for p in model.cfg.kv_producers},
             {p: cache.values[p][0].clone() for p in model.cfg.kv_producers})
 

@@ -183,7 +183,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, *, start_engine: bool
                            param="presence_penalty")
         if body.logprobs not in (None, False):
             raise APIError(400, "logprobs are not supported", param="logprobs")
-        if body.stop is not None and tokenizer is None and body.stop:
+        if body.stop and tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer, which this model does not have", param="stop")
 
     def sampling(body: _Body) -> SamplingParams:

@@ -37,6 +37,7 @@ from torch import nn
 
 from kvlab.data.preferences import as_rows
 from kvlab.errors import ConfigError
+from kvlab.models.modes import eval_mode
 from kvlab.training.objectives import Objective
 
 DPO_LOSSES = ("sigmoid", "ipo", "simpo")
@@ -108,13 +109,8 @@ class Reference:
         adapter switched off (in eval mode: no dropout in a reference)."""
         if self.model is not None:
             return fn(self.model)
-        was_training = policy.training
-        policy.eval()
-        try:
-            with adapters_disabled(policy):
-                return fn(policy)
-        finally:
-            policy.train(was_training)
+        with eval_mode(policy), adapters_disabled(policy):
+            return fn(policy)
 
     def frozen(self) -> list[nn.Module]:
         return [self.model] if self.model is not None else []
@@ -214,14 +210,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def pairwise_accuracy(model: nn.Module, batches) -> dict:
     """A reward model's accuracy on preference pairs: the share with ``r⁺ > r⁻`` (ties count half),
     and the mean margin ``r⁺ − r⁻``."""
-    was = model.training
-    model.eval()
     wins, margin, n = 0.0, 0.0, 0
-    for batch in batches:
-        batch = tuple(t.to(model.device) for t in batch)
-        chosen, rejected = RewardLoss().rewards(model, batch)
-        wins += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
-        margin += float((chosen - rejected).sum())
-        n += chosen.numel()
-    model.train(was)
+    with eval_mode(model):
+        for batch in batches:
+            batch = tuple(t.to(model.device) for t in batch)
+            chosen, rejected = RewardLoss().rewards(model, batch)
+            wins += float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
+            margin += float((chosen - rejected).sum())
+            n += chosen.numel()
     return {"accuracy": wins / max(n, 1), "margin": margin / max(n, 1), "pairs": n}

@@ -47,6 +47,7 @@ from torch import nn
 
 from kvlab.data.chat import epoch_indices
 from kvlab.errors import ConfigError
+from kvlab.models.modes import eval_mode
 from kvlab.training.objectives import Objective
 from kvlab.training.preference import Reference, token_logps
 
@@ -297,14 +298,10 @@ class GRPOLoss(Objective):
         rows = [tokens[i][mask[i].bool()].tolist() for i in range(tokens.shape[0]) for _ in range(self.G)]
         # The seed of a batch: the run's seed, the step and the first prompt's place in the step.
         seed = (self.seed * 1_000_003 + int(step[0]) * 7_919 + int(prompt_ids[0])) % 2**63
-        was = model.training
-        model.eval()
         t0 = time.perf_counter()
-        try:
+        with eval_mode(model):
             outs = generate(model, rows, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                             top_p=self.top_p, seed=seed, stop_tokens=self.stop)
-        finally:
-            model.train(was)
         elapsed = time.perf_counter() - t0
         ids = prompt_ids.repeat_interleave(self.G)
         rewards = self.reward(ids.tolist(), rows, outs).float()
@@ -338,16 +335,12 @@ class GRPOLoss(Objective):
         advantages = group_advantages(rewards, self.G, self.scale_rewards)
         zeros = torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)
         old = ref = zeros
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             if self.reuses_samples:
                 old = self._chunked(lambda *t: completion_token_logps(model, *t).float(), prompt, prompt_mask,
                                     completion, completion_mask)
             if self.beta:
                 ref = self._reference_logps(model, prompt, prompt_mask, completion, completion_mask).float()
-        finally:
-            model.train(was)
         return Rollouts(prompt, prompt_mask, completion, completion_mask, advantages.float(), old, ref, zeros, zeros)
 
     # ---------------------------------------------------------------------------------- loss
@@ -464,9 +457,7 @@ class PPOLoss(GRPOLoss):
             raise ConfigError("PPO needs a value head: add_score_head(model) before training")
         prompt, prompt_mask, completion, completion_mask, _, scores = self.sample(model, batch)
         m = completion_mask.float()
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             both = self._chunked(lambda *t: torch.stack([x.float() for x in policy_and_values(model, *t)], 1),
                                  prompt, prompt_mask, completion, completion_mask)
             old_logps, old_values = both[:, 0], both[:, 1]
@@ -477,8 +468,6 @@ class PPOLoss(GRPOLoss):
                 kl = (old_logps - ref) * m
                 rewards = rewards - self.kl_coef * kl
                 self._note(kl=float(kl.sum() / m.sum().clamp_min(1)))
-        finally:
-            model.train(was)
         last = (completion_mask.sum(1) - 1).clamp_min(0)
         rewards[torch.arange(len(last)), last] += scores.float()
         advantages, returns = gae(rewards, old_values, m, self.gamma, self.lam)

@@ -5,6 +5,7 @@ kvlab: RoPE pair by pair, query head h reading KV head h // group, CLA consumers
 K/V of the layer named by kv_source, causal + sliding-window masks from positions. MLA layers
 (DeepSeek-V2/V3's definition, expanded): latent = kv_a_proj's first kv_lora_rank outputs, RMS-normed;
 per head, key = [kv_b_proj's nope rows · latent ; the shared RoPE key], value = its value rows · latent.
+lowrank layers (Palu): keys k_up·k_down·h then rotated, values v_up·v_down·h.
 """
 
 from __future__ import annotations
@@ -186,9 +187,14 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
             group, Dq = 1, q.shape[-1]          # expanded: one key and value per query head
         else:
             q = _linear(P, pre + ".self_attn.q_proj", h).view(n, Hq, D)
-            if src == i:
+            if src == i and cfg.layer_specs[i].kind == "lowrank":
+                # Palu: latents k_down·h and v_down·h, rebuilt by k_up/v_up, keys then rotated
+                k = _linear(P, pre + ".self_attn.k_up", _linear(P, pre + ".self_attn.k_down", h)).view(n, Hkv, D)
+                v = _linear(P, pre + ".self_attn.v_up", _linear(P, pre + ".self_attn.v_down", h)).view(n, Hkv, D)
+            elif src == i:
                 k = _linear(P, pre + ".self_attn.k_proj", h).view(n, Hkv, D)
                 v = _linear(P, pre + ".self_attn.v_proj", h).view(n, Hkv, D)
+            if src == i:
                 if cfg.pos == "rope":
                     k = _rope(k, pos, cfg.rope_theta)
                 kv[i] = (k, v)

@@ -272,6 +272,22 @@ def test_convert_with_refit_equals_the_python_api(capsys, tmp_path):
     assert not torch.equal(plain[o_proj], same.state_dict()[o_proj])
 
 
+def test_convert_to_lowrank_equals_the_python_api(capsys, tmp_path):
+    from kvlab.convert import convert_to_lowrank
+    from kvlab.data.windows import calibration_batches
+
+    model = make_model(n_kv_head=2)
+    save_checkpoint(model, tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--k-rank", "6", "--v-rank", "14",
+                       "--calibration-tokens", "1024", "-o", str(tmp_path / "low"))
+    assert code == 0 and "key latent 6 + value latent 14" in out and "512 -> 160" in out, out
+    converted = kvlab.load(tmp_path / "low")
+    assert (converted.cfg.attn_kind, converted.cfg.k_rank, converted.cfg.v_rank) == ("lowrank", 6, 14)
+    same = convert_to_lowrank(model, k_rank=6, v_rank=14, calibration=calibration_batches(ByteTokenizer(), 1024))
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v)
+
+
 def test_kv_quant_in_generate_eval_plan_and_info(capsys, tmp_path):
     from kvlab.config.accounting import cache_bytes
     from kvlab.data.corpus import builtin_corpus

@@ -43,7 +43,7 @@ def test_quick_shrink_end_to_end(small, tmp_path):
     budget = results["budget_bytes_per_token"]
     assert budget == 512 // 2 == results["original"]["kv_bytes"] // 2
     names = [r["name"] for r in results["ranking"]]
-    assert {"MQA", "GQA-2-CLA2", "MLA 28+4", "MLA 24+8"} <= set(names)
+    assert {"MQA", "GQA-2-CLA2", "MLA 28+4", "MLA 24+8", "Low-rank K8+V24", "Low-rank K16+V16"} <= set(names)
     assert all(r["kv_bytes"] <= budget for r in results["ranking"])
     alpha0 = [r["alpha0_proxy_ppl"] for r in results["ranking"]]
     assert alpha0 == sorted(alpha0)
@@ -127,9 +127,12 @@ def test_budgets_and_candidates_of_smollm2_in_closed_form():
     assert parse_kv_budget("7000", cfg) == 7000
     got = {c.name: c.kv_bytes for c in enumerate_candidates(cfg, 11520)}
     assert got == {"GQA-3-CLA2": 2 * 15 * 3 * 64 * 2, "MQA": 2 * 30 * 64 * 2,
-                   "MLA 176+16": 30 * 192 * 2, "MLA 160+32": 30 * 192 * 2, "MLA 144+48": 30 * 192 * 2}
+                   "MLA 176+16": 30 * 192 * 2, "MLA 160+32": 30 * 192 * 2, "MLA 144+48": 30 * 192 * 2,
+                   "Low-rank K48+V144": 30 * 192 * 2, "Low-rank K64+V128": 30 * 192 * 2,
+                   "Low-rank K96+V96": 30 * 192 * 2}
     got = {c.name: c.kv_bytes for c in enumerate_candidates(cfg, 3840)}
     assert got["MQA-CLA2"] == 3840 and got["GQA-3-CLA6"] == 3840 and got["MLA 32+32"] == 3840
+    assert got["Low-rank K21+V43"] == got["Low-rank K32+V32"] == 3840 == 30 * 64 * 2
     for bad in ("1x", "0.5x", "abc", "-3"):
         with pytest.raises(ConfigError, match="--kv"):
             parse_kv_budget(bad, cfg)

@@ -1,7 +1,7 @@
 """Attention: the kinds (each registered once, in a file named after it), masks, score biases and
 the kernels that compute attention for every kind."""
 
-from kvlab.attention import compressed, gqa, linear, mla  # noqa: F401  (register the built-in kinds)
+from kvlab.attention import compressed, gqa, linear, lowrank, mla  # noqa: F401  (register the built-in kinds)
 from kvlab.attention.bias import ScoreBias
 from kvlab.attention.context import ForwardContext
 from kvlab.attention.kernels import attention, resolve_backend

@@ -1,9 +1,11 @@
-"""The latent cache layer of the ``mla`` kind: one buffer ``(B, 1, max_len, kv_lora_rank + qk_rope_head_dim)``.
+"""The latent cache layer of the ``mla`` and ``lowrank`` kinds: one buffer ``(B, 1, max_len, width)``.
 
-Each slot holds a token's latent ``c`` (after the optional latent norm) followed by its shared
-RoPE key, already rotated. Absorbed decoding attends with the whole entry as a single shared key
-head and its first ``kv_lora_rank`` channels as the value (a view, no copy), so every head reads
-each latent once. Slots are positions, as in :mod:`kvlab.cache.full`.
+MLA (width ``kv_lora_rank + qk_rope_head_dim``): each slot holds a token's latent ``c`` (after the
+optional latent norm) followed by its shared RoPE key, already rotated. Absorbed decoding attends
+with the whole entry as a single shared key head and its first ``kv_lora_rank`` channels as the
+value (a view, no copy), so every head reads each latent once. ``lowrank`` (width ``k_rank +
+v_rank``): a token's key latent, then its value latent, both before any rotation. Slots are
+positions, as in :mod:`kvlab.cache.full`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from kvlab.errors import ConfigError
 
 
 class LatentLayer:
-    """Preallocated latent + RoPE-key entries of one MLA layer."""
+    """Preallocated latent entries of one MLA or lowrank layer."""
 
     token_fields = ("entries",)    # indexed by token slot (dim 2): a paged pool splits them in blocks
 
@@ -33,5 +35,5 @@ class LatentLayer:
         return (self.entries[:, :, :step.k_len],)
 
     def write_prefix(self, *prefix: torch.Tensor) -> None:
-        raise ConfigError("prefix tuning writes per-head keys and values, which an MLA layer does not cache; "
-                          "use LoRA or prompt tuning with MLA models")
+        raise ConfigError("prefix tuning writes per-head keys and values, which a latent-cache layer (mla, lowrank) "
+                          "does not cache; use LoRA or prompt tuning with these models")

@@ -1,4 +1,5 @@
-"""``kvlab convert``: fewer KV heads and/or cross-layer KV sharing, or multi-head latent attention."""
+"""``kvlab convert``: fewer KV heads and/or cross-layer KV sharing, multi-head latent attention, or
+low-rank key/value latents."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from kvlab.io import save_checkpoint
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="MHA/GQA -> fewer KV heads, cross-layer KV sharing, or MLA",
+    p = sub.add_parser("convert", help="MHA/GQA -> fewer KV heads, cross-layer KV sharing, MLA or low-rank K/V",
                        description="Convert a model's K/V heads by pooling contiguous groups (GQA/MQA) and/or "
                                    "share KV across layers (CLA), or convert every layer to multi-head latent "
-                                   "attention (--mla); writes a kvlab checkpoint with provenance.")
+                                   "attention (--mla), or cache low-rank key and value latents (--k-rank/--v-rank); "
+                                   "writes a kvlab checkpoint with provenance.")
     model_args(p)
     p.add_argument("--kv-heads", type=int, metavar="G", help="new number of KV heads (must divide the current)")
     p.add_argument("--mqa", action="store_true", help="one KV head (same as --kv-heads 1)")
@@ -25,6 +27,11 @@ def add_parser(sub) -> None:
                         "default head_dim/2)")
     p.add_argument("--latent-norm", action="store_true",
                    help="--mla: RMS-normalise the latent as DeepSeek-V3 does (needed to export to transformers)")
+    p.add_argument("--k-rank", type=int, metavar="R",
+                   help="low-rank K/V (Palu): cache a key latent of R channels per token and layer; the keys are "
+                        "rebuilt from it and then rotated, so RoPE is kept whole (give --v-rank too)")
+    p.add_argument("--v-rank", type=int, metavar="R",
+                   help="low-rank K/V: the value latent's channels (PCA of the calibration keys and values)")
     p.add_argument("--method", default=None,
                    choices=["mean", "first", "random", "calibrated", "pca", "whitened"],
                    help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.mla is not None:
         return _run_mla(args)
+    if args.k_rank is not None or args.v_rank is not None:
+        return _run_lowrank(args)
     if args.rope_dim is not None or args.latent_norm:
         raise UsageError("kvlab convert: --rope-dim and --latent-norm go with --mla RANK")
     args.method = args.method or "mean"
@@ -64,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"kvlab convert: --method {args.method} goes with --mla; pooling heads uses "
                          f"mean/first/random/calibrated")
     if args.kv_heads is None and not args.mqa and args.cla is None:
-        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K, or --mla RANK")
+        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K, or --mla RANK, or --k-rank R "
+                         "--v-rank R")
     if args.kv_heads is not None and args.mqa:
         raise UsageError("kvlab convert: give --kv-heads G or --mqa, not both")
     change = dict(n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method)
@@ -106,9 +116,10 @@ def _run_mla(args: argparse.Namespace) -> int:
     from kvlab.convert.mla import convert_to_mla, plan_mla
     from kvlab.io import load_config
 
-    if args.kv_heads is not None or args.mqa or args.cla is not None:
+    if args.kv_heads is not None or args.mqa or args.cla is not None or args.k_rank is not None \
+            or args.v_rank is not None:
         raise UsageError("kvlab convert: --mla replaces every layer's attention; "
-                         "give it without --kv-heads/--mqa/--cla")
+                         "give it without --kv-heads/--mqa/--cla/--k-rank/--v-rank")
     method = args.method or "pca"
     if method not in ("pca", "whitened"):
         raise UsageError(f"kvlab convert: --mla is fitted on calibration text; --method {method} is not one of "
@@ -123,5 +134,36 @@ def _run_mla(args: argparse.Namespace) -> int:
     save_checkpoint(new, args.output, overwrite=args.overwrite)
     print(f"{args.model} -> {args.output}: MLA, latent {new.cfg.kv_lora_rank} + RoPE key {new.cfg.qk_rope_head_dim} "
           f"channels per layer ({method}); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
+          f"{new.cfg.kv_bytes_per_token('bf16'):,}")
+    return 0
+
+
+def _run_lowrank(args: argparse.Namespace) -> int:
+    from kvlab.convert.lowrank import convert_to_lowrank, plan_lowrank
+    from kvlab.io import load_config
+
+    if args.k_rank is None or args.v_rank is None:
+        raise UsageError("kvlab convert: low-rank K/V needs both --k-rank R and --v-rank R")
+    if args.kv_heads is not None or args.mqa:
+        raise UsageError("kvlab convert: --k-rank/--v-rank compress the K/V heads the model has; convert the heads "
+                         "(--kv-heads/--mqa) in a separate run first if you want both")
+    if args.cla is not None:
+        raise UsageError("kvlab convert: --k-rank/--v-rank keep the model's layer sharing; share layers (--cla) in "
+                         "a separate run first if you want both")
+    if args.rope_dim is not None or args.latent_norm:
+        raise UsageError("kvlab convert: --rope-dim and --latent-norm go with --mla RANK; low-rank K/V keep RoPE whole")
+    if (args.method or "pca") != "pca":
+        raise UsageError(f"kvlab convert: --k-rank/--v-rank are fitted by PCA of the calibration keys and values; "
+                         f"--method {args.method} does not apply")
+    change = dict(k_rank=args.k_rank, v_rank=args.v_rank)
+    before = load_config(args.model)
+    plan_lowrank(before, **change)                               # fail before loading any weights
+    model = load_model(args)
+    calibration = _calibration(args, model)
+    new = convert_to_lowrank(model, calibration=calibration, **change)
+    _refit(args, model, new, calibration)
+    save_checkpoint(new, args.output, overwrite=args.overwrite)
+    print(f"{args.model} -> {args.output}: low-rank K/V, key latent {args.k_rank} + value latent {args.v_rank} "
+          f"channels per layer (pca); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
           f"{new.cfg.kv_bytes_per_token('bf16'):,}")
     return 0

@@ -50,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         ("heads", f"{cfg.n_head} query, latent {cfg.kv_lora_rank} + shared RoPE key {cfg.qk_rope_head_dim} channels "
                   f"(query/key {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, value {cfg.v_head_dim})"
          if cfg.attn_kind == "mla" and cfg.attention_layers is None else
+         f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}, rebuilt from a key "
+         f"latent of {cfg.k_rank} + a value latent of {cfg.v_rank} channels"
+         if cfg.attn_kind == "lowrank" and cfg.attention_layers is None else
          f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
         ("KV-producing layers", f"{cfg.n_kv_layers} of {cfg.n_layer}"
          + ("" if cfg.n_kv_layers == cfg.n_layer else f"  (kv_source {cfg.kv_sources})")),

@@ -113,6 +113,11 @@ class ModelConfig:
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
     latent_norm: bool | None = None
+    # Low-rank K/V (the ``lowrank`` kind, Palu): per token a key latent of ``k_rank`` and a value
+    # latent of ``v_rank`` channels are cached; up-projections rebuild the ``n_kv_head`` keys (then
+    # rotated at their positions) and values. Unused (None) by models without a ``lowrank`` layer.
+    k_rank: int | None = None
+    v_rank: int | None = None
     # A scalar head beside the LM head, read at each row's last real token: a reward model has one
     # output (kvlab.models.heads.add_score_head; HF's *ForSequenceClassification "score").
     score_outputs: int | None = None

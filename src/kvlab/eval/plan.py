@@ -39,11 +39,13 @@ def format_bytes(n: float) -> str:
 
 
 def kv_label(cfg: ModelConfig) -> str:
-    """MHA / GQA-g / MQA / MLA r+R (latent + RoPE-key channels), with -CLAk or -CLA(custom)
-    appended when layers share KV."""
+    """MHA / GQA-g / MQA / MLA r+R (latent + RoPE-key channels) / Low-rank Kk+Vv (key + value latent
+    channels), with -CLAk or -CLA(custom) appended when layers share KV."""
     kinds = {spec.kind for spec in cfg.layer_specs}
-    if _is_mla(cfg):
+    if _is_latent(cfg) and cfg.attn_kind == "mla":
         base = f"MLA {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
+    elif _is_latent(cfg):
+        base = f"Low-rank K{cfg.k_rank}+V{cfg.v_rank}"
     elif kinds == {"linear"}:
         return f"Linear-{cfg.n_kv_head}"            # one state per KV head: no cache that grows
     else:
@@ -55,8 +57,9 @@ def kv_label(cfg: ModelConfig) -> str:
     return f"{base}-CLA{cfg.cla}" if cfg.cla > 1 else base
 
 
-def _is_mla(cfg: ModelConfig) -> bool:
-    return cfg.attention_layers is None and cfg.attn_kind == "mla"
+def _is_latent(cfg: ModelConfig) -> bool:
+    """Every layer caches latents (mla, lowrank): the cache does not depend on the KV head count."""
+    return cfg.attention_layers is None and cfg.attn_kind in ("mla", "lowrank")
 
 
 def _wiring(cfg: ModelConfig) -> tuple:
@@ -65,7 +68,7 @@ def _wiring(cfg: ModelConfig) -> tuple:
 
 def variants(cfg: ModelConfig) -> list[ModelConfig]:
     """MHA, every GQA divisor, MQA, then CLA2 and CLA3 (with the model's KV heads) and MQA-CLA2; for
-    an MLA model (every head reads one latent) its own latent with CLA1/2/3.
+    an MLA or low-rank model (its cache is latents, whatever the head count) its own latents with CLA1/2/3.
 
     The model itself is in the list (first, if its wiring is none of those); duplicates appear once.
     """
@@ -75,7 +78,7 @@ def variants(cfg: ModelConfig) -> list[ModelConfig]:
         except ConfigError:
             return []
 
-    if _is_mla(cfg):
+    if _is_latent(cfg):
         out = [c for k in (1, 2, 3) if k <= cfg.n_layer for c in valid(cla=k)]
     else:
         out = [c for h in range(cfg.n_head, 0, -1) if cfg.n_head % h == 0 for c in valid(n_kv_head=h, cla=1)]

@@ -6,9 +6,11 @@ where a run stopped, and the training stages resume from their own checkpoints):
 1. **Enumerate** the wirings that meet the KV budget (bytes per token, bf16): for each KV-head count
    that divides the model's, the least cross-layer sharing that fits (GQA/MQA/CLA); and MLA with a
    shared RoPE key of a quarter, half or three quarters of a head and the rest of the budget as the
-   latent (any width, so the budget is met exactly).
+   latent (any width, so the budget is met exactly); and low-rank key and value latents (Palu:
+   keys rebuilt, then rotated) with a quarter, a third or half of the channels for the keys.
 2. **Rank** them by a cheap proxy: each is converted with its best starting point — calibrated
-   merging (:mod:`kvlab.convert.calibrated`) or PCA of the latent (:mod:`kvlab.convert.mla`) — from
+   merging (:mod:`kvlab.convert.calibrated`), PCA of the latent (:mod:`kvlab.convert.mla`) or of the
+   keys and values (:mod:`kvlab.convert.lowrank`) — from
    one set of calibration moments, and scored at α = 0 on held-out windows of the training split.
 3. **Recover** the best few within the budget (``tokens``, or ``minutes`` of wall time for the whole
    run, planned from measured step times): layer-wise attention transfer to the original model,
@@ -44,6 +46,7 @@ import torch
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
+from kvlab.convert.lowrank import convert_to_lowrank, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
 from kvlab.errors import ConfigError
 from kvlab.io.atomic import write_json
@@ -54,8 +57,9 @@ STATE = "shrink_state.json"
 # ------------------------------------------------------------------------------ candidates
 @dataclass(frozen=True)
 class Candidate:
-    """One wiring that meets the budget: ``kind`` 'gqa' (``n_kv_head``, ``cla``) or 'mla'
-    (``kv_lora_rank``, ``qk_rope_head_dim``), and its cache bytes per token in bf16."""
+    """One wiring that meets the budget: ``kind`` 'gqa' (``n_kv_head``, ``cla``), 'mla'
+    (``kv_lora_rank``, ``qk_rope_head_dim``) or 'lowrank' (``k_rank``, ``v_rank``), and its cache
+    bytes per token in bf16."""
 
     name: str
     kind: str
@@ -114,6 +118,17 @@ def enumerate_candidates(cfg: ModelConfig, budget: int) -> list[Candidate]:
             continue
         out.append(Candidate(f"MLA {rank}+{rope}", "mla", {"kv_lora_rank": rank, "qk_rope_head_dim": rope},
                              new.kv_bytes_per_token("bf16")))
+    # Low-rank K/V: a quarter, a third or half of each producer's latent channels for the keys (keys
+    # are lower-rank than values in trained models), the rest for the values.
+    channels = budget // (2 * cfg.n_kv_layers)
+    for k_share in (4, 3, 2):
+        k_rank = max(1, round(channels / k_share))
+        try:
+            new = plan_lowrank(cfg, k_rank=k_rank, v_rank=channels - k_rank)
+        except ConfigError:
+            continue
+        out.append(Candidate(f"Low-rank K{k_rank}+V{channels - k_rank}", "lowrank",
+                             {"k_rank": k_rank, "v_rank": channels - k_rank}, new.kv_bytes_per_token("bf16")))
     if not out:
         raise ConfigError(f"no wiring of this model fits {budget:,} bytes per token (bf16); the smallest is "
                           f"{cfg.replace(n_kv_head=1, cla=cfg.n_layer).kv_bytes_per_token('bf16'):,}")
@@ -124,6 +139,8 @@ def convert_candidate(base, cand: Candidate, calibration, moments) -> Any:
     """``base`` converted to ``cand`` with its best starting point (calibrated, from ``moments``)."""
     if cand.kind == "mla":
         return convert_to_mla(base, calibration=calibration, moments=moments, **cand.change)
+    if cand.kind == "lowrank":
+        return convert_to_lowrank(base, calibration=calibration, moments=moments, **cand.change)
     return convert(base, method="calibrated", calibration=calibration, moments=moments,
                    n_kv_head=cand.change["n_kv_head"], cla=cand.change["cla"] if cand.change["cla"] > 1 else None)
 
@@ -410,7 +427,7 @@ def _run_shrink(model_ref: str, out: Path, scfg: ShrinkConfig, settings: dict, r
             ppl = math.exp(proxy_loss(model, proxy, device))
             ranking.append({"name": cand.name, "kind": cand.kind, "change": cand.change, "kv_bytes": cand.kv_bytes,
                             "alpha0_proxy_ppl": ppl})
-            log(f"  {cand.name:14} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {ppl:,.2f}")
+            log(f"  {cand.name:18} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {ppl:,.2f}")
             del model
         ranking.sort(key=lambda r: r["alpha0_proxy_ppl"])
         state["ranking"] = ranking

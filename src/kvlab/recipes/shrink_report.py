@@ -100,7 +100,8 @@ def write_report(results: dict, path: Path) -> None:
                      f"{r['chat']['accuracy']:.0%} | {r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | "
                      f"{r['train_tokens']:,} |")
     lines += ["", "## Every candidate at α = 0 (the ranking)", "",
-              "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA), "
+              "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA, "
+              "PCA of the keys and values for low-rank), "
               "no training; perplexity on held-out windows of the training split.", "",
               "With `--refit` (the run's `refit: true`), recovered candidates first get the output refit: each "
               "layer's output projection fitted in closed form to the original's attention output "

@@ -1,0 +1,161 @@
+"""The ``lowrank`` attention kind: a low-rank K/V cache whose keys are rotated after they are rebuilt
+(Palu, Chang et al. 2025; LoRC; the "reconstruct, then RoPE" alternative to MLA's decoupled key).
+
+Per token a producer layer caches a key latent of ``k_rank`` channels and a value latent of
+``v_rank`` channels — ``(k_rank + v_rank) × bytes`` per token and layer, whatever the head count.
+At every call its up-projections rebuild the layer's ``n_kv_head`` keys and values from the
+latents of all the keys the queries see, and RoPE rotates the rebuilt keys at their own positions;
+attention then runs as GQA (query head ``h`` reads KV head ``h // q_per_kv``).
+
+Why a second latent kind beside MLA: RoPE does not commute with a low-rank projection, so MLA moves
+positions into one shared RoPE key and drops the rotation of every other channel — a large change
+to a trained model (SmolLM2 at half the KV: perplexity +169 % before any training). Rotating after
+the rebuild keeps every channel's rotation, so a converted model starts from the plain rank-r
+approximation of its own keys and values (+30 % at half the KV; :mod:`kvlab.convert.lowrank`). The
+price is compute, not memory: each call rebuilds every visible key (``k_len × k_rank × n_kv_head ×
+head_dim`` multiply-adds per layer), so the keys cannot be absorbed into the queries as MLA's are.
+Values could be (``v_up`` folded into ``o_proj``); they are rebuilt too, which keeps one code path.
+
+CLA: a consumer layer reads its producer's rebuilt keys and values and owns only ``q_proj`` and
+``o_proj``, as in the ``gqa`` kind. Windows, sinks (at their original positions) and block-sparse
+layouts are mask rules here; the latent cache stays full.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvlab.attention.context import ForwardContext
+from kvlab.attention.gqa import is_producer, layer_sparse, validate_window, window_reach
+from kvlab.attention.kernels import attention
+from kvlab.cache.latent import LatentLayer
+from kvlab.config.model import ModelConfig
+from kvlab.dtypes import cache_vector_bytes
+from kvlab.errors import ConfigError
+from kvlab.layers.rope import apply_rope, rope_cos_sin
+from kvlab.registry import AttentionKind, CacheBytes, register_kind
+
+
+class LowRankAttention(nn.Module):
+    """GQA whose producer caches key and value latents and rebuilds its keys and values from them."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.kv_source = cfg.kv_sources[layer_idx]
+        self.is_producer = self.kv_source == layer_idx
+        self.window = cfg.layer_window(layer_idx)
+        self.sinks = cfg.layer_sinks(layer_idx)
+        self.sparse = layer_sparse(cfg, layer_idx)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.k_rank, self.v_rank = cfg.k_rank, cfg.v_rank
+        self.use_rope = cfg.pos == "rope"
+        d, kv_out = cfg.d_model, cfg.n_kv_head * cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        if self.is_producer:
+            self.k_down = nn.Linear(d, self.k_rank, bias=cfg.qkv_bias)
+            self.v_down = nn.Linear(d, self.v_rank, bias=cfg.qkv_bias)
+            self.k_up = nn.Linear(self.k_rank, kv_out, bias=False)
+            self.v_up = nn.Linear(self.v_rank, kv_out, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, d, bias=cfg.o_bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)        # (B, n, T, D)
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """What a token caches: ``(B, 1, T, k_rank + v_rank)`` = [key latent; value latent]."""
+        return torch.cat([self.k_down(x), self.v_down(x)], dim=-1).unsqueeze(1)
+
+    def rebuild(self, latents: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated at their positions) and values ``(B, n_kv_head, L, D)`` from ``latents``."""
+        c_k, c_v = latents.squeeze(1).split([self.k_rank, self.v_rank], dim=-1)
+        k, v = self._heads(self.k_up(c_k), self.n_kv_head), self._heads(self.v_up(c_v), self.n_kv_head)
+        if self.use_rope:
+            cos, sin = _key_rope_tables(ctx, k.dtype)
+            k = apply_rope(k, cos, sin)
+        return k, v
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        if ctx.prefix is not None:
+            raise ConfigError("prefix tuning places per-head keys and values, which a lowrank layer does not cache; "
+                              "use LoRA or prompt tuning with lowrank models")
+        q = self._heads(self.q_proj(x), self.n_head)
+        if self.use_rope:
+            q = apply_rope(q, ctx.cos, ctx.sin)
+        if self.is_producer:
+            latents = self.latents(x)
+            if ctx.cache is not None:
+                (latents,) = ctx.cache.update(self.layer_idx, latents, step=ctx.step)
+            if latents.dtype != q.dtype:      # a cache kept in another dtype than the model
+                latents = latents.to(q.dtype)
+            k, v = self.rebuild(latents, ctx)
+            ctx.kv[self.layer_idx] = (k, v)
+        else:
+            k, v = ctx.kv[self.kv_source]
+        mask = ctx.mask(self.window, self.sinks, sparse=self.sparse)
+        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def _key_rope_tables(ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables at the key positions of this call (cache slots are positions), once per call."""
+    if ctx.k_pos is ctx.q_pos and ctx.cos is not None and ctx.cos.dtype == dtype:
+        return ctx.cos, ctx.sin
+    key = ("key-rope", dtype)
+    if key not in ctx.memo:
+        ctx.memo[key] = rope_cos_sin(ctx.k_pos, ctx.rope_inv_freq, dtype)
+    return ctx.memo[key]
+
+
+def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device) -> LatentLayer | None:
+    if not is_producer(cfg, layer):
+        return None
+    return LatentLayer(batch_size, max_len, cfg.k_rank + cfg.v_rank, dtype=dtype, device=device)
+
+
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+    if not is_producer(cfg, layer):
+        return CacheBytes()
+    return CacheBytes(per_token=cache_vector_bytes(cfg.k_rank + cfg.v_rank, dtype, kv_quant))
+
+
+def _param_count(cfg: ModelConfig, layer: int) -> int:
+    d, hd = cfg.d_model, cfg.head_dim
+    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
+    bias = 1 if cfg.qkv_bias else 0
+    count = (d + bias) * q_out + q_out * d + (d if cfg.o_bias else 0)      # q_proj, o_proj
+    if is_producer(cfg, layer):
+        ranks = cfg.k_rank + cfg.v_rank
+        count += (d + bias) * ranks + ranks * kv_out                       # k/v_down, k/v_up
+    return count
+
+
+def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
+    validate_window(cfg, layer, options)
+    if cfg.sink_positions == "cache" and cfg.layer_sinks(layer):
+        raise ConfigError(f"layer {layer}: sink_positions='cache' is built for gqa layers; a lowrank layer keeps its "
+                          f"sinks at their original positions (use sink_positions='original')")
+    for name in ("k_rank", "v_rank"):
+        value = getattr(cfg, name)
+        if value is None:
+            raise ConfigError(f"layer {layer} is a lowrank layer but {name} is not set; give the latent width, "
+                              f"e.g. {name}={cfg.n_kv_head * cfg.head_dim // 2} (half of n_kv_head x head_dim)")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer for lowrank layers")
+
+
+LOWRANK = register_kind(AttentionKind(
+    name="lowrank", module=LowRankAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
+    param_count=_param_count, options=("window", "sinks", "sparse"), validate=_validate, reach=window_reach,
+    description="low-rank K/V cache (Palu): key and value latents per token, keys rebuilt and then rotated",
+    examples={
+        "lowrank": dict(attn_kind="lowrank", k_rank=6, v_rank=10),
+        "lowrank-mqa-bias": dict(attn_kind="lowrank", n_kv_head=1, k_rank=5, v_rank=3, qkv_bias=True, o_bias=True),
+        "lowrank-cla2": dict(attn_kind="lowrank", k_rank=8, v_rank=8, cla=2),
+        "lowrank-window": dict(attn_kind="lowrank", k_rank=8, v_rank=12, sliding_window=4),
+        "lowrank-alibi": dict(attn_kind="lowrank", k_rank=8, v_rank=8, pos="alibi"),
+    }))

@@ -11,10 +11,13 @@ Why a second latent kind beside MLA: RoPE does not commute with a low-rank proje
 positions into one shared RoPE key and drops the rotation of every other channel — a large change
 to a trained model (SmolLM2 at half the KV: perplexity +169 % before any training). Rotating after
 the rebuild keeps every channel's rotation, so a converted model starts from the plain rank-r
-approximation of its own keys and values (+30 % at half the KV; :mod:`kvlab.convert.lowrank`). The
+approximation of its own keys and values (+31 % at half the KV; :mod:`kvlab.convert.lowrank`). The
 price is compute, not memory: each call rebuilds every visible key (``k_len × k_rank × n_kv_head ×
 head_dim`` multiply-adds per layer), so the keys cannot be absorbed into the queries as MLA's are.
 Values could be (``v_up`` folded into ``o_proj``); they are rebuilt too, which keeps one code path.
+Measured on a CPU thread at MLA's bytes: decode steps 7–16× slower than MHA from 1k to 16k tokens
+(BENCHMARKS.md), so this kind buys memory (batch, context), not speed, until a fused kernel
+rebuilds keys inside attention as Palu's does.
 
 CLA: a consumer layer reads its producer's rebuilt keys and values and owns only ``q_proj`` and
 ``o_proj``, as in the ``gqa`` kind. Windows, sinks (at their original positions) and block-sparse
@@ -71,11 +74,21 @@ class LowRankAttention(nn.Module):
     def rebuild(self, latents: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated at their positions) and values ``(B, n_kv_head, L, D)`` from ``latents``."""
         c_k, c_v = latents.squeeze(1).split([self.k_rank, self.v_rank], dim=-1)
-        k, v = self._heads(self.k_up(c_k), self.n_kv_head), self._heads(self.v_up(c_v), self.n_kv_head)
-        if self.use_rope:
-            cos, sin = _key_rope_tables(ctx, k.dtype)
-            k = apply_rope(k, cos, sin)
-        return k, v
+        v = self._heads(self.v_up(c_v), self.n_kv_head)
+        if not self.use_rope:
+            return self._heads(self.k_up(c_k), self.n_kv_head), v
+        # RoPE of a rebuilt key is k·cos + rotate_half(k)·sin, and rotate_half(U c) = (P U) c for the fixed
+        # signed permutation P: one matmul with [U; P U] gives both, so the rotation costs one fused
+        # multiply-add over the keys instead of five passes (neg, cat, two products, a sum) — it was
+        # 60 % of a decode step at 4k tokens on a CPU, since every visible key is rotated each call.
+        w = self.k_up.weight.view(self.n_kv_head, self.head_dim, self.k_rank)
+        half = self.head_dim // 2
+        w_rot = torch.cat([-w[:, half:], w[:, :half]], dim=1)
+        both = c_k @ torch.cat([w, w_rot], dim=1).view(2 * self.n_kv_head * self.head_dim, self.k_rank).T
+        B, L, _ = both.shape
+        k, k_rot = both.view(B, L, self.n_kv_head, 2, self.head_dim).permute(3, 0, 2, 1, 4)
+        cos, sin = _key_rope_tables(ctx, k.dtype)
+        return torch.addcmul(k * cos, k_rot, sin), v
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape

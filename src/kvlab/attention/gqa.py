@@ -34,12 +34,7 @@ class GQAAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.kv_source = cfg.kv_sources[layer_idx]
-        self.is_producer = self.kv_source == layer_idx
-        self.window = cfg.layer_window(layer_idx)
-        self.sinks = cfg.layer_sinks(layer_idx)
-        self.sparse = layer_sparse(cfg, layer_idx)
+        wire_layer(self, cfg, layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos == "rope"
         self.sinks_at_cache_places = self.sinks > 0 and cfg.sink_positions == "cache"
@@ -89,6 +84,18 @@ class GQAAttention(nn.Module):
                                             window=self.window, inv_freq=ctx.rope_inv_freq)
         out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def wire_layer(module: nn.Module, cfg: ModelConfig, layer_idx: int) -> None:
+    """What every softmax kind's layer knows of its place (gqa, mla, lowrank): its index, the producer
+    whose K/V it reads (itself, or an earlier layer under CLA), its window, sinks and block-sparse
+    layout."""
+    module.layer_idx = layer_idx
+    module.kv_source = cfg.kv_sources[layer_idx]
+    module.is_producer = module.kv_source == layer_idx
+    module.window = cfg.layer_window(layer_idx)
+    module.sinks = cfg.layer_sinks(layer_idx)
+    module.sparse = layer_sparse(cfg, layer_idx)
 
 
 def is_producer(cfg: ModelConfig, layer: int) -> bool:

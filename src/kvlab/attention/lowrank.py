@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import is_producer, layer_sparse, validate_window, window_reach
+from kvlab.attention.gqa import is_producer, validate_window, window_reach, wire_layer
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -45,12 +45,7 @@ class LowRankAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.kv_source = cfg.kv_sources[layer_idx]
-        self.is_producer = self.kv_source == layer_idx
-        self.window = cfg.layer_window(layer_idx)
-        self.sinks = cfg.layer_sinks(layer_idx)
-        self.sparse = layer_sparse(cfg, layer_idx)
+        wire_layer(self, cfg, layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.k_rank, self.v_rank = cfg.k_rank, cfg.v_rank
         self.use_rope = cfg.pos == "rope"

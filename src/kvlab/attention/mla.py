@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import is_producer, layer_sparse, validate_window, window_reach
+from kvlab.attention.gqa import is_producer, validate_window, window_reach, wire_layer
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -41,12 +41,7 @@ class MLAAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.kv_source = cfg.kv_sources[layer_idx]
-        self.is_producer = self.kv_source == layer_idx
-        self.window = cfg.layer_window(layer_idx)
-        self.sinks = cfg.layer_sinks(layer_idx)       # a mask rule here: the latent cache stays full
-        self.sparse = layer_sparse(cfg, layer_idx)
+        wire_layer(self, cfg, layer_idx)       # sinks are a mask rule here: the latent cache stays full
         self.n_head = cfg.n_head
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank

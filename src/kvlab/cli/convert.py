@@ -112,9 +112,23 @@ def _refit(args: argparse.Namespace, original, new, calibration) -> None:
           f"text {before:.4f} -> {after:.4f} (mean over layers)")
 
 
+def _fit_and_save(args: argparse.Namespace, plan, convert_fn, change: dict):
+    """A conversion fitted on calibration text (MLA, low-rank): checked against the config before any
+    weights load, then converted, optionally refitted, and saved; returns (old config, new model)."""
+    from kvlab.io import load_config
+
+    before = load_config(args.model)
+    plan(before, **change)
+    model = load_model(args)
+    calibration = _calibration(args, model)
+    new = convert_fn(model, calibration=calibration, **change)
+    _refit(args, model, new, calibration)
+    save_checkpoint(new, args.output, overwrite=args.overwrite)
+    return before, new
+
+
 def _run_mla(args: argparse.Namespace) -> int:
     from kvlab.convert.mla import convert_to_mla, plan_mla
-    from kvlab.io import load_config
 
     if args.kv_heads is not None or args.mqa or args.cla is not None or args.k_rank is not None \
             or args.v_rank is not None:
@@ -125,13 +139,7 @@ def _run_mla(args: argparse.Namespace) -> int:
         raise UsageError(f"kvlab convert: --mla is fitted on calibration text; --method {method} is not one of "
                          f"pca, whitened")
     change = dict(kv_lora_rank=args.mla, qk_rope_head_dim=args.rope_dim, latent_norm=args.latent_norm, method=method)
-    before = load_config(args.model)
-    plan_mla(before, **change)                                   # fail before loading any weights
-    model = load_model(args)
-    calibration = _calibration(args, model)
-    new = convert_to_mla(model, calibration=calibration, **change)
-    _refit(args, model, new, calibration)
-    save_checkpoint(new, args.output, overwrite=args.overwrite)
+    before, new = _fit_and_save(args, plan_mla, convert_to_mla, change)
     print(f"{args.model} -> {args.output}: MLA, latent {new.cfg.kv_lora_rank} + RoPE key {new.cfg.qk_rope_head_dim} "
           f"channels per layer ({method}); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
           f"{new.cfg.kv_bytes_per_token('bf16'):,}")
@@ -140,7 +148,6 @@ def _run_mla(args: argparse.Namespace) -> int:
 
 def _run_lowrank(args: argparse.Namespace) -> int:
     from kvlab.convert.lowrank import convert_to_lowrank, plan_lowrank
-    from kvlab.io import load_config
 
     if args.k_rank is None or args.v_rank is None:
         raise UsageError("kvlab convert: low-rank K/V needs both --k-rank R and --v-rank R")
@@ -155,14 +162,7 @@ def _run_lowrank(args: argparse.Namespace) -> int:
     if (args.method or "pca") != "pca":
         raise UsageError(f"kvlab convert: --k-rank/--v-rank are fitted by PCA of the calibration keys and values; "
                          f"--method {args.method} does not apply")
-    change = dict(k_rank=args.k_rank, v_rank=args.v_rank)
-    before = load_config(args.model)
-    plan_lowrank(before, **change)                               # fail before loading any weights
-    model = load_model(args)
-    calibration = _calibration(args, model)
-    new = convert_to_lowrank(model, calibration=calibration, **change)
-    _refit(args, model, new, calibration)
-    save_checkpoint(new, args.output, overwrite=args.overwrite)
+    before, new = _fit_and_save(args, plan_lowrank, convert_to_lowrank, dict(k_rank=args.k_rank, v_rank=args.v_rank))
     print(f"{args.model} -> {args.output}: low-rank K/V, key latent {args.k_rank} + value latent {args.v_rank} "
           f"channels per layer (pca); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
           f"{new.cfg.kv_bytes_per_token('bf16'):,}")

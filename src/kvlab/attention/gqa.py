@@ -134,13 +134,16 @@ def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = Non
     return CacheBytes(bounded=((kv_bytes_per_token(1, cfg.n_kv_head, cfg.head_dim, dtype), sum(span)),))
 
 
+def query_output_params(cfg: ModelConfig) -> int:
+    """Parameters of a layer's ``q_proj`` and ``o_proj`` (every layer of the gqa-shaped kinds has them)."""
+    d, q_out = cfg.d_model, cfg.n_head * cfg.head_dim
+    return (d + (1 if cfg.qkv_bias else 0)) * q_out + q_out * d + (d if cfg.o_bias else 0)
+
+
 def param_count(cfg: ModelConfig, layer: int) -> int:
-    d, hd = cfg.d_model, cfg.head_dim
-    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
-    bias = 1 if cfg.qkv_bias else 0
-    count = (d + bias) * q_out + q_out * d + (d if cfg.o_bias else 0)      # q_proj, o_proj
+    count = query_output_params(cfg)
     if is_producer(cfg, layer):
-        count += 2 * (d + bias) * kv_out                                   # k_proj, v_proj
+        count += 2 * (cfg.d_model + (1 if cfg.qkv_bias else 0)) * cfg.n_kv_head * cfg.head_dim   # k_proj, v_proj
     return count
 
 

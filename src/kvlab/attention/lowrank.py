@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import is_producer, validate_window, window_reach, wire_layer
+from kvlab.attention.gqa import is_producer, query_output_params, validate_window, window_reach, wire_layer
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -132,14 +132,11 @@ def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = Non
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:
-    d, hd = cfg.d_model, cfg.head_dim
-    q_out, kv_out = cfg.n_head * hd, cfg.n_kv_head * hd
-    bias = 1 if cfg.qkv_bias else 0
-    count = (d + bias) * q_out + q_out * d + (d if cfg.o_bias else 0)      # q_proj, o_proj
+    count = query_output_params(cfg)
     if is_producer(cfg, layer):
         ranks = cfg.k_rank + cfg.v_rank
-        count += (d + bias) * ranks + ranks * kv_out                       # k/v_down, k/v_up
-    return count
+        count += (cfg.d_model + (1 if cfg.qkv_bias else 0)) * ranks + ranks * cfg.n_kv_head * cfg.head_dim
+    return count                                                         # + k/v_down, k/v_up
 
 
 def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:

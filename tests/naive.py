@@ -124,13 +124,25 @@ def _block_rest(cfg, P, pre, x, h, attn):
     else:
         x = x + attn
         mlp_in = _norm(cfg, P, pre + ".post_attention_layernorm", x)
+    m = _mlp(cfg, P, pre, mlp_in)
+    return x + attn + m if cfg.block == "parallel" else x + m
+
+
+def _mlp(cfg, P, pre, mlp_in):
+    """The block's MLP from each kind's definition."""
     if cfg.mlp == "swiglu":
         g = _linear(P, pre + ".mlp.gate_proj", mlp_in)
         m = _linear(P, pre + ".mlp.down_proj", g * torch.sigmoid(g) * _linear(P, pre + ".mlp.up_proj", mlp_in))
+    elif cfg.mlp == "geglu":      # T5 v1.1: tanh-approximated GELU of the gate
+        g = _linear(P, pre + ".mlp.gate_proj", mlp_in)
+        gelu = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+        m = _linear(P, pre + ".mlp.down_proj", gelu * _linear(P, pre + ".mlp.up_proj", mlp_in))
+    elif cfg.mlp == "relu":
+        m = _linear(P, pre + ".mlp.down_proj", _linear(P, pre + ".mlp.up_proj", mlp_in).clamp_min(0))
     else:
         u = _linear(P, pre + ".mlp.up_proj", mlp_in)
         m = _linear(P, pre + ".mlp.down_proj", 0.5 * u * (1 + torch.erf(u / math.sqrt(2))))
-    return x + attn + m if cfg.block == "parallel" else x + m
+    return m
 
 
 def _linear_attention(cfg, P, pre, h, i):
@@ -210,7 +222,8 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
         heads = []
         for hq in range(Hq):
             hk = hq // group
-            scores = (q[:, hq] @ k[:, hk].T) / math.sqrt(Dq)
+            scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(Dq)
+            scores = (q[:, hq] @ k[:, hk].T) * scale
             allowed = pos[None, :] <= pos[:, None]
             window = cfg.layer_window(i)          # the layer's own window, else the model's
             if window is not None:
@@ -221,7 +234,7 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
                     # StreamingLLM: the cache holds the sinks, then the window, the query last, and
                     # each token's position is its index there: sink j is seen from min(i, S+W-1).
                     q_at = _rope(q_unrotated, pos.clamp(max=sinks + window - 1), cfg.rope_theta)
-                    scores[:, :sinks] = (q_at[:, hq] @ k[:sinks, hk].T) / math.sqrt(Dq)
+                    scores[:, :sinks] = (q_at[:, hq] @ k[:sinks, hk].T) * scale
             sparse = cfg.layer_specs[i].options.get("sparse", cfg.block_sparse)
             if sparse is not None:
                 allowed &= torch.tensor([[_sparse_allowed(sparse, a, b) for b in range(n)] for a in range(n)])
@@ -239,3 +252,97 @@ def naive_sequence_logits(model, seq: torch.Tensor) -> torch.Tensor:
     x = _norm(cfg, P, "norm", x)
     head = P["embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
     return x @ head.T
+
+
+def _t5_bidirectional_bucket(relative: int, buckets: int, max_distance: int) -> int:
+    """T5's encoder bucket of ``k - q``: half the buckets for keys after the query, half for the
+    rest, each half bucketed like the decoder's distances."""
+    half = buckets // 2
+    return (half if relative > 0 else 0) + _t5_bucket(abs(relative), half, max_distance)
+
+
+def _naive_attention(cfg, q, k, v, scores_extra, allowed):
+    """Per query head: softmax(q·k · scale + extra, masked) · v with KV head h // group."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    scale = cfg.attn_scale if cfg.attn_scale is not None else 1 / math.sqrt(q.shape[-1])
+    heads = []
+    for hq in range(Hq):
+        hk = hq // (Hq // Hkv)
+        scores = (q[:, hq] @ k[:, hk].T) * scale
+        if scores_extra is not None:
+            scores = scores + scores_extra(hq)
+        heads.append(torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v[:, hk])
+    return torch.cat(heads, -1)
+
+
+def naive_seq2seq_logits(model, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Logits (len(tgt), vocab) in float64 of an encoder–decoder for one unpadded source and target:
+    a bidirectional MHA encoder, then decoder layers of causal self-attention (n_kv_head heads, CLA
+    by kv_sources), cross-attention to the encoder output (cross_n_kv_head heads, shared by
+    cross_cla) and the MLP; RoPE or T5's relative bias (one table per stack, none in cross-attention)."""
+    cfg = model.cfg
+    P = {k: v.detach().double() for k, v in model.state_dict().items()}
+    D = cfg.head_dim
+
+    def positional(prefix, n_q, n_k, bidirectional):
+        if cfg.pos != "t5":
+            return None
+        table = P[prefix + "embed_relative.relative_attention_bias.weight"]
+        if bidirectional:
+            idx = [[_t5_bidirectional_bucket(b - a, cfg.relative_buckets, cfg.relative_max_distance)
+                    for b in range(n_k)] for a in range(n_q)]
+        else:
+            idx = [[_t5_bucket(max(a - b, 0), cfg.relative_buckets, cfg.relative_max_distance)
+                    for b in range(n_k)] for a in range(n_q)]
+        idx = torch.tensor(idx)
+        return lambda h: table[idx, h]
+
+    def self_qkv(pre, h, pos, n_kv):
+        n = h.shape[0]
+        q = _linear(P, pre + ".q_proj", h).view(n, cfg.n_head, D)
+        k = _linear(P, pre + ".k_proj", h).view(n, n_kv, D) if pre + ".k_proj.weight" in P else None
+        v = _linear(P, pre + ".v_proj", h).view(n, n_kv, D) if pre + ".v_proj.weight" in P else None
+        if cfg.pos == "rope":
+            q = _rope(q, pos, cfg.rope_theta)
+            k = _rope(k, pos, cfg.rope_theta) if k is not None else None
+        return q, k, v
+
+    S, T = len(src), len(tgt)
+    x = P["embed_tokens.weight"][src]
+    spos = torch.arange(S)
+    enc_bias = positional("encoder.", S, S, True)
+    for i in range(cfg.n_encoder_layer):
+        pre = f"encoder.layers.{i}"
+        h = _norm(cfg, P, pre + ".input_layernorm", x)
+        q, k, v = self_qkv(pre + ".self_attn", h, spos, cfg.n_head)
+        attn = _linear(P, pre + ".self_attn.o_proj",
+                       _naive_attention(cfg, q, k, v, enc_bias, torch.ones(S, S, dtype=torch.bool)))
+        x = _block_rest(cfg, P, pre, x, h, attn)
+    memory = _norm(cfg, P, "encoder.norm", x)
+
+    y = P["embed_tokens.weight"][tgt]
+    tpos = torch.arange(T)
+    dec_bias = positional("", T, T, False)
+    causal = tpos[None, :] <= tpos[:, None]
+    self_kv, cross_kv = {}, {}
+    for i in range(cfg.n_layer):
+        pre = f"layers.{i}"
+        h = _norm(cfg, P, pre + ".input_layernorm", y)
+        q, k, v = self_qkv(pre + ".self_attn", h, tpos, cfg.n_kv_head)
+        if k is not None:
+            self_kv[i] = (k, v)
+        k, v = self_kv[cfg.kv_sources[i]]
+        y = y + _linear(P, pre + ".self_attn.o_proj", _naive_attention(cfg, q, k, v, dec_bias, causal))
+        h = _norm(cfg, P, pre + ".cross_attn_layernorm", y)
+        q = _linear(P, pre + ".cross_attn.q_proj", h).view(T, cfg.n_head, D)
+        if pre + ".cross_attn.k_proj.weight" in P:
+            cross_kv[i] = (_linear(P, pre + ".cross_attn.k_proj", memory).view(S, cfg.cross_n_kv_head, D),
+                           _linear(P, pre + ".cross_attn.v_proj", memory).view(S, cfg.cross_n_kv_head, D))
+        k, v = cross_kv[cfg.cross_kv_sources[i]]
+        y = y + _linear(P, pre + ".cross_attn.o_proj",
+                        _naive_attention(cfg, q, k, v, None, torch.ones(T, S, dtype=torch.bool)))
+        h = _norm(cfg, P, pre + ".post_attention_layernorm", y)
+        y = y + _mlp(cfg, P, pre, h)
+    y = _norm(cfg, P, "norm", y) * cfg.output_scale
+    head = P["embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
+    return y @ head.T

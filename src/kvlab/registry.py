@@ -33,20 +33,24 @@ class CacheBytes:
     state, quantization scales), and ``bounded`` terms ``(bytes per token, at most this many
     tokens)`` — a rolling window grows with the sequence until it holds its window, then stays — and
     ``pooled`` terms ``(bytes per slot, tokens per slot)``: memory compression, one summary slot per
-    block of tokens (a slot is allocated as soon as its block begins)."""
+    block of tokens (a slot is allocated as soon as its block begins). An encoder–decoder's
+    cross-attention K/V cost ``per_source_token``: bytes per token of the source sequence, computed
+    once per source and kept for the whole generation."""
 
     per_token: int = 0
     per_sequence: int = 0
     bounded: tuple[tuple[int, int], ...] = ()
     pooled: tuple[tuple[int, int], ...] = ()
+    per_source_token: int = 0
 
     def __add__(self, other: "CacheBytes") -> "CacheBytes":
         return CacheBytes(self.per_token + other.per_token, self.per_sequence + other.per_sequence,
-                          self.bounded + other.bounded, self.pooled + other.pooled)
+                          self.bounded + other.bounded, self.pooled + other.pooled,
+                          self.per_source_token + other.per_source_token)
 
-    def for_sequence(self, n_tokens: int) -> int:
-        """Bytes one sequence of ``n_tokens`` tokens holds."""
-        return (self.per_token * n_tokens + self.per_sequence
+    def for_sequence(self, n_tokens: int, source_tokens: int = 0) -> int:
+        """Bytes one sequence of ``n_tokens`` tokens (of a source of ``source_tokens``) holds."""
+        return (self.per_token * n_tokens + self.per_source_token * source_tokens + self.per_sequence
                 + sum(rate * min(n_tokens, cap) for rate, cap in self.bounded)
                 + sum(rate * -(-n_tokens // block) for rate, block in self.pooled))
 

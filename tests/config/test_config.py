@@ -14,7 +14,7 @@ from kvlab import PRESETS, ConfigError, ModelConfig, Transformer, kv_bytes_per_t
     (dict(n_layer=0), "n_layer=0 must be a positive integer"),
     (dict(vocab_size=-3), "vocab_size=-3 must be a positive integer"),
     (dict(n_head=2.5), r"n_head=2.5 must be an integer"),
-    (dict(mlp="relu"), r"mlp='relu' is not one of \['swiglu', 'gelu'\]"),
+    (dict(mlp="tanh"), r"mlp='tanh' is not one of \['swiglu', 'gelu', 'geglu', 'relu'\]"),
     (dict(norm="batchnorm"), "norm='batchnorm' is not one of"),
     (dict(pos="nope"), "pos='nope' is not one of"),
     (dict(block="residual"), "block='residual' is not one of"),

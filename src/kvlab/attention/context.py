@@ -35,6 +35,7 @@ class ForwardContext:
     k_lengths: torch.Tensor | None = None
     plain: bool = False
     all_visible: bool = False
+    causal: bool = True                        # False: an encoder's bidirectional self-attention
     cos: torch.Tensor | None = None            # RoPE tables for the new tokens, (B|1, 1, T, D)
     sin: torch.Tensor | None = None
     rope_inv_freq: torch.Tensor | None = None  # the RoPE frequencies (to rotate at other positions)
@@ -47,6 +48,7 @@ class ForwardContext:
     # producer layer -> (key positions, key validity) of the keys its cache layer returned, when
     # they are not the model-wide slots (a rolling window cache returns its window, then the new keys)
     key_positions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cross: "object | None" = None              # an encoder–decoder's source K/V (kvlab.attention.cross.CrossKV)
     _masks: dict[tuple, AttentionMask | None] = field(default_factory=dict, repr=False)
 
     def mask(self, window: int | None = None, sinks: int = 0, source: int | None = None,
@@ -64,7 +66,8 @@ class ForwardContext:
                 self._masks[key] = None
             else:
                 self._masks[key] = AttentionMask(
-                    self.q_pos, self.k_pos, q_valid=self.q_valid, k_valid=self.k_valid, window=window,
-                    sinks=key[1], plain_causal=self.plain and window is None and sparse is None, q_seg=self.q_seg,
+                    self.q_pos, self.k_pos, q_valid=self.q_valid, k_valid=self.k_valid, causal=self.causal,
+                    window=window, sinks=key[1],
+                    plain_causal=self.causal and self.plain and window is None and sparse is None, q_seg=self.q_seg,
                     k_seg=self.k_seg, k_lengths=self.k_lengths, sparse=sparse)
         return self._masks[key]

@@ -37,6 +37,7 @@ class GQAAttention(nn.Module):
         wire_layer(self, cfg, layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.use_rope = cfg.pos == "rope"
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
         self.sinks_at_cache_places = self.sinks > 0 and cfg.sink_positions == "cache"
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
         if self.is_producer:
@@ -82,7 +83,7 @@ class GQAAttention(nn.Module):
         if self.sinks_at_cache_places:
             q, k = sinks_at_cache_positions(q_unrotated, q, k, mask.q_pos, mask.k_pos, sinks=self.sinks,
                                             window=self.window, inv_freq=ctx.rope_inv_freq)
-        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.head_dim ** -0.5)
+        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -134,14 +135,8 @@ def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = Non
     return CacheBytes(bounded=((kv_bytes_per_token(1, cfg.n_kv_head, cfg.head_dim, dtype), sum(span)),))
 
 
-def query_output_params(cfg: ModelConfig) -> int:
-    """Parameters of a layer's ``q_proj`` and ``o_proj`` (every layer of the gqa-shaped kinds has them)."""
-    d, q_out = cfg.d_model, cfg.n_head * cfg.head_dim
-    return (d + (1 if cfg.qkv_bias else 0)) * q_out + q_out * d + (d if cfg.o_bias else 0)
-
-
 def param_count(cfg: ModelConfig, layer: int) -> int:
-    count = query_output_params(cfg)
+    count = cfg.query_output_params()
     if is_producer(cfg, layer):
         count += 2 * (cfg.d_model + (1 if cfg.qkv_bias else 0)) * cfg.n_kv_head * cfg.head_dim   # k_proj, v_proj
     return count
@@ -195,6 +190,10 @@ GQA = register_kind(AttentionKind(
         "alibi": dict(n_kv_head=2, pos="alibi"),
         # T5's learned relative bias: 6 buckets (3 exact distances, 3 log-spaced up to 8).
         "t5-bias": dict(n_kv_head=2, pos="t5", relative_buckets=6, relative_max_distance=8),
+        # T5 v1.1's block: unscaled scores, gated-GELU MLP; and the original T5's ReLU MLP.
+        "t5-unscaled-geglu": dict(n_kv_head=2, pos="t5", relative_buckets=6, relative_max_distance=8,
+                                  attn_scale=1.0, mlp="geglu"),
+        "relu-mlp": dict(n_kv_head=1, mlp="relu"),
         "t5-bias-window-cla": dict(n_kv_head=1, cla=2, pos="t5", relative_buckets=4, relative_max_distance=6,
                                    sliding_window=5),
         "alibi-window-sinks": dict(n_kv_head=1, pos="alibi", sliding_window=4, attention_sinks=1),

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import is_producer, query_output_params, validate_window, window_reach, wire_layer
+from kvlab.attention.gqa import is_producer, validate_window, window_reach, wire_layer
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
@@ -132,7 +132,7 @@ def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = Non
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:
-    count = query_output_params(cfg)
+    count = cfg.query_output_params()
     if is_producer(cfg, layer):
         ranks = cfg.k_rank + cfg.v_rank
         count += (cfg.d_model + (1 if cfg.qkv_bias else 0)) * ranks + ranks * cfg.n_kv_head * cfg.head_dim

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import parse_kv_quant
+from kvlab.dtypes import dtype_bytes, parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.registry import CacheBytes, get_kind
 
@@ -34,15 +34,25 @@ def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16",
     return out
 
 
+def cross_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16") -> CacheBytes:
+    """An encoder–decoder's cross-attention cache: K and V of ``cross_n_kv_head`` heads per source
+    token and cross-attention producer layer (nothing for a decoder-only model)."""
+    if not cfg.is_encoder_decoder:
+        return CacheBytes()
+    per_layer = 2 * cfg.cross_n_kv_head * cfg.head_dim * dtype_bytes(dtype)
+    return CacheBytes(per_source_token=len(cfg.cross_kv_producers) * per_layer)
+
+
 def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> CacheBytes:
-    """The model's cache: bytes per token and bytes per sequence."""
-    total = CacheBytes()
+    """The model's cache: bytes per token, per sequence and (encoder–decoders) per source token."""
+    total = cross_cache_bytes(cfg, dtype)
     for b in layer_cache_bytes(cfg, dtype, kv_quant):
         total = total + b
     return total
 
 
 def cache_bytes_for(cfg: ModelConfig, batch_size: int, n_tokens: int, dtype: str | torch.dtype = "bf16",
-                    kv_quant: str | None = None) -> int:
-    """Bytes of a cache holding ``batch_size`` sequences of ``n_tokens`` tokens."""
-    return batch_size * cache_bytes(cfg, dtype, kv_quant).for_sequence(n_tokens)
+                    kv_quant: str | None = None, source_tokens: int = 0) -> int:
+    """Bytes of a cache holding ``batch_size`` sequences of ``n_tokens`` tokens (and sources of
+    ``source_tokens`` tokens, for an encoder–decoder)."""
+    return batch_size * cache_bytes(cfg, dtype, kv_quant).for_sequence(n_tokens, source_tokens)

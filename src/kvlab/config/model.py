@@ -27,7 +27,9 @@ from kvlab.registry import KINDS, backend_names, get_kind
 
 DEFAULT_KIND = "gqa"
 
-MLP_TYPES = ("swiglu", "gelu")
+# swiglu: Llama; gelu: GPT-2; geglu: T5 v1.1's gated GELU (tanh form); relu: the original T5's.
+MLP_TYPES = ("swiglu", "gelu", "geglu", "relu")
+GATED_MLPS = ("swiglu", "geglu")
 NORM_TYPES = ("rmsnorm", "layernorm")
 POS_TYPES = ("rope", "learned", "alibi", "t5")
 BLOCK_TYPES = ("sequential", "parallel")
@@ -39,8 +41,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:
-    """Llama's SwiGLU width (2/3 of 4·d, rounded up to 256) or 4·d for a GELU MLP."""
-    if mlp == "swiglu":
+    """Llama's SwiGLU width (2/3 of 4·d, rounded up to 256) for a gated MLP, or 4·d."""
+    if mlp in GATED_MLPS:
         return _round_up(int(2 * 4 * d_model / 3), 256)
     return 4 * d_model
 
@@ -121,10 +123,26 @@ class ModelConfig:
     # A scalar head beside the LM head, read at each row's last real token: a reward model has one
     # output (kvlab.models.heads.add_score_head; HF's *ForSequenceClassification "score").
     score_outputs: int | None = None
-    # Special token ids, where the model has them (used by generation and the tokenizer).
+    # Attention scores are multiplied by this before the softmax (None: 1/sqrt(head_dim)); T5 folds
+    # the scaling into its initialisation and uses 1.0. Softmax (gqa) layers only.
+    attn_scale: float | None = None
+    # An encoder–decoder (T5, the GQA paper's setting) when > 0: a bidirectional MHA encoder of this
+    # many layers, whose output every one of the n_layer decoder layers reads through cross-attention
+    # with ``cross_n_kv_head`` K/V heads (default n_head); decoder layer i reads the cross-attention
+    # K/V that layer ``cross_cla * (i // cross_cla)`` projects (CLA across the decoder: every layer
+    # attends to the same encoder output). Models: kvlab.models.encoder_decoder.
+    n_encoder_layer: int = 0
+    cross_n_kv_head: int | None = None
+    cross_cla: int = 1
+    # The decoder's last hidden state is multiplied by this before the LM head (the original T5 with
+    # tied embeddings uses d_model ** -0.5); encoder–decoders only.
+    output_scale: float = 1.0
+    # Special token ids, where the model has them (used by generation and the tokenizer);
+    # ``decoder_start_token_id`` begins every target of an encoder–decoder.
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +155,8 @@ class ModelConfig:
                     f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                     f"give head_dim explicitly or choose n_head dividing d_model")
             self.head_dim = self.d_model // self.n_head if self.n_head else 0
+        if self.cross_n_kv_head is None and isinstance(self.n_encoder_layer, int) and self.n_encoder_layer > 0:
+            self.cross_n_kv_head = self.n_head
         if self.d_ff is None and self.mlp in MLP_TYPES:
             self.d_ff = default_d_ff(self.d_model, self.mlp)
         if self.kv_source is not None:
@@ -224,10 +244,73 @@ class ModelConfig:
         if self.attn_backend not in backend_names():
             raise ConfigError(f"attn_backend={self.attn_backend!r} is not one of {backend_names()}")
         self._validate_layer_specs()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        self._validate_encoder_decoder()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             tok = getattr(self, name)
             if tok is not None and not (0 <= tok < self.vocab_size):
                 raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _validate_encoder_decoder(self) -> None:
+        if self.attn_scale is not None:
+            if not (isinstance(self.attn_scale, (int, float)) and self.attn_scale > 0):
+                raise ConfigError(f"attn_scale={self.attn_scale!r} must be a positive number or null "
+                                  f"(1/sqrt(head_dim))")
+            kinds = sorted({s.kind for s in self.layer_specs} - {"gqa"})
+            if kinds:
+                raise ConfigError(f"attn_scale applies to softmax (gqa) layers; this model has {kinds} layers, "
+                                  f"so leave attn_scale null")
+        if not isinstance(self.n_encoder_layer, int) or self.n_encoder_layer < 0:
+            raise ConfigError(f"n_encoder_layer={self.n_encoder_layer!r} must be a non-negative integer "
+                              f"(0: a decoder-only model)")
+        if not (isinstance(self.output_scale, (int, float)) and self.output_scale > 0):
+            raise ConfigError(f"output_scale={self.output_scale!r} must be a positive number")
+        if not self.is_encoder_decoder:
+            extra = [f"{name}={getattr(self, name)!r}" for name, default in
+                     (("cross_n_kv_head", None), ("cross_cla", 1), ("output_scale", 1.0),
+                      ("decoder_start_token_id", None)) if getattr(self, name) != default]
+            if extra:
+                raise ConfigError(f"{', '.join(extra)} describe an encoder–decoder, but n_encoder_layer=0; "
+                                  f"set n_encoder_layer > 0 or drop them")
+            return
+        require_positive_ints(self, ("cross_n_kv_head", "cross_cla"))
+        if self.n_head % self.cross_n_kv_head:
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ConfigError(f"cross_n_kv_head={self.cross_n_kv_head} does not divide n_head={self.n_head}; "
+                              f"it must be one of {divisors}")
+        if self.cross_cla > self.n_layer:
+            raise ConfigError(f"cross_cla={self.cross_cla} exceeds the decoder's n_layer={self.n_layer}")
+        if self.pos not in ("t5", "rope"):
+            raise ConfigError(f"pos={self.pos!r} in an encoder–decoder: use 't5' (T5's relative bias) or 'rope'")
+        kinds = sorted({s.kind for s in self.layer_specs} - {"gqa"})
+        if kinds:
+            raise ConfigError(f"an encoder–decoder's decoder self-attention is softmax attention (gqa); "
+                              f"{kinds} layers are not supported there")
+        if self.block != "sequential":
+            raise ConfigError("block='parallel' in an encoder–decoder: its blocks are sequential (T5); "
+                              "use block='sequential'")
+        if self.score_outputs:
+            raise ConfigError("score_outputs on an encoder–decoder is not supported; use a decoder-only model")
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.n_encoder_layer > 0
+
+    @property
+    def cross_kv_sources(self) -> list[int]:
+        """For each decoder layer, the layer whose cross-attention K/V it reads (itself if it projects them)."""
+        return [self.cross_cla * (i // self.cross_cla) for i in range(self.n_layer)]
+
+    @property
+    def cross_kv_producers(self) -> list[int]:
+        return [i for i, s in enumerate(self.cross_kv_sources) if s == i]
+
+    def encoder_config(self) -> "ModelConfig":
+        """The encoder stack's shape: ``n_encoder_layer`` MHA layers (an encoder's K/V are never
+        cached, so they stay MHA, as in the GQA paper), no window, CLA or cross-attention."""
+        return dataclasses.replace(self, n_layer=self.n_encoder_layer, n_kv_head=self.n_head, cla=1,
+                                   kv_source=None, attention_layers=None, sliding_window=None,
+                                   attention_sinks=0, block_sparse=None, n_encoder_layer=0, cross_n_kv_head=None,
+                                   cross_cla=1, output_scale=1.0, decoder_start_token_id=None)
 
     def _validate_kv_source(self, src: list[int]) -> None:
         if len(src) != self.n_layer:
@@ -345,7 +428,7 @@ class ModelConfig:
         """
         d = self.d_model
         attn = sum(get_kind(spec.kind).param_count(self, i) for i, spec in enumerate(self.layer_specs))
-        n_mats = 3 if self.mlp == "swiglu" else 2
+        n_mats = 3 if self.mlp in GATED_MLPS else 2
         mlp = self.n_layer * n_mats * d * self.d_ff
         per_norm = d if self.norm == "rmsnorm" else 2 * d
         norms_per_block = 1 if self.block == "parallel" else 2
@@ -353,9 +436,29 @@ class ModelConfig:
         embedding = self.vocab_size * d + (self.max_seq_len * d if self.pos == "learned" else 0) + (
             self.relative_buckets * self.n_head if self.pos == "t5" else 0)
         lm_head = 0 if self.tie_embeddings else self.vocab_size * d
+        if self.is_encoder_decoder:
+            # The encoder's stack (its own relative bias; the embedding is shared), and per decoder
+            # layer a cross-attention and its norm.
+            enc = self.encoder_config().param_counts()
+            attn += enc["attention"] + sum(self._cross_attention_params(i) for i in range(self.n_layer))
+            mlp += enc["mlp"]
+            norm += enc["norm"] + self.n_layer * per_norm
+            embedding += enc["embedding"] - self.vocab_size * d
         total = attn + mlp + norm + embedding + lm_head
         return {"embedding": embedding, "attention": attn, "mlp": mlp, "norm": norm,
                 "lm_head": lm_head, "total": total}
+
+    def query_output_params(self) -> int:
+        """Parameters of one attention layer's ``q_proj`` and ``o_proj`` (every gqa-shaped layer, and
+        cross-attention, has them)."""
+        d, q_out = self.d_model, self.n_head * self.head_dim
+        return (d + (1 if self.qkv_bias else 0)) * q_out + q_out * d + (d if self.o_bias else 0)
+
+    def _cross_attention_params(self, layer: int) -> int:
+        count = self.query_output_params()
+        if self.cross_kv_sources[layer] == layer:
+            count += 2 * (self.d_model + (1 if self.qkv_bias else 0)) * self.cross_n_kv_head * self.head_dim
+        return count
 
     # ------------------------------------------------------------------------- conversions
     def replace(self, **changes: Any) -> "ModelConfig":

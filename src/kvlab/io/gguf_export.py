@@ -53,7 +53,7 @@ def gguf_problems(cfg) -> list[str]:
     if cfg.n_kv_layers != cfg.n_layer:
         problems.append("Cross-Layer Attention (llama.cpp's llama architecture has a KV cache per layer)")
     for bad, what in ((cfg.pos != "rope", f"{cfg.pos} positions"), (cfg.block != "sequential", "parallel blocks"),
-                      (cfg.mlp != "swiglu", "a GELU MLP"), (cfg.norm != "rmsnorm", "LayerNorm"),
+                      (cfg.mlp != "swiglu", f"a {cfg.mlp} MLP"), (cfg.norm != "rmsnorm", "LayerNorm"),
                       (cfg.sliding_window is not None, "a sliding window (llama.cpp's llama architecture "
                                                         "attends to the whole context)"),
                       (cfg.attention_sinks, "attention sinks"), (cfg.block_sparse is not None, "a block-sparse layout"),

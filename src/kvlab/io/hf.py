@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ from kvlab.errors import CheckpointError, ConfigError
 from kvlab.io.atomic import write_dir_atomically
 from kvlab.io.mpt import config_from_mpt, config_to_mpt, mpt_problems, state_from_mpt, state_to_mpt
 from kvlab.io.provenance import new_provenance
+from kvlab.io.t5 import config_from_t5, config_to_t5, expanded_kv, needs_expansion, state_from_t5, state_to_t5
 from kvlab.io.tokenizer import load_tokenizer
 from kvlab.io.weights import build_model, refuse_adapter
 from kvlab.models.decoder import Transformer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "deepseek_v3", "mpt")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "deepseek_v3", "mpt", "t5")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -77,6 +79,8 @@ def _lm_config_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
                               f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
     if model_type == "mpt":
         return config_from_mpt(hf, where)
+    if model_type == "t5":
+        return config_from_t5(hf, where)
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (Llama-family "
                               f"models use 'silu' in a SwiGLU MLP)")
@@ -200,6 +204,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None
 
 
 def _lm_config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | None) -> dict[str, Any]:
+    if cfg.is_encoder_decoder:              # T5ForConditionalGeneration (kvlab.io.t5)
+        return config_to_t5(cfg, dtype)
     if cfg.pos == "alibi":                  # MPT: the ALiBi architecture of transformers that kvlab's matches
         problems = mpt_problems(cfg, model)
         if problems:
@@ -217,7 +223,7 @@ def _lm_config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | 
                         "layers; keep this model in the kvlab format: kvlab.save(model, dir) / "
                         "kvlab export --format kvlab)")
     for bad, what in ((cfg.pos != "rope", f"{cfg.pos} positions"), (cfg.block != "sequential", "parallel blocks"),
-                      (cfg.mlp != "swiglu", "a GELU MLP"), (cfg.norm != "rmsnorm", "LayerNorm"),
+                      (cfg.mlp != "swiglu", f"a {cfg.mlp} MLP"), (cfg.norm != "rmsnorm", "LayerNorm"),
                       (cfg.o_bias and not cfg.qkv_bias, "an o_proj bias without q/k/v biases")):
         if bad:
             problems.append(f"{what} (Llama uses RoPE, sequential blocks, SwiGLU and RMSNorm)")
@@ -307,6 +313,9 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
     raw = _read_hf_weights(directory)
     if hf_config["model_type"] == "mpt":
         raw = state_from_mpt(raw, cfg)
+    if hf_config["model_type"] == "t5":
+        cfg = config_from_t5(hf_config, str(directory / "config.json"), raw)
+        raw = state_from_t5(raw, cfg, str(directory))
     state = {}
     for name, tensor in raw.items():
         if name.endswith("rotary_emb.inv_freq"):        # a buffer some old checkpoints saved
@@ -383,10 +392,17 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
         source = _constant_latent_channel(model, hf_config)
     state = {}
     if hf_config["model_type"] == "mpt":
-        source = {f"mpt:{k}": v for k, v in state_to_mpt(source, model.cfg).items()}
+        source = {f"as-is:{k}": v for k, v in state_to_mpt(source, model.cfg).items()}
+    if hf_config["model_type"] == "t5":
+        if needs_expansion(model.cfg):
+            warnings.warn("HF's T5 is MHA in every layer: the decoder's shared K/V heads and layers are written out "
+                          "as copies (same logits; transformers keeps the full MHA cache, kvlab the small one)",
+                          stacklevel=2)
+            source = expanded_kv(source, model.cfg)
+        source = {f"as-is:{k}": v for k, v in state_to_t5(source, model.cfg).items()}
     for name, tensor in source.items():
-        if name.startswith("mpt:"):
-            state[name.removeprefix("mpt:")] = tensor.detach().to(dtype).contiguous().cpu()
+        if name.startswith("as-is:"):
+            state[name.removeprefix("as-is:")] = tensor.detach().to(dtype).contiguous().cpu()
             continue
         if name == "lm_head.weight" and (model.cfg.tie_embeddings or model.cfg.score_outputs):
             continue                                        # tied, or a sequence classifier (no LM head)
@@ -398,9 +414,11 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id,
-             "pad_token_id": model.cfg.pad_token_id}, indent=2) + "\n")
+        special = {"bos_token_id": model.cfg.bos_token_id, "eos_token_id": model.cfg.eos_token_id,
+                   "pad_token_id": model.cfg.pad_token_id}
+        if model.cfg.is_encoder_decoder:
+            special["decoder_start_token_id"] = model.cfg.decoder_start_token_id
+        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None and getattr(tokenizer, "kind", None) == "hf":
             tokenizer.save(tmp)

@@ -7,6 +7,7 @@ import torch
 from kvlab.config.model import ModelConfig
 from kvlab.errors import CheckpointError, ConfigError
 from kvlab.models.decoder import Transformer
+from kvlab.models.encoder_decoder import model_class
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], *, where: str,
@@ -14,7 +15,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], *, where: str,
     """A model for ``cfg`` holding exactly the tensors of ``state``, checked name by name and shape
     by shape (a tied LM head is not expected in ``state``). Nothing half-loaded is ever returned."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = model_class(cfg)(cfg)
     expected = {k: v for k, v in model.state_dict().items()
                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

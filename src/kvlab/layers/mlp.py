@@ -1,4 +1,4 @@
-"""The feed-forward block: SwiGLU (Llama) or GELU."""
+"""The feed-forward block: SwiGLU (Llama), gated GELU (T5 v1.1), GELU (GPT-2) or ReLU (the original T5)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlab.config import ModelConfig
+from kvlab.config.model import GATED_MLPS
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")       # T5 v1.1's "gelu_new"
+
+
+ACTIVATIONS = {"swiglu": F.silu, "geglu": _gelu_tanh, "gelu": F.gelu, "relu": F.relu}
 
 
 class MLP(nn.Module):
-    """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU (``down(gelu(up(x)))``)."""
+    """Gated ``down(act(gate(x)) * up(x))`` (SwiGLU: SiLU, GeGLU: tanh GELU) or plain
+    ``down(act(up(x)))`` (GELU, ReLU)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:
+        self.gated = cfg.mlp in GATED_MLPS
+        self.act = ACTIVATIONS[cfg.mlp]
+        if self.gated:
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
@@ -23,12 +33,12 @@ class MLP(nn.Module):
     def input_projections(self) -> list[nn.Module]:
         """The projections of the MLP's input, in the order :meth:`forward`'s ``projected`` takes
         their outputs (a parallel block computes them in one matmul with attention's)."""
-        return [self.gate_proj, self.up_proj] if self.swiglu else [self.up_proj]
+        return [self.gate_proj, self.up_proj] if self.gated else [self.up_proj]
 
     def forward(self, x: torch.Tensor, projected: list[torch.Tensor] | None = None) -> torch.Tensor:
         if projected is None:
             projected = [m(x) for m in self.input_projections()]
-        if self.swiglu:
+        if self.gated:
             gate, up = projected
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.gelu(projected[0]))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(projected[0]))

@@ -108,9 +108,13 @@ class Transformer(nn.Module):
     provenance: dict | None
     adapter_spec: Any
     prompt_adapter: nn.Module | None
+    block_class: type[nn.Module] = Block       # an encoder–decoder's blocks add cross-attention
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.is_encoder_decoder and type(self) is Transformer:
+            raise ConfigError(f"the config has an encoder (n_encoder_layer={cfg.n_encoder_layer}); build it with "
+                              f"kvlab.models.EncoderDecoder (kvlab.models.model_class(cfg) picks the class)")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
@@ -120,11 +124,12 @@ class Transformer(nn.Module):
         # T5: a learned bias per (relative-position bucket, head), shared by every layer.
         if cfg.pos == "t5":
             self.embed_relative = T5RelativeBias(cfg.n_head, cfg.relative_buckets, cfg.relative_max_distance)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.score_outputs:      # a reward model's head, read at the last real token (sequence_scores)
             self.score = nn.Linear(cfg.d_model, cfg.score_outputs, bias=False)
+        self.add_modules(cfg)
         # RoPE frequencies live outside the module state, in float32, so that model.to(bf16) or
         # loading from the meta device can never degrade them.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -133,6 +138,9 @@ class Transformer(nn.Module):
         self.adapter_spec = None
         self.prompt_adapter = None
         self.reset_parameters()
+
+    def add_modules(self, cfg: ModelConfig) -> None:
+        """Where a subclass adds modules of its own (an encoder) before the parameters are initialised."""
 
     def rope_inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
@@ -162,8 +170,8 @@ class Transformer(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            part = ("embedding" if name.startswith("embed_") else "lm_head" if name.startswith("lm_head")
-                    else "attention" if ".self_attn." in name else "mlp" if ".mlp." in name else "norm")
+            part = ("embedding" if "embed_" in name else "lm_head" if name.startswith("lm_head")
+                    else "attention" if "_attn." in name else "mlp" if ".mlp." in name else "norm")
             counts[part] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
@@ -216,8 +224,9 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       cache: KVCache | None = None, backend: str | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-norm hidden states ``(B, T, d_model)`` (what the LM head reads)."""
+                      segment_ids: torch.Tensor | None = None, cross=None) -> torch.Tensor:
+        """The final-norm hidden states ``(B, T, d_model)`` (what the LM head reads); ``cross``: the
+        source K/V an encoder–decoder's cross-attention reads (:class:`kvlab.cache.cross.CrossKV`)."""
         cfg = self.cfg
         if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ConfigError(f"tokens must be an integer tensor of shape (batch, seq), got "
@@ -249,6 +258,7 @@ class Transformer(nn.Module):
         ctx = self._context(tokens, T, attention_mask, cache, segment_ids, prefix_len,
                             backend or cfg.attn_backend)
         ctx.prefix = entry.prefix
+        ctx.cross = cross
         if cfg.pos == "learned":
             x = x + self.embed_positions(ctx.q_pos)
         elif cfg.pos == "rope":

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlab.config.model import GATED_MLPS
 from kvlab.errors import ConfigError
 from kvlab.peft.nf4 import is_quantized
 
@@ -184,7 +185,7 @@ def adapted_shapes(model_cfg, targets: tuple[str, ...]) -> list[tuple[int, int]]
         model_cfg.n_kv_head * model_cfg.head_dim, model_cfg.d_ff
     shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
               "up_proj": (d, ff), "down_proj": (ff, d)}
-    if model_cfg.mlp == "swiglu":
+    if model_cfg.mlp in GATED_MLPS:
         shapes["gate_proj"] = (d, ff)
     found = []
     for layer in range(model_cfg.n_layer):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from kvlab import EncoderDecoder, ModelConfig
 from kvlab.cli import main
 from kvlab.io import save_checkpoint
 from kvlab.io.tokenizer import ByteTokenizer
@@ -122,6 +123,11 @@ def ws(tmp_path_factory) -> Path:
     _write(ws / "cfg" / "floatint.json", json.dumps({"n_layer": 4.5}))
     _write(ws / "cfg" / "booltext.json", json.dumps({"tie_embeddings": "yes"}))
     os.symlink(ws / "nowhere", ws / "dangling")
+    # An encoder–decoder (T5-shaped, byte-level).
+    torch.manual_seed(0)
+    s2s = EncoderDecoder(ModelConfig.from_preset("t5-tiny"))
+    s2s.tokenizer = ByteTokenizer()
+    save_checkpoint(s2s, ws / "s2s")
     return ws
 
 
@@ -139,6 +145,7 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 
 M = "{ws}/model"
+S = "{ws}/s2s"
 TR = ["train", "--preset", "tiny", "--out", "{ws}/o"]
 LONG = "x" * 300
 # (id, argv with {ws} for the workspace, exit code, what the message must name)
@@ -390,6 +397,29 @@ CASES = [
     ("eval-sinks-negative", ["eval", M, "--window", "8", "--sinks", "-1"], 2, "-1 must be at least 0"),
     ("eval-sink-positions-unknown", ["eval", M, "--window", "8", "--sinks", "2", "--sink-positions", "middle"], 2,
      "middle"),
+    # Encoder–decoders.
+    ("convert-cross-on-decoder-only", ["convert", M, "--cross-kv-heads", "1", "-o", "{ws}/o"], 2, "decoder-only"),
+    ("convert-cross-heads-not-divisor", ["convert", S, "--cross-kv-heads", "3", "-o", "{ws}/o"], 2,
+     "cannot pool cross_n_kv_head=4 into 3"),
+    ("convert-s2s-calibrated", ["convert", S, "--mqa", "--method", "calibrated", "-o", "{ws}/o"], 2,
+     "calibrated merging of an encoder–decoder"),
+    ("convert-s2s-refit", ["convert", S, "--mqa", "--refit", "-o", "{ws}/o"], 2, "--refit"),
+    ("convert-s2s-cross-with-mla", ["convert", S, "--mla", "8", "--cross-cla", "2", "-o", "{ws}/o"], 2,
+     "--cross-kv-heads/--cross-cla"),
+    ("generate-beams-decoder-only", ["generate", M, "--prompt-ids", "1,2", "--num-beams", "2"], 2, "--num-beams"),
+    ("generate-s2s-chat", ["generate", S, "--prompt", "hi", "--chat"], 2, "--chat"),
+    ("generate-s2s-beams-sampling", ["generate", S, "--prompt", "hi", "--num-beams", "2", "--temperature", "0.5"], 2,
+     "temperature=0 with num_beams"),
+    ("eval-beams-decoder-only", ["eval", M, "--num-beams", "2"], 2, "--num-beams"),
+    ("eval-s2s-text-data", ["eval", S, "--data", "{ws}/data/good.txt"], 2, "reads source/target pairs"),
+    ("train-s2s-text-data", ["train", "--preset", "t5-tiny", "--data", "{ws}/data/good.txt", "--max-steps", "1",
+                             "--out", "{ws}/o"], 2, "reads source/target pairs"),
+    ("train-s2s-no-fields", ["train", "--preset", "t5-tiny", "--data", "{ws}/data/nofield.jsonl", "--max-steps", "1",
+                             "--out", "{ws}/o"], 2, "nofield.jsonl:1"),
+    ("train-s2s-cross-on-init", ["train", "--init", S, "--cross-cla", "2", "--max-steps", "1", "--out", "{ws}/o"], 2,
+     "--cross-cla"),
+    ("plan-source-len-decoder-only", ["plan", "--preset", "tiny", "--source-len", "64"], 2, "--source-len"),
+    ("info-cross-on-decoder-only", ["info", "--preset", "tiny", "--cross-cla", "2"], 2, "n_encoder_layer=0"),
     ("generate-cache-sinks-learned", ["generate", "{ws}/ck_learned", "--prompt-ids", "1,2", "--window", "8",
                                       "--sinks", "2", "--sink-positions", "cache"], 2, "sink_positions='cache'"),
 ]

@@ -21,6 +21,10 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", metavar="FILE", help="a JSON file of ModelConfig fields")
     p.add_argument("--n-kv-head", type=int, metavar="N", help="override the number of KV heads (1 = MQA)")
     p.add_argument("--cla", type=int, metavar="K", help="override the cross-layer KV sharing factor")
+    p.add_argument("--cross-n-kv-head", type=int, metavar="N",
+                   help="an encoder–decoder: override cross-attention's KV heads")
+    p.add_argument("--cross-cla", type=int, metavar="K",
+                   help="an encoder–decoder: share cross-attention K/V across K decoder layers")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
                    help="dtype of the KV cache and weights for byte counts (default bf16)")
     kv_quant_arg(p)
@@ -54,6 +58,9 @@ def model_config_from_args(args: argparse.Namespace):
         changes["n_kv_head"] = args.n_kv_head
     if args.cla is not None:
         changes["cla"] = args.cla
+    for name in ("cross_n_kv_head", "cross_cla"):
+        if getattr(args, name, None) is not None:
+            changes[name] = getattr(args, name)
     return cfg.replace(**changes) if changes else cfg
 
 

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-heads", type=int, metavar="G", help="new number of KV heads (must divide the current)")
     p.add_argument("--mqa", action="store_true", help="one KV head (same as --kv-heads 1)")
     p.add_argument("--cla", type=int, metavar="K", help="share each producer's KV with the next K-1 layers")
+    p.add_argument("--cross-kv-heads", type=int, metavar="G",
+                   help="an encoder–decoder: new number of cross-attention KV heads (1 = MQA; the GQA paper "
+                        "converts the decoder's self- and cross-attention alike)")
+    p.add_argument("--cross-cla", type=int, metavar="K",
+                   help="an encoder–decoder: share each cross-attention producer's K/V with the next K-1 decoder "
+                        "layers (they all attend to the same encoder output)")
     p.add_argument("--mla", type=int, metavar="RANK",
                    help="multi-head latent attention with a latent of RANK channels per token and layer (any "
                         "width; the cache holds RANK + --rope-dim channels); calibrated on calibration text")
@@ -62,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, "kvlab-checkpoint", overwrite=args.overwrite)    # before any work
     refuse_output_over_input(args.output, [args.model])
 
+    if (args.cross_kv_heads is not None or args.cross_cla is not None) and (
+            args.mla is not None or args.k_rank is not None or args.v_rank is not None):
+        raise UsageError("kvlab convert: --cross-kv-heads/--cross-cla pool an encoder–decoder's heads; give them "
+                         "without --mla/--k-rank/--v-rank")
     if args.mla is not None:
         return _run_mla(args)
     if args.k_rank is not None or args.v_rank is not None:
@@ -72,13 +82,19 @@ def run(args: argparse.Namespace) -> int:
     if args.method in ("pca", "whitened"):
         raise UsageError(f"kvlab convert: --method {args.method} goes with --mla; pooling heads uses "
                          f"mean/first/random/calibrated")
-    if args.kv_heads is None and not args.mqa and args.cla is None:
-        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K, or --mla RANK, or --k-rank R "
-                         "--v-rank R")
+    cross = args.cross_kv_heads is not None or args.cross_cla is not None
+    if args.kv_heads is None and not args.mqa and args.cla is None and not cross:
+        raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K (an encoder–decoder also "
+                         "--cross-kv-heads G / --cross-cla K), or --mla RANK, or --k-rank R --v-rank R")
     if args.kv_heads is not None and args.mqa:
         raise UsageError("kvlab convert: give --kv-heads G or --mqa, not both")
-    change = dict(n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method)
-    plan_conversion(load_config(args.model), **change)          # fail before loading any weights
+    change = dict(n_kv_head=1 if args.mqa else args.kv_heads, cla=args.cla, method=args.method,
+                  cross_n_kv_head=args.cross_kv_heads, cross_cla=args.cross_cla)
+    config = load_config(args.model)
+    plan_conversion(config, **change)          # fail before loading any weights
+    if config.is_encoder_decoder and args.refit:
+        raise UsageError("kvlab convert: --refit fits decoder-only attention outputs; an encoder–decoder is "
+                         "converted without it (then uptrained, as the GQA paper did)")
     model = load_model(args)
     before = model.cfg
     calibration = _calibration(args, model) if args.method == "calibrated" or args.refit else None
@@ -89,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(new, args.output, overwrite=args.overwrite)
     print(f"{args.model} -> {args.output}: {before.n_kv_head} -> {new.cfg.n_kv_head} KV heads, "
           f"{before.n_kv_layers} -> {new.cfg.n_kv_layers} KV layers ({args.method}); KV bytes per token (bf16) "
-          f"{before.kv_bytes_per_token('bf16'):,} -> {new.cfg.kv_bytes_per_token('bf16'):,}")
+          f"{before.kv_bytes_per_token('bf16'):,} -> {new.cfg.kv_bytes_per_token('bf16'):,}"
+          + (f"; cross-attention {before.cross_n_kv_head} -> {new.cfg.cross_n_kv_head} KV heads in "
+             f"{len(before.cross_kv_producers)} -> {len(new.cfg.cross_kv_producers)} layers, bytes per source token "
+             f"(bf16) {before.cache_bytes('bf16').per_source_token:,} -> "
+             f"{new.cfg.cache_bytes('bf16').per_source_token:,}" if before.is_encoder_decoder else ""))
     return 0
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import kv_quant_arg, load_model, model_args, positive_int
+from kvlab.cli.common import UsageError, kv_quant_arg, load_model, model_args, positive_int
+from kvlab.errors import ConfigError
 
 
 def add_parser(sub) -> None:
@@ -23,16 +24,56 @@ def add_parser(sub) -> None:
     kv_quant_arg(p)
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--num-beams", type=positive_int, default=1,
+                   help="an encoder–decoder: beam search for the exact-match accuracy (default 1: greedy)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
+
+
+def _run_seq2seq(args: argparse.Namespace, model) -> int:
+    """An encoder–decoder: target perplexity and exact-match accuracy on held-out pairs (the built-in
+    tasks' test split, or every pair of a JSONL file), with the generation time per sample."""
+    from kvlab.eval.seq2seq import exact_match, target_loss
+    from kvlab.recipes.seq2seq import evaluation_pairs
+
+    if args.kv_quant != "none" or getattr(args, "window", None) is not None:
+        raise UsageError("kvlab eval: --kv-quant and --window are for decoder-only models")
+    if model.tokenizer is None:
+        raise UsageError(f"kvlab eval: {args.model} has no tokenizer to read the pairs with")
+    try:
+        pairs = evaluation_pairs(args.data)
+    except ConfigError as e:
+        raise UsageError(f"kvlab eval: {e}") from None
+    if args.max_tokens is not None:
+        pairs = pairs[:max(1, args.max_tokens // 32)]
+    loss = target_loss(model, pairs, model.tokenizer, batch_size=args.batch_size)
+    match = exact_match(model, pairs, model.tokenizer, num_beams=args.num_beams, batch_size=args.batch_size,
+                        backend=args.backend)
+    cost = model.cfg.cache_bytes("bf16")
+    out = {"model": str(args.model), "data": args.data, "pairs": len(pairs), **loss,
+           **{k: match[k] for k in ("accuracy", "per_task", "num_beams", "seconds_per_sample", "samples")},
+           "kv_bytes_per_token_bf16": cost.per_token, "cross_bytes_per_source_token_bf16": cost.per_source_token}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{args.model} on {args.data}: target perplexity {loss['perplexity']:.3f} over {loss['target_tokens']:,} "
+              f"target tokens of {len(pairs):,} pairs; exact match {match['accuracy']:.1%} "
+              f"({'beam ' + str(args.num_beams) if args.num_beams > 1 else 'greedy'}, "
+              f"{match['seconds_per_sample'] * 1e3:.1f} ms per sample)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.data.corpus import corpus_fingerprint, read_documents
     from kvlab.eval.perplexity import evaluate
 
-    docs = read_documents(args.data)
     model = load_model(args)
+    if model.cfg.is_encoder_decoder:
+        return _run_seq2seq(args, model)
+    if args.num_beams > 1:
+        raise UsageError("kvlab eval: --num-beams scores an encoder–decoder's generated targets; this model is "
+                         "decoder-only")
+    docs = read_documents(args.data)
     result = evaluate(model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
                       max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.no_progress,
                       backend=args.backend, kv_quant=args.kv_quant)

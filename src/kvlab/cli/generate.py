@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=seed_arg, help="makes sampling deterministic")
     p.add_argument("--stop-token", type=int, action="append", help="token id that ends a row (default EOS)")
     p.add_argument("--no-stop", action="store_true", help="generate exactly --max-new-tokens tokens (no EOS stop)")
+    p.add_argument("--num-beams", type=positive_int, default=1,
+                   help="an encoder–decoder: beam search with this many hypotheses per source (default 1: greedy "
+                        "or sampling)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="--num-beams: hypotheses are scored by sum log p / length ** this (default 1.0)")
     p.add_argument("--backend", help="attention backend: reference, sdpa, flash, triton or auto (default: the model's)")
     kv_quant_arg(p)
     p.add_argument("--json", action="store_true", help="print prompts and outputs as JSON")
@@ -55,10 +60,22 @@ def run(args: argparse.Namespace) -> int:
                          "either text or token ids)")
     model = load_model(args)
     tok = model.tokenizer
+    seq2seq = model.cfg.is_encoder_decoder
+    if args.num_beams > 1 and not seq2seq:
+        raise UsageError("kvlab generate: --num-beams is beam search for encoder–decoders; decoder-only models "
+                         "generate greedily or by sampling")
+    if seq2seq and (args.chat or args.kv_quant != "none" or getattr(args, "window", None) is not None):
+        flag = "--chat" if args.chat else "--kv-quant" if args.kv_quant != "none" else "--window"
+        raise UsageError(f"kvlab generate: {flag} is for decoder-only models; an encoder–decoder takes each --prompt "
+                         f"as its source")
     if args.prompt is not None:
         if tok is None:
             raise UsageError(f"kvlab generate: {args.model} has no tokenizer; pass --prompt-ids instead")
-        if args.chat:
+        if seq2seq:
+            from kvlab.data.seq2seq import encode_text
+
+            prompts = [encode_text(tok, p) for p in args.prompt]
+        elif args.chat:
             prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in args.prompt]
         else:
             prompts = [tok.encode(p) for p in args.prompt]
@@ -90,11 +107,20 @@ def run(args: argparse.Namespace) -> int:
             print(text[len(text_so_far):], end="", flush=True)
             text_so_far = text
 
-    if stream and args.prompt is not None and not args.chat:
-        print(args.prompt[0], end="", flush=True)
-    outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, stop_tokens=stop, backend=args.backend,
-                    on_token=on_token if stream else None, kv_quant=args.kv_quant)
+    if seq2seq:
+        from kvlab.inference.seq2seq import generate_seq2seq
+
+        stream = stream and args.num_beams == 1       # beam search knows its best hypothesis only at the end
+        outs = generate_seq2seq(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, num_beams=args.num_beams,
+                                length_penalty=args.length_penalty, stop_tokens=stop, backend=args.backend,
+                                on_token=on_token if stream else None)
+    else:
+        if stream and args.prompt is not None and not args.chat:
+            print(args.prompt[0], end="", flush=True)
+        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stop_tokens=stop, backend=args.backend,
+                        on_token=on_token if stream else None, kv_quant=args.kv_quant)
     if stream:
         print()
     if args.json:

@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         "attention": [{"kind": s.kind, **s.options} for s in cfg.layer_specs],
         "param_counts": counts,
     }
+    if cfg.is_encoder_decoder:
+        info.update(n_encoder_layer=cfg.n_encoder_layer, cross_n_kv_head=cfg.cross_n_kv_head,
+                    cross_kv_sources=cfg.cross_kv_sources, cross_bytes_per_source_token=cost.per_source_token)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -59,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
         (f"KV bytes per token ({_cache_label(args)})", f"{info['kv_bytes_per_token']:,} "
          f"({format_bytes(info['kv_bytes_per_token'] * 1024)} per 1k tokens)"),
     ]
+    if cfg.is_encoder_decoder:
+        rows.insert(3, ("encoder", f"{cfg.n_encoder_layer} bidirectional MHA layers (not cached)"))
+        rows.insert(4, ("cross-attention", f"{cfg.n_head} query, {cfg.cross_n_kv_head} KV heads, K/V from "
+                                           f"{len(cfg.cross_kv_producers)} of {cfg.n_layer} decoder layers"
+                        + ("" if cfg.cross_cla == 1 else f" (cross_cla {cfg.cross_cla})")))
+        rows.append((f"cross-attention bytes per source token ({args.dtype})",
+                     f"{cost.per_source_token:,}, computed once per source and kept while decoding"))
     if cost.per_sequence:
         rows.append((f"cache bytes per sequence ({_cache_label(args)})",
                      f"{cost.per_sequence:,} (fixed, whatever the length)"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvlab.cli.common import add_model_source, make_console, model_config_from_args
+from kvlab.cli.common import UsageError, add_model_source, make_console, model_config_from_args
 
 
 def _relative(value: int, base: int) -> str:
@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     add_model_source(p)
     p.add_argument("--memory", default="24GiB", help="accelerator memory, e.g. 24GiB, 80GB (default 24GiB)")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--source-len", type=int, metavar="N",
+                   help="an encoder–decoder: source tokens per sequence, whose cross-attention K/V are kept "
+                        "while decoding (default: --context)")
     p.set_defaults(func=run)
 
 
@@ -32,9 +35,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = model_config_from_args(args)
     memory = parse_size(args.memory)
     quant = None if args.kv_quant == "none" else args.kv_quant
-    rows = plan(cfg, memory, args.context, args.dtype, quant)
+    if args.source_len is not None and not cfg.is_encoder_decoder:
+        raise UsageError("kvlab plan: --source-len is an encoder–decoder's source length; this model is decoder-only")
+    rows = plan(cfg, memory, args.context, args.dtype, quant, args.source_len)
     # With a quantized cache, the batch each variant gets without it: the planner's batch gain.
-    plain = {r.variant: r.max_batch for r in plan(cfg, memory, args.context, args.dtype)} if quant else {}
+    plain = {r.variant: r.max_batch for r in plan(cfg, memory, args.context, args.dtype, None, args.source_len)} \
+        if quant else {}
     if args.json:
         variants = plan_as_dicts(rows)
         for v in variants:
@@ -45,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    table = Table(title=f"{cfg.name or 'model'}: KV cache at {args.context:,} tokens of context, "
+    source = "" if not cfg.is_encoder_decoder else \
+        f" (and cross-attention K/V of {args.source_len or args.context:,} source tokens)"
+    table = Table(title=f"{cfg.name or 'model'}: KV cache at {args.context:,} tokens of context{source}, "
                         f"{format_bytes(memory)} memory, {args.dtype}"
                         + (f", {quant} KV cache" if quant else ""))
     columns = [("variant", "left"), ("KV heads", "right"), ("KV layers", "right"), ("params", "right"),

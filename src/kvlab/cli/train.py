@@ -21,9 +21,17 @@ def add_parser(sub) -> None:
     src.add_argument("--init", metavar="MODEL", help="a checkpoint to continue training (uptraining)")
     p.add_argument("--n-kv-head", type=int, help="with --preset/--config: override KV heads")
     p.add_argument("--cla", type=int, help="with --preset/--config: override the CLA sharing factor")
+    p.add_argument("--cross-n-kv-head", type=int, metavar="N",
+                   help="with --preset/--config of an encoder–decoder: override cross-attention's KV heads")
+    p.add_argument("--cross-cla", type=int, metavar="K",
+                   help="with --preset/--config of an encoder–decoder: share cross-attention K/V across K layers")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/, final/")
-    p.add_argument("--data", default="builtin", help="'builtin', a text file, a .jsonl file or a directory of .txt")
+    p.add_argument("--data", default="builtin", help="'builtin', a text file, a .jsonl file or a directory of .txt; "
+                                                     "for an encoder–decoder 'builtin' (the instruction tasks) or a "
+                                                     ".jsonl file of source/target pairs")
     p.add_argument("--data-field", default="text", help="the JSONL field holding the text (default 'text')")
+    p.add_argument("--source-field", default="source", help="encoder–decoders: the JSONL field of the source")
+    p.add_argument("--target-field", default="target", help="encoder–decoders: the JSONL field of the target")
     budget = p.add_argument_group("budget (give one)")
     budget.add_argument("--max-steps", type=int)
     budget.add_argument("--tokens", type=int, help="training tokens")
@@ -77,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
                       keep_last=args.keep_last, seed=args.seed, train_only=args.train_only,
                       data_mode=args.data_mode, log_every=args.log_every)
-    if args.init and (args.n_kv_head is not None or args.cla is not None):
-        flag = "--n-kv-head" if args.n_kv_head is not None else "--cla"
+    overrides = [f for f, v in (("--n-kv-head", args.n_kv_head), ("--cla", args.cla),
+                                ("--cross-n-kv-head", args.cross_n_kv_head), ("--cross-cla", args.cross_cla))
+                 if v is not None]
+    if args.init and overrides:
+        flag = overrides[0]
         raise UsageError(f"kvlab train: {flag} shapes a new model (--preset/--config); a checkpoint given with --init "
                          f"keeps its wiring — convert it first (kvlab convert {args.init} --kv-heads G / --cla K)")
     if args.init:
@@ -87,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"kvlab train: {args.init} has no tokenizer to read the data with")
     else:
         ns = argparse.Namespace(checkpoint=None, preset=args.preset, config=args.config, n_kv_head=args.n_kv_head,
-                                cla=args.cla, verb="train")
+                                cla=args.cla, cross_n_kv_head=args.cross_n_kv_head, cross_cla=args.cross_cla,
+                                verb="train")
         try:
             model = new_byte_level_model(model_config_from_args(ns), seed=args.seed)
         except ConfigError as e:
@@ -103,11 +115,30 @@ def run(args: argparse.Namespace) -> int:
     settings = {"init": args.init, "preset": args.preset, "config": args.config, "n_kv_head": args.n_kv_head,
                 "cla": args.cla, "data": args.data, "data_field": args.data_field, "strategy": args.strategy,
                 **run_settings(cfg)}
+    seq2seq = model.cfg.is_encoder_decoder
+    if seq2seq:
+        from kvlab.recipes.seq2seq import seq2seq_pairs
+
+        if "RANK" in os.environ:
+            raise UsageError("kvlab train: encoder–decoders train in one process for now; run without torchrun")
+        try:
+            seq2seq_pairs(args.data, source_field=args.source_field, target_field=args.target_field, n_tasks=1)
+        except ConfigError as e:
+            raise UsageError(f"kvlab train: {e}") from None
+        settings.update(cross_n_kv_head=args.cross_n_kv_head, cross_cla=args.cross_cla,
+                        source_field=args.source_field, target_field=args.target_field)
     with RunDirectory(args.out, "train", settings, entries=TRAIN_OUTPUTS, resume=args.resume,
                       overwrite=args.overwrite, free=RESUMABLE_CHANGES,
                       scaffolding=("metrics.jsonl", "checkpoints")):
-        summary = run_training(model, cfg, data=args.data, data_field=args.data_field, cache_dir=args.cache_dir,
-                               device=args.device, strategy=args.strategy, resume=args.resume, record=record)
+        if seq2seq:
+            from kvlab.recipes.seq2seq import run_seq2seq_training
+
+            summary = run_seq2seq_training(model, cfg, data=args.data, source_field=args.source_field,
+                                           target_field=args.target_field, device=args.device, resume=args.resume,
+                                           record=record)
+        else:
+            summary = run_training(model, cfg, data=args.data, data_field=args.data_field, cache_dir=args.cache_dir,
+                                   device=args.device, strategy=args.strategy, resume=args.resume, record=record)
     if "RANK" not in os.environ or os.environ["RANK"] == "0":
         print(json.dumps({"final": summary["final"], **{k: v for k, v in summary.items()
                                                         if k not in ("start_step", "final")}}))

@@ -28,6 +28,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(vocab_size=128256, d_model=4096, n_layer=32, n_head=32, n_kv_head=8,
                       d_ff=14336, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
                       bos_token_id=128000, eos_token_id=128001, **_LLAMA),
+    # Encoder–decoders (T5 v1.1's block: relative bias, gated GELU, untied head). "t5-tiny" is a byte-level
+    # test and study size; "t5-v1.1-small" is google/t5-v1_1-small's config.json.
+    "t5-tiny": dict(vocab_size=320, d_model=64, n_layer=2, n_encoder_layer=2, n_head=4, d_ff=128, pos="t5",
+                    mlp="geglu", norm="rmsnorm", max_seq_len=512, bos_token_id=256, eos_token_id=257,
+                    pad_token_id=258, decoder_start_token_id=258),
+    "t5-v1.1-small": dict(vocab_size=32128, d_model=512, n_layer=8, n_encoder_layer=8, n_head=6, head_dim=64,
+                          d_ff=1024, pos="t5", mlp="geglu", norm="rmsnorm", norm_eps=1e-6, attn_scale=1.0,
+                          max_seq_len=512, eos_token_id=1, pad_token_id=0, decoder_start_token_id=0),
 }
 
 

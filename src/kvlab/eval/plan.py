@@ -40,7 +40,21 @@ def format_bytes(n: float) -> str:
 
 def kv_label(cfg: ModelConfig) -> str:
     """MHA / GQA-g / MQA / MLA r+R (latent + RoPE-key channels) / Low-rank Kk+Vv (key + value latent
-    channels), with -CLAk or -CLA(custom) appended when layers share KV."""
+    channels), with -CLAk or -CLA(custom) appended when layers share KV; an encoder–decoder's
+    cross-attention follows in brackets when it is wired differently from the self-attention."""
+    label = _self_label(cfg)
+    if cfg.is_encoder_decoder:
+        cross = _heads_label(cfg.cross_n_kv_head, cfg.n_head) + (f"-CLA{cfg.cross_cla}" if cfg.cross_cla > 1 else "")
+        if cross != label:
+            label += f" (cross {cross})"
+    return label
+
+
+def _heads_label(n_kv_head: int, n_head: int) -> str:
+    return "MHA" if n_kv_head == n_head else "MQA" if n_kv_head == 1 else f"GQA-{n_kv_head}"
+
+
+def _self_label(cfg: ModelConfig) -> str:
     kinds = {spec.kind for spec in cfg.layer_specs}
     if _is_latent(cfg) and cfg.attn_kind == "mla":
         base = f"MLA {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
@@ -49,7 +63,7 @@ def kv_label(cfg: ModelConfig) -> str:
     elif kinds == {"linear"}:
         return f"Linear-{cfg.n_kv_head}"            # one state per KV head: no cache that grows
     else:
-        base = "MHA" if cfg.n_kv_head == cfg.n_head else "MQA" if cfg.n_kv_head == 1 else f"GQA-{cfg.n_kv_head}"
+        base = _heads_label(cfg.n_kv_head, cfg.n_head)
         if "linear" in kinds:
             base += "+linear"
     if cfg.kv_source is not None and cfg.n_kv_layers < cfg.n_layer:
@@ -63,16 +77,22 @@ def _is_latent(cfg: ModelConfig) -> bool:
 
 
 def _wiring(cfg: ModelConfig) -> tuple:
-    return (cfg.n_kv_head, tuple(cfg.kv_sources))
+    cross = (cfg.cross_n_kv_head, tuple(cfg.cross_kv_sources)) if cfg.is_encoder_decoder else ()
+    return (cfg.n_kv_head, tuple(cfg.kv_sources), *cross)
 
 
 def variants(cfg: ModelConfig) -> list[ModelConfig]:
     """MHA, every GQA divisor, MQA, then CLA2 and CLA3 (with the model's KV heads) and MQA-CLA2; for
     an MLA or low-rank model (its cache is latents, whatever the head count) its own latents with CLA1/2/3.
 
+    An encoder–decoder's variants convert its cross-attention alike (the GQA paper's choice): the same
+    KV heads, and the same sharing factor across decoder layers.
+
     The model itself is in the list (first, if its wiring is none of those); duplicates appear once.
     """
     def valid(**change) -> list[ModelConfig]:
+        if cfg.is_encoder_decoder:
+            change.update(cross_n_kv_head=change.get("n_kv_head", cfg.n_kv_head), cross_cla=change.get("cla", 1))
         try:                 # e.g. linear-attention layers share no KV across layers: no CLA variants
             return [cfg.replace(**change)]
         except ConfigError:
@@ -107,16 +127,19 @@ class PlanRow:
 
 
 def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16",
-              kv_quant: str | None = None) -> int:
-    """The largest batch of ``context``-token sequences whose KV cache fits beside the weights
-    (weights in ``dtype``; the cache in ``dtype`` or, with ``kv_quant``, int8/int4 plus scales)."""
+              kv_quant: str | None = None, source_tokens: int = 0) -> int:
+    """The largest batch of ``context``-token sequences (of ``source_tokens``-token sources, for an
+    encoder–decoder) whose cache fits beside the weights (weights in ``dtype``; the cache in ``dtype``
+    or, with ``kv_quant``, int8/int4 plus scales)."""
     weights = cfg.param_counts()["total"] * dtype_bytes(dtype)
-    return max(0, (memory - weights) // cfg.cache_bytes(dtype, kv_quant).for_sequence(context))
+    return max(0, (memory - weights) // cfg.cache_bytes(dtype, kv_quant).for_sequence(context, source_tokens))
 
 
 def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16",
-         kv_quant: str | None = None) -> list[PlanRow]:
-    """One row per variant: KV bytes per token and per sequence, and the largest batch that fits."""
+         kv_quant: str | None = None, source_tokens: int | None = None) -> list[PlanRow]:
+    """One row per variant: KV bytes per token and per sequence, and the largest batch that fits; an
+    encoder–decoder's sequences hold ``source_tokens`` of cross-attention K/V too (default: ``context``)."""
+    source = (context if source_tokens is None else source_tokens) if cfg.is_encoder_decoder else 0
     if not isinstance(context, int) or context < 1:
         raise ConfigError(f"context={context!r} must be a positive number of tokens")
     if memory < 1:
@@ -126,11 +149,11 @@ def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype =
         params = v.param_counts()["total"]
         weights = params * dtype_bytes(dtype)
         cost = v.cache_bytes(dtype, kv_quant)    # per token and per sequence, over the layers' kinds
-        per_token, per_seq = cost.per_token, cost.for_sequence(context)
+        per_token, per_seq = cost.per_token, cost.for_sequence(context, source)
         rows.append(PlanRow(variant=kv_label(v), is_model=_wiring(v) == _wiring(cfg), n_kv_head=v.n_kv_head,
                             n_kv_layers=v.n_kv_layers, params=params, weight_bytes=weights,
                             kv_bytes_per_token=per_token, kv_bytes_per_sequence=per_seq,
-                            max_batch=max_batch(v, memory, context, dtype, kv_quant)))
+                            max_batch=max_batch(v, memory, context, dtype, kv_quant, source)))
     return rows
 
 

@@ -2,7 +2,8 @@
 
 T5 in kvlab terms: ``pos="t5"`` (a learned relative bias per stack: bidirectional in the encoder,
 causal in the decoder, none in cross-attention), RMSNorm without bias, unscaled attention
-(``attn_scale=1``: T5 folds ``1/sqrt(d_kv)`` into its initialisation), no biases anywhere, MLP
+(``attn_scale=1``: T5 folds ``1/sqrt(d_kv)`` into its initialisation; a kvlab model with scaled
+scores is exported with the scale folded into its query projections), no biases anywhere, MLP
 ``relu`` (the original T5), ``geglu`` (T5 v1.1's ``gated-gelu``: tanh GELU), ``gelu`` or ``swiglu``
 (``gated-silu``). The original T5 ties the LM head to the shared embedding and scales the decoder's
 output by ``d_model ** -0.5`` before it (``output_scale``); T5 v1.1 does neither.
@@ -121,7 +122,6 @@ def t5_problems(cfg: ModelConfig) -> list[str]:
               (cfg.mlp not in MLPS.values(), f"a {cfg.mlp} MLP"),
               (cfg.norm != "rmsnorm", "LayerNorm (T5's norm is RMSNorm without bias)"),
               (cfg.qkv_bias or cfg.o_bias, "attention biases (T5 has none)"),
-              (cfg.attn_scale != 1.0, "scaled attention scores (T5's are unscaled: attn_scale=1)"),
               (cfg.sliding_window is not None or cfg.attention_layers is not None or cfg.block_sparse is not None,
                "windows, per-layer specs or block-sparse layouts"),
               (cfg.output_scale not in (1.0, cfg.d_model ** -0.5),
@@ -166,8 +166,15 @@ def expanded_kv(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 
 
 def state_to_t5(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF T5's tensors; a model with scaled scores gets the scale folded into every query projection
+    (``(s·q)·k = s·(q·k)``: T5's scores are unscaled, and the logits stay the same)."""
     names = _names(cfg)
-    return {theirs: state[ours] for ours, theirs in names.items()}
+    scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+    out = {}
+    for ours, theirs in names.items():
+        t = state[ours]
+        out[theirs] = t * scale if scale != 1.0 and ours.endswith("q_proj.weight") else t
+    return out
 
 
 def needs_expansion(cfg: ModelConfig) -> bool:

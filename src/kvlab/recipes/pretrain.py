@@ -22,6 +22,7 @@ from kvlab.io.kvlab_format import save_checkpoint
 from kvlab.io.provenance import record_step
 from kvlab.io.tokenizer import ByteTokenizer
 from kvlab.models.decoder import Transformer
+from kvlab.models.encoder_decoder import model_class
 from kvlab.training import Dist, TrainConfig, full_model_state, train
 from kvlab.training.objectives import Objective
 
@@ -32,8 +33,10 @@ def new_byte_level_model(model_cfg: ModelConfig, seed: int = 0) -> Transformer:
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"a model trained from scratch uses kvlab's byte tokenizer ({tokenizer.vocab_size} ids); "
                           f"vocab_size={model_cfg.vocab_size} is too small")
+    if model_cfg.is_encoder_decoder and model_cfg.decoder_start_token_id is None:
+        model_cfg = model_cfg.replace(decoder_start_token_id=tokenizer.pad_token_id)    # T5 starts from pad
     torch.manual_seed(seed)
-    model = Transformer(model_cfg)
+    model = model_class(model_cfg)(model_cfg)
     model.tokenizer = tokenizer
     return model
 

@@ -124,8 +124,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """``all``; ``attention`` (every attention projection); ``kv`` (K/V projections only — the
-    part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters);
+    """``all``; ``attention`` (every attention projection, an encoder–decoder's cross-attention
+    included); ``kv`` (the decoder's K/V projections only — the part a KV conversion changed); ``adapter`` (a :mod:`kvlab.peft` adapter's parameters);
     ``attention+adapter`` (the attention in full and an adapter on the rest, e.g. LoRA on the MLPs:
     the checkpoints then hold the whole model, adapter included)."""
     from kvlab.peft.adapter import is_adapter_parameter
@@ -139,8 +139,9 @@ def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str,
             keep = p.requires_grad if name.startswith("prompt_adapter.") else True
         else:
             keep = not is_adapter_parameter(name) and (
-                train_only == "all" or (train_only in ("attention", "attention+adapter") and ".self_attn." in name)
-                or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)))
+                train_only == "all" or (train_only in ("attention", "attention+adapter") and "_attn." in name)
+                or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)
+                    and not name.startswith("encoder.")))
         p.requires_grad_(keep)
         if keep:
             chosen.append((name, p))

@@ -8,7 +8,8 @@ several processes then weigh every unit alike. An objective may bring frozen mod
 the loop moves to the training device and keeps in eval mode; it receives the trained model on
 every call, so it can also generate with it (GRPO, PPO).
 
-Objectives that exist: :class:`CrossEntropy` (language modelling and SFT), :class:`Distillation`
+Objectives that exist: :class:`CrossEntropy` (language modelling and SFT), :class:`Seq2SeqCrossEntropy`
+(an encoder–decoder's targets given their sources), :class:`Distillation`
 (KL to a frozen teacher's logits, temperature, top-k, mixed with the LM loss) and
 :class:`AttentionTransfer` (each layer's attention output fitted to the teacher's, layer-wise). See
 ``docs/ARCHITECTURE.md``, "How to add a training objective".
@@ -23,7 +24,7 @@ from torch import nn
 from kvlab.data.chat import IGNORE_INDEX
 from kvlab.errors import ConfigError
 
-__all__ = ["IGNORE_INDEX", "AttentionTransfer", "CrossEntropy", "Distillation", "Objective"]
+__all__ = ["IGNORE_INDEX", "AttentionTransfer", "CrossEntropy", "Distillation", "Objective", "Seq2SeqCrossEntropy"]
 
 
 class Objective:
@@ -80,6 +81,23 @@ class CrossEntropy(Objective):
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return int((batch[1] != IGNORE_INDEX).sum())
+
+
+class Seq2SeqCrossEntropy(Objective):
+    """An encoder–decoder's target cross-entropy on ``(src, src_mask, tgt_in, labels)`` batches
+    (:class:`kvlab.data.seq2seq.Seq2SeqBatches`, teacher forcing); counts the labels that are not
+    ``IGNORE_INDEX``."""
+
+    name = "seq2seq"
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        src, src_mask, tgt_in, labels = batch
+        logits = model(src, tgt_in, src_mask=src_mask)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        return int((batch[3] != IGNORE_INDEX).sum())
 
 
 class Distillation(Objective):

@@ -1,0 +1,59 @@
+"""An encoder–decoder's quality on source → target pairs: the target's cross-entropy (teacher
+forcing) and exact-match accuracy of generated targets, with the decode time per sample — the two
+axes of the GQA paper's quality-against-speed figure."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvlab.data.instruct import task_kind
+from kvlab.data.seq2seq import Pair, Seq2SeqBatches, encode_text
+from kvlab.inference.seq2seq import generate_seq2seq
+from kvlab.models.modes import eval_mode
+from kvlab.training.objectives import Seq2SeqCrossEntropy
+
+
+@torch.no_grad()
+def target_loss(model, pairs: Sequence[Pair], tokenizer, *, batch_size: int = 32) -> dict:
+    """Mean cross-entropy (nats) per target token, and its perplexity."""
+    batches = Seq2SeqBatches(pairs, tokenizer, model.cfg.decoder_start_token_id, batch_size)
+    objective, total, count = Seq2SeqCrossEntropy(), 0.0, 0
+    with eval_mode(model):
+        for batch in batches.all_batches():
+            batch = tuple(t.to(model.device) for t in batch)
+            total += float(objective.loss(model, batch))
+            count += objective.count(batch)
+    return {"loss": total / count, "perplexity": math.exp(total / count), "target_tokens": count}
+
+
+def exact_match(model, pairs: Sequence[Pair], tokenizer, *, max_new_tokens: int = 32, num_beams: int = 1,
+                batch_size: int = 32, backend: str | None = None) -> dict:
+    """Accuracy of generated targets (greedy, or beam search) against each pair's target, exactly,
+    after stripping; per built-in task family; seconds of generation per sample."""
+    stop = [t for t in {tokenizer.eos_token_id, model.cfg.eos_token_id} if t is not None]
+    replies, seconds = [], 0.0
+    with eval_mode(model):
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            t0 = time.perf_counter()
+            outs = generate_seq2seq(model, [encode_text(tokenizer, s) for s, _ in chunk], max_new_tokens,
+                                    num_beams=num_beams, stop_tokens=stop, backend=backend)
+            seconds += time.perf_counter() - t0
+            replies += [tokenizer.decode([t for t in o if t not in stop], skip_special_tokens=True).strip()
+                        for o in outs]
+    correct, per_task, samples = 0, {}, []
+    for (source, target), reply in zip(pairs, replies):
+        ok = reply == target.strip()
+        correct += ok
+        kind = task_kind(source)
+        hit, total = per_task.get(kind, (0, 0))
+        per_task[kind] = (hit + ok, total + 1)
+        if len(samples) < 5:
+            samples.append({"source": source, "expected": target, "reply": reply})
+    return {"accuracy": correct / len(pairs), "n": len(pairs), "num_beams": num_beams,
+            "per_task": {k: h / t for k, (h, t) in sorted(per_task.items())}, "samples": samples,
+            "seconds_per_sample": seconds / len(pairs), "batch_size": batch_size}

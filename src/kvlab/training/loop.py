@@ -126,8 +126,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
     """``all``; ``attention`` (every attention projection, an encoder–decoder's cross-attention
     included); ``kv`` (the decoder's K/V projections only — the part a KV conversion changed);
-    ``adapter`` (a :mod:`kvlab.peft` adapter's parameters); ``attention+adapter`` (the attention in full and an adapter on the rest, e.g. LoRA on the MLPs:
-    the checkpoints then hold the whole model, adapter included)."""
+    ``adapter`` (a :mod:`kvlab.peft` adapter's parameters); ``attention+adapter`` (the attention in
+    full and an adapter on the rest, e.g. LoRA on the MLPs: the checkpoints then hold the whole model,
+    adapter included)."""
     from kvlab.peft.adapter import is_adapter_parameter
 
     chosen = []

@@ -91,10 +91,28 @@ def test_calibration_comes_from_the_training_split_only():
     assert np.isin(batches[0].numpy(), np.arange(tok.vocab_size)).all()
 
 
-def test_calibrated_needs_calibration_and_rope():
+def test_calibrated_needs_calibration():
     model = make_model(n_kv_head=4)
     with pytest.raises(ConfigError, match="needs calibration token batches"):
         convert(model, n_kv_head=2, method="calibrated")
-    learned = make_model(n_kv_head=4, pos="learned")
-    with pytest.raises(ConfigError, match="needs pos='rope'"):
-        convert(learned, n_kv_head=2, method="calibrated", calibration=CALIB)
+
+
+@pytest.mark.parametrize("pos", ["learned", "t5"])
+def test_without_rope_heads_that_differ_by_any_linear_map_merge_exactly(pos):
+    """Without RoPE a key has no rotation to commute with: head 1's keys are any invertible map of
+    head 0's (and its values another), and one shared head still carries both exactly."""
+    model = make_model(n_kv_head=4, pos=pos, qkv_bias=True)
+    D = model.cfg.head_dim
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i in model.cfg.kv_producers:
+            attn = model.layers[i].self_attn
+            for src, dst in ((0, 1), (2, 3)):
+                for proj in (attn.k_proj, attn.v_proj):
+                    mix = torch.randn(D, D, generator=g) / D ** 0.5 + torch.eye(D)
+                    proj.weight[dst * D:(dst + 1) * D] = mix @ proj.weight[src * D:(src + 1) * D]
+                    proj.bias[dst * D:(dst + 1) * D] = mix @ proj.bias[src * D:(src + 1) * D]
+    ref = model(TOKENS)
+    calibrated = convert(model, n_kv_head=2, method="calibrated", calibration=CALIB)
+    torch.testing.assert_close(calibrated(TOKENS), ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(convert(model, n_kv_head=2, method="mean")(TOKENS), ref, atol=1e-2)

@@ -81,10 +81,19 @@ def make_console():
 # ----------------------------------------------------------------------------------- verbs
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, decoder_only: str | None = None):
+    """The model ``args.model`` names (with ``--window``/``--adapter`` applied); ``decoder_only``: the
+    verb, which refuses an encoder–decoder in one line."""
     from kvlab.dtypes import parse_dtype
     from kvlab.io import load
 
+    if decoder_only is not None:
+        from kvlab.io import load_config
+
+        if load_config(args.model).is_encoder_decoder:
+            raise UsageError(f"kvlab {decoder_only}: {args.model} is an encoder–decoder; {decoder_only} works on "
+                             f"decoder-only models for now (encoder–decoders: train, generate, eval, convert, "
+                             f"export, info, plan)")
     dtype = parse_dtype(args.model_dtype) if getattr(args, "model_dtype", None) else None
     model = load(args.model, dtype=dtype, device=args.device)
     if getattr(args, "window", None) is not None:

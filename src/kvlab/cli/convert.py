@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from kvlab.cli.common import UsageError, add_overwrite, load_model, model_args, seed_arg
+from kvlab.errors import ConfigError
 from kvlab.io import save_checkpoint
 
 
@@ -48,7 +49,8 @@ def add_parser(sub) -> None:
                    help="--method calibrated, --mla and --refit: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
                    help="--method calibrated, --mla and --refit: 'builtin' (the built-in corpus's train split), a "
-                        "text file, JSONL or a directory of .txt; validation documents are never used")
+                        "text file, JSONL or a directory of .txt; validation documents are never used (an "
+                        "encoder–decoder: 'builtin', the instruction tasks' train split, or a JSONL of pairs)")
     p.add_argument("--refit", action="store_true",
                    help="after converting, refit every layer's output projection in closed form so that the "
                         "converted attention, on the converted model's own hidden states, reproduces the "
@@ -118,6 +120,16 @@ def _calibration(args: argparse.Namespace, model):
 
     if model.tokenizer is None:
         raise UsageError(f"kvlab convert: {args.model} has no tokenizer to read calibration text with")
+    if model.cfg.is_encoder_decoder:
+        from kvlab.data.seq2seq import calibration_pairs
+        from kvlab.recipes.seq2seq import seq2seq_pairs
+
+        try:
+            train_pairs = seq2seq_pairs(args.calibration_data, n_tasks=max(64, args.calibration_tokens // 8))[0]
+        except ConfigError as e:
+            raise UsageError(f"kvlab convert: --calibration-data: {e}") from None
+        return calibration_pairs(train_pairs, model.tokenizer, model.cfg.decoder_start_token_id,
+                                 args.calibration_tokens, seed=args.seed)
     return calibration_batches(model.tokenizer, args.calibration_tokens, data=args.calibration_data, seed=args.seed)
 
 

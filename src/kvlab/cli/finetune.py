@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
                          + (" (not both)" if args.max_steps is not None else ""))
     if args.epochs is not None and not (args.epochs > 0 and args.epochs < float("inf")):
         raise UsageError(f"kvlab finetune: --epochs {args.epochs} must be a positive number (e.g. 1 or 0.5)")
-    model = load_model(args)
+    model = load_model(args, decoder_only="finetune")
     if args.method not in LORA_FAMILY and args.virtual_tokens >= model.cfg.max_seq_len:
         raise UsageError(f"kvlab finetune: --virtual-tokens {args.virtual_tokens} leaves no room for text in the "
                          f"model's context of {model.cfg.max_seq_len} tokens; use far fewer (e.g. 16-64)")

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"kvlab serve: cannot listen on {args.host}:{args.port} ({e.strerror}); pick another "
                          f"--port or --host") from None
     try:
-        model = load_model(args)
+        model = load_model(args, decoder_only="serve")
         name = args.served_model_name or model.cfg.name or args.model
         engine = Engine(model, kv_budget_bytes=budget, max_len=args.max_len, max_seqs=args.max_seqs,
                         max_queue=args.max_queue, block_size=args.block_size, prefill_chunk=args.prefill_chunk,

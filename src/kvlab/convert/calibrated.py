@@ -23,6 +23,12 @@ least-squares fit shrinks what it cannot explain, which would flatten the attent
 it fits worst (measured on SmolLM2 at α = 0: MQA perplexity 121.5 → 115.0, CLA2 2,957 → 2,689,
 MQA-CLA2 42,430 → 30,516 on 8,192 validation tokens).
 
+**Keys without RoPE** (learned positions, ALiBi, T5's bias, cross-attention). Nothing rotates a key,
+so each old head's keys may be any ``D×D`` map ``A_h`` of the shared ones: the new key is the top-``D``
+principal subspace of the old keys whitened by their queries' ``E[q qᵀ]`` (the score error
+``E(q·(k_h − A_h z))²``), exactly the values' fit below with that metric, and ``A_hᵀ`` is folded
+into the queries' rows.
+
 **Values** (no RoPE). The new value is the top-``D`` principal subspace of the ``r`` stacked old
 values, whitened by what the output projection does with them: with
 ``M_h = Σ_{g reads h} W_o,gᵀ W_o,g`` the error that reaches the residual stream is
@@ -33,6 +39,11 @@ and ``B_h = M_h^{-1/2} P_h``, which is folded into ``o_proj``'s columns of the q
 source layer ``a``; expressed as least-squares functions of ``p``'s input (the cross-moment
 ``E[x̂_a x̂_pᵀ]`` over the same calibration tokens), they are more columns of the same fit, with the
 consumer's own queries and output projection absorbing their factors.
+
+**Encoder–decoders.** The decoder's self-attention merges as above (calibration batches are
+source/target pairs; the moments are taken over the target tokens). Its cross-attention keys and
+values are all linear in the one encoder output, so its heads *and* layers (``cross_cla``) merge as
+more columns of one fit over the encoder output's moment, with no regression between layers.
 
 Merging nothing reproduces the model exactly; the tests check that, exact merges where one exists,
 and that the calibrated conversions of a trained model are closer to it than mean pooling.
@@ -58,40 +69,69 @@ def needed_moments(cfg: ModelConfig, new_cfg: ModelConfig) -> list[tuple[int, in
     return sorted(pairs)
 
 
+def _augment(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``(B, T, d)`` -> the ``(n, d+1)`` rows ``(x, 1)`` of the positions ``keep`` marks (all without)."""
+    x = x.detach().double().flatten(0, 1)
+    if keep is not None:
+        x = x[keep.flatten().to(x.device)]
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
+
+
 @torch.no_grad()
-def attention_input_moments(model, batches, pairs: list[tuple[int, int]] | None = None
-                            ) -> dict[tuple[int, int], torch.Tensor]:
+def attention_input_moments(model, batches, pairs: list[tuple[int, int]] | None = None) -> dict:
     """``E[x̂_a x̂_bᵀ]`` in float64 of the attention inputs ``x̂ = (x, 1)`` of layers ``a`` and ``b``
     at the same tokens, for each pair in ``pairs`` (default: every layer with itself), over
-    ``batches`` (token tensors ``(B, T)``); every row and position counts alike."""
+    ``batches``: token tensors ``(B, T)``, every row and position counting alike; or, for an
+    encoder–decoder, ``(src, src_mask, tgt_in, labels)`` batches (:class:`kvlab.data.seq2seq.Seq2SeqBatches`),
+    over the target positions with a label — and then also, under the key ``("cross", r)``, the
+    moment of decoder layer ``r``'s cross-attention input, and under ``"memory"`` that of the
+    encoder's output over the real source tokens (what cross-attention's keys and values are made of)."""
+    seq2seq = model.cfg.is_encoder_decoder
     pairs = pairs if pairs is not None else [(i, i) for i in range(model.cfg.n_layer)]
     wanted = {a for pair in pairs for a in pair}
-    sums: dict[tuple[int, int], torch.Tensor] = {}
-    count = 0
-    current: dict[int, torch.Tensor] = {}
+    sums: dict = {}
+    count = source_count = 0
+    current: dict = {}
+    keep: dict[str, torch.Tensor | None] = {"tgt": None, "src": None}
 
-    def hook(layer):
+    def hook(key):
         def record(module, args):
-            x = args[0].detach().double().flatten(0, 1)
-            current[layer] = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
+            current[key] = _augment(args[0], keep["tgt"])
         return record
+
+    def record_memory(module, args, output):
+        current["memory"] = _augment(output, keep["src"])
 
     hooks = [block.self_attn.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.layers)
              if i in wanted]
+    if seq2seq:
+        hooks += [block.cross_attn.register_forward_pre_hook(hook(("cross", i))) for i, block in enumerate(model.layers)]
+        hooks.append(model.encoder.register_forward_hook(record_memory))
     try:
         with eval_mode(model):
-            for tokens in batches:
+            for batch in batches:
                 current.clear()
-                model(tokens.to(model.device))
+                if seq2seq:
+                    src, src_mask, tgt_in, labels = (t.to(model.device) for t in batch)
+                    keep["tgt"], keep["src"] = labels != -100, src_mask.bool()
+                    model(src, tgt_in, src_mask=src_mask)
+                    for i in range(model.cfg.n_layer):
+                        key = ("cross", i)
+                        sums[key] = sums.get(key, 0) + current[key].T @ current[key]
+                    sums["memory"] = sums.get("memory", 0) + current["memory"].T @ current["memory"]
+                    count += int(keep["tgt"].sum())
+                    source_count += int(keep["src"].sum())
+                else:
+                    model(batch.to(model.device))
+                    count += batch.numel()
                 for a, b in pairs:
                     sums[a, b] = sums.get((a, b), 0) + current[a].T @ current[b]
-                count += tokens.numel()
     finally:
         for h in hooks:
             h.remove()
     if not count:
         raise ConfigError("calibration needs at least one batch of tokens")
-    return {pair: s.cpu() / count for pair, s in sums.items()}
+    return {key: s.cpu() / (source_count if key == "memory" else count) for key, s in sums.items()}
 
 
 def _augmented(state: dict, prefix: str) -> torch.Tensor:
@@ -179,8 +219,7 @@ def calibrated_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int],
     :func:`needed_moments`.
     """
     cfg = model.cfg
-    if cfg.pos != "rope":
-        raise ConfigError("calibrated merging is RoPE-aware and needs pos='rope'; use --method mean")
+    rope = cfg.pos == "rope"
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if not (cfg.tie_embeddings and k == "lm_head.weight")}
     dtype = state["embed_tokens.weight"].dtype
@@ -203,6 +242,7 @@ def calibrated_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int],
         for grp in range(new_cfg.n_kv_head):
             columns = [(r, h) for r in readers for h in range(grp * r_heads, (grp + 1) * r_heads)]
             k_rows, v_rows, q_energy, metric, k_energy = [], [], [], [], []
+            q_metric = []
             for r, h in columns:
                 a = cfg.kv_sources[r]
                 to_p = into_p.get(a)
@@ -214,28 +254,92 @@ def calibrated_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int],
                 v_rows.append(v if to_p is None else v @ to_p)
                 energy = torch.zeros(D // 2, dtype=torch.float64)
                 m = torch.zeros(D, D, dtype=torch.float64)
+                qm = torch.zeros(D, D, dtype=torch.float64)
                 for g in range(h * G, (h + 1) * G):
                     rows = wq[r][g * D:(g + 1) * D]
-                    e = torch.einsum("ij,jk,ik->i", rows, moments[r, r], rows)     # E[q_row²]
+                    qq = rows @ moments[r, r] @ rows.T                               # E[q qᵀ]
+                    qm += qq
+                    e = qq.diagonal()                                                # E[q_row²]
                     energy += e[:D // 2] + e[D // 2:]
                     cols = wo[r][:, g * D:(g + 1) * D]
                     m += cols.T @ cols
                 q_energy.append(energy)
+                q_metric.append(qm)
                 metric.append(m)
-            k_new, c = _merge_keys(k_rows, S_pp, torch.stack(q_energy), torch.stack(k_energy))
             v_new, blocks = _merge_values(v_rows, S_pp, metric)
+            if rope:
+                k_new, c = _merge_keys(k_rows, S_pp, torch.stack(q_energy), torch.stack(k_energy))
+            else:           # no rotation to commute with: any D×D map per head, folded into its queries
+                k_new, k_blocks = _merge_values(k_rows, S_pp, q_metric)
             new_k.append(k_new)
             new_v.append(v_new)
             for n, (r, h) in enumerate(columns):
                 for g in range(h * G, (h + 1) * G):
-                    wq[r][g * D:(g + 1) * D] = _rotate_query_rows(wq[r][g * D:(g + 1) * D], c[n].conj())
+                    rows = wq[r][g * D:(g + 1) * D]
+                    wq[r][g * D:(g + 1) * D] = _rotate_query_rows(rows, c[n].conj()) if rope else k_blocks[n].T @ rows
                     wo[r][:, g * D:(g + 1) * D] = wo[r][:, g * D:(g + 1) * D] @ blocks[n]
         _store(state, f"layers.{p}.self_attn.k_proj", torch.cat(new_k), dtype, bias)
         _store(state, f"layers.{p}.self_attn.v_proj", torch.cat(new_v), dtype, bias)
     for i in range(cfg.n_layer):
         _store(state, f"layers.{i}.self_attn.q_proj", wq[i], dtype, bias)
         state[f"layers.{i}.self_attn.o_proj.weight"] = wo[i].to(dtype)
+    if cfg.is_encoder_decoder:
+        _cross_state(state, cfg, new_cfg, moments)
     return state
+
+
+def _cross_state(state: dict, cfg: ModelConfig, new_cfg: ModelConfig, moments: dict) -> None:
+    """An encoder–decoder's cross-attention merged the same way, in place: the keys and values of every
+    decoder layer are linear in the one encoder output (its moment ``moments["memory"]``), so heads and
+    layers merge alike — no regression between layers — and, with no RoPE on them, each old head's keys
+    are any ``D×D`` map of the shared ones (weighted by its queries' ``E[q qᵀ]`` at that layer's
+    cross-attention input), folded into its queries, as its values' map is folded into ``o_proj``."""
+    D, bias = cfg.head_dim, cfg.qkv_bias
+    dtype = state["embed_tokens.weight"].dtype
+    G = cfg.n_head // cfg.cross_n_kv_head
+    r_heads = cfg.cross_n_kv_head // new_cfg.cross_n_kv_head
+    S = moments["memory"]
+    pre = "layers.{}.cross_attn.{}"
+    old_k = {a: _augmented(state, pre.format(a, "k_proj")) for a in cfg.cross_kv_producers}
+    old_v = {a: _augmented(state, pre.format(a, "v_proj")) for a in cfg.cross_kv_producers}
+    for a in cfg.cross_kv_producers:
+        for leaf in ("k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                state.pop(f"{pre.format(a, leaf)}.{kind}", None)
+    wq = {i: _augmented(state, pre.format(i, "q_proj")) for i in range(cfg.n_layer)}
+    wo = {i: state[f"{pre.format(i, 'o_proj')}.weight"].double() for i in range(cfg.n_layer)}
+    for p in new_cfg.cross_kv_producers:
+        readers = [r for r, s in enumerate(new_cfg.cross_kv_sources) if s == p]
+        new_k, new_v = [], []
+        for grp in range(new_cfg.cross_n_kv_head):
+            columns = [(r, h) for r in readers for h in range(grp * r_heads, (grp + 1) * r_heads)]
+            k_rows, v_rows, q_metric, o_metric = [], [], [], []
+            for r, h in columns:
+                a = cfg.cross_kv_sources[r]
+                k_rows.append(old_k[a][h * D:(h + 1) * D])
+                v_rows.append(old_v[a][h * D:(h + 1) * D])
+                qm = torch.zeros(D, D, dtype=torch.float64)
+                om = torch.zeros(D, D, dtype=torch.float64)
+                for g in range(h * G, (h + 1) * G):
+                    rows = wq[r][g * D:(g + 1) * D]
+                    qm += rows @ moments["cross", r] @ rows.T
+                    cols = wo[r][:, g * D:(g + 1) * D]
+                    om += cols.T @ cols
+                q_metric.append(qm)
+                o_metric.append(om)
+            k_new, k_blocks = _merge_values(k_rows, S, q_metric)
+            v_new, v_blocks = _merge_values(v_rows, S, o_metric)
+            new_k.append(k_new)
+            new_v.append(v_new)
+            for n, (r, h) in enumerate(columns):
+                for g in range(h * G, (h + 1) * G):
+                    wq[r][g * D:(g + 1) * D] = k_blocks[n].T @ wq[r][g * D:(g + 1) * D]
+                    wo[r][:, g * D:(g + 1) * D] = wo[r][:, g * D:(g + 1) * D] @ v_blocks[n]
+        _store(state, pre.format(p, "k_proj"), torch.cat(new_k), dtype, bias)
+        _store(state, pre.format(p, "v_proj"), torch.cat(new_v), dtype, bias)
+    for i in range(cfg.n_layer):
+        _store(state, pre.format(i, "q_proj"), wq[i], dtype, bias)
+        state[f"{pre.format(i, 'o_proj')}.weight"] = wo[i].to(dtype)
 
 
 def _store(state: dict, prefix: str, aug: torch.Tensor, dtype: torch.dtype, bias: bool) -> None:

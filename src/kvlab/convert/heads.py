@@ -69,9 +69,6 @@ def plan_conversion(cfg: ModelConfig, *, n_kv_head: int | None = None, cla: int 
     if cross and not cfg.is_encoder_decoder:
         raise ConfigError("cross_n_kv_head / cross_cla convert an encoder–decoder's cross-attention; this model is "
                           "decoder-only")
-    if cfg.is_encoder_decoder and method == "calibrated":
-        raise ConfigError("calibrated merging of an encoder–decoder is not supported yet; use method 'mean' (the GQA "
-                          "paper's)")
     if n_kv_head is None and cla is None and kv_source is None and not cross:
         raise ConfigError("nothing to convert: give n_kv_head (--kv-heads/--mqa) and/or cla / kv_source"
                           + (" / cross_n_kv_head / cross_cla" if cfg.is_encoder_decoder else ""))
@@ -130,7 +127,7 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
         if moments is None:
             moments = attention_input_moments(model, calibration, needed_moments(cfg, new_cfg))
         state = calibrated_state(model, new_cfg, moments)
-        step["calibration_tokens"] = sum(int(t.numel()) for t in calibration)
+        step["calibration_tokens"] = sum(_calibration_tokens(b) for b in calibration)
         if cla is not None:
             step["cla"] = cla
         return finish_conversion(model, new_cfg, state, step)
@@ -145,6 +142,15 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
     if cla is not None:
         step["cla"] = cla
     return finish_conversion(model, new_cfg, state, step)
+
+
+def _calibration_tokens(batch) -> int:
+    """Tokens a calibration batch holds: a token tensor's, or an encoder–decoder batch's real source
+    and target tokens."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.numel())
+    src, src_mask, tgt_in, labels = batch
+    return int(src_mask.sum()) + int((labels != -100).sum())
 
 
 def _pool_layers(state: dict, attn: str, old_sources: list[int], new_sources: list[int], old_heads: int,

@@ -128,6 +128,21 @@ class Seq2SeqBatches:
         return [self.collate(self.rows[i:i + self.batch_size]) for i in range(0, len(self.rows), self.batch_size)]
 
 
+def calibration_pairs(pairs: Sequence[Pair], tokenizer, decoder_start: int, n_tokens: int, *, batch_size: int = 16,
+                      seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Batches of pairs drawn in a seeded order until they hold ``n_tokens`` source and target tokens
+    (the calibration of an encoder–decoder's conversion)."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    chosen, total = [], 0
+    for i in order:
+        source, target = pairs[int(i)]
+        chosen.append(pairs[int(i)])
+        total += len(encode_text(tokenizer, source)) + len(encode_text(tokenizer, target))
+        if total >= n_tokens:
+            break
+    return Seq2SeqBatches(chosen, tokenizer, decoder_start, batch_size).all_batches()
+
+
 class SequentialBatches:
     """Batch ``i`` of some fixed batches, cycling (a validation set for the training loop)."""
 

@@ -47,6 +47,8 @@ def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def gguf_problems(cfg) -> list[str]:
     """Why ``cfg`` is not a llama-architecture GGUF model (empty if it is)."""
     problems = []
+    if cfg.is_encoder_decoder:
+        problems.append("an encoder–decoder (llama.cpp's llama architecture is decoder-only; export it as HF T5)")
     if cfg.attention_layers is not None or cfg.attn_kind != "gqa":
         problems.append(f"the {cfg.attn_kind!r} attention kind / per-layer attention specs (llama.cpp's llama "
                         f"architecture is softmax GQA in every layer)")

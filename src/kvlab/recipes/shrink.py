@@ -73,6 +73,10 @@ class Candidate:
 
 def parse_kv_budget(spec: str, cfg: ModelConfig) -> int:
     """``'2x'`` (a reduction factor) or a number of bytes per token (bf16) -> bytes per token."""
+    if cfg.is_encoder_decoder:
+        raise ConfigError("kvlab shrink works on decoder-only models; convert an encoder–decoder with kvlab convert "
+                          "(--kv-heads/--cross-kv-heads/--cross-cla, --method calibrated) and uptrain it with "
+                          "kvlab train --init")
     original = cfg.kv_bytes_per_token("bf16")
     text = str(spec).strip().lower()
     try:

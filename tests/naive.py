@@ -332,7 +332,10 @@ def naive_seq2seq_logits(model, src: torch.Tensor, tgt: torch.Tensor) -> torch.T
         if k is not None:
             self_kv[i] = (k, v)
         k, v = self_kv[cfg.kv_sources[i]]
-        y = y + _linear(P, pre + ".self_attn.o_proj", _naive_attention(cfg, q, k, v, dec_bias, causal))
+        allowed = causal
+        if cfg.layer_window(i) is not None:          # a sliding window over the target
+            allowed = causal & ((tpos[:, None] - tpos[None, :]) < cfg.layer_window(i))
+        y = y + _linear(P, pre + ".self_attn.o_proj", _naive_attention(cfg, q, k, v, dec_bias, allowed))
         h = _norm(cfg, P, pre + ".cross_attn_layernorm", y)
         q = _linear(P, pre + ".cross_attn.q_proj", h).view(T, cfg.n_head, D)
         if pre + ".cross_attn.k_proj.weight" in P:

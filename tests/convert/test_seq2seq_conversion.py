@@ -78,9 +78,9 @@ def _calibration():
 
 def _byte_model(seed: int = 0, **extra) -> EncoderDecoder:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=260, d_model=32, n_layer=4, n_head=4, n_encoder_layer=2, pos="t5",
-                      relative_buckets=8, relative_max_distance=16, qkv_bias=True, decoder_start_token_id=0,
-                      **extra)
+    cfg = ModelConfig(**{**dict(vocab_size=260, d_model=32, n_layer=4, n_head=4, n_encoder_layer=2, pos="t5",
+                                relative_buckets=8, relative_max_distance=16, qkv_bias=True,
+                                decoder_start_token_id=0), **extra})
     model = EncoderDecoder(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -22,6 +22,8 @@ VARIANTS = {
                               cross_n_kv_head=1, cross_cla=2),
     # RoPE instead of the bias, CLA in the decoder's self-attention, uneven cross sharing.
     "rope-cla": dict(pos="rope", n_kv_head=1, cla=2, cross_n_kv_head=2, cross_cla=3),
+    # A windowed decoder (a rolling self-attention cache) beside the whole source.
+    "rope-window": dict(pos="rope", n_kv_head=2, sliding_window=3),
 }
 
 
@@ -119,13 +121,33 @@ def test_cache_bytes_match_allocation(name):
     # the closed form: 2 × producers × heads × head_dim × bytes, per source token, beside the self cache
     producers = len(range(0, cfg.n_layer, cfg.cross_cla))
     assert cross_cache_bytes(cfg, "bf16").per_source_token == 2 * producers * cfg.cross_n_kv_head * cfg.head_dim * 2
-    assert cache_bytes(cfg, "bf16").per_token == 2 * cfg.n_kv_layers * cfg.n_kv_head * cfg.head_dim * 2
+    per_layer = 2 * cfg.n_kv_head * cfg.head_dim * 2
+    if cfg.sliding_window is None:
+        assert cache_bytes(cfg, "bf16").per_token == cfg.n_kv_layers * per_layer
+    else:                               # rolling: each layer's K/V stop growing at the window
+        assert cache_bytes(cfg, "bf16").bounded == ((per_layer, cfg.sliding_window),) * cfg.n_kv_layers
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_param_counts_closed_form(name):
     model = make(name)
     assert model.cfg.param_counts() == model.param_counts()
+
+
+def test_planner_counts_source_tokens():
+    """t5-v1.1-small (google/t5-v1_1-small's shape: 8 + 8 layers, 6 heads of 64): its sequences hold the
+    self-attention K/V of the context and the cross-attention K/V of the source; every variant converts
+    both alike."""
+    from kvlab.eval.plan import plan
+
+    cfg = ModelConfig.from_preset("t5-v1.1-small")
+    assert cfg.param_counts()["total"] == 76_961_152            # the checkpoint's parameter count
+    rows = {r.variant: r for r in plan(cfg, 2 ** 30, 512, "bf16", source_tokens=1024)}
+    per = 2 * 8 * 64 * 2                                             # K and V, 8 layers, one head of 64, bf16
+    assert rows["MHA"].kv_bytes_per_sequence == 6 * per * (512 + 1024)
+    assert rows["MQA"].kv_bytes_per_sequence == per * (512 + 1024)
+    assert rows["MQA-CLA2"].kv_bytes_per_sequence == per * (512 + 1024) // 2
+    assert rows["MHA"].max_batch == (2 ** 30 - 2 * 76_961_152) // (6 * per * 1536)
 
 
 def test_checkpoint_round_trip(tmp_path):

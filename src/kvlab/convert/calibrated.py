@@ -105,7 +105,8 @@ def attention_input_moments(model, batches, pairs: list[tuple[int, int]] | None 
     hooks = [block.self_attn.register_forward_pre_hook(hook(i)) for i, block in enumerate(model.layers)
              if i in wanted]
     if seq2seq:
-        hooks += [block.cross_attn.register_forward_pre_hook(hook(("cross", i))) for i, block in enumerate(model.layers)]
+        hooks += [block.cross_attn.register_forward_pre_hook(hook(("cross", i)))
+                  for i, block in enumerate(model.layers)]
         hooks.append(model.encoder.register_forward_hook(record_memory))
     try:
         with eval_mode(model):

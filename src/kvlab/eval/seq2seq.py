@@ -9,24 +9,34 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
+from kvlab.data.chat import IGNORE_INDEX
 from kvlab.data.instruct import task_kind
 from kvlab.data.seq2seq import Pair, Seq2SeqBatches, encode_text
 from kvlab.inference.seq2seq import generate_seq2seq
 from kvlab.models.modes import eval_mode
-from kvlab.training.objectives import Seq2SeqCrossEntropy
+
+
+def target_nll(model, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, int]:
+    """The summed cross-entropy of a ``(src, src_mask, tgt_in, labels)`` batch's labelled target tokens
+    (teacher forcing), and how many there are (the training objective's loss and count too)."""
+    src, src_mask, tgt_in, labels = batch
+    logits = model(src, tgt_in, src_mask=src_mask)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, int((labels != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
 def target_loss(model, pairs: Sequence[Pair], tokenizer, *, batch_size: int = 32) -> dict:
     """Mean cross-entropy (nats) per target token, and its perplexity."""
     batches = Seq2SeqBatches(pairs, tokenizer, model.cfg.decoder_start_token_id, batch_size)
-    objective, total, count = Seq2SeqCrossEntropy(), 0.0, 0
+    total, count = 0.0, 0
     with eval_mode(model):
         for batch in batches.all_batches():
-            batch = tuple(t.to(model.device) for t in batch)
-            total += float(objective.loss(model, batch))
-            count += objective.count(batch)
+            nll, n = target_nll(model, tuple(t.to(model.device) for t in batch))
+            total += float(nll)
+            count += n
     return {"loss": total / count, "perplexity": math.exp(total / count), "target_tokens": count}
 
 

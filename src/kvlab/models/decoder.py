@@ -129,7 +129,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.score_outputs:      # a reward model's head, read at the last real token (sequence_scores)
             self.score = nn.Linear(cfg.d_model, cfg.score_outputs, bias=False)
-        self.add_modules(cfg)
+        self.build_extra_modules(cfg)
         # RoPE frequencies live outside the module state, in float32, so that model.to(bf16) or
         # loading from the meta device can never degrade them.
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -139,7 +139,7 @@ class Transformer(nn.Module):
         self.prompt_adapter = None
         self.reset_parameters()
 
-    def add_modules(self, cfg: ModelConfig) -> None:
+    def build_extra_modules(self, cfg: ModelConfig) -> None:
         """Where a subclass adds modules of its own (an encoder) before the parameters are initialised."""
 
     def rope_inv_freq(self, device: torch.device) -> torch.Tensor:

@@ -105,7 +105,7 @@ class EncoderDecoder(Transformer):
                               "builds a kvlab.models.Transformer")
         super().__init__(cfg)
 
-    def add_modules(self, cfg: ModelConfig) -> None:
+    def build_extra_modules(self, cfg: ModelConfig) -> None:
         self.encoder = Encoder(cfg)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,

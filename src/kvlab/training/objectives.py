@@ -23,6 +23,7 @@ from torch import nn
 
 from kvlab.data.chat import IGNORE_INDEX
 from kvlab.errors import ConfigError
+from kvlab.eval.seq2seq import target_nll
 
 __all__ = ["IGNORE_INDEX", "AttentionTransfer", "CrossEntropy", "Distillation", "Objective", "Seq2SeqCrossEntropy"]
 
@@ -91,10 +92,7 @@ class Seq2SeqCrossEntropy(Objective):
     name = "seq2seq"
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        src, src_mask, tgt_in, labels = batch
-        logits = model(src, tgt_in, src_mask=src_mask)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        return target_nll(model, batch)[0]
 
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return int((batch[3] != IGNORE_INDEX).sum())

@@ -62,6 +62,47 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_token_lists(rows, vocab_size: int, max_new_tokens: int, what: str) -> list[list[int]]:
+    """Prompts (or an encoder–decoder's sources) as lists of ints, after one-line checks: a non-empty
+    list of non-empty token-id lists inside the vocabulary, and a non-negative ``max_new_tokens``."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows.tolist()
+    if not rows or isinstance(rows[0], int):
+        raise ConfigError(f"{what}s must be a non-empty list of token-id lists, e.g. [[1, 2, 3]]")
+    for i, row in enumerate(rows):
+        if len(row) == 0:
+            raise ConfigError(f"{what} {i} is empty; every {what} needs at least one token")
+        bad = [t for t in row if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ConfigError(f"{what} {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab_size})")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    return [list(map(int, row)) for row in rows]
+
+
+def sampling_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], max_new_tokens: int,
+                  params: SamplingParams, generator: torch.Generator | None, stop: torch.Tensor,
+                  on_token: Callable[[int, int], None] | None) -> list[list[int]]:
+    """Choose a token per row from ``logits (B, vocab)``, then ``step(tokens)`` for the next logits,
+    until every row has emitted a ``stop`` token or ``max_new_tokens`` are chosen; a finished row's
+    later tokens are computed but not kept. Returns each row's tokens (its stop token last)."""
+    outputs: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, params, generator)
+        done = finished.tolist()
+        for row, tok in enumerate(nxt.tolist()):
+            if not done[row]:
+                outputs[row].append(tok)
+                if on_token is not None:
+                    on_token(row, tok)
+        finished |= torch.isin(nxt, stop)
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            break
+        logits = step(nxt)
+    return outputs
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(tokens, attention_mask)``; the mask is None when all prompts have the same length."""
@@ -91,18 +132,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     """
     cfg = model.cfg
     params = SamplingParams(temperature, top_k, top_p)
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    if not prompts or isinstance(prompts[0], int):
-        raise ConfigError("prompts must be a non-empty list of token-id lists, e.g. [[1, 2, 3]]")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ConfigError(f"prompt {i} is empty; every prompt needs at least one token")
-        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ConfigError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    prompts = check_token_lists(prompts, cfg.vocab_size, max_new_tokens, "prompt")
     longest = max(len(p) for p in prompts) + max_new_tokens
     if cfg.extrapolates(longest):
         if cfg.pos == "learned":
@@ -122,24 +152,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     tokens, mask = left_pad(prompts, pad_id, model.device)
     B = len(prompts)
-    outputs: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
-        return outputs
+        return [[] for _ in range(B)]
     cache = model.new_cache(B, model.n_virtual_tokens + tokens.shape[1] + max_new_tokens, dtype=cache_dtype,
                             kv_quant=kv_quant)
     logits = model(tokens, attention_mask=mask, cache=cache, backend=backend, logits_to_keep=1)[:, -1]
-    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, params, generator)
-        nxt_list = nxt.tolist()
-        done = finished.tolist()
-        for row, tok in enumerate(nxt_list):
-            if not done[row]:
-                outputs[row].append(tok)
-                if on_token is not None:
-                    on_token(row, tok)
-        finished |= torch.isin(nxt, stop)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        logits = model(nxt.unsqueeze(1), cache=cache, backend=backend)[:, -1]
-    return outputs
+    return sampling_loop(logits, lambda nxt: model(nxt.unsqueeze(1), cache=cache, backend=backend)[:, -1],
+                         max_new_tokens, params, generator, stop, on_token)

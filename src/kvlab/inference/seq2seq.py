@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvlab.errors import ConfigError
-from kvlab.inference.generation import SamplingParams, sample_next
+from kvlab.inference.generation import SamplingParams, check_token_lists, sampling_loop
 from kvlab.models.encoder_decoder import EncoderDecoder
 
 
@@ -43,18 +43,7 @@ def _check(model: EncoderDecoder, sources, max_new_tokens: int, num_beams: int) 
     cfg = model.cfg
     if not cfg.is_encoder_decoder:
         raise ConfigError("generate_seq2seq needs an encoder–decoder; a decoder-only model uses kvlab.generate")
-    if isinstance(sources, torch.Tensor):
-        sources = sources.tolist()
-    if not sources or isinstance(sources[0], int):
-        raise ConfigError("sources must be a non-empty list of token-id lists, e.g. [[1, 2, 3]]")
-    for i, s in enumerate(sources):
-        if len(s) == 0:
-            raise ConfigError(f"source {i} is empty; every source needs at least one token")
-        bad = [t for t in s if not 0 <= int(t) < cfg.vocab_size]
-        if bad:
-            raise ConfigError(f"source {i} has token id(s) {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    sources = check_token_lists(sources, cfg.vocab_size, max_new_tokens, "source")
     if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
         raise ConfigError(f"num_beams={num_beams!r} must be a positive integer (1: no beam search)")
     if cfg.decoder_start_token_id is None:
@@ -64,7 +53,7 @@ def _check(model: EncoderDecoder, sources, max_new_tokens: int, num_beams: int) 
     if cfg.extrapolates(longest):
         warnings.warn(f"a sequence of {longest} tokens goes past the context this model was trained for "
                       f"(max_seq_len={cfg.max_seq_len}); expect worse text beyond it", stacklevel=3)
-    return [list(map(int, s)) for s in sources]
+    return sources
 
 
 @torch.inference_mode()
@@ -103,21 +92,8 @@ def generate_seq2seq(model: EncoderDecoder, sources: Sequence[Sequence[int]], ma
     cache = model.new_cache(B, max_new_tokens + 1, dtype=cache_dtype)
     start = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=model.device)
     logits = model(None, start, memory=memory, cache=cache, backend=backend)[:, -1]
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, params, generator)
-        done = finished.tolist()
-        for row, tok in enumerate(nxt.tolist()):
-            if not done[row]:
-                outputs[row].append(tok)
-                if on_token is not None:
-                    on_token(row, tok)
-        finished |= torch.isin(nxt, stop)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            break
-        logits = model(None, nxt.unsqueeze(1), cache=cache, backend=backend)[:, -1]
-    return outputs
+    return sampling_loop(logits, lambda nxt: model(None, nxt.unsqueeze(1), cache=cache, backend=backend)[:, -1],
+                         max_new_tokens, params, generator, stop, on_token)
 
 
 class _Hypotheses:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.data.chat import IGNORE_INDEX
-from kvlab.data.instruct import task_kind
 from kvlab.data.seq2seq import Pair, Seq2SeqBatches, encode_text
+from kvlab.eval.tasks import exact_match_scores
 from kvlab.inference.seq2seq import generate_seq2seq
 from kvlab.models.modes import eval_mode
 
@@ -55,15 +55,5 @@ def exact_match(model, pairs: Sequence[Pair], tokenizer, *, max_new_tokens: int 
             seconds += time.perf_counter() - t0
             replies += [tokenizer.decode([t for t in o if t not in stop], skip_special_tokens=True).strip()
                         for o in outs]
-    correct, per_task, samples = 0, {}, []
-    for (source, target), reply in zip(pairs, replies):
-        ok = reply == target.strip()
-        correct += ok
-        kind = task_kind(source)
-        hit, total = per_task.get(kind, (0, 0))
-        per_task[kind] = (hit + ok, total + 1)
-        if len(samples) < 5:
-            samples.append({"source": source, "expected": target, "reply": reply})
-    return {"accuracy": correct / len(pairs), "n": len(pairs), "num_beams": num_beams,
-            "per_task": {k: h / t for k, (h, t) in sorted(per_task.items())}, "samples": samples,
+    return {**exact_match_scores(pairs, replies, question="source"), "num_beams": num_beams,
             "seconds_per_sample": seconds / len(pairs), "batch_size": batch_size}

@@ -29,14 +29,20 @@ def task_accuracy(model, tokenizer, conversations: Sequence[Sequence[dict]], *, 
     if replies is None:
         replies = greedy_replies(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, backend=backend)
+    return exact_match_scores([(c[1]["content"], c[-1]["content"]) for c in conversations], replies)
+
+
+def exact_match_scores(items: Sequence[tuple[str, str]], replies: Sequence[str], question: str = "question") -> dict:
+    """Exact-match accuracy of ``replies`` against each ``(question, expected)`` item (both stripped),
+    per built-in task family, with the first five as samples (their question under ``question``)."""
     correct, per_task, samples = 0, {}, []
-    for c, reply in zip(conversations, replies):
-        ok = reply == c[-1]["content"].strip()
+    for (asked, expected), reply in zip(items, replies):
+        ok = reply == expected.strip()
         correct += ok
-        kind = task_kind(c[1]["content"])
+        kind = task_kind(asked)
         hit, total = per_task.get(kind, (0, 0))
         per_task[kind] = (hit + ok, total + 1)
         if len(samples) < 5:
-            samples.append({"question": c[1]["content"], "expected": c[-1]["content"], "reply": reply})
-    return {"accuracy": correct / len(conversations), "n": len(conversations),
+            samples.append({question: asked, "expected": expected, "reply": reply})
+    return {"accuracy": correct / len(items), "n": len(items),
             "per_task": {k: h / t for k, (h, t) in sorted(per_task.items())}, "samples": samples}

@@ -2,7 +2,9 @@
 training tokens for every cell, validation perplexity after.
 
 Starting points: MQA by mean pooling (the GQA paper's), MQA by calibrated merging, MLA (latent 160
-+ RoPE key 32, KV/2) by PCA, and that MLA followed by the output refit (``kvlab.convert.refit``).
++ RoPE key 32, KV/2) by PCA, that MLA followed by the output refit (``kvlab.convert.refit``), and
+low-rank K/V latents fitted and allocated by the loss at the same bytes (``kvlab shrink``'s start
+since 2026-11-30; ``--kd-lr 3e-5`` is the rate it distils at).
 Objectives on the training loop: ``lm`` (the language-model loss on all
 weights: the papers' uptraining), ``transfer`` (layer-wise attention transfer, attention weights),
 ``kd`` (logit distillation from the original, attention weights), ``transfer+kd`` (30 % / 70 % of
@@ -28,6 +30,7 @@ import torch
 import kvlab
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
+from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments
 from kvlab.convert.mla import convert_to_mla
 from kvlab.convert.refit import refit_outputs
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
@@ -36,7 +39,7 @@ from kvlab.eval.perplexity import evaluate
 from kvlab.peft.lora import LoraConfig, apply_lora, merge_and_unload
 from kvlab.training import AttentionTransfer, CrossEntropy, Distillation, TrainConfig, train
 
-STARTS = ("MQA mean", "MQA calibrated", "MLA 160+32 pca", "MLA 160+32 pca+refit")
+STARTS = ("MQA mean", "MQA calibrated", "MLA 160+32 pca", "MLA 160+32 pca+refit", "Low-rank 192 allocated")
 OBJECTIVES = ("lm", "transfer", "kd", "transfer+kd")
 TRAIN_SETS = ("attention", "all", "lora")
 DEFAULT_CELLS = ("MQA mean:lm;MQA mean:transfer+kd;MQA calibrated:lm;MQA calibrated:transfer+kd;"
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--cells", default=DEFAULT_CELLS, help="';'-separated START:OBJECTIVE pairs")
+    ap.add_argument("--kd-lr", type=float, default=1e-4, help="distillation's learning rate (kvlab shrink: 3e-5)")
     ap.add_argument("--out", default="benchmarks/results/recovery_ablation.json")
     args = ap.parse_args()
     base = kvlab.load(args.model)
@@ -63,7 +67,13 @@ def main() -> None:
     mqa = base.cfg.replace(n_kv_head=1)
     moments = attention_input_moments(base, calibration, needed_moments(base.cfg, mqa))
 
+    loss_moments = {}
+
     def start(name: str):
+        if name == "Low-rank 192 allocated":
+            if not loss_moments:
+                loss_moments.update(kv_loss_moments(base, calibration))
+            return convert_to_lowrank(base, channels=192, moments=moments, loss_moments=loss_moments)
         if name == "MQA mean":
             return convert(base, n_kv_head=1, method="mean")
         if name == "MQA calibrated":
@@ -102,7 +112,7 @@ def main() -> None:
         run(model, AttentionTransfer(base), n_transfer, 3e-4, "attention", 1)
         if train_set == "lora" and n_kd:
             apply_lora(model, LoraConfig(r=16, alpha=32.0, target_modules=("gate_proj", "up_proj", "down_proj")))
-        run(model, Distillation(base), n_kd, 1e-4, "attention+adapter" if train_set == "lora" else train_set, 2)
+        run(model, Distillation(base), n_kd, args.kd_lr, "attention+adapter" if train_set == "lora" else train_set, 2)
         if train_set == "lora" and n_kd:
             merge_and_unload(model)
         run(model, CrossEntropy(), args.steps if objective == "lm" else 0, 1e-4, "all", 3)
@@ -113,7 +123,8 @@ def main() -> None:
         print(f"{start_name:16} {objective:12} {train_set:9} alpha0 {alpha0[start_name]:10.2f} -> "
               f"{rows[-1]['perplexity']:8.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
     meta = {"model": args.model, "data_fingerprint": corpus_fingerprint(docs), "steps": args.steps,
-            "seq_len": args.seq_len, "eval_tokens": args.eval_tokens, "lr": {"transfer": 3e-4, "kd": 1e-4, "lm": 1e-4},
+            "seq_len": args.seq_len, "eval_tokens": args.eval_tokens,
+            "lr": {"transfer": 3e-4, "kd": args.kd_lr, "lm": 1e-4},
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -288,6 +288,24 @@ def test_convert_to_lowrank_equals_the_python_api(capsys, tmp_path):
         torch.testing.assert_close(converted.state_dict()[k], v)
 
 
+def test_convert_to_lowrank_allocated_by_the_loss_equals_the_python_api(capsys, tmp_path):
+    from kvlab.convert import convert_to_lowrank
+    from kvlab.data.windows import calibration_batches
+
+    model = make_model(n_kv_head=2)
+    save_checkpoint(model, tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--latent-channels", "20",
+                       "--calibration-tokens", "1024", "-o", str(tmp_path / "low"))
+    assert code == 0 and "(20 per layer on average) (fisher)" in out and "512 -> 160" in out, out
+    converted = kvlab.load(tmp_path / "low")
+    same = convert_to_lowrank(model, channels=20, calibration=calibration_batches(ByteTokenizer(), 1024))
+    assert converted.cfg == same.cfg and converted.cfg.attn_kind == "lowrank"
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v)
+    code, out, _ = run(capsys, "info", str(tmp_path / "low"))
+    assert code == 0 and "per layer (mean" in out and "Low-rank K~" in out, out
+
+
 def test_kv_quant_in_generate_eval_plan_and_info(capsys, tmp_path):
     from kvlab.config.accounting import cache_bytes
     from kvlab.data.corpus import builtin_corpus

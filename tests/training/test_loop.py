@@ -188,3 +188,39 @@ def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
     from kvlab import load
 
     assert load(tmp_path / "two" / "final").cfg.n_kv_head == 2
+
+
+class _StopAfter:
+    """Hooks asking the loop to stop after step ``n`` (a spent wall-time budget, made deterministic)."""
+
+    def __init__(self, n: int):
+        self.n, self.step = n, 0
+
+    def regularizer(self):
+        return 0.0
+
+    def after_step(self, step: int) -> None:
+        self.step = step
+
+    def stop_requested(self) -> bool:
+        return self.step >= self.n
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_a_stop_request_checkpoints_that_step_and_a_resume_finishes_like_an_uninterrupted_run(tmp_path):
+    cfg = dict(max_steps=8, seq_len=32, batch_size=4, lr=1e-3, warmup_steps=1, save_every=100)
+    full = make_model()
+    train(full, Windows(TOKENS, 32, 4), None, TrainConfig(out_dir=str(tmp_path / "full"), **cfg), quiet=True)
+    model = make_model()
+    summary = train(model, Windows(TOKENS, 32, 4), None, TrainConfig(out_dir=str(tmp_path / "cut"), **cfg),
+                    quiet=True, hooks=_StopAfter(3))
+    assert summary["step"] == 3 and [d.name for d in checkpoint_dirs(tmp_path / "cut")] == ["step_0000003"]
+    train(model, Windows(TOKENS, 32, 4), None, TrainConfig(out_dir=str(tmp_path / "cut"), **cfg), quiet=True,
+          resume=True)
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)

@@ -3,6 +3,9 @@
 
 Per token a producer layer caches a key latent of ``k_rank`` channels and a value latent of
 ``v_rank`` channels — ``(k_rank + v_rank) × bytes`` per token and layer, whatever the head count.
+The widths are the config's ``k_rank``/``v_rank`` or, per layer, the layer spec's options of the
+same names (``{"kind": "lowrank", "k_rank": 40, "v_rank": 150}``): a conversion that allocates the
+budget across layers gives each its own (:func:`kvlab.convert.lowrank.allocate_ranks`).
 At every call its up-projections rebuild the layer's ``n_kv_head`` keys and values from the
 latents of all the keys the queries see, and RoPE rotates the rebuilt keys at their own positions;
 attention then runs as GQA (query head ``h`` reads KV head ``h // q_per_kv``).
@@ -47,7 +50,7 @@ class LowRankAttention(nn.Module):
         super().__init__()
         wire_layer(self, cfg, layer_idx)
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.k_rank, self.v_rank = cfg.k_rank, cfg.v_rank
+        self.k_rank, self.v_rank = layer_ranks(cfg, layer_idx)
         self.use_rope = cfg.pos == "rope"
         d, kv_out = cfg.d_model, cfg.n_kv_head * cfg.head_dim
         self.q_proj = nn.Linear(d, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
@@ -108,6 +111,12 @@ class LowRankAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+def layer_ranks(cfg: ModelConfig, layer: int) -> tuple[int, int]:
+    """``(k_rank, v_rank)`` of ``layer``: its spec's options, else the config's."""
+    options = cfg.layer_specs[layer].options
+    return options.get("k_rank", cfg.k_rank), options.get("v_rank", cfg.v_rank)
+
+
 def _key_rope_tables(ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables at the key positions of this call (cache slots are positions), once per call."""
     if ctx.k_pos is ctx.q_pos and ctx.cos is not None and ctx.cos.dtype == dtype:
@@ -122,19 +131,19 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
                  device) -> LatentLayer | None:
     if not is_producer(cfg, layer):
         return None
-    return LatentLayer(batch_size, max_len, cfg.k_rank + cfg.v_rank, dtype=dtype, device=device)
+    return LatentLayer(batch_size, max_len, sum(layer_ranks(cfg, layer)), dtype=dtype, device=device)
 
 
 def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
     if not is_producer(cfg, layer):
         return CacheBytes()
-    return CacheBytes(per_token=cache_vector_bytes(cfg.k_rank + cfg.v_rank, dtype, kv_quant))
+    return CacheBytes(per_token=cache_vector_bytes(sum(layer_ranks(cfg, layer)), dtype, kv_quant))
 
 
 def _param_count(cfg: ModelConfig, layer: int) -> int:
     count = cfg.query_output_params()
     if is_producer(cfg, layer):
-        ranks = cfg.k_rank + cfg.v_rank
+        ranks = sum(layer_ranks(cfg, layer))
         count += (cfg.d_model + (1 if cfg.qkv_bias else 0)) * ranks + ranks * cfg.n_kv_head * cfg.head_dim
     return count                                                         # + k/v_down, k/v_up
 
@@ -144,8 +153,9 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
     if cfg.sink_positions == "cache" and cfg.layer_sinks(layer):
         raise ConfigError(f"layer {layer}: sink_positions='cache' is built for gqa layers; a lowrank layer keeps its "
                           f"sinks at their original positions (use sink_positions='original')")
-    for name in ("k_rank", "v_rank"):
-        value = getattr(cfg, name)
+    if not is_producer(cfg, layer):
+        return                    # a CLA consumer reads its producer's keys and values: no latent of its own
+    for name, value in zip(("k_rank", "v_rank"), layer_ranks(cfg, layer)):
         if value is None:
             raise ConfigError(f"layer {layer} is a lowrank layer but {name} is not set; give the latent width, "
                               f"e.g. {name}={cfg.n_kv_head * cfg.head_dim // 2} (half of n_kv_head x head_dim)")
@@ -155,7 +165,8 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 
 LOWRANK = register_kind(AttentionKind(
     name="lowrank", module=LowRankAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
-    param_count=_param_count, options=("window", "sinks", "sparse"), validate=_validate, reach=window_reach,
+    param_count=_param_count, options=("window", "sinks", "sparse", "k_rank", "v_rank"), validate=_validate,
+    reach=window_reach,
     description="low-rank K/V cache (Palu): key and value latents per token, keys rebuilt and then rotated",
     examples={
         "lowrank": dict(attn_kind="lowrank", k_rank=6, v_rank=10),
@@ -163,4 +174,7 @@ LOWRANK = register_kind(AttentionKind(
         "lowrank-cla2": dict(attn_kind="lowrank", k_rank=8, v_rank=8, cla=2),
         "lowrank-window": dict(attn_kind="lowrank", k_rank=8, v_rank=12, sliding_window=4),
         "lowrank-alibi": dict(attn_kind="lowrank", k_rank=8, v_rank=8, pos="alibi"),
+        "lowrank-per-layer": dict(attn_kind="lowrank", n_layer=3, attention_layers=[
+            {"kind": "lowrank", "k_rank": 3, "v_rank": 13}, {"kind": "lowrank", "k_rank": 9, "v_rank": 5},
+            {"kind": "lowrank", "k_rank": 6, "v_rank": 10, "window": 4}]),
     }))

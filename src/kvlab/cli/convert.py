@@ -39,12 +39,18 @@ def add_parser(sub) -> None:
                         "rebuilt from it and then rotated, so RoPE is kept whole (give --v-rank too)")
     p.add_argument("--v-rank", type=int, metavar="R",
                    help="low-rank K/V: the value latent's channels (PCA of the calibration keys and values)")
+    p.add_argument("--latent-channels", type=int, metavar="N",
+                   help="low-rank K/V with N key + value latent channels per layer on average, split across layers "
+                        "and between keys and values by each component's estimated effect on the loss (--method "
+                        "fisher); instead of --k-rank/--v-rank")
     p.add_argument("--method", default=None,
-                   choices=["mean", "first", "random", "calibrated", "pca", "whitened"],
+                   choices=["mean", "first", "random", "calibrated", "pca", "whitened", "fisher"],
                    help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
                         "K/V heads to the original ones on calibration text, RoPE-aware, queries and output "
                         "projections adjusted (default: mean); for --mla: pca (default: joint PCA of the "
-                        "calibration K/V) or whitened (weighted by the queries and the output projection)")
+                        "calibration K/V) or whitened (weighted by the queries and the output projection); for "
+                        "--k-rank/--v-rank: pca (default) or fisher (errors weighted by the loss's gradient; the "
+                        "default and only choice for --latent-channels)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
                    help="--method calibrated, --mla and --refit: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
@@ -70,20 +76,20 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, "kvlab-checkpoint", overwrite=args.overwrite)    # before any work
     refuse_output_over_input(args.output, [args.model])
 
-    if (args.cross_kv_heads is not None or args.cross_cla is not None) and (
-            args.mla is not None or args.k_rank is not None or args.v_rank is not None):
+    lowrank = args.k_rank is not None or args.v_rank is not None or args.latent_channels is not None
+    if (args.cross_kv_heads is not None or args.cross_cla is not None) and (args.mla is not None or lowrank):
         raise UsageError("kvlab convert: --cross-kv-heads/--cross-cla pool an encoder–decoder's heads; give them "
-                         "without --mla/--k-rank/--v-rank")
+                         "without --mla/--k-rank/--v-rank/--latent-channels")
     if args.mla is not None:
-        return _run_mla(args)
-    if args.k_rank is not None or args.v_rank is not None:
+        return _run_mla(args, lowrank)
+    if lowrank:
         return _run_lowrank(args)
     if args.rope_dim is not None or args.latent_norm:
         raise UsageError("kvlab convert: --rope-dim and --latent-norm go with --mla RANK")
     args.method = args.method or "mean"
-    if args.method in ("pca", "whitened"):
-        raise UsageError(f"kvlab convert: --method {args.method} goes with --mla; pooling heads uses "
-                         f"mean/first/random/calibrated")
+    if args.method in ("pca", "whitened", "fisher"):
+        raise UsageError(f"kvlab convert: --method {args.method} goes with --mla or low-rank K/V; pooling heads "
+                         f"uses mean/first/random/calibrated")
     cross = args.cross_kv_heads is not None or args.cross_cla is not None
     if args.kv_heads is None and not args.mqa and args.cla is None and not cross:
         raise UsageError("kvlab convert: give --kv-heads G, --mqa and/or --cla K (an encoder–decoder also "
@@ -159,13 +165,12 @@ def _fit_and_save(args: argparse.Namespace, plan, convert_fn, change: dict):
     return before, new
 
 
-def _run_mla(args: argparse.Namespace) -> int:
+def _run_mla(args: argparse.Namespace, lowrank: bool) -> int:
     from kvlab.convert.mla import convert_to_mla, plan_mla
 
-    if args.kv_heads is not None or args.mqa or args.cla is not None or args.k_rank is not None \
-            or args.v_rank is not None:
+    if args.kv_heads is not None or args.mqa or args.cla is not None or lowrank:
         raise UsageError("kvlab convert: --mla replaces every layer's attention; "
-                         "give it without --kv-heads/--mqa/--cla/--k-rank/--v-rank")
+                         "give it without --kv-heads/--mqa/--cla/--k-rank/--v-rank/--latent-channels")
     method = args.method or "pca"
     if method not in ("pca", "whitened"):
         raise UsageError(f"kvlab convert: --mla is fitted on calibration text; --method {method} is not one of "
@@ -179,23 +184,46 @@ def _run_mla(args: argparse.Namespace) -> int:
 
 
 def _run_lowrank(args: argparse.Namespace) -> int:
-    from kvlab.convert.lowrank import convert_to_lowrank, plan_lowrank
+    from kvlab.attention.lowrank import layer_ranks
+    from kvlab.convert.lowrank import check_channels, convert_to_lowrank, plan_lowrank
 
-    if args.k_rank is None or args.v_rank is None:
-        raise UsageError("kvlab convert: low-rank K/V needs both --k-rank R and --v-rank R")
+    if args.latent_channels is not None and (args.k_rank is not None or args.v_rank is not None):
+        raise UsageError("kvlab convert: give --latent-channels N (allocated by the loss) or --k-rank R --v-rank R, "
+                         "not both")
+    if args.latent_channels is None and (args.k_rank is None or args.v_rank is None):
+        raise UsageError("kvlab convert: low-rank K/V needs both --k-rank R and --v-rank R (or --latent-channels N)")
     if args.kv_heads is not None or args.mqa:
-        raise UsageError("kvlab convert: --k-rank/--v-rank compress the K/V heads the model has; convert the heads "
+        raise UsageError("kvlab convert: low-rank K/V compress the K/V heads the model has; convert the heads "
                          "(--kv-heads/--mqa) in a separate run first if you want both")
     if args.cla is not None:
-        raise UsageError("kvlab convert: --k-rank/--v-rank keep the model's layer sharing; share layers (--cla) in "
+        raise UsageError("kvlab convert: low-rank K/V keep the model's layer sharing; share layers (--cla) in "
                          "a separate run first if you want both")
     if args.rope_dim is not None or args.latent_norm:
         raise UsageError("kvlab convert: --rope-dim and --latent-norm go with --mla RANK; low-rank K/V keep RoPE whole")
-    if (args.method or "pca") != "pca":
-        raise UsageError(f"kvlab convert: --k-rank/--v-rank are fitted by PCA of the calibration keys and values; "
-                         f"--method {args.method} does not apply")
-    before, new = _fit_and_save(args, plan_lowrank, convert_to_lowrank, dict(k_rank=args.k_rank, v_rank=args.v_rank))
-    print(f"{args.model} -> {args.output}: low-rank K/V, key latent {args.k_rank} + value latent {args.v_rank} "
-          f"channels per layer (pca); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
-          f"{new.cfg.kv_bytes_per_token('bf16'):,}")
+    method = args.method or ("fisher" if args.latent_channels is not None else "pca")
+    if method not in ("pca", "fisher"):
+        raise UsageError(f"kvlab convert: low-rank K/V are fitted by PCA of the calibration keys and values, plain "
+                         f"(pca) or weighted by the loss (fisher); --method {method} does not apply")
+    if args.latent_channels is not None and method != "fisher":
+        raise UsageError("kvlab convert: --latent-channels splits the budget by each component's estimated loss, "
+                         "which --method fisher measures; give --k-rank/--v-rank for --method pca")
+    if args.latent_channels is not None:
+        change = dict(channels=args.latent_channels, method=method)
+
+        def plan(cfg, channels, method):            # the widths are known only after calibration
+            check_channels(cfg, channels)
+            return plan_lowrank(cfg, k_rank=1, v_rank=1)
+    else:
+        change = dict(k_rank=args.k_rank, v_rank=args.v_rank, method=method)
+
+        def plan(cfg, k_rank, v_rank, method):
+            return plan_lowrank(cfg, k_rank=k_rank, v_rank=v_rank)
+    before, new = _fit_and_save(args, plan, convert_to_lowrank, change)
+    ranks = [layer_ranks(new.cfg, i) for i in new.cfg.kv_producers]
+    ks, vs = [k for k, _ in ranks], [v for _, v in ranks]
+    widths = (f"key latent {ks[0]} + value latent {vs[0]} channels per layer" if len(set(ks)) == len(set(vs)) == 1
+              else f"key latents {min(ks)}-{max(ks)} + value latents {min(vs)}-{max(vs)} channels "
+                   f"({(sum(ks) + sum(vs)) / len(ks):g} per layer on average)")
+    print(f"{args.model} -> {args.output}: low-rank K/V, {widths} ({method}); KV bytes per token (bf16) "
+          f"{before.kv_bytes_per_token('bf16'):,} -> {new.cfg.kv_bytes_per_token('bf16'):,}")
     return 0

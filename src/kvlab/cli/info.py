@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
         ("heads", f"{cfg.n_head} query, latent {cfg.kv_lora_rank} + shared RoPE key {cfg.qk_rope_head_dim} channels "
                   f"(query/key {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, value {cfg.v_head_dim})"
          if cfg.attn_kind == "mla" and cfg.attention_layers is None else
-         f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}, rebuilt from a key "
-         f"latent of {cfg.k_rank} + a value latent of {cfg.v_rank} channels"
-         if cfg.attn_kind == "lowrank" and cfg.attention_layers is None else
+         f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}, rebuilt from "
+         + _lowrank_widths(cfg)
+         if {s.kind for s in cfg.layer_specs} == {"lowrank"} else
          f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
         ("KV-producing layers", f"{cfg.n_kv_layers} of {cfg.n_layer}"
          + ("" if cfg.n_kv_layers == cfg.n_layer else f"  (kv_source {cfg.kv_sources})")),
@@ -110,3 +110,14 @@ def _layer_details(cfg, layer: int) -> list[str]:
 
 def _cache_label(args: argparse.Namespace) -> str:
     return args.dtype if args.kv_quant == "none" else f"{args.kv_quant} K/V, {args.dtype} otherwise"
+
+
+def _lowrank_widths(cfg) -> str:
+    from kvlab.attention.lowrank import layer_ranks
+
+    ranks = [layer_ranks(cfg, i) for i in cfg.kv_producers]
+    ks, vs = [k for k, _ in ranks], [v for _, v in ranks]
+    if len(set(ranks)) == 1:
+        return f"a key latent of {ks[0]} + a value latent of {vs[0]} channels"
+    return (f"key latents of {min(ks)}-{max(ks)} + value latents of {min(vs)}-{max(vs)} channels per layer "
+            f"(mean {sum(ks) / len(ks):.0f} + {sum(vs) / len(vs):.0f})")

@@ -12,8 +12,9 @@ from kvlab.cli.common import add_overwrite, device_arg, seed_arg
 def add_parser(sub) -> None:
     p = sub.add_parser("shrink", help="a KV cache N times smaller that keeps quality (convert, recover, evaluate)",
                        description="Enumerate the wirings that meet a KV budget (fewer KV heads, cross-layer sharing, "
-                                   "MLA latents), rank them at alpha=0 on calibration data, recover the best with "
-                                   "attention transfer then distillation from the original, evaluate on held-out "
+                                   "MLA and low-rank latents), rank them at alpha=0 on calibration data, recover "
+                                   "the best with attention transfer and/or distillation from the original, evaluate "
+                                   "on held-out "
                                    "text and chat prompts, and write the chosen model with a report.")
     p.add_argument("model", metavar="MODEL",
                    help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name")
@@ -24,7 +25,11 @@ def add_parser(sub) -> None:
                         help="wall time for the whole run (default 15; recovery gets what loading, ranking and "
                              "evaluation leave)")
     budget.add_argument("--tokens", type=int, metavar="N", help="training tokens over all recovered candidates")
-    p.add_argument("--candidates", type=int, default=2, metavar="K", help="how many top-ranked wirings to recover")
+    p.add_argument("--candidates", type=int, default=1, metavar="K",
+                   help="how many top-ranked wirings to recover (default 1; each gets an equal share of the time)")
+    p.add_argument("--kd-lr", type=float, default=3e-5, metavar="LR",
+                   help="distillation's peak learning rate (default 3e-5: the converted model starts close to the "
+                        "original, and larger rates undo that in the first steps)")
     p.add_argument("--train", choices=["attention", "all", "lora"], default="attention",
                    help="what distillation trains: the attention, all weights, or the attention plus LoRA on "
                         "the MLPs, merged at the end (attention transfer always trains the attention)")
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens is not None and args.tokens < 0:
         raise UsageError(f"kvlab shrink: --tokens {args.tokens} must be >= 0")
     common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed,
+                  kd_lr=args.kd_lr,
                   data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank,
                   refit=args.refit)
     if args.quick:

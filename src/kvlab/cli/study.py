@@ -9,7 +9,8 @@ from kvlab.cli.common import add_overwrite, device_arg, make_console, number_lis
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("study", help="the KV-cache study: pretrain, convert, uptrain, compare (the main job)",
+    p = sub.add_parser("study", help="the KV-cache study: pretrain, convert, uptrain, compare (the papers' "
+                                     "reproduction)",
                        description="Pretrain a small MHA model on the built-in corpus, convert it to GQA/MQA/CLA2/"
                                    "MQA-CLA2 (mean; MQA also first/random), evaluate at alpha=0 and after "
                                    "uptraining, train every variant from scratch, and measure perplexity, KV "

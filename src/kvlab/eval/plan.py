@@ -59,7 +59,7 @@ def _self_label(cfg: ModelConfig) -> str:
     if _is_latent(cfg) and cfg.attn_kind == "mla":
         base = f"MLA {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
     elif _is_latent(cfg):
-        base = f"Low-rank K{cfg.k_rank}+V{cfg.v_rank}"
+        base = _lowrank_label(cfg)
     elif kinds == {"linear"}:
         return f"Linear-{cfg.n_kv_head}"            # one state per KV head: no cache that grows
     else:
@@ -71,9 +71,26 @@ def _self_label(cfg: ModelConfig) -> str:
     return f"{base}-CLA{cfg.cla}" if cfg.cla > 1 else base
 
 
+def _lowrank_label(cfg: ModelConfig) -> str:
+    """Low-rank Kk+Vv, or with widths that differ between layers their means: Low-rank K~k+V~v."""
+    from kvlab.attention.lowrank import layer_ranks
+
+    ranks = [layer_ranks(cfg, i) for i in cfg.kv_producers]
+    if len(set(ranks)) == 1:
+        return f"Low-rank K{ranks[0][0]}+V{ranks[0][1]}"
+    k, v = (round(sum(r[j] for r in ranks) / len(ranks)) for j in (0, 1))
+    return f"Low-rank K~{k}+V~{v}"
+
+
 def _is_latent(cfg: ModelConfig) -> bool:
-    """Every layer caches latents (mla, lowrank): the cache does not depend on the KV head count."""
-    return cfg.attention_layers is None and cfg.attn_kind in ("mla", "lowrank")
+    """Every layer caches latents (mla, lowrank): the cache does not depend on the KV head count.
+    (A low-rank model whose layers have their own widths lists every layer, all of its kind.)"""
+    if cfg.attn_kind not in ("mla", "lowrank"):
+        return False
+    if cfg.attention_layers is None:
+        return True
+    return cfg.attn_kind == "lowrank" and {s.kind for s in cfg.layer_specs} == {"lowrank"} \
+        and all(set(s.options) <= {"k_rank", "v_rank"} for s in cfg.layer_specs)
 
 
 def _wiring(cfg: ModelConfig) -> tuple:

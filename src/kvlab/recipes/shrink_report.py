@@ -55,7 +55,7 @@ def plot_recovery(results: dict, path: Path) -> None:
         for stage in r["stages"][:-1]:
             ax.axvline(stage["tokens"], color=line.get_color(), ls=":", lw=1)
     ax.axhline(results["original"]["proxy_ppl"], color="black", ls="--", lw=1, label="original")
-    ax.set_xlabel("training tokens (attention transfer, then distillation; dotted: the switch)")
+    ax.set_xlabel("training tokens (attention transfer where used, then distillation; dotted: the switch)")
     ax.set_ylabel("perplexity (held-out train-split windows)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -101,7 +101,8 @@ def write_report(results: dict, path: Path) -> None:
                      f"{r['train_tokens']:,} |")
     lines += ["", "## Every candidate at α = 0 (the ranking)", "",
               "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA, "
-              "PCA of the keys and values for low-rank), "
+              "PCA of the keys and values for low-rank: plain for the uniform splits, weighted by the loss's "
+              "gradient for the allocated one), "
               "no training; perplexity on held-out windows of the training split.", "",
               "With `--refit` (the run's `refit: true`), recovered candidates first get the output refit: each "
               "layer's output projection fitted in closed form to the original's attention output "
@@ -120,7 +121,9 @@ def write_report(results: dict, path: Path) -> None:
     lines += ["", "![perplexity against KV bytes](pareto.png)", "", "![recovery](recovery.png)", ""]
     timing = results["plan"].get("timing")
     if timing:
-        lines += [f"Planned from measured step times: attention transfer {timing['transfer_s_per_step']:.2f} s/step, "
-                  f"distillation {timing['kd_s_per_step']:.2f} s/step, {timing['train_seconds']:.0f} s of training.",
-                  ""]
+        transfer = (f"attention transfer {timing['transfer_s_per_step']:.2f} s/step, "
+                    if timing["transfer_s_per_step"] else "")
+        lines += [f"Planned from measured step times: {transfer}distillation {timing['kd_s_per_step']:.2f} s/step, "
+                  f"{timing['train_seconds']:.0f} s of training (a start fitted by the loss gets no attention "
+                  f"transfer, which would undo it).", ""]
     Path(path).write_text("\n".join(lines))

@@ -206,7 +206,9 @@ def train(model: Transformer, train_windows, val_windows, cfg: TrainConfig, *,
     (:meth:`Dist.from_env`) and windows built with this rank: each rank computes its rows of the
     global batch; rank 0 logs and writes checkpoints. ``hooks`` (AdaLoRA's rank allocator):
     ``regularizer()`` is added to the loss, ``after_step(n)`` runs after optimizer step ``n`` with
-    the gradients still present.
+    the gradients still present, and if the hooks have ``stop_requested()`` and it returns True
+    after a step (a wall-time budget spent), that step is checkpointed and training ends there;
+    ``summary["step"]`` says where.
     """
     dist_ctx = dist_ctx or Dist()
     objective = objective or CrossEntropy()
@@ -332,5 +334,8 @@ def _steps(model, wrapped, objective, optimizer, params, train_windows, val_wind
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         summary.update(record)                     # before saving: a Ctrl-C inside the save reports this step
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        stop = hooks is not None and getattr(hooks, "stop_requested", lambda: False)()
+        if done % cfg.save_every == 0 or done == cfg.max_steps or stop:
             last_good = save_training_checkpoint(out_dir, done, model, optimizer, cfg, dist_ctx, wrapped, hooks)
+        if stop:
+            break

@@ -25,7 +25,7 @@ from kvlab.convert.calibrated import attention_input_moments
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments
 from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
-from kvlab.recipes.shrink import _Curve, proxy_loss
+from kvlab.recipes.shrink import ProxyCurve, proxy_loss
 from kvlab.training import Distillation, TrainConfig, train
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         student = convert_to_lowrank(base, channels=args.channels, moments=moments, loss_moments=loss_moments)
         start = math.exp(proxy_loss(student, proxy, "cpu"))
         tokens_per_step = args.batch_size * 1024
-        curve = _Curve(student, proxy, "cpu", max(1, args.steps // 6), 0, tokens_per_step, args.steps, f"lr {lr:g}",
+        curve = ProxyCurve(student, proxy, "cpu", max(1, args.steps // 6), 0, tokens_per_step, args.steps, f"lr {lr:g}",
                        print)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

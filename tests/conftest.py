@@ -28,6 +28,17 @@ def make_model(seed: int = 0, **overrides) -> Transformer:
     return model
 
 
+def kind_config(base: dict, **changes) -> dict:
+    """``base`` (config fields with ``attn_kind`` and ``attn_options``) with ``changes``: those that
+    are options of the kind go into ``attn_options``, the rest are config fields."""
+    from kvlab.registry import get_kind
+
+    options = set(get_kind(base["attn_kind"]).options)
+    out = {**base, **{k: v for k, v in changes.items() if k not in options}}
+    out["attn_options"] = {**base.get("attn_options", {}), **{k: v for k, v in changes.items() if k in options}}
+    return out
+
+
 def fail_call(monkeypatch, model, n: int) -> None:
     """Make the ``n``-th forward call of ``model``'s class from now raise RuntimeError("simulated device
     failure") (servers and engines must survive a failed step)."""

@@ -47,8 +47,9 @@ def _linear(P, name, x):
 def _mla_qkv(cfg, P, pre, h, pos, kv, i, src):
     """Per-head queries, keys and values (n, H, ·) of an MLA layer, expanded from the latent."""
     n, H = h.shape[0], cfg.n_head
-    nope, R, dv, rank = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    if cfg.q_lora_rank is None:
+    o = cfg.layer_options(i)
+    nope, R, dv, rank = o["qk_nope_head_dim"], o["qk_rope_head_dim"], o["v_head_dim"], o["kv_lora_rank"]
+    if o["q_lora_rank"] is None:
         q = _linear(P, pre + ".q_proj", h)
     else:
         a = _linear(P, pre + ".q_a_proj", h)
@@ -59,7 +60,7 @@ def _mla_qkv(cfg, P, pre, h, pos, kv, i, src):
     if src == i:
         ckr = _linear(P, pre + ".kv_a_proj_with_mqa", h)
         c, k_rope = ckr[:, :rank], ckr[:, rank:]
-        if cfg.latent_norm:
+        if o["latent_norm"]:
             c = c / torch.sqrt((c * c).mean(-1, keepdim=True) + cfg.norm_eps) * P[pre + ".kv_a_layernorm.weight"]
         kv[i] = (c, _rope(k_rope.view(n, 1, R), pos, cfg.rope_theta)[:, 0])
     c, k_rope = kv[src]

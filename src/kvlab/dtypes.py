@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvlab.errors import ConfigError
@@ -38,39 +40,61 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 
 
 # ------------------------------------------------------------------ quantized KV caches
-# int8 / int4 codes in groups of QUANT_GROUP channels with float16 parameters per group — a scale
-# (int8, symmetric) or a scale and a minimum (int4, asymmetric) — see kvlab.cache.quantized; the
-# accounting counts them.
-KV_QUANT_BITS = {"int8": 8, "int4": 4}
-PARAMS_PER_GROUP = {"int8": 1, "int4": 2}
 QUANT_GROUP = 32
-PARAM_BYTES = 2
-
-
-def parse_kv_quant(name: str | None) -> str | None:
-    """``None``/``'none'`` -> None; ``'int8'``/``'int4'`` -> itself; anything else: one clear error."""
-    if name is None or str(name).lower() in ("none", ""):
-        return None
-    name = str(name).lower()
-    if name not in KV_QUANT_BITS:
-        raise ConfigError(f"unknown KV quantization {name!r}; use int8, int4 or none")
-    return name
+PARAM_BYTES = 2        # float16 parameters
 
 
 def quant_group(width: int) -> int:
-    """Channels per scale for vectors of ``width``: 32, or the whole vector when 32 does not divide it."""
+    """Channels per parameter group for vectors of ``width``: 32, or the whole vector when 32 does
+    not divide it (every format groups alike)."""
     return QUANT_GROUP if width % QUANT_GROUP == 0 else width
 
 
-def quantized_vector_bytes(width: int, kv_quant: str) -> int:
-    """Bytes of one cached vector of ``width`` channels under ``kv_quant``, its float16 parameters included."""
-    bits = KV_QUANT_BITS[kv_quant]
-    if bits == 4 and width % 2:
-        raise ConfigError(f"int4 packs two channels per byte; a cached vector of {width} channels cannot be packed "
-                          f"(use int8)")
-    return width * bits // 8 + PARAM_BYTES * PARAMS_PER_GROUP[kv_quant] * (width // quant_group(width))
+@dataclass(frozen=True)
+class KVQuant:
+    """A quantized KV-cache format: integer codes in groups of :data:`QUANT_GROUP` channels with float16
+    parameters per group — a scale (int8, symmetric: llama.cpp's q8_0) or a scale and a minimum
+    (int4, asymmetric: q4_1) — see :mod:`kvlab.cache.quantized`; the accounting counts them.
+
+    The format is parsed once, where a name enters kvlab (:func:`parse_kv_quant`: the CLI's
+    ``--kv-quant``, or the public functions a Python caller names it to — ``generate``, ``evaluate``,
+    ``new_cache``, the engine, ``cache_bytes``); the caches and the kinds take this value."""
+
+    name: str
+    bits: int
+    params_per_group: int
+
+    def __str__(self) -> str:
+        return self.name
+
+    def param_count(self, width: int) -> int:
+        """float16 parameters of one vector of ``width`` channels."""
+        return self.params_per_group * (width // quant_group(width))
+
+    def vector_bytes(self, width: int) -> int:
+        """Bytes of one cached vector of ``width`` channels, its float16 parameters included."""
+        if self.bits == 4 and width % 2:
+            raise ConfigError(f"int4 packs two channels per byte; a cached vector of {width} channels cannot be "
+                              f"packed (use int8)")
+        return width * self.bits // 8 + PARAM_BYTES * self.param_count(width)
 
 
-def cache_vector_bytes(width: int, dtype: str | torch.dtype, kv_quant: str | None = None) -> int:
+KV_QUANTS = {"int8": KVQuant("int8", 8, 1), "int4": KVQuant("int4", 4, 2)}
+
+
+def parse_kv_quant(value: str | KVQuant | None) -> KVQuant | None:
+    """``None``/``'none'`` -> None; ``'int8'``/``'int4'`` (or a :class:`KVQuant`) -> the format;
+    anything else: one clear error."""
+    if value is None or isinstance(value, KVQuant):
+        return value
+    name = str(value).lower()
+    if name in ("none", ""):
+        return None
+    if name not in KV_QUANTS:
+        raise ConfigError(f"unknown KV quantization {value!r}; use int8, int4 or none")
+    return KV_QUANTS[name]
+
+
+def cache_vector_bytes(width: int, dtype: str | torch.dtype, kv_quant: KVQuant | None = None) -> int:
     """Bytes of one cached vector: ``width × bytes(dtype)``, or its quantized size."""
-    return quantized_vector_bytes(width, kv_quant) if kv_quant else width * dtype_bytes(dtype)
+    return kv_quant.vector_bytes(width) if kv_quant else width * dtype_bytes(dtype)

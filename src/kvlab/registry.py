@@ -7,8 +7,11 @@ themselves when they are imported. Importing ``kvlab`` imports every built-in ki
 
 An **attention kind** is registered once, with everything the rest of kvlab needs to know about
 it: the module a layer of that kind is built from, the cache layer it keeps during generation,
-the closed-form cache bytes of one layer, the closed-form parameter count of one layer, and the
-options a layer spec may give. See ``docs/ARCHITECTURE.md``, "How to add an attention kind".
+the closed-form cache bytes of one layer, the closed-form parameter count of one layer, the
+options a layer spec may give and their defaults, its label in plans and reports, and its
+capabilities (prefix adapters, softmax scores, encoder–decoders, quantized caches, KV-head
+variants), which every feature that depends on them reads instead of naming kinds. See
+``docs/ARCHITECTURE.md``, "How to add an attention kind".
 
 An **attention backend** computes ``softmax(q·kᵀ·scale + bias, masked)·v`` for grouped queries;
 each says for a given call whether it can serve it (``supports``), so that ``auto`` picks one that
@@ -62,19 +65,47 @@ class CacheBytes:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What the rest of kvlab may do with layers of a kind. Every flag is off unless the kind says
+    otherwise, so a new kind is refused where it has not been thought through, with a one-line
+    error naming the kind, instead of being run as if it were softmax attention over full K/V."""
+
+    # Its layers read K/V prefixes written into their cache (prefix tuning, P-tuning v2: per-head
+    # keys and values of n_kv_head heads for every producer layer).
+    prefix_adapters: bool = False
+    # Its scores are softmax(q·kᵀ·scale) with the config's ``attn_scale`` as the scale (T5 folds the
+    # 1/sqrt(d) into its weights and sets attn_scale=1).
+    softmax_scores: bool = False
+    # It can be the decoder self-attention of an encoder–decoder.
+    encoder_decoder: bool = False
+    # Its per-token cache entries (the cache layer's ``token_fields``) may be stored as int8/int4
+    # codes (``kv_quant``, :mod:`kvlab.cache.quantized`), and its ``cache_bytes`` counts them so.
+    # A kind without per-token entries (a recurrent state) has nothing to quantize and is not refused.
+    quantizable_cache: bool = False
+    # Its cache holds ``n_kv_head`` heads per token, so fewer KV heads (GQA, MQA) make it smaller:
+    # the planner lists those variants. Latent caches (MLA, low-rank) do not depend on the head count.
+    kv_heads: bool = False
+
+
+@dataclass(frozen=True)
 class AttentionKind:
-    """One attention kind: how to build, cache, count and validate a layer of it.
+    """One attention kind: how to build, cache, count, name and validate a layer of it.
 
     ``module(cfg, layer) -> nn.Module`` builds the layer's attention; its ``forward(x, ctx)``
     reads and writes what it needs through the :class:`~kvlab.attention.context.ForwardContext`.
     ``cache_layer(cfg, layer, batch_size, max_len, dtype, device)`` returns the layer's cache
     layer, or ``None`` when the layer caches nothing itself (a CLA consumer).
-    ``cache_bytes(cfg, layer, dtype, kv_quant=None) -> CacheBytes`` and ``param_count(cfg, layer) -> int``
-    are closed forms over the config (the tests check them against real allocations and modules);
-    ``kv_quant`` (``'int8'``/``'int4'`` storage of the per-token entries, :mod:`kvlab.cache.quantized`)
-    is passed as a keyword only when asked for, so a kind may leave it out.
+    ``cache_bytes(cfg, layer, dtype) -> CacheBytes`` and ``param_count(cfg, layer) -> int`` are
+    closed forms over the config (the tests check them against real allocations and modules); a kind
+    with ``capabilities.quantizable_cache`` also takes ``kv_quant=`` (``'int8'``/``'int4'`` storage
+    of the per-token entries, scales included).
+    ``options`` are the names a layer spec (or the config's ``attn_options``) may give, and
+    ``option_defaults(cfg, options) -> dict`` the values of those left out (e.g. MLA's head widths
+    from head_dim); :attr:`kvlab.config.model.ModelConfig.layer_specs` resolves them.
     ``validate(cfg, layer, options)`` raises :class:`ConfigError` for impossible options.
-    ``examples`` are named test configurations (see the field's comment).
+    ``label(cfg, layers) -> str`` names the attention of ``layers`` (all of this kind) in plans and
+    reports ("GQA-4", "MLA 512+64"); ``describe(cfg, layers) -> str`` says what a token caches there,
+    for ``kvlab info``. ``examples`` are named test configurations (see the field's comment).
     """
 
     name: str
@@ -84,10 +115,11 @@ class AttentionKind:
     param_count: Callable[..., int]
     options: tuple[str, ...] = ()
     validate: Callable[..., None] | None = None
-    # fill_defaults(cfg) sets the config fields the kind reads that the user left None (in place,
-    # before validation), e.g. MLA's head widths from head_dim.
-    fill_defaults: Callable[..., None] | None = None
+    option_defaults: Callable[..., dict[str, Any]] | None = None
     description: str = ""
+    label: Callable[..., str] | None = None
+    describe: Callable[..., str] | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)
     # reach(cfg, layer) -> how many positions back a query of the layer can see a key at (what its
     # position encoding must have been trained on), or None when that grows with the sequence.
     # None (the default) for a kind that does not say.
@@ -96,6 +128,22 @@ class AttentionKind:
     # preset by name. The test suite's generic tests (decode == forward, backends vs float64, cache
     # bytes vs allocation, checkpoint round trip) run on every registered kind's examples.
     examples: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def layer_label(self, cfg: Any, layers: list[int]) -> str:
+        """:attr:`label`, or the kind's name for a kind that gives none."""
+        return self.label(cfg, layers) if self.label is not None else self.name
+
+    def layer_description(self, cfg: Any, layers: list[int]) -> str:
+        """:attr:`describe`, or the shape every kind has: query heads, KV heads, head width."""
+        if self.describe is not None:
+            return self.describe(cfg, layers)
+        return f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"
+
+
+def kinds_without(capability: str, kind_names) -> list[str]:
+    """The names among ``kind_names`` whose kinds lack ``capability`` (sorted): what a feature that
+    needs it must refuse."""
+    return sorted({name for name in kind_names if not getattr(get_kind(name).capabilities, capability)})
 
 
 KINDS: dict[str, AttentionKind] = {}

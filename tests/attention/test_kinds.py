@@ -1,17 +1,23 @@
 """Attention kinds: every registered kind passes the generic contract, and a kind defined here,
 in the test file only, gets the same tests by one registration and one line."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from kind_contract import KindContract
-from kvlab import ConfigError, ModelConfig, cache_bytes
+from kvlab import ConfigError, ModelConfig, Transformer, cache_bytes
 from kvlab.attention import attention
+from kvlab.cli import main
 from kvlab.config import kv_bytes_per_token
 from kvlab.dtypes import dtype_bytes
+from kvlab.eval.plan import kv_label, plan
 from kvlab.layers.rope import apply_rope
-from kvlab.registry import KINDS, AttentionKind, CacheBytes, get_kind, register_kind
+from kvlab.peft.prefix import PromptConfig, add_prompt_adapter
+from kvlab.registry import KINDS, AttentionKind, CacheBytes, Capabilities, get_kind, register_kind
 
 # ---- every registered kind (the built-in ones, at collection time) gets the contract ----
 for _name in list(KINDS):
@@ -99,9 +105,62 @@ def test_the_throwaway_kind_is_accounted_for_by_the_one_function():
     # The windowed gqa layer keeps a rolling cache: its bytes stop growing at its window.
     assert cache_bytes(cfg, "bf16") == CacheBytes(per_token=per_token, bounded=((kv, 4),))
     assert cfg.kv_bytes_per_token("bf16") == per_token
-    # Its cache_bytes takes no kv_quant: a quantized cache is refused in one line, not a TypeError.
+    # It declares no quantizable cache (and its cache_bytes takes no kv_quant): a quantized cache is refused
+    # in one line, not a TypeError.
     with pytest.raises(ConfigError, match="'shared-kv-test' does not count quantized caches"):
         cache_bytes(cfg, "bf16", "int8")
+
+
+# ---- a kind that declares nothing is named, described and refused correctly everywhere ----
+HYBRID = dict(n_kv_head=1, attention_layers=["shared-kv-test", {"kind": "gqa", "window": 4}, "shared-kv-test", "gqa"])
+
+
+def test_the_throwaway_kind_is_labelled_by_its_name_in_plans():
+    register_kind(SHARED_KV)
+    alone = ModelConfig.from_preset("tiny", n_kv_head=2, attn_kind="shared-kv-test")
+    assert kv_label(alone) == "shared-kv-test"
+    # Its cache does not say it holds KV heads, and it refuses CLA: the plan has the model alone.
+    assert [r.variant for r in plan(alone, 2**30, 64)] == ["shared-kv-test"]
+    hybrid = ModelConfig.from_preset("tiny", **HYBRID)
+    assert kv_label(hybrid) == "MQA+shared-kv-test"        # kinds in registration order, each its own label
+
+
+def test_info_describes_each_kind_of_a_hybrid(capsys, tmp_path):
+    register_kind(SHARED_KV)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(ModelConfig.from_preset("tiny", **HYBRID).to_dict()))
+    assert main(["info", "--config", str(path)]) == 0
+    heads = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("heads"))
+    assert "gqa layers: 4 query, 1 KV (group 4), head_dim 16" in heads
+    assert "shared-kv-test layers: 4 query, 1 KV (group 4), head_dim 16" in heads
+
+
+def test_features_that_need_a_capability_refuse_the_kind_in_one_line():
+    register_kind(SHARED_KV)
+    model = Transformer(ModelConfig.from_preset("tiny", **HYBRID))
+    with pytest.raises(ConfigError, match=r"prefix tuning writes K/V prefixes, which layers of kind\(s\) "
+                                          r"\['shared-kv-test'\] do not keep"):
+        add_prompt_adapter(model, PromptConfig(method="prefix", num_virtual_tokens=2))
+    add_prompt_adapter(Transformer(model.cfg), PromptConfig(method="prompt", num_virtual_tokens=2))   # no K/V
+    with pytest.raises(ConfigError, match="'shared-kv-test' does not count quantized caches"):
+        model.new_cache(1, 8, kv_quant="int8")
+    with pytest.raises(ConfigError, match=r"attn_scale applies to softmax \(gqa\) layers; this model has "
+                                          r"\['shared-kv-test'\]"):
+        ModelConfig.from_preset("tiny", **HYBRID, attn_scale=1.0)
+    with pytest.raises(ConfigError, match=r"\['shared-kv-test'\] layers are not supported there"):
+        ModelConfig.from_preset("tiny", **HYBRID, n_encoder_layer=2, pos="t5")
+
+
+def test_declared_capabilities_are_what_the_features_read():
+    """The same kind, declaring what it can do, is accepted where it was refused."""
+    able = dataclasses.replace(SHARED_KV, name="shared-kv-able", capabilities=Capabilities(softmax_scores=True),
+                               label=lambda cfg, layers: f"SKV-{cfg.n_kv_head}")
+    register_kind(able)
+    try:
+        cfg = ModelConfig.from_preset("tiny", n_kv_head=2, attn_kind="shared-kv-able", attn_scale=1.0)
+        assert kv_label(cfg) == "SKV-2"
+    finally:
+        KINDS.pop(able.name)
 
 
 # ---- specs and their validation ----

@@ -8,9 +8,9 @@ import torch
 from kvlab import ConfigError, cache_bytes
 from kvlab.attention.lowrank import LowRankAttention
 
-from conftest import make_model
+from conftest import kind_config, make_model
 
-LOWRANK = dict(attn_kind="lowrank", k_rank=6, v_rank=10, qkv_bias=True)
+LOWRANK = dict(attn_kind="lowrank", attn_options=dict(k_rank=6, v_rank=10), qkv_bias=True)
 TOKENS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(1))
 
 
@@ -48,7 +48,7 @@ def test_rebuilt_keys_are_rotated_at_their_positions():
 def test_cache_bytes_are_both_latents_per_producer():
     cfg = make_model(**LOWRANK).cfg
     assert cache_bytes(cfg, torch.bfloat16).per_token == cfg.n_layer * (6 + 10) * 2
-    cla = make_model(**dict(LOWRANK, cla=2)).cfg
+    cla = make_model(**kind_config(LOWRANK, cla=2)).cfg
     assert cache_bytes(cla, torch.bfloat16).per_token == 2 * (6 + 10) * 2
     assert cache_bytes(cfg, torch.bfloat16, "int8").per_token == cfg.n_layer * (16 + 2)   # one float16 scale
 
@@ -60,7 +60,7 @@ def test_cache_bytes_are_both_latents_per_producer():
 ])
 def test_bad_lowrank_configs_name_the_fix(changes, match):
     with pytest.raises(ConfigError, match=match):
-        make_model(**{**LOWRANK, **changes})
+        make_model(**kind_config(LOWRANK, **changes))
 
 
 def test_prefix_tuning_is_refused_clearly():
@@ -70,7 +70,7 @@ def test_prefix_tuning_is_refused_clearly():
 
 
 def test_consumers_own_only_queries_and_outputs():
-    model = make_model(**dict(LOWRANK, cla=2))
+    model = make_model(**kind_config(LOWRANK, cla=2))
     producer, consumer = model.layers[0].self_attn, model.layers[1].self_attn
     assert isinstance(consumer, LowRankAttention)
     assert {n.split(".")[0] for n, _ in producer.named_parameters()} == {"q_proj", "k_down", "v_down", "k_up",

@@ -11,9 +11,10 @@ from kvlab import ConfigError, cache_bytes, load
 from kvlab.attention.mla import MLAAttention
 from kvlab.io.hf import export_hf
 
-from conftest import make_model
+from conftest import kind_config, make_model
 
-MLA = dict(attn_kind="mla", kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14)
+MLA = dict(attn_kind="mla", attn_options=dict(kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10,
+                                             v_head_dim=14))
 TOKENS = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(1))
 
 
@@ -22,7 +23,7 @@ def _set_absorb(model, value):
         block.self_attn.absorb = value
 
 
-@pytest.mark.parametrize("variant", [MLA, dict(MLA, q_lora_rank=16, latent_norm=False, cla=2)])
+@pytest.mark.parametrize("variant", [MLA, kind_config(MLA, q_lora_rank=16, latent_norm=False, cla=2)])
 def test_absorbed_equals_expanded_equals_float64(variant):
     model = make_model(**variant)
     ref = make_model(**variant).double()
@@ -71,7 +72,7 @@ def test_ragged_batch_decodes_like_each_row_alone():
 def test_cache_bytes_are_latent_plus_rope_key_per_layer():
     cfg = make_model(**MLA).cfg
     assert cache_bytes(cfg, torch.bfloat16).per_token == cfg.n_layer * (12 + 6) * 2
-    cla = make_model(**dict(MLA, cla=2)).cfg
+    cla = make_model(**kind_config(MLA, cla=2)).cfg
     assert cache_bytes(cla, torch.bfloat16).per_token == 2 * (12 + 6) * 2
 
 
@@ -82,7 +83,7 @@ def test_cache_bytes_are_latent_plus_rope_key_per_layer():
 ])
 def test_bad_mla_configs_name_the_fix(changes, match):
     with pytest.raises(ConfigError, match=match):
-        make_model(**{**MLA, **changes})
+        make_model(**kind_config(MLA, **changes))
 
 
 def test_prefix_tuning_is_refused_clearly():
@@ -120,7 +121,7 @@ def test_deepseek_v3_import_matches_transformers(tmp_path, case):
     hf = _hf_deepseek(**DEEPSEEK_CASES[case])
     hf.save_pretrained(tmp_path / "hf")
     model = load(tmp_path / "hf")
-    assert model.cfg.attn_kind == "mla" and model.cfg.kv_lora_rank == 16
+    assert model.cfg.attn_kind == "mla" and model.cfg.layer_options(0)["kv_lora_rank"] == 16
     with torch.no_grad():
         expected = hf(TOKENS).logits
         torch.testing.assert_close(model(TOKENS), expected, rtol=1e-4, atol=1e-4)
@@ -133,7 +134,7 @@ def test_deepseek_v3_import_matches_transformers(tmp_path, case):
 @pytest.mark.parametrize("variant", [dict(q_lora_rank=None), dict(q_lora_rank=20, qkv_bias=True, o_bias=True),
                                      dict(tie_embeddings=True)])
 def test_deepseek_v3_export_loads_in_transformers_with_same_logits(tmp_path, variant):
-    model = make_model(**{**MLA, **variant})
+    model = make_model(**kind_config(MLA, **variant))
     if model.cfg.qkv_bias:
         with torch.no_grad():
             for b in model.layers:
@@ -152,7 +153,7 @@ def test_deepseek_v3_export_loads_in_transformers_with_same_logits(tmp_path, var
 def test_a_norm_free_latent_exports_exactly_with_one_constant_channel(tmp_path, variant):
     """DeepSeek-V3 always normalises the latent; a norm-free one is carried by one more latent
     channel holding a constant, which makes the norm a fixed scale that the weights undo."""
-    model = make_model(**{**MLA, **variant})
+    model = make_model(**kind_config(MLA, **variant))
     with torch.no_grad():
         for b in model.layers:     # latents of very different sizes per token: a norm would change them
             b.self_attn.kv_a_proj_with_mqa.weight.mul_(30)
@@ -170,7 +171,7 @@ def test_a_norm_free_latent_exports_exactly_with_one_constant_channel(tmp_path, 
 @pytest.mark.parametrize("variant, match", [(dict(cla=2), "cross-layer"), (dict(sliding_window=4), "sliding window")])
 def test_deepseek_v3_export_refuses_what_it_cannot_express(tmp_path, variant, match):
     with pytest.raises(ConfigError, match=match):
-        export_hf(make_model(**{**MLA, **variant}), tmp_path / "hf")
+        export_hf(make_model(**kind_config(MLA, **variant)), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 

@@ -9,6 +9,7 @@ import torch
 from kvlab.cache.paged import PagedKVPool
 from kvlab.cache.quantized import QuantizedTokenLayer, dequantize, quantize
 from kvlab.config.accounting import cache_bytes
+from kvlab.dtypes import parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.inference.engine import Engine, Request
 from kvlab.inference.generation import generate
@@ -68,7 +69,7 @@ def test_codes_and_scales_equal_a_float64_reference(bits, width):
 
 def test_an_odd_width_cannot_be_int4():
     with pytest.raises(ConfigError, match="int4 packs two channels"):
-        cache_bytes(make_model(attn_kind="mla", kv_lora_rank=11, qk_rope_head_dim=6).cfg, "fp32", "int4")
+        cache_bytes(make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=11, qk_rope_head_dim=6)).cfg, "fp32", "int4")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -117,7 +118,7 @@ def test_accounting_counts_the_scales_and_the_pool_follows_it():
     assert cache_bytes(cfg, torch.float16, "int8").per_token == n + n // 32 * 2         # 1 byte each + 2 per 32
     assert cache_bytes(cfg, torch.float16, "int4").per_token == n // 2 + n // 32 * 4    # + scale and min
     for q in ("int8", "int4"):
-        pool = PagedKVPool(cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=q)
+        pool = PagedKVPool(cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=parse_kv_quant(q))
         assert pool.block_bytes == cache_bytes(cfg, torch.float32, q).per_token * 16
         assert pool.nbytes <= 2**20
 

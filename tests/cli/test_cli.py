@@ -282,7 +282,7 @@ def test_convert_to_lowrank_equals_the_python_api(capsys, tmp_path):
                        "--calibration-tokens", "1024", "-o", str(tmp_path / "low"))
     assert code == 0 and "key latent 6 + value latent 14" in out and "512 -> 160" in out, out
     converted = kvlab.load(tmp_path / "low")
-    assert (converted.cfg.attn_kind, converted.cfg.k_rank, converted.cfg.v_rank) == ("lowrank", 6, 14)
+    assert (converted.cfg.attn_kind, converted.cfg.attn_options) == ("lowrank", {"k_rank": 6, "v_rank": 14})
     same = convert_to_lowrank(model, k_rank=6, v_rank=14, calibration=calibration_batches(ByteTokenizer(), 1024))
     for k, v in same.state_dict().items():
         torch.testing.assert_close(converted.state_dict()[k], v)

@@ -110,3 +110,69 @@ def test_json_round_trip_and_errors(tmp_path):
         ModelConfig.from_json(path)
     with pytest.raises(ConfigError, match="does not exist"):
         ModelConfig.from_json(tmp_path / "missing.json")
+
+
+# ---- kind options: one way for every kind, and configs written before that rule ----
+# What kvlab wrote before MLA's and low-rank's settings became kind options: every field at the top
+# level, null for models without such a layer.
+_OLD_KIND_FIELDS = dict(kv_lora_rank=None, q_lora_rank=None, qk_rope_head_dim=None, qk_nope_head_dim=None,
+                        v_head_dim=None, latent_norm=None, k_rank=None, v_rank=None)
+
+
+def _old_config(**fields):
+    new = ModelConfig.from_preset("tiny").to_dict()
+    new.pop("attn_options")
+    return {**new, **_OLD_KIND_FIELDS, **fields}
+
+
+@pytest.mark.parametrize("old, options, specs", [
+    (_old_config(), None, None),
+    (_old_config(attn_kind="mla", kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14,
+                 latent_norm=False),
+     dict(kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14, latent_norm=False), None),
+    (_old_config(attn_kind="lowrank", k_rank=6, v_rank=10), dict(k_rank=6, v_rank=10), None),
+    # per-layer widths were always options; a model-wide value fills the specs that lack one
+    (_old_config(attn_kind="gqa", k_rank=5, v_rank=7, attention_layers=[{"kind": "lowrank", "k_rank": 3}, "gqa",
+                                                                        "lowrank", "gqa"]),
+     None, [{"kind": "lowrank", "k_rank": 3, "v_rank": 7}, "gqa", {"kind": "lowrank", "k_rank": 5, "v_rank": 7},
+            "gqa"]),
+])
+def test_configs_with_the_old_kind_fields_load_as_options(old, options, specs):
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.attn_options == options
+    if specs is not None:
+        assert cfg.attention_layers == specs
+    assert not set(_OLD_KIND_FIELDS) & set(cfg.to_dict())          # written back in the one form only
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_old_mla_checkpoint_loads_with_the_same_logits(tmp_path):
+    import torch
+
+    import kvlab
+    from kvlab.io import save_checkpoint
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", attn_kind="mla", attn_options=dict(kv_lora_rank=12))).eval()
+    save_checkpoint(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    shape = config["model"].pop("attn_options")          # as the previous release wrote it: top-level fields
+    config["model"].update({**_OLD_KIND_FIELDS, **shape})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kvlab.load(tmp_path / "m")(tokens), model(tokens))
+
+
+def test_kind_options_are_the_kinds_own():
+    cfg = ModelConfig.from_preset("tiny", attn_kind="linear", attn_options={"feature": "hedgehog"})
+    assert [s.options for s in cfg.layer_specs] == [{"feature": "hedgehog", "decay": "none"}] * 4   # + the default
+    # a layer spec's own options override the model-wide ones, for the layers of that kind
+    mixed = ModelConfig.from_preset("tiny", attn_kind="linear", attn_options={"feature": "hedgehog"},
+                                    attention_layers=[{"kind": "linear", "feature": "elu"}, "linear", "gqa", "gqa"])
+    assert [s.options for s in mixed.layer_specs] == [{"feature": "elu", "decay": "none"},
+                                                      {"feature": "hedgehog", "decay": "none"}, {}, {}]
+    with pytest.raises(ConfigError, match=r"attn_options: attention kind 'linear' has no option\(s\) \['k_rank'\]"):
+        ModelConfig.from_preset("tiny", attn_kind="linear", attn_options={"k_rank": 4})
+    with pytest.raises(ConfigError, match="unknown config field"):
+        ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "kv_lora_rank_typo": 3})

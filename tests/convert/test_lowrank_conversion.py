@@ -33,7 +33,9 @@ def test_full_rank_converts_exactly_and_decodes_from_the_latents(variant):
     full = model.cfg.n_kv_head * model.cfg.head_dim
     low = convert_to_lowrank(model, k_rank=full, v_rank=full, calibration=CALIB)
     assert [s.kind for s in low.cfg.layer_specs] == ["lowrank"] * 4
-    assert [s.options for s in low.cfg.layer_specs] == [s.options for s in model.cfg.layer_specs]
+    # the layers keep their own options (windows), and gain the widths
+    assert [s.options for s in low.cfg.layer_specs] == [{**s.options, "k_rank": full, "v_rank": full}
+                                                        for s in model.cfg.layer_specs]
     assert low.cfg.kv_sources == model.cfg.kv_sources
     torch.testing.assert_close(low(TOKENS), model(TOKENS), rtol=1e-4, atol=1e-4)
     cache = low.new_cache(2, 20)
@@ -106,7 +108,7 @@ def test_impossible_widths_name_the_fix(kw, match):
 
 def test_non_gqa_models_and_missing_calibration_are_refused():
     with pytest.raises(ConfigError, match="starts from 'gqa' layers"):
-        convert_to_lowrank(make_model(attn_kind="mla", kv_lora_rank=8), k_rank=4, v_rank=4, calibration=CALIB)
+        convert_to_lowrank(make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=8)), k_rank=4, v_rank=4, calibration=CALIB)
     with pytest.raises(ConfigError, match="calibration"):
         convert_to_lowrank(make_model(n_kv_head=2), k_rank=4, v_rank=4)
 

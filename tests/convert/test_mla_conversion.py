@@ -35,7 +35,8 @@ def test_any_latent_width_gives_its_cache_bytes(rank):
     model = make_model(n_kv_head=2)
     mla = convert_to_mla(model, kv_lora_rank=rank, qk_rope_head_dim=4, calibration=CALIB)
     assert cache_bytes(mla.cfg, torch.bfloat16).per_token == model.cfg.n_layer * (rank + 4) * 2
-    assert mla.cfg.kv_lora_rank == rank and mla.cfg.qk_nope_head_dim == 12 and mla.cfg.v_head_dim == 16
+    options = mla.cfg.layer_options(0)
+    assert (options["kv_lora_rank"], options["qk_nope_head_dim"], options["v_head_dim"]) == (rank, 12, 16)
     assert torch.isfinite(mla(TOKENS)).all()
 
 

@@ -166,7 +166,8 @@ def test_converted_smollm2_exports_to_transformers(smollm2, tmp_path):
     assert torch.equal(back(x), mqa(x))
 
 
-MLA = dict(attn_kind="mla", kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14)
+MLA = dict(attn_kind="mla", attn_options=dict(kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10,
+                                             v_head_dim=14))
 ALIBI = dict(vocab_size=320, d_model=64, n_layer=2, n_head=4, n_kv_head=4, mlp="gelu", norm="layernorm",
              pos="alibi", tie_embeddings=True, d_ff=256)
 

@@ -186,7 +186,7 @@ def test_study_trains_other_attention_kinds_and_places_them_by_bytes_at_its_cont
 
 @pytest.mark.parametrize("how", ["ffn", "width"])
 @pytest.mark.parametrize("changes", [dict(n_kv_head=1), dict(n_kv_head=2, cla=2),
-                                     dict(attn_kind="mla", kv_lora_rank=16)])
+                                     dict(attn_kind="mla", attn_options=dict(kv_lora_rank=16))])
 def test_param_matching_gives_mhas_count_back(how, changes):
     """The widened model's parameter count is the closest its knob can reach to MHA's: one more or one
     fewer unit (d_ff or d_model) would be further away."""

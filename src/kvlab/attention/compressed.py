@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.gqa import GQAAttention, param_count
+from kvlab.attention.gqa import GQAAttention, heads_label, param_count
 from kvlab.attention.kernels import attention
 from kvlab.attention.masks import AttentionMask
 from kvlab.cache.pooled import SUM_DTYPE, PooledKVLayer, add_to_blocks
@@ -33,7 +33,7 @@ from kvlab.config.model import ModelConfig, kv_bytes_per_token
 from kvlab.dtypes import dtype_bytes
 from kvlab.errors import ConfigError
 from kvlab.layers.rope import apply_rope
-from kvlab.registry import AttentionKind, CacheBytes, register_kind
+from kvlab.registry import AttentionKind, CacheBytes, Capabilities, register_kind
 
 
 def _options(cfg: ModelConfig, layer: int) -> tuple[int, int]:
@@ -94,7 +94,7 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
                          dtype=dtype, device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
     window, block = _options(cfg, layer)     # its window and sums are not quantized (bounded per sequence)
     raw = kv_bytes_per_token(1, cfg.n_kv_head, cfg.head_dim, dtype)
     # One slot per block: the float32 sums of its keys and values, and an int32 count.
@@ -124,6 +124,10 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 COMPRESSED = register_kind(AttentionKind(
     name="compressed", module=CompressedAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
     param_count=param_count, options=("window", "block"), validate=_validate,
+    label=lambda cfg, layers: f"Compressed-{heads_label(cfg.n_kv_head, cfg.n_head)}",
+    # Its window and block sums are bounded per sequence and stay in their own precision; fewer KV
+    # heads shrink both.
+    capabilities=Capabilities(kv_heads=True),
     description="memory compression: a sliding window of raw K/V plus the mean K/V of each older block",
     examples={
         "compressed": dict(n_kv_head=2, attention_layers=[{"kind": "compressed", "window": 4, "block": 2}] * 4),

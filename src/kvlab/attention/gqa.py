@@ -23,10 +23,10 @@ from kvlab.attention.sinks import sinks_at_cache_positions
 from kvlab.cache.full import FullKVLayer
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
-from kvlab.dtypes import cache_vector_bytes
+from kvlab.dtypes import KVQuant, cache_vector_bytes
 from kvlab.errors import ConfigError
 from kvlab.layers.rope import apply_rope
-from kvlab.registry import AttentionKind, CacheBytes, register_kind
+from kvlab.registry import AttentionKind, CacheBytes, Capabilities, register_kind
 
 
 class GQAAttention(nn.Module):
@@ -125,7 +125,7 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
                           device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: KVQuant | None = None) -> CacheBytes:
     if not is_producer(cfg, layer):
         return CacheBytes()
     span = rolling_span(cfg, layer)
@@ -173,9 +173,17 @@ def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
                               f"positions visible to a sliding window (give the layer a window too)")
 
 
+def heads_label(n_kv_head: int, n_head: int) -> str:
+    """MHA, GQA-g or MQA by the number of KV heads."""
+    return "MHA" if n_kv_head == n_head else "MQA" if n_kv_head == 1 else f"GQA-{n_kv_head}"
+
+
 GQA = register_kind(AttentionKind(
     name="gqa", module=GQAAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
     param_count=param_count, options=("window", "sinks", "sparse"), validate=validate_window, reach=window_reach,
+    label=lambda cfg, layers: heads_label(cfg.n_kv_head, cfg.n_head),
+    capabilities=Capabilities(prefix_adapters=True, softmax_scores=True, encoder_decoder=True, quantizable_cache=True,
+                              kv_heads=True),
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),

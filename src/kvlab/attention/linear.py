@@ -38,7 +38,7 @@ from kvlab.cache.state import STATE_DTYPE, RecurrentStateLayer
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import dtype_bytes
 from kvlab.errors import ConfigError
-from kvlab.registry import AttentionKind, CacheBytes, register_kind
+from kvlab.registry import AttentionKind, CacheBytes, Capabilities, register_kind
 
 CHUNK = 64
 EPS = 1e-6
@@ -51,7 +51,7 @@ def feature_width(cfg: ModelConfig, layer: int) -> int:
 
 
 def _option(cfg: ModelConfig, layer: int, name: str) -> str:
-    return cfg.layer_specs[layer].options.get(name, {"feature": "elu", "decay": "none"}[name])
+    return cfg.layer_options(layer)[name]
 
 
 def retnet_log_decay(n_heads: int) -> torch.Tensor:
@@ -200,7 +200,7 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
     return RecurrentStateLayer(batch_size, cfg.n_kv_head, feature_width(cfg, layer), cfg.head_dim, device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype) -> CacheBytes:
     Fdim = feature_width(cfg, layer)
     # float32 states whatever the cache dtype or quantization (see kvlab.cache.state)
     return CacheBytes(per_sequence=cfg.n_kv_head * (Fdim * cfg.head_dim + Fdim) * dtype_bytes(STATE_DTYPE))
@@ -237,7 +237,13 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
 LINEAR = register_kind(AttentionKind(
     name="linear", module=LinearAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
     param_count=_param_count, options=("feature", "decay"), validate=_validate,
+    option_defaults=lambda cfg, options: {"feature": "elu", "decay": "none"},
     reach=lambda cfg, layer: 0,       # no positions: order comes from causality and decay
+    label=lambda cfg, layers: f"Linear-{cfg.n_kv_head}",       # one state per KV head: no cache that grows
+    describe=lambda cfg, layers: (f"{cfg.n_head} query, {cfg.n_kv_head} KV heads of state (group {cfg.q_per_kv}), "
+                                  f"head_dim {cfg.head_dim}"),
+    # A float32 state per KV head: nothing per token to quantize or prefix; fewer KV heads shrink it.
+    capabilities=Capabilities(kv_heads=True),
     description="kernelized linear attention (elu+1 or Hedgehog features, optional RetNet decay) with a "
                 "fixed-size recurrent state",
     examples={

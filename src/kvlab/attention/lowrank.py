@@ -3,9 +3,9 @@
 
 Per token a producer layer caches a key latent of ``k_rank`` channels and a value latent of
 ``v_rank`` channels — ``(k_rank + v_rank) × bytes`` per token and layer, whatever the head count.
-The widths are the config's ``k_rank``/``v_rank`` or, per layer, the layer spec's options of the
-same names (``{"kind": "lowrank", "k_rank": 40, "v_rank": 150}``): a conversion that allocates the
-budget across layers gives each its own (:func:`kvlab.convert.lowrank.allocate_ranks`).
+The widths are the kind's options ``k_rank``/``v_rank``, model-wide (``attn_options``) or per layer
+(``{"kind": "lowrank", "k_rank": 40, "v_rank": 150}``): a conversion that allocates the budget
+across layers gives each its own (:func:`kvlab.convert.lowrank.allocate_ranks`).
 At every call its up-projections rebuild the layer's ``n_kv_head`` keys and values from the
 latents of all the keys the queries see, and RoPE rotates the rebuilt keys at their own positions;
 attention then runs as GQA (query head ``h`` reads KV head ``h // q_per_kv``).
@@ -37,10 +37,10 @@ from kvlab.attention.gqa import is_producer, validate_window, window_reach, wire
 from kvlab.attention.kernels import attention
 from kvlab.cache.latent import LatentLayer
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import cache_vector_bytes
+from kvlab.dtypes import KVQuant, cache_vector_bytes
 from kvlab.errors import ConfigError
 from kvlab.layers.rope import apply_rope, rope_cos_sin
-from kvlab.registry import AttentionKind, CacheBytes, register_kind
+from kvlab.registry import AttentionKind, CacheBytes, Capabilities, register_kind
 
 
 class LowRankAttention(nn.Module):
@@ -112,9 +112,9 @@ class LowRankAttention(nn.Module):
 
 
 def layer_ranks(cfg: ModelConfig, layer: int) -> tuple[int, int]:
-    """``(k_rank, v_rank)`` of ``layer``: its spec's options, else the config's."""
-    options = cfg.layer_specs[layer].options
-    return options.get("k_rank", cfg.k_rank), options.get("v_rank", cfg.v_rank)
+    """``(k_rank, v_rank)`` of ``layer`` (its options: the layer spec's, else the model-wide ones)."""
+    options = cfg.layer_options(layer)
+    return options.get("k_rank"), options.get("v_rank")
 
 
 def _key_rope_tables(ctx: ForwardContext, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +134,7 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
     return LatentLayer(batch_size, max_len, sum(layer_ranks(cfg, layer)), dtype=dtype, device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: str | None = None) -> CacheBytes:
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: KVQuant | None = None) -> CacheBytes:
     if not is_producer(cfg, layer):
         return CacheBytes()
     return CacheBytes(per_token=cache_vector_bytes(sum(layer_ranks(cfg, layer)), dtype, kv_quant))
@@ -158,22 +158,48 @@ def _validate(cfg: ModelConfig, layer: int, options: dict) -> None:
     for name, value in zip(("k_rank", "v_rank"), layer_ranks(cfg, layer)):
         if value is None:
             raise ConfigError(f"layer {layer} is a lowrank layer but {name} is not set; give the latent width, "
-                              f"e.g. {name}={cfg.n_kv_head * cfg.head_dim // 2} (half of n_kv_head x head_dim)")
+                              f"e.g. attn_options={{'{name}': {cfg.n_kv_head * cfg.head_dim // 2}}} (half of "
+                              f"n_kv_head x head_dim)")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer for lowrank layers")
+
+
+def _label(cfg: ModelConfig, layers: list[int]) -> str:
+    """Low-rank Kk+Vv, or with widths that differ between layers their means: Low-rank K~k+V~v."""
+    ranks = [layer_ranks(cfg, i) for i in layers if is_producer(cfg, i)]
+    if len(set(ranks)) == 1:
+        return f"Low-rank K{ranks[0][0]}+V{ranks[0][1]}"
+    k, v = (round(sum(r[j] for r in ranks) / len(ranks)) for j in (0, 1))
+    return f"Low-rank K~{k}+V~{v}"
+
+
+def _describe(cfg: ModelConfig, layers: list[int]) -> str:
+    ranks = [layer_ranks(cfg, i) for i in layers if is_producer(cfg, i)]
+    ks, vs = [k for k, _ in ranks], [v for _, v in ranks]
+    if len(set(ranks)) == 1:
+        widths = f"a key latent of {ks[0]} + a value latent of {vs[0]} channels"
+    else:
+        widths = (f"key latents of {min(ks)}-{max(ks)} + value latents of {min(vs)}-{max(vs)} channels per layer "
+                  f"(mean {sum(ks) / len(ks):.0f} + {sum(vs) / len(vs):.0f})")
+    return (f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}, "
+            f"rebuilt from {widths}")
 
 
 LOWRANK = register_kind(AttentionKind(
     name="lowrank", module=LowRankAttention, cache_layer=_cache_layer, cache_bytes=_cache_bytes,
     param_count=_param_count, options=("window", "sinks", "sparse", "k_rank", "v_rank"), validate=_validate,
-    reach=window_reach,
+    reach=window_reach, label=_label, describe=_describe,
+    # Keys are rebuilt from a latent: no per-head K/V to prefix, no attn_scale, no encoder–decoder;
+    # the cached latents are quantizable.
+    capabilities=Capabilities(quantizable_cache=True),
     description="low-rank K/V cache (Palu): key and value latents per token, keys rebuilt and then rotated",
     examples={
-        "lowrank": dict(attn_kind="lowrank", k_rank=6, v_rank=10),
-        "lowrank-mqa-bias": dict(attn_kind="lowrank", n_kv_head=1, k_rank=5, v_rank=3, qkv_bias=True, o_bias=True),
-        "lowrank-cla2": dict(attn_kind="lowrank", k_rank=8, v_rank=8, cla=2),
-        "lowrank-window": dict(attn_kind="lowrank", k_rank=8, v_rank=12, sliding_window=4),
-        "lowrank-alibi": dict(attn_kind="lowrank", k_rank=8, v_rank=8, pos="alibi"),
+        "lowrank": dict(attn_kind="lowrank", attn_options=dict(k_rank=6, v_rank=10)),
+        "lowrank-mqa-bias": dict(attn_kind="lowrank", attn_options=dict(k_rank=5, v_rank=3), n_kv_head=1,
+                                 qkv_bias=True, o_bias=True),
+        "lowrank-cla2": dict(attn_kind="lowrank", attn_options=dict(k_rank=8, v_rank=8), cla=2),
+        "lowrank-window": dict(attn_kind="lowrank", attn_options=dict(k_rank=8, v_rank=12), sliding_window=4),
+        "lowrank-alibi": dict(attn_kind="lowrank", attn_options=dict(k_rank=8, v_rank=8), pos="alibi"),
         "lowrank-per-layer": dict(attn_kind="lowrank", n_layer=3, attention_layers=[
             {"kind": "lowrank", "k_rank": 3, "v_rank": 13}, {"kind": "lowrank", "k_rank": 9, "v_rank": 5},
             {"kind": "lowrank", "k_rank": 6, "v_rank": 10, "window": 4}]),

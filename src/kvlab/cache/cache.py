@@ -14,8 +14,9 @@ from kvlab.cache.base import CacheLayer, CacheStep
 from kvlab.cache.full import FullKVLayer
 from kvlab.cache.quantized import QuantizedTokenLayer
 from kvlab.cache.rolling import RollingKVLayer
+from kvlab.config.accounting import layer_kv_quant
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import parse_dtype, parse_kv_quant
+from kvlab.dtypes import KVQuant, parse_dtype
 from kvlab.errors import CacheOverflowError, ConfigError
 from kvlab.layers.positions import positions_from_attention_mask
 from kvlab.registry import get_kind
@@ -24,10 +25,11 @@ __all__ = ["CacheStep", "KVCache", "make_cache_layer"]
 
 
 def make_cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,
-                     device: str | torch.device, kv_quant: str | None = None) -> CacheLayer | None:
+                     device: str | torch.device, kv_quant: KVQuant | None = None) -> CacheLayer | None:
     """Layer ``layer``'s cache layer, as its kind builds it; with ``kv_quant`` a layer of per-token
     entries (``token_fields``) is kept quantized instead (:mod:`kvlab.cache.quantized`)."""
     kind = get_kind(cfg.layer_specs[layer].kind)
+    kv_quant = layer_kv_quant(cfg, layer, kv_quant)
     if kv_quant:
         shell = kind.cache_layer(cfg, layer, batch_size, max_len, dtype, "meta")    # shapes only
         if shell is None:
@@ -47,7 +49,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
                  dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 kv_quant: str | None = None):
+                 kv_quant: KVQuant | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
         if not isinstance(max_len, int) or max_len < 1:
@@ -59,7 +61,7 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.dtype = parse_dtype(dtype)
-        self.kv_quant = parse_kv_quant(kv_quant)
+        self.kv_quant = kv_quant
         self.layers: dict[int, CacheLayer] = {}
         for i in range(cfg.n_layer):
             layer = make_cache_layer(cfg, i, batch_size, max_len, self.dtype, device, self.kv_quant)

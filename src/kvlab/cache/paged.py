@@ -32,7 +32,7 @@ import torch
 from kvlab.cache.base import CacheStep
 from kvlab.cache.cache import KVCache, make_cache_layer
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import parse_dtype, parse_kv_quant
+from kvlab.dtypes import KVQuant, parse_dtype
 from kvlab.errors import CacheOverflowError, ConfigError
 
 __all__ = ["PagedBatch", "PagedKVPool", "PagedSequence"]
@@ -57,7 +57,7 @@ class PagedKVPool:
 
     def __init__(self, cfg: ModelConfig, *, budget_bytes: int, max_len: int, max_seqs: int = 64,
                  block_size: int = 16, dtype: str | torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", kv_quant: str | None = None):
+                 device: str | torch.device = "cpu", kv_quant: KVQuant | None = None):
         for name, value in (("budget_bytes", budget_bytes), ("max_len", max_len), ("max_seqs", max_seqs),
                             ("block_size", block_size)):
             if not isinstance(value, int) or value < 1:
@@ -67,7 +67,7 @@ class PagedKVPool:
                               f"positions; use max_len <= {cfg.max_seq_len}")
         self.cfg, self.block_size, self.max_len = cfg, block_size, max_len
         self.dtype = parse_dtype(dtype)
-        self.kv_quant = parse_kv_quant(kv_quant)
+        self.kv_quant = kv_quant
         self.device = torch.device(device)
         # Each layer's cache at batch 1 and full length says what kind of memory it keeps: fields
         # indexed by token slot are paged, everything else is the layer's per-sequence state.

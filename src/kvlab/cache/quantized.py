@@ -12,7 +12,7 @@ parameters in llama.cpp's layouts:
   range wastes half its codes on.
 
 Bytes per vector: ``width × bits / 8`` plus 2 (int8) or 4 (int4) bytes per group
-(:func:`kvlab.dtypes.quantized_vector_bytes`, which the accounting uses): 40 bytes instead of 128
+(:meth:`kvlab.dtypes.KVQuant.vector_bytes`, which the accounting uses): 40 bytes instead of 128
 for a 64-wide fp16 K head at int4.
 
 Attention reads the dequantized entries (the new tokens of a call included, so prefill and decode
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from kvlab.cache.base import CacheStep, write_entries
-from kvlab.dtypes import KV_QUANT_BITS, PARAMS_PER_GROUP, quant_group
+from kvlab.dtypes import KVQuant, quant_group
 
 __all__ = ["QuantizedTokenLayer", "dequantize", "quantize"]
 
@@ -81,8 +81,8 @@ class QuantizedTokenLayer:
     field of ``inner.token_fields`` and returns them dequantized, slots ``[0, k_len)``.
     """
 
-    def __init__(self, inner, kv_quant: str, *, device: str | torch.device):
-        self.bits = KV_QUANT_BITS[kv_quant]
+    def __init__(self, inner, kv_quant: KVQuant, *, device: str | torch.device):
+        self.bits = kv_quant.bits
         self.kv_quant = kv_quant
         self.fields = tuple(inner.token_fields)
         self.dtype = getattr(inner, self.fields[0]).dtype          # what attention reads
@@ -93,8 +93,8 @@ class QuantizedTokenLayer:
             codes_w = W * self.bits // 8
             setattr(self, f + "_codes", torch.zeros(*shape[:-1], codes_w, device=device,
                                                     dtype=torch.uint8 if self.bits == 4 else torch.int8))
-            setattr(self, f + "_scales", torch.zeros(*shape[:-1], PARAMS_PER_GROUP[kv_quant] * (W // quant_group(W)),
-                                                     device=device, dtype=torch.float16))
+            setattr(self, f + "_scales", torch.zeros(*shape[:-1], kv_quant.param_count(W), device=device,
+                                                     dtype=torch.float16))
             names += [f + "_codes", f + "_scales"]
         self.token_fields = tuple(names)
 

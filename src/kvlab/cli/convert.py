@@ -166,6 +166,7 @@ def _fit_and_save(args: argparse.Namespace, plan, convert_fn, change: dict):
 
 
 def _run_mla(args: argparse.Namespace, lowrank: bool) -> int:
+    from kvlab.attention.mla import MLAShape
     from kvlab.convert.mla import convert_to_mla, plan_mla
 
     if args.kv_heads is not None or args.mqa or args.cla is not None or lowrank:
@@ -177,7 +178,8 @@ def _run_mla(args: argparse.Namespace, lowrank: bool) -> int:
                          f"pca, whitened")
     change = dict(kv_lora_rank=args.mla, qk_rope_head_dim=args.rope_dim, latent_norm=args.latent_norm, method=method)
     before, new = _fit_and_save(args, plan_mla, convert_to_mla, change)
-    print(f"{args.model} -> {args.output}: MLA, latent {new.cfg.kv_lora_rank} + RoPE key {new.cfg.qk_rope_head_dim} "
+    shape = MLAShape.of(new.cfg)
+    print(f"{args.model} -> {args.output}: MLA, latent {shape.kv_lora_rank} + RoPE key {shape.qk_rope_head_dim} "
           f"channels per layer ({method}); KV bytes per token (bf16) {before.kv_bytes_per_token('bf16'):,} -> "
           f"{new.cfg.kv_bytes_per_token('bf16'):,}")
     return 0

@@ -18,15 +18,29 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvlab.config.model import PRESETS
-    from kvlab.eval.plan import format_bytes, kv_label
 
     if args.list_presets:
         for name in PRESETS:
             print(name)
         return 0
     cfg = model_config_from_args(args)
-    counts = cfg.param_counts()
     cost = cfg.cache_bytes(args.dtype, args.kv_quant)
+    info = _info(cfg, cost, args)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = _rows(cfg, cost, info, args)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _info(cfg, cost, args: argparse.Namespace) -> dict:
+    """``--json``'s fields."""
+    from kvlab.eval.plan import kv_label
+
+    counts = cfg.param_counts()
     info = {
         "name": cfg.name, "variant": kv_label(cfg), "params": counts["total"],
         "attention_params": counts["attention"], "n_layer": cfg.n_layer, "d_model": cfg.d_model,
@@ -42,21 +56,21 @@ def run(args: argparse.Namespace) -> int:
     if cfg.is_encoder_decoder:
         info.update(n_encoder_layer=cfg.n_encoder_layer, cross_n_kv_head=cfg.cross_n_kv_head,
                     cross_kv_sources=cfg.cross_kv_sources, cross_bytes_per_source_token=cost.per_source_token)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
+    return info
+
+
+def _rows(cfg, cost, info: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The table's rows: (label, text)."""
+    from kvlab.config.specs import DEFAULT_KIND
+    from kvlab.eval.plan import format_bytes
+
+    counts = info["param_counts"]
     rows = [
         ("model", f"{cfg.name or '(custom)'}  [{info['variant']}]"),
         ("parameters", f"{counts['total']:,} (attention {counts['attention']:,}, mlp {counts['mlp']:,}, "
                        f"embedding {counts['embedding']:,})"),
         ("layers", f"{cfg.n_layer} x d_model {cfg.d_model}, {cfg.block} blocks, {cfg.mlp}, {cfg.norm}, {cfg.pos}"),
-        ("heads", f"{cfg.n_head} query, latent {cfg.kv_lora_rank} + shared RoPE key {cfg.qk_rope_head_dim} channels "
-                  f"(query/key {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, value {cfg.v_head_dim})"
-         if cfg.attn_kind == "mla" and cfg.attention_layers is None else
-         f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}, rebuilt from "
-         + _lowrank_widths(cfg)
-         if {s.kind for s in cfg.layer_specs} == {"lowrank"} else
-         f"{cfg.n_head} query, {cfg.n_kv_head} KV (group {cfg.q_per_kv}), head_dim {cfg.head_dim}"),
+        ("heads", _heads(cfg)),
         ("KV-producing layers", f"{cfg.n_kv_layers} of {cfg.n_layer}"
          + ("" if cfg.n_kv_layers == cfg.n_layer else f"  (kv_source {cfg.kv_sources})")),
         (f"KV bytes per token ({_cache_label(args)})", f"{info['kv_bytes_per_token']:,} "
@@ -69,6 +83,17 @@ def run(args: argparse.Namespace) -> int:
                         + ("" if cfg.cross_cla == 1 else f" (cross_cla {cfg.cross_cla})")))
         rows.append((f"cross-attention bytes per source token ({args.dtype})",
                      f"{cost.per_source_token:,}, computed once per source and kept while decoding"))
+    rows += _cache_rows(cost, args)
+    details = [_layer_details(cfg, i) for i in range(cfg.n_layer)]
+    if cfg.attention_layers is not None or cfg.kinds != [DEFAULT_KIND] or any(details):
+        rows.insert(4, ("attention per layer", ", ".join(
+            s.kind + (f"({', '.join(d)})" if d else "") for s, d in zip(cfg.layer_specs, details))))
+    return rows
+
+
+def _cache_rows(cost, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """What a sequence holds beside the bytes per token: fixed, windowed and pooled caches."""
+    rows = []
     if cost.per_sequence:
         rows.append((f"cache bytes per sequence ({_cache_label(args)})",
                      f"{cost.per_sequence:,} (fixed, whatever the length)"))
@@ -81,15 +106,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append((f"compressed memory ({args.dtype} window, fp32 sums)", ", ".join(
             f"{r:,} B per {c} tokens" for r, c in cost.pooled[:4]) + (", ..." if len(cost.pooled) > 4 else "")
             + ": one summary slot per block of older tokens"))
-    kinds = sorted({s.kind for s in cfg.layer_specs})
-    details = [_layer_details(cfg, i) for i in range(cfg.n_layer)]
-    if cfg.attention_layers is not None or kinds != ["gqa"] or any(details):
-        rows.insert(4, ("attention per layer", ", ".join(
-            s.kind + (f"({', '.join(d)})" if d else "") for s, d in zip(cfg.layer_specs, details))))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    return 0
+    return rows
 
 
 def _layer_details(cfg, layer: int) -> list[str]:
@@ -112,12 +129,14 @@ def _cache_label(args: argparse.Namespace) -> str:
     return args.dtype if args.kv_quant == "none" else f"{args.kv_quant} K/V, {args.dtype} otherwise"
 
 
-def _lowrank_widths(cfg) -> str:
-    from kvlab.attention.lowrank import layer_ranks
+def _heads(cfg) -> str:
+    """What each kind's layers hold, as the kind describes them ('; '-separated in a hybrid)."""
+    from kvlab.registry import get_kind
 
-    ranks = [layer_ranks(cfg, i) for i in cfg.kv_producers]
-    ks, vs = [k for k, _ in ranks], [v for _, v in ranks]
-    if len(set(ranks)) == 1:
-        return f"a key latent of {ks[0]} + a value latent of {vs[0]} channels"
-    return (f"key latents of {min(ks)}-{max(ks)} + value latents of {min(vs)}-{max(vs)} channels per layer "
-            f"(mean {sum(ks) / len(ks):.0f} + {sum(vs) / len(vs):.0f})")
+    specs = cfg.layer_specs
+    parts = []
+    for name in cfg.kinds:
+        layers = [i for i, s in enumerate(specs) if s.kind == name]
+        text = get_kind(name).layer_description(cfg, layers)
+        parts.append(text if len(cfg.kinds) == 1 else f"{name} layers: {text}")
+    return "; ".join(parts)

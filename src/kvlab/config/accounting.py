@@ -3,34 +3,49 @@
 Summed over the layers' attention kinds, each bringing its own closed form (registered with the
 kind): bytes that grow with every token (full K/V, a latent) and bytes fixed per sequence (a
 recurrent state, a rolling window). The planner, ``kvlab info``, the study, the cache allocator's
-checks and every report call this; for the full-attention kind the answer is DESIGN's formula
+checks and every report call this; for the full-attention kind the answer is the formula
 ``2 × n_kv_layers × n_kv_head × head_dim × bytes(dtype)``.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from kvlab.config.model import ModelConfig
-from kvlab.dtypes import dtype_bytes, parse_kv_quant
+from kvlab.dtypes import KVQuant, dtype_bytes, parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.registry import CacheBytes, get_kind
 
+if TYPE_CHECKING:   # annotations only: ModelConfig's own accounting methods call this module
+    import torch
+
+    from kvlab.config.model import ModelConfig
+
+
+def layer_kv_quant(cfg: ModelConfig, layer: int, kv_quant: KVQuant | None) -> KVQuant | None:
+    """How layer ``layer``'s cache is stored when ``kv_quant`` is asked for: quantized if its kind
+    declares a quantizable cache; as it is if the layer keeps nothing per token (a recurrent state,
+    a consumer layer: nothing to quantize); a kind with per-token entries that it cannot store
+    quantized is refused in one line."""
+    if kv_quant is None:
+        return None
+    spec = cfg.layer_specs[layer]
+    kind = get_kind(spec.kind)
+    if kind.capabilities.quantizable_cache:
+        return kv_quant
+    if kind.cache_bytes(cfg, layer, "bf16").per_token:
+        raise ConfigError(f"attention kind {spec.kind!r} does not count quantized caches (it does not declare a "
+                          f"quantizable cache); use kv_quant=None with it")
+    return None
+
 
 def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16",
-                      kv_quant: str | None = None) -> list[CacheBytes]:
+                      kv_quant: KVQuant | None = None) -> list[CacheBytes]:
     """Per layer, what it adds to the cache (zero for layers that read another layer's cache).
-    ``kv_quant`` (``'int8'``/``'int4'``): the per-token entries stored quantized, scales included."""
-    kv_quant = parse_kv_quant(kv_quant)
-    if not kv_quant:       # the three-argument form every kind has
-        return [get_kind(spec.kind).cache_bytes(cfg, i, dtype) for i, spec in enumerate(cfg.layer_specs)]
+    ``kv_quant``: the per-token entries stored quantized (:func:`layer_kv_quant`), scales included."""
     out = []
     for i, spec in enumerate(cfg.layer_specs):
-        try:
-            out.append(get_kind(spec.kind).cache_bytes(cfg, i, dtype, kv_quant=kv_quant))
-        except TypeError:
-            raise ConfigError(f"attention kind {spec.kind!r} does not count quantized caches (its cache_bytes "
-                              f"takes no kv_quant); use kv_quant=None with it") from None
+        kind, quant = get_kind(spec.kind), layer_kv_quant(cfg, i, kv_quant)
+        out.append(kind.cache_bytes(cfg, i, dtype, kv_quant=quant) if quant else kind.cache_bytes(cfg, i, dtype))
     return out
 
 
@@ -43,16 +58,18 @@ def cross_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16") -> Ca
     return CacheBytes(per_source_token=len(cfg.cross_kv_producers) * per_layer)
 
 
-def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> CacheBytes:
-    """The model's cache: bytes per token, per sequence and (encoder–decoders) per source token."""
+def cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16",
+                kv_quant: str | KVQuant | None = None) -> CacheBytes:
+    """The model's cache: bytes per token, per sequence and (encoder–decoders) per source token;
+    ``kv_quant`` by name (``'int8'``, ``'int4'``) or as a :class:`~kvlab.dtypes.KVQuant`."""
     total = cross_cache_bytes(cfg, dtype)
-    for b in layer_cache_bytes(cfg, dtype, kv_quant):
+    for b in layer_cache_bytes(cfg, dtype, parse_kv_quant(kv_quant)):
         total = total + b
     return total
 
 
 def cache_bytes_for(cfg: ModelConfig, batch_size: int, n_tokens: int, dtype: str | torch.dtype = "bf16",
-                    kv_quant: str | None = None, source_tokens: int = 0) -> int:
+                    kv_quant: str | KVQuant | None = None, source_tokens: int = 0) -> int:
     """Bytes of a cache holding ``batch_size`` sequences of ``n_tokens`` tokens (and sources of
     ``source_tokens`` tokens, for an encoder–decoder)."""
     return batch_size * cache_bytes(cfg, dtype, kv_quant).for_sequence(n_tokens, source_tokens)

@@ -21,19 +21,16 @@ if TYPE_CHECKING:
     from kvlab.registry import CacheBytes
 
 from kvlab.config.presets import PRESETS
+from kvlab.config.specs import DEFAULT_KIND, LayerSpec, given_specs, migrate_legacy_fields, resolve_specs
+from kvlab.config.validation import (
+    GATED_MLPS,
+    MLP_TYPES,
+    check_types,
+    validate_config,
+)
 from kvlab.dtypes import dtype_bytes
-from kvlab.errors import ConfigError, require_positive_ints
-from kvlab.registry import KINDS, backend_names, get_kind
-
-DEFAULT_KIND = "gqa"
-
-# swiglu: Llama; gelu: GPT-2; geglu: T5 v1.1's gated GELU (tanh form); relu: the original T5's.
-MLP_TYPES = ("swiglu", "gelu", "geglu", "relu")
-GATED_MLPS = ("swiglu", "geglu")
-NORM_TYPES = ("rmsnorm", "layernorm")
-POS_TYPES = ("rope", "learned", "alibi", "t5")
-BLOCK_TYPES = ("sequential", "parallel")
-SINK_POSITIONS = ("original", "cache")
+from kvlab.errors import ConfigError
+from kvlab.registry import KINDS, get_kind
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -58,11 +55,11 @@ class ModelConfig:
     ``kv_source`` names, for each layer, the layer whose KV it reads (itself or an earlier
     producer). Give one or the other. :attr:`kv_sources` is the resolved per-layer list.
 
-    Attention kinds: ``attn_kind`` names the kind of every layer (the flat, common case);
-    ``attention_layers`` instead gives one spec per layer, a kind name or a dict
-    ``{"kind": name, **options}`` (e.g. ``{"kind": "gqa", "window": 512}``), so hybrids such as
-    "every 4th layer global, the rest windowed" are expressible. :attr:`layer_specs` is the
-    resolved per-layer list of :class:`LayerSpec`.
+    Attention kinds: ``attn_kind`` names the kind of every layer (the flat, common case), with
+    ``attn_options`` its options; ``attention_layers`` instead gives one spec per layer, a kind name
+    or a dict ``{"kind": name, **options}`` (e.g. ``{"kind": "gqa", "window": 512}``), so hybrids such
+    as "every 4th layer global, the rest windowed" are expressible. :attr:`layer_specs` is the
+    resolved per-layer list of :class:`LayerSpec` (:mod:`kvlab.config.specs`).
     """
 
     vocab_size: int = 256
@@ -102,24 +99,11 @@ class ModelConfig:
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"
     attn_kind: str = DEFAULT_KIND
+    # The options of ``attn_kind`` for every layer of that kind (a layer spec's own override them):
+    # e.g. {"kv_lora_rank": 512, "qk_rope_head_dim": 64} for mla, {"k_rank": 64, "v_rank": 128} for
+    # lowrank, {"feature": "hedgehog"} for linear. Each kind declares its options and their defaults.
+    attn_options: dict[str, Any] | None = None
     attention_layers: list[Any] | None = None
-    # Multi-head latent attention (the ``mla`` kind; DeepSeek-V2/V3's names and meanings): per
-    # token a latent of ``kv_lora_rank`` channels and one shared RoPE key of ``qk_rope_head_dim``
-    # are cached; each head's query/key has ``qk_nope_head_dim + qk_rope_head_dim`` channels, its
-    # value ``v_head_dim``; ``q_lora_rank`` (optional) factors the query projection; ``latent_norm``
-    # RMS-normalises the latent before it is cached (DeepSeek does; converted models may not).
-    # Unused (None) by models without an ``mla`` layer; the kind fills the defaults.
-    kv_lora_rank: int | None = None
-    q_lora_rank: int | None = None
-    qk_rope_head_dim: int | None = None
-    qk_nope_head_dim: int | None = None
-    v_head_dim: int | None = None
-    latent_norm: bool | None = None
-    # Low-rank K/V (the ``lowrank`` kind, Palu): per token a key latent of ``k_rank`` and a value
-    # latent of ``v_rank`` channels are cached; up-projections rebuild the ``n_kv_head`` keys (then
-    # rotated at their positions) and values. Unused (None) by models without a ``lowrank`` layer.
-    k_rank: int | None = None
-    v_rank: int | None = None
     # A scalar head beside the LM head, read at each row's last real token: a reward model has one
     # output (kvlab.models.heads.add_score_head; HF's *ForSequenceClassification "score").
     score_outputs: int | None = None
@@ -146,7 +130,7 @@ class ModelConfig:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_types(self)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -163,133 +147,14 @@ class ModelConfig:
             self.kv_source = [int(s) for s in self.kv_source]
         if self.attention_layers is not None:
             self.attention_layers = [dict(s) if isinstance(s, dict) else s for s in self.attention_layers]
-        for kind in {spec.kind for spec in self.layer_specs}:   # e.g. MLA's widths default from head_dim
-            if kind in KINDS and KINDS[kind].fill_defaults is not None:
-                KINDS[kind].fill_defaults(self)
+        if self.attn_options is not None:
+            self.attn_options = dict(self.attn_options)
         self.validate()
 
-    # ----------------------------------------------------------------------------- validation
-    # The JSON types each annotation admits (a config file may say "4" or 4.5 or "yes" anywhere).
-    _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
-              "dict": (dict,)}
-
-    def _check_types(self) -> None:
-        """Raise :class:`ConfigError` for a field whose value has the wrong JSON type, before any
-        arithmetic on it (``"n_layer": "4"``, ``"tie_embeddings": "yes"``)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kinds = [k.strip().split("[")[0] for k in str(f.type).split("|")]
-            if value is None and "None" in kinds:
-                continue
-            allowed = tuple(t for k in kinds if k in self._TYPES for t in self._TYPES[k])
-            if not allowed or "Any" in kinds:
-                continue
-            if isinstance(value, bool) and bool not in allowed:
-                ok = False
-            else:
-                ok = isinstance(value, allowed)
-            if not ok:
-                names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                         "list": "a list", "dict": "an object", "None": "null"}
-                want = " or ".join(names.get(k, k) for k in kinds)
-                raise ConfigError(f"{f.name}={value!r} must be {want}")
-
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first impossible value, the rule and the fix."""
-        require_positive_ints(self, ("vocab_size", "d_model", "n_layer", "n_head", "n_kv_head", "head_dim",
-                                     "d_ff", "max_seq_len", "cla", "relative_buckets", "relative_max_distance"))
-        if self.n_kv_head > self.n_head:
-            raise ConfigError(f"n_kv_head={self.n_kv_head} exceeds n_head={self.n_head}; "
-                              f"a KV head serves one or more query heads, so use n_kv_head <= n_head")
-        if self.n_head % self.n_kv_head:
-            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
-            raise ConfigError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
-                              f"n_kv_head must be one of {divisors}")
-        if self.pos == "rope" and self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions, "
-                              f"so use an even head_dim or pos='learned'")
-        for name, allowed in (("mlp", MLP_TYPES), ("norm", NORM_TYPES), ("pos", POS_TYPES),
-                              ("block", BLOCK_TYPES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ConfigError(f"norm_eps={self.norm_eps!r} must be a positive number")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"rope_theta={self.rope_theta!r} must be a positive number")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
-                                                or self.sliding_window < 1):
-            raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer or None")
-        if not isinstance(self.attention_sinks, int) or isinstance(self.attention_sinks, bool) or \
-                self.attention_sinks < 0:
-            raise ConfigError(f"attention_sinks={self.attention_sinks!r} must be a non-negative integer")
-        if self.score_outputs is not None and self.score_outputs < 1:
-            raise ConfigError(f"score_outputs={self.score_outputs!r} must be a positive integer or null")
-        if self.sink_positions not in SINK_POSITIONS:
-            raise ConfigError(f"sink_positions={self.sink_positions!r} is not one of {list(SINK_POSITIONS)}")
-        if self.sink_positions == "cache" and self.pos != "rope":
-            raise ConfigError(f"sink_positions='cache' re-positions rotary keys (StreamingLLM) and pos={self.pos!r} "
-                              f"has none; use sink_positions='original'")
-        if self.pos == "t5" and not 4 <= self.relative_buckets <= self.relative_max_distance:
-            raise ConfigError(f"relative_buckets={self.relative_buckets} with relative_max_distance="
-                              f"{self.relative_max_distance}: T5's bias needs at least 4 buckets and no more buckets "
-                              f"than the distance they cover (T5 uses 32 and 128)")
-        if self.cla > self.n_layer:
-            raise ConfigError(f"cla={self.cla} exceeds n_layer={self.n_layer}; "
-                              f"a sharing factor can be at most the number of layers")
-        if self.kv_source is not None:
-            if self.cla != 1:
-                raise ConfigError(f"both cla={self.cla} and kv_source are set; give one of them "
-                                  f"(cla=k is kv_source[i] = k*(i//k))")
-            self._validate_kv_source(self.kv_source)
-        if self.attn_backend not in backend_names():
-            raise ConfigError(f"attn_backend={self.attn_backend!r} is not one of {backend_names()}")
-        self._validate_layer_specs()
-        self._validate_encoder_decoder()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
-            tok = getattr(self, name)
-            if tok is not None and not (0 <= tok < self.vocab_size):
-                raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
-
-    def _validate_encoder_decoder(self) -> None:
-        if self.attn_scale is not None:
-            if not (isinstance(self.attn_scale, (int, float)) and self.attn_scale > 0):
-                raise ConfigError(f"attn_scale={self.attn_scale!r} must be a positive number or null "
-                                  f"(1/sqrt(head_dim))")
-            kinds = sorted({s.kind for s in self.layer_specs} - {"gqa"})
-            if kinds:
-                raise ConfigError(f"attn_scale applies to softmax (gqa) layers; this model has {kinds} layers, "
-                                  f"so leave attn_scale null")
-        if not isinstance(self.n_encoder_layer, int) or self.n_encoder_layer < 0:
-            raise ConfigError(f"n_encoder_layer={self.n_encoder_layer!r} must be a non-negative integer "
-                              f"(0: a decoder-only model)")
-        if not (isinstance(self.output_scale, (int, float)) and self.output_scale > 0):
-            raise ConfigError(f"output_scale={self.output_scale!r} must be a positive number")
-        if not self.is_encoder_decoder:
-            extra = [f"{name}={getattr(self, name)!r}" for name, default in
-                     (("cross_n_kv_head", None), ("cross_cla", 1), ("output_scale", 1.0),
-                      ("decoder_start_token_id", None)) if getattr(self, name) != default]
-            if extra:
-                raise ConfigError(f"{', '.join(extra)} describe an encoder–decoder, but n_encoder_layer=0; "
-                                  f"set n_encoder_layer > 0 or drop them")
-            return
-        require_positive_ints(self, ("cross_n_kv_head", "cross_cla"))
-        if self.n_head % self.cross_n_kv_head:
-            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
-            raise ConfigError(f"cross_n_kv_head={self.cross_n_kv_head} does not divide n_head={self.n_head}; "
-                              f"it must be one of {divisors}")
-        if self.cross_cla > self.n_layer:
-            raise ConfigError(f"cross_cla={self.cross_cla} exceeds the decoder's n_layer={self.n_layer}")
-        if self.pos not in ("t5", "rope"):
-            raise ConfigError(f"pos={self.pos!r} in an encoder–decoder: use 't5' (T5's relative bias) or 'rope'")
-        kinds = sorted({s.kind for s in self.layer_specs} - {"gqa"})
-        if kinds:
-            raise ConfigError(f"an encoder–decoder's decoder self-attention is softmax attention (gqa); "
-                              f"{kinds} layers are not supported there")
-        if self.block != "sequential":
-            raise ConfigError("block='parallel' in an encoder–decoder: its blocks are sequential (T5); "
-                              "use block='sequential'")
-        if self.score_outputs:
-            raise ConfigError("score_outputs on an encoder–decoder is not supported; use a decoder-only model")
+        """Raise :class:`ConfigError` naming the first impossible value, the rule and the fix
+        (:mod:`kvlab.config.validation`)."""
+        validate_config(self)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -312,44 +177,22 @@ class ModelConfig:
                                    attention_sinks=0, block_sparse=None, n_encoder_layer=0, cross_n_kv_head=None,
                                    cross_cla=1, output_scale=1.0, decoder_start_token_id=None)
 
-    def _validate_kv_source(self, src: list[int]) -> None:
-        if len(src) != self.n_layer:
-            raise ConfigError(f"kv_source has {len(src)} entries but n_layer={self.n_layer}; "
-                              f"give one source layer per layer")
-        for i, s in enumerate(src):
-            if not 0 <= s <= i:
-                raise ConfigError(f"kv_source[{i}]={s}: a layer reads KV from itself or an earlier "
-                                  f"layer, so it must be in [0, {i}]")
-            if src[s] != s:
-                raise ConfigError(f"kv_source[{i}]={s} but layer {s} does not produce KV "
-                                  f"(kv_source[{s}]={src[s]}); point layer {i} at a producer layer "
-                                  f"(one whose kv_source is itself)")
-
-    def _validate_layer_specs(self) -> None:
-        if self.attention_layers is not None and len(self.attention_layers) != self.n_layer:
-            raise ConfigError(f"attention_layers has {len(self.attention_layers)} entries but n_layer="
-                              f"{self.n_layer}; give one spec per layer")
-        specs = self.layer_specs
-        sources = self.kv_sources
-        for i, spec in enumerate(specs):
-            kind = get_kind(spec.kind)
-            unknown = sorted(set(spec.options) - set(kind.options))
-            if unknown:
-                raise ConfigError(f"layer {i}: attention kind {spec.kind!r} has no option(s) {unknown}; "
-                                  f"its options are {list(kind.options)}")
-            if sources[i] != i and specs[sources[i]].kind != spec.kind:
-                raise ConfigError(f"layer {i} ({spec.kind}) reads the KV of layer {sources[i]} "
-                                  f"({specs[sources[i]].kind}); a layer can share KV only with a layer of its kind")
-            if kind.validate is not None:
-                kind.validate(self, i, spec.options)
-
     # ------------------------------------------------------------------------ attention kinds
     @property
-    def layer_specs(self) -> list["LayerSpec"]:
-        """The attention spec of every layer (``attn_kind`` for all, unless ``attention_layers``)."""
-        if self.attention_layers is None:
-            return [LayerSpec(self.attn_kind)] * self.n_layer
-        return [LayerSpec.parse(s, i) for i, s in enumerate(self.attention_layers)]
+    def layer_specs(self) -> list[LayerSpec]:
+        """The attention spec of every layer (``attn_kind`` for all, unless ``attention_layers``),
+        its options resolved: the layer's own, the model-wide ``attn_options``, the kind's defaults."""
+        return resolve_specs(self)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The attention kinds of the model's layers, each once, in the order they were registered."""
+        used = {spec.kind for spec in given_specs(self)}
+        return [name for name in KINDS if name in used] + sorted(used - set(KINDS))
+
+    def layer_options(self, layer: int) -> dict[str, Any]:
+        """The resolved options of ``layer``'s kind (:attr:`layer_specs`)."""
+        return self.layer_specs[layer].options
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer``: its spec's ``window`` option, else ``sliding_window``."""
@@ -415,7 +258,7 @@ class ModelConfig:
         return cache_bytes(self, dtype, kv_quant)
 
     def kv_bytes_per_token(self, dtype: str | torch.dtype = "bf16", kv_quant: str | None = None) -> int:
-        """Bytes one token adds to the cache; for full attention DESIGN's formula
+        """Bytes one token adds to the cache; for full attention the formula
         2 × n_kv_layers × n_kv_head × head_dim × bytes(dtype)."""
         return self.cache_bytes(dtype, kv_quant).per_token
 
@@ -478,6 +321,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """A config from its JSON fields (a config.json of any kvlab version: older kind fields are
+        moved into options, :func:`~kvlab.config.specs.migrate_legacy_fields`)."""
+        data = migrate_legacy_fields(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -514,25 +360,3 @@ def kv_bytes_per_token(n_kv_layers: int, n_kv_head: int, head_dim: int,
     """Bytes of K and V that one token adds to a full-attention cache (the ``gqa`` kind's
     formula; every total goes through :func:`kvlab.config.accounting.cache_bytes`)."""
     return 2 * n_kv_layers * n_kv_head * head_dim * dtype_bytes(dtype)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer's attention: a registered kind and its options."""
-
-    kind: str = DEFAULT_KIND
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, spec: Any, layer: int) -> "LayerSpec":
-        if isinstance(spec, str):
-            return cls(spec)
-        if isinstance(spec, dict) and isinstance(spec.get("kind"), str):
-            return cls(spec["kind"], {k: v for k, v in spec.items() if k != "kind"})
-        raise ConfigError(f"attention_layers[{layer}]={spec!r} is not a kind name or a dict with a 'kind' "
-                          f"key; registered kinds are {sorted(KINDS)}")
-
-    def __hash__(self) -> int:
-        return hash((self.kind, json.dumps(self.options, sort_keys=True, default=str)))
-
-

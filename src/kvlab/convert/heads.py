@@ -26,9 +26,8 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import attention_input_moments, calibrated_state, needed_moments
+from kvlab.convert.finish import finish_conversion
 from kvlab.errors import ConfigError
-from kvlab.io.provenance import record_step
-from kvlab.io.weights import build_model
 from kvlab.models.decoder import Transformer
 
 METHODS = ("mean", "first", "random", "calibrated")
@@ -172,11 +171,3 @@ def _pool_layers(state: dict, attn: str, old_sources: list[int], new_sources: li
                 continue
             per_layer = [pool_kv_heads(effective(i, leaf), old_heads, new_heads, method, gen, std) for i in group]
             state[f"layers.{p}.{attn}.{leaf}"] = _pool(per_layer, method, gen, std)
-
-
-def finish_conversion(model: Transformer, new_cfg: ModelConfig, state: dict, step: dict) -> Transformer:
-    new = build_model(new_cfg, state, where="conversion", device=model.device, dtype=model.dtype)
-    new.tokenizer = model.tokenizer
-    record_step(new, "convert", source=model, **step)
-    return new
-

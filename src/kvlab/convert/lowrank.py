@@ -39,6 +39,7 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import _augmented, _store
+from kvlab.convert.finish import finish_conversion
 from kvlab.errors import ConfigError
 from kvlab.models.modes import eval_mode
 
@@ -73,10 +74,11 @@ def plan_lowrank(cfg: ModelConfig, *, k_rank: int | Sequence[int], v_rank: int |
     vs = _rank_list("v_rank", v_rank, len(producers), width)
     if len(set(ks)) == 1 and len(set(vs)) == 1:
         specs = None if cfg.attention_layers is None else [{"kind": "lowrank", **s.options} for s in cfg.layer_specs]
-        return cfg.replace(attn_kind="lowrank", attention_layers=specs, k_rank=ks[0], v_rank=vs[0])
+        return cfg.replace(attn_kind="lowrank", attention_layers=specs,
+                           attn_options={**(cfg.attn_options or {}), "k_rank": ks[0], "v_rank": vs[0]})
     per_layer = {p: {"k_rank": k, "v_rank": v} for p, k, v in zip(producers, ks, vs)}
     specs = [{"kind": "lowrank", **s.options, **per_layer.get(i, {})} for i, s in enumerate(cfg.layer_specs)]
-    return cfg.replace(attn_kind="lowrank", attention_layers=specs, k_rank=None, v_rank=None)
+    return cfg.replace(attn_kind="lowrank", attention_layers=specs, attn_options=cfg.attn_options)
 
 
 def check_channels(cfg: ModelConfig, channels) -> None:
@@ -215,7 +217,6 @@ def convert_to_lowrank(model, *, k_rank: int | Sequence[int] | None = None, v_ra
     ``attention_input_moments``) and ``loss_moments`` (:func:`kv_loss_moments`) may be passed if
     computed already. Everything else is copied; queries and output projections are unchanged."""
     from kvlab.convert.calibrated import attention_input_moments
-    from kvlab.convert.heads import finish_conversion
 
     cfg = model.cfg
     if (channels is None) == (k_rank is None and v_rank is None):

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.attention.mla import MLAShape
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import EPS, _augmented, _merge_keys, _rotate_query_rows, _store, _sym_power
+from kvlab.convert.finish import finish_conversion
 from kvlab.errors import ConfigError
 
 MLA_METHODS = ("pca", "whitened")
@@ -63,10 +65,11 @@ def plan_mla(cfg: ModelConfig, *, kv_lora_rank: int, qk_rope_head_dim: int | Non
         raise ConfigError(f"kv_lora_rank={kv_lora_rank!r} must be in [1, {most}] (the position-free key and value "
                           f"channels it compresses)")
     # theta^(R/D): the RoPE key's R/2 frequencies are the original's fastest R/2 (module docstring).
-    return cfg.replace(attn_kind="mla", attention_layers=None, n_kv_head=cfg.n_head, kv_lora_rank=kv_lora_rank,
+    shape = MLAShape(kv_lora_rank=kv_lora_rank, qk_rope_head_dim=R, qk_nope_head_dim=D - R, v_head_dim=D,
+                     q_lora_rank=None, latent_norm=latent_norm)
+    return cfg.replace(attn_kind="mla", attention_layers=None, n_kv_head=cfg.n_head,
                        rope_theta=cfg.rope_theta ** (R / D),
-                       qk_rope_head_dim=R, qk_nope_head_dim=D - R, v_head_dim=D, q_lora_rank=None,
-                       latent_norm=latent_norm)
+                       attn_options={**(cfg.attn_options or {}), **shape.options()})
 
 
 def _pair_rows(pairs, D: int) -> list[int]:
@@ -95,7 +98,8 @@ def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: M
     """Convert layer ``i`` of ``state`` (a GQA state dict of config ``cfg``) to ``new_cfg``'s MLA in
     place, from ``S = E[x̂ x̂ᵀ]`` of the inputs the converted layer will see."""
     D, G, n_kv = cfg.head_dim, cfg.q_per_kv, cfg.n_kv_head
-    R, rank = new_cfg.qk_rope_head_dim, new_cfg.kv_lora_rank
+    shape = MLAShape.of(new_cfg, i)
+    R, rank = shape.qk_rope_head_dim, shape.kv_lora_rank
     rope_rows = _pair_rows(range(R // 2), D)                    # the fastest pairs keep RoPE
     nope_rows = _pair_rows(range(R // 2, D // 2), D)
     dtype = state["embed_tokens.weight"].dtype
@@ -134,7 +138,7 @@ def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: M
     vals, vecs = torch.linalg.eigh(stacked @ S @ stacked.T)
     P = vecs[:, -rank:].flip(1)                                          # top principal directions
     latent = P.T @ stacked                                               # (rank, d+1)
-    if new_cfg.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
+    if shape.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
         rms = (torch.einsum("ij,jk,ik->", latent, S, latent) / rank).sqrt().clamp_min(EPS)
         state[f"{prefix}.kv_a_layernorm.weight"] = torch.full((rank,), float(rms), dtype=dtype)
     _store(state, f"{prefix}.kv_a_proj_with_mqa", torch.cat([latent, rope_key]), dtype, cfg.qkv_bias)
@@ -159,7 +163,6 @@ def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = N
     ``(B, T)`` run through ``model`` (``moments``: their per-layer ``attention_input_moments``, if
     computed already). Everything but the attention's projections is copied."""
     from kvlab.convert.calibrated import attention_input_moments
-    from kvlab.convert.heads import finish_conversion
 
     cfg = model.cfg
     new_cfg = plan_mla(cfg, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
@@ -170,7 +173,8 @@ def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = N
     if moments is None:
         moments = attention_input_moments(model, calibration)
     state = mla_state(model, new_cfg, moments, method)
-    step = dict(method=method, to="mla", kv_lora_rank=kv_lora_rank, qk_rope_head_dim=new_cfg.qk_rope_head_dim,
+    step = dict(method=method, to="mla", kv_lora_rank=kv_lora_rank,
+                qk_rope_head_dim=MLAShape.of(new_cfg).qk_rope_head_dim,
                 latent_norm=latent_norm, calibration_tokens=sum(int(t.numel()) for t in calibration),
                 kv_bytes_per_token_bf16=[cfg.kv_bytes_per_token("bf16"), new_cfg.kv_bytes_per_token("bf16")])
     return finish_conversion(model, new_cfg, state, step)

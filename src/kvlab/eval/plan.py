@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvlab.attention.gqa import heads_label
 from kvlab.config.model import ModelConfig
-from kvlab.dtypes import dtype_bytes
+from kvlab.dtypes import KVQuant, dtype_bytes
 from kvlab.errors import ConfigError
+from kvlab.registry import get_kind
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -39,58 +41,31 @@ def format_bytes(n: float) -> str:
 
 
 def kv_label(cfg: ModelConfig) -> str:
-    """MHA / GQA-g / MQA / MLA r+R (latent + RoPE-key channels) / Low-rank Kk+Vv (key + value latent
-    channels), with -CLAk or -CLA(custom) appended when layers share KV; an encoder–decoder's
-    cross-attention follows in brackets when it is wired differently from the self-attention."""
+    """The model's attention as each layer kind names it (MHA / GQA-g / MQA, MLA r+R, Low-rank Kk+Vv,
+    Linear-g, ...; kinds joined by '+' in a hybrid), with -CLAk or -CLA(custom) appended when layers
+    share KV; an encoder–decoder's cross-attention follows in brackets when it is wired differently
+    from the self-attention."""
     label = _self_label(cfg)
     if cfg.is_encoder_decoder:
-        cross = _heads_label(cfg.cross_n_kv_head, cfg.n_head) + (f"-CLA{cfg.cross_cla}" if cfg.cross_cla > 1 else "")
+        cross = heads_label(cfg.cross_n_kv_head, cfg.n_head) + (f"-CLA{cfg.cross_cla}" if cfg.cross_cla > 1 else "")
         if cross != label:
             label += f" (cross {cross})"
     return label
 
 
-def _heads_label(n_kv_head: int, n_head: int) -> str:
-    return "MHA" if n_kv_head == n_head else "MQA" if n_kv_head == 1 else f"GQA-{n_kv_head}"
-
-
 def _self_label(cfg: ModelConfig) -> str:
-    kinds = {spec.kind for spec in cfg.layer_specs}
-    if _is_latent(cfg) and cfg.attn_kind == "mla":
-        base = f"MLA {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}"
-    elif _is_latent(cfg):
-        base = _lowrank_label(cfg)
-    elif kinds == {"linear"}:
-        return f"Linear-{cfg.n_kv_head}"            # one state per KV head: no cache that grows
-    else:
-        base = _heads_label(cfg.n_kv_head, cfg.n_head)
-        if "linear" in kinds:
-            base += "+linear"
+    specs = cfg.layer_specs
+    base = "+".join(get_kind(name).layer_label(cfg, [i for i, s in enumerate(specs) if s.kind == name])
+                    for name in cfg.kinds)
     if cfg.kv_source is not None and cfg.n_kv_layers < cfg.n_layer:
         return f"{base}-CLA(custom)"
     return f"{base}-CLA{cfg.cla}" if cfg.cla > 1 else base
 
 
-def _lowrank_label(cfg: ModelConfig) -> str:
-    """Low-rank Kk+Vv, or with widths that differ between layers their means: Low-rank K~k+V~v."""
-    from kvlab.attention.lowrank import layer_ranks
-
-    ranks = [layer_ranks(cfg, i) for i in cfg.kv_producers]
-    if len(set(ranks)) == 1:
-        return f"Low-rank K{ranks[0][0]}+V{ranks[0][1]}"
-    k, v = (round(sum(r[j] for r in ranks) / len(ranks)) for j in (0, 1))
-    return f"Low-rank K~{k}+V~{v}"
-
-
-def _is_latent(cfg: ModelConfig) -> bool:
-    """Every layer caches latents (mla, lowrank): the cache does not depend on the KV head count.
-    (A low-rank model whose layers have their own widths lists every layer, all of its kind.)"""
-    if cfg.attn_kind not in ("mla", "lowrank"):
-        return False
-    if cfg.attention_layers is None:
-        return True
-    return cfg.attn_kind == "lowrank" and {s.kind for s in cfg.layer_specs} == {"lowrank"} \
-        and all(set(s.options) <= {"k_rank", "v_rank"} for s in cfg.layer_specs)
+def _has_kv_heads(cfg: ModelConfig) -> bool:
+    """Whether some layer's cache holds n_kv_head heads (so GQA/MQA variants shrink it); a latent
+    cache (MLA, low-rank) is the same whatever the head count."""
+    return any(get_kind(name).capabilities.kv_heads for name in cfg.kinds)
 
 
 def _wiring(cfg: ModelConfig) -> tuple:
@@ -100,7 +75,8 @@ def _wiring(cfg: ModelConfig) -> tuple:
 
 def variants(cfg: ModelConfig) -> list[ModelConfig]:
     """MHA, every GQA divisor, MQA, then CLA2 and CLA3 (with the model's KV heads) and MQA-CLA2; for
-    an MLA or low-rank model (its cache is latents, whatever the head count) its own latents with CLA1/2/3.
+    a model whose caches do not depend on the KV head count (MLA, low-rank latents) its own caches
+    with CLA1/2/3.
 
     An encoder–decoder's variants convert its cross-attention alike (the GQA paper's choice): the same
     KV heads, and the same sharing factor across decoder layers.
@@ -115,7 +91,7 @@ def variants(cfg: ModelConfig) -> list[ModelConfig]:
         except ConfigError:
             return []
 
-    if _is_latent(cfg):
+    if not _has_kv_heads(cfg):
         out = [c for k in (1, 2, 3) if k <= cfg.n_layer for c in valid(cla=k)]
     else:
         out = [c for h in range(cfg.n_head, 0, -1) if cfg.n_head % h == 0 for c in valid(n_kv_head=h, cla=1)]
@@ -144,7 +120,7 @@ class PlanRow:
 
 
 def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16",
-              kv_quant: str | None = None, source_tokens: int = 0) -> int:
+              kv_quant: str | KVQuant | None = None, source_tokens: int = 0) -> int:
     """The largest batch of ``context``-token sequences (of ``source_tokens``-token sources, for an
     encoder–decoder) whose cache fits beside the weights (weights in ``dtype``; the cache in ``dtype``
     or, with ``kv_quant``, int8/int4 plus scales)."""
@@ -153,7 +129,7 @@ def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dt
 
 
 def plan(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dtype = "bf16",
-         kv_quant: str | None = None, source_tokens: int | None = None) -> list[PlanRow]:
+         kv_quant: str | KVQuant | None = None, source_tokens: int | None = None) -> list[PlanRow]:
     """One row per variant: KV bytes per token and per sequence, and the largest batch that fits; an
     encoder–decoder's sequences hold ``source_tokens`` of cross-attention K/V too (default: ``context``)."""
     source = (context if source_tokens is None else source_tokens) if cfg.is_encoder_decoder else 0

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.cache.paged import PagedKVPool, PagedSequence
+from kvlab.dtypes import KVQuant, parse_kv_quant
 from kvlab.errors import ConfigError, KvlabError
 from kvlab.inference.generation import SamplingParams, left_pad, sample_next
 from kvlab.models.decoder import Transformer
@@ -107,7 +108,7 @@ class Engine:
                  max_seqs: int = 64, max_queue: int = 256, block_size: int = 16, prefill_chunk: int = 512,
                  admission: str = "reserve",
                  backend: str | None = None, cache_dtype: str | torch.dtype | None = None,
-                 kv_quant: str | None = None):
+                 kv_quant: str | KVQuant | None = None):
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ConfigError(f"max_queue={max_queue!r} must be a non-negative integer")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
@@ -120,7 +121,7 @@ class Engine:
         self.max_len = max_len or model.cfg.max_seq_len
         self.pool = PagedKVPool(model.cfg, budget_bytes=kv_budget_bytes, max_len=self.max_len, max_seqs=max_seqs,
                                 block_size=block_size, dtype=cache_dtype or model.dtype, device=model.device,
-                                kv_quant=kv_quant)
+                                kv_quant=parse_kv_quant(kv_quant))
         self.max_queue, self.prefill_chunk, self.backend = max_queue, prefill_chunk, backend
         eos = model.cfg.eos_token_id
         self.default_stop = frozenset() if eos is None else frozenset([eos])

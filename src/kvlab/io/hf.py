@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kvlab.attention.mla import MLAShape
 from kvlab.config.model import ModelConfig
 from kvlab.errors import CheckpointError, ConfigError
 from kvlab.io.atomic import write_dir_atomically
@@ -141,8 +142,9 @@ def _config_from_deepseek(hf: dict[str, Any], where: str) -> ModelConfig:
             mlp="swiglu", d_ff=hf["intermediate_size"], norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             pos="rope", rope_theta=_rope_theta(hf, where), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=bias, o_bias=bias, max_seq_len=hf.get("max_position_embeddings", 4096), attn_kind="mla",
-            kv_lora_rank=hf.get("kv_lora_rank", 512), q_lora_rank=hf.get("q_lora_rank"), qk_rope_head_dim=rope,
-            qk_nope_head_dim=nope, v_head_dim=hf.get("v_head_dim") or 128, latent_norm=True,
+            attn_options=MLAShape(kv_lora_rank=hf.get("kv_lora_rank", 512), q_lora_rank=hf.get("q_lora_rank"),
+                                  qk_rope_head_dim=rope, qk_nope_head_dim=nope, v_head_dim=hf.get("v_head_dim") or 128,
+                                  latent_norm=True).options(),
             bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
             pad_token_id=_first(hf.get("pad_token_id")), name=hf.get("_name_or_path") or None)
     except KeyError as e:
@@ -153,11 +155,12 @@ def _config_from_deepseek(hf: dict[str, Any], where: str) -> ModelConfig:
 
 def _rope_rows(cfg: ModelConfig, name: str) -> torch.Tensor | None:
     """The output rows of an MLA projection that carry RoPE channels (None for other tensors)."""
-    qk, rope = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
+    m = MLAShape.of(cfg)
+    qk, rope = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_rope_head_dim
     if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.q_b_proj.weight")):
-        return torch.arange(cfg.n_head).unsqueeze(1) * qk + cfg.qk_nope_head_dim + torch.arange(rope)
+        return torch.arange(cfg.n_head).unsqueeze(1) * qk + m.qk_nope_head_dim + torch.arange(rope)
     if name.endswith(("self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_proj_with_mqa.bias")):
-        return (cfg.kv_lora_rank + torch.arange(rope)).unsqueeze(0)
+        return (m.kv_lora_rank + torch.arange(rope)).unsqueeze(0)
     return None
 
 
@@ -165,7 +168,7 @@ def _deinterleave_rope(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None
     """DeepSeek's ``rope_interleave``: its RoPE channels are pairs (x0, x1), (x2, x3)...; kvlab rotates
     halves (x_i, x_{i+R/2}). Reordering each RoPE block's output rows to evens-then-odds turns one
     into the other, for queries and the shared key alike, so every score is unchanged."""
-    rope = cfg.qk_rope_head_dim
+    rope = MLAShape.of(cfg).qk_rope_head_dim
     order = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
     for name, tensor in state.items():
         rows = _rope_rows(cfg, name)
@@ -183,7 +186,7 @@ def _deepseek_problems(cfg: ModelConfig, model: Transformer | None) -> list[str]
         problems.append("a sliding window (DeepSeek-V3 attends to the whole context)")
     if cfg.qkv_bias != cfg.o_bias:
         problems.append("q/kv biases without an o_proj bias or the reverse (DeepSeek-V3's attention_bias sets both)")
-    if model is not None and cfg.qkv_bias and cfg.q_lora_rank is None:
+    if model is not None and cfg.qkv_bias and MLAShape.of(cfg).q_lora_rank is None:
         bias = model.layers[0].self_attn.q_proj.bias
         if any(b.self_attn.q_proj.bias.detach().abs().max() > 0 for b in model.layers):
             problems.append(f"a q_proj bias (DeepSeek-V3's q_proj has none; got {tuple(bias.shape)} nonzero)")
@@ -262,16 +265,16 @@ def _lm_config_to_hf(cfg: ModelConfig, dtype: torch.dtype, model: Transformer | 
 
 
 def _deepseek_config(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    name = str(dtype).removeprefix("torch.")
+    name, m = str(dtype).removeprefix("torch."), MLAShape.of(cfg)
     return {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
         # Every layer dense: the MoE fields below are never used but must be valid.
         "first_k_dense_replace": cfg.n_layer, "moe_intermediate_size": cfg.d_ff, "n_routed_experts": 1,
         "n_shared_experts": 1, "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "kv_lora_rank": cfg.kv_lora_rank,
-        "q_lora_rank": cfg.q_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim, "v_head_dim": cfg.v_head_dim, "rope_interleave": False,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "kv_lora_rank": m.kv_lora_rank,
+        "q_lora_rank": m.q_lora_rank, "qk_rope_head_dim": m.qk_rope_head_dim,
+        "qk_nope_head_dim": m.qk_nope_head_dim, "v_head_dim": m.v_head_dim, "rope_interleave": False,
         "attention_bias": cfg.qkv_bias, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
@@ -329,7 +332,7 @@ def import_hf(directory: str | Path, *, dtype: torch.dtype | None = torch.float3
     if cfg.attn_kind == "mla":
         if hf_config.get("rope_interleave", True):
             _deinterleave_rope(cfg, state)
-        if cfg.qkv_bias and cfg.q_lora_rank is None:     # kvlab's q_proj has the bias DeepSeek's lacks
+        if cfg.qkv_bias and MLAShape.of(cfg).q_lora_rank is None:   # kvlab's q_proj has the bias DeepSeek's lacks
             for i in range(cfg.n_layer):
                 w = state.get(f"layers.{i}.self_attn.q_proj.weight")
                 if w is not None:
@@ -349,7 +352,7 @@ def _constant_latent_channel(model: Transformer, hf_config: dict[str, Any]) -> d
     constant channel's norm weight and up-projection are zero. Costs one cache channel per layer in
     transformers; kvlab's own format keeps the norm-free latent."""
     cfg = model.cfg
-    rank = cfg.kv_lora_rank
+    rank = MLAShape.of(cfg).kv_lora_rank
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     hf_config["kv_lora_rank"] = rank + 1
     hf_config["attention_bias"] = True
@@ -374,7 +377,7 @@ def _constant_latent_channel(model: Transformer, hf_config: dict[str, Any]) -> d
         state[f"{pre}.kv_b_proj.weight"] = torch.cat([up, torch.zeros(up.shape[0], 1, dtype=up.dtype)], 1).to(dtype)
         o = state[f"{pre}.o_proj.weight"]
         state.setdefault(f"{pre}.o_proj.bias", o.new_zeros(o.shape[0]))
-        if cfg.q_lora_rank is not None:
+        if MLAShape.of(cfg).q_lora_rank is not None:
             qa = state[f"{pre}.q_a_proj.weight"]
             state.setdefault(f"{pre}.q_a_proj.bias", qa.new_zeros(qa.shape[0]))
     return state
@@ -388,7 +391,7 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
     dtype = dtype or model.dtype
     hf_config = config_to_hf(model.cfg, dtype, model)
     source = model.state_dict()
-    if hf_config["model_type"] == "deepseek_v3" and not model.cfg.latent_norm:
+    if hf_config["model_type"] == "deepseek_v3" and not MLAShape.of(model.cfg).latent_norm:
         source = _constant_latent_channel(model, hf_config)
     state = {}
     if hf_config["model_type"] == "mpt":

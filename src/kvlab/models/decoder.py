@@ -20,6 +20,7 @@ from kvlab.attention.bias import AlibiBias, T5RelativeBias
 from kvlab.attention.context import ForwardContext
 from kvlab.cache.cache import KVCache
 from kvlab.config.model import ModelConfig
+from kvlab.dtypes import KVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.layers.mlp import MLP
 from kvlab.layers.norms import make_norm
@@ -190,11 +191,11 @@ class Transformer(nn.Module):
         return self.prompt_adapter.n_tokens if self.prompt_adapter is not None else 0
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,
-                  device: str | torch.device | None = None, kv_quant: str | None = None) -> KVCache:
+                  device: str | torch.device | None = None, kv_quant: str | KVQuant | None = None) -> KVCache:
         """A preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens; ``kv_quant``
         (``'int8'``/``'int4'``) keeps its per-token entries quantized."""
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len,
-                       dtype=dtype or self.dtype, device=device or self.device, kv_quant=kv_quant)
+                       dtype=dtype or self.dtype, device=device or self.device, kv_quant=parse_kv_quant(kv_quant))
 
     # --------------------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,

@@ -29,6 +29,7 @@ from kvlab.attention.context import ForwardContext
 from kvlab.attention.cross import CrossAttention
 from kvlab.cache.cross import CrossKV, Seq2SeqCache
 from kvlab.config.model import ModelConfig
+from kvlab.dtypes import KVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.layers.norms import make_norm
 from kvlab.layers.positions import positions_from_attention_mask
@@ -109,11 +110,11 @@ class EncoderDecoder(Transformer):
         self.encoder = Encoder(cfg)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,
-                  device: str | torch.device | None = None, kv_quant: str | None = None) -> Seq2SeqCache:
+                  device: str | torch.device | None = None, kv_quant: str | KVQuant | None = None) -> Seq2SeqCache:
         """The decoder's self-attention cache for ``max_len`` target tokens, with room for the
         source's cross-attention K/V (filled by the first call)."""
         return Seq2SeqCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, dtype=dtype or self.dtype,
-                            device=device or self.device, kv_quant=kv_quant)
+                            device=device or self.device, kv_quant=parse_kv_quant(kv_quant))
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                backend: str | None = None) -> Memory:

@@ -35,6 +35,7 @@ from torch import nn
 from kvlab.errors import ConfigError
 from kvlab.models.decoder import InputEntry
 from kvlab.models.modes import eval_mode
+from kvlab.registry import kinds_without
 
 PREFIX_METHODS = ("prefix", "ptuning", "prompt")
 
@@ -166,7 +167,7 @@ def add_prompt_adapter(model, cfg: PromptConfig) -> nn.Module:
     ``model.prompt_adapter``) and freeze the rest of the model."""
     if getattr(model, "prompt_adapter", None) is not None:
         raise ConfigError("the model already has a prompt adapter; load a fresh model to add another")
-    kinds = sorted({s.kind for s in model.cfg.layer_specs} - {"gqa"})
+    kinds = kinds_without("prefix_adapters", model.cfg.kinds)
     if kinds and cfg.method != "prompt":
         raise ConfigError(f"{cfg.method} tuning writes K/V prefixes, which layers of kind(s) {kinds} do not keep; "
                           f"use prompt tuning (virtual input tokens) or LoRA on this model")

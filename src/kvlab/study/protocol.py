@@ -158,7 +158,7 @@ KIND_VARIANTS = {
     "linear": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"}] * c.n_layer),
     "linear-hybrid": lambda c: dict(attention_layers=[{"kind": "linear", "decay": "retnet"} if i % 2 == 0 else "gqa"
                                                       for i in range(c.n_layer)]),
-    "mla": lambda c: dict(attn_kind="mla", kv_lora_rank=c.d_model // c.n_head * 2),
+    "mla": lambda c: dict(attn_kind="mla", attn_options={"kv_lora_rank": c.d_model // c.n_head * 2}),
     # Memory compression: the window of "window", and a summary of every older block of 1/16 of it.
     "compressed": lambda c: dict(attention_layers=[
         {"kind": "compressed", "window": max(1, c.seq_len // 4), "block": max(1, c.seq_len // 16)}] * c.n_layer),
@@ -407,7 +407,7 @@ class Study:
                                       max_seq_len=max(c.seq_len, c.decode_context + 1), **kind).replace(name="study")
         if matched and c.match_params:
             mha = cfg.replace(n_kv_head=c.n_head, cla=1, attn_kind="gqa", attention_layers=None,
-                              block_sparse=None, kv_lora_rank=None)
+                              block_sparse=None, attn_options=None)
             cfg = param_matched(cfg, mha.param_counts()["total"], c.match_params)
         torch.manual_seed(self.seed)               # every from-scratch model of a pass starts from one seed
         model = Transformer(cfg)

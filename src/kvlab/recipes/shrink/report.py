@@ -21,20 +21,24 @@ def plot_pareto(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     orig = results["original"]
     ax.scatter([orig["kv_bytes"]], [orig["proxy_ppl"]], marker="*", s=200, color="black", label="original", zorder=3)
+    # one colour per attention kind of the candidates, in the order they were enumerated
+    kinds = list(dict.fromkeys(r["kind"] for r in results["ranking"]))
+    colour = {kind: f"C{i}" for i, kind in enumerate(kinds)}
     for r in results["ranking"]:
-        ax.scatter([r["kv_bytes"]], [r["alpha0_proxy_ppl"]], facecolors="none",
-                   edgecolors="tab:red" if r["kind"] == "mla" else "tab:blue", s=50)
+        ax.scatter([r["kv_bytes"]], [r["alpha0_proxy_ppl"]], facecolors="none", edgecolors=colour[r["kind"]], s=50)
         ax.annotate(r["name"], (r["kv_bytes"], r["alpha0_proxy_ppl"]), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")
     for r in results["recovered"]:
-        ax.scatter([r["kv_bytes"]], [r["proxy_ppl"]], color="tab:red" if r["kind"] == "mla" else "tab:blue", s=50)
+        ax.scatter([r["kv_bytes"]], [r["proxy_ppl"]], color=colour[r["kind"]], s=50)
+    for kind in kinds:
+        ax.scatter([], [], color=colour[kind], label=kind)
     ax.scatter([], [], facecolors="none", edgecolors="gray", label="converted, α = 0")
     ax.scatter([], [], color="gray", label="recovered")
     ax.axvline(results["budget_bytes_per_token"], color="gray", ls=":", lw=1, label="budget")
     ax.set_xlabel("KV cache bytes per token (bf16)")
     ax.set_ylabel("perplexity (held-out train-split windows)")
     ax.set_yscale("log")
-    ax.set_title(f"{results['model']}: blue GQA/MQA/CLA, red MLA")
+    ax.set_title(f"{results['model']}: candidates by attention kind")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,91 @@
+"""What ``kvlab shrink`` does, with its defaults and the reason for each: :class:`ShrinkConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvlab.errors import ConfigError
+
+TRAIN_SETS = ("attention", "all", "lora")
+DATA_SOURCES = ("builtin", "library", "generated", "mixed")
+
+
+@dataclass
+class ShrinkConfig:
+    """What ``kvlab shrink`` does; the defaults are the CPU default (``--quick``: a tiny smoke run)."""
+
+    kv: str = "2x"
+    minutes: float | None = 15.0          # wall time for the whole run (used when tokens is None)
+    tokens: int | None = None             # training tokens over all recovered candidates
+    # How many of the best-ranked to recover. One: since the loss-allocated low-rank start exists it
+    # leads every SmolLM2 ranking by a wide margin (KV/2: proxy 10.54 against 12.11 for the next),
+    # and a second candidate halves the first one's training.
+    candidates: int = 1
+    calibration_tokens: int = 8192
+    proxy_tokens: int = 4096
+    eval_tokens: int | None = 8192        # validation tokens scored at the end (None: the whole split)
+    eval_seq_len: int = 1024
+    chat_prompts: int = 32
+    # Training windows as long as the evaluation's: the converted layers' position-free channels must
+    # learn long distances (at 256-token windows a KV/2 MLA reached +14 % on 512-token windows but
+    # +57 % at 1,024 tokens of context).
+    seq_len: int = 1024
+    batch_size: int = 1
+    # Refit every layer's output projection in closed form after converting a chosen candidate
+    # (kvlab.convert.refit): at alpha = 0 on SmolLM2 MLA 160+32 goes 28.5 -> 21.4 in about 50 s on 2
+    # cores, but after 16k tokens of transfer + distillation the gain is gone (15.59 against 15.49
+    # without; BENCHMARKS "The output refit"), so at CPU budgets it is opt-in.
+    refit: bool = False
+    transfer_fraction: float = 0.3        # share of a candidate's tokens spent on attention transfer
+    transfer_lr: float = 3e-4
+    # Distillation starts from a model already close to the original, and Adam moves every weight by
+    # about the learning rate per step: at 1e-4 or 3e-4 the first steps threw the KV/2 allocated start
+    # from proxy 10.54 to 11-90 and training levelled off at 10.1; at 3e-5 it fell to 9.78 in 24 steps
+    # (1e-5: 9.95 after 16 steps, slower). BENCHMARKS "Distillation from a good start".
+    kd_lr: float = 3e-5
+    # What distillation trains: the attention, all weights, or the attention in full plus LoRA on
+    # the MLPs (merged into the weights at the end).
+    train: str = "attention"
+    lora_rank: int = 16
+    # Training text: the built-in train split, the larger library corpus (for budgets past its
+    # ~270k tokens), text the original model generates (its own distribution: what distillation
+    # matches), or the built-in split and generated text.
+    data: str = "builtin"
+    generated_tokens: int = 65536
+    curve_points: int = 4
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.minutes is None and self.tokens is None:
+            raise ConfigError("give a budget: --minutes M or --tokens N")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ConfigError(f"--minutes {self.minutes} must be positive")
+        if self.tokens is not None and self.tokens < 0:
+            raise ConfigError(f"--tokens {self.tokens} must be >= 0")
+        if self.candidates < 1:
+            raise ConfigError(f"--candidates {self.candidates} must be at least 1")
+        for name in ("kd_lr", "transfer_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive (e.g. 3e-5)")
+        if not 0 <= self.transfer_fraction <= 1:
+            raise ConfigError(f"transfer_fraction={self.transfer_fraction} must be in [0, 1]")
+        if self.train not in TRAIN_SETS:
+            raise ConfigError(f"--train {self.train!r} is not one of {', '.join(TRAIN_SETS)}")
+        if self.train == "lora" and self.lora_rank < 1:
+            raise ConfigError(f"--lora-rank {self.lora_rank} must be a positive integer (typical: 8-64)")
+        if self.data not in DATA_SOURCES:
+            raise ConfigError(f"--data {self.data!r} is not one of {', '.join(DATA_SOURCES)}")
+        if self.data in ("generated", "mixed") and self.generated_tokens < 1:
+            raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
+
+    @classmethod
+    def quick(cls, **overrides) -> "ShrinkConfig":
+        base = dict(minutes=None, tokens=2 * 8 * 2 * 32, candidates=2, calibration_tokens=512, proxy_tokens=256,
+                    eval_tokens=512, eval_seq_len=64, chat_prompts=4, seq_len=32, batch_size=2, curve_points=2)
+        return cls(**{**base, **overrides})
+
+    @property
+    def train_only(self) -> str:
+        """The training loop's name for the ``train`` choice (its trainable set)."""
+        return "attention+adapter" if self.train == "lora" else self.train

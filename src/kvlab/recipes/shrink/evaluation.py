@@ -1,0 +1,126 @@
+"""How ``kvlab shrink`` measures a model: the held-out proxy perplexity (ranking and the recovery
+curve), and the final scores — validation perplexity and greedy chat replies, compared with the
+original's."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvlab.data.corpus import Document
+from kvlab.eval.perplexity import evaluate
+from kvlab.eval.tasks import greedy_replies, task_accuracy
+
+
+@torch.no_grad()
+def proxy_loss(model, batches: list[torch.Tensor], device) -> float:
+    """Mean next-token cross-entropy over ``batches`` of token rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for tokens in batches:
+        tokens = tokens.to(device)
+        logits = model(tokens[:, :-1]).float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
+                                                         reduction="sum"))
+        count += tokens[:, 1:].numel()
+    return total / count
+
+
+def proxy_perplexity(model, batches: list[torch.Tensor], device) -> float:
+    return math.exp(proxy_loss(model, batches, device))
+
+
+@dataclass
+class EvalSet:
+    """The held-out text every model of a run is scored on: proxy windows of the train split,
+    validation documents (no stage trains, calibrates or selects on them) and chat prompts."""
+
+    proxy: list[torch.Tensor]
+    documents: list[Document]
+    seq_len: int
+    max_tokens: int | None
+    chats: list
+    device: str
+
+    def score(self, model, tok, original_replies: list[str] | None = None) -> dict:
+        """Proxy perplexity, validation perplexity and chat replies of ``model``, timed; with the
+        original's replies, also how often and how far ``model``'s agree with them."""
+        t = time.perf_counter()
+        ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens, progress=False)
+        eval_s = time.perf_counter() - t
+        t = time.perf_counter()
+        replies = greedy_replies(model, tok, self.chats)
+        chat_s = time.perf_counter() - t
+        t = time.perf_counter()
+        proxy_ppl = proxy_perplexity(model, self.proxy, self.device)
+        proxy_s = time.perf_counter() - t
+        out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "chat": task_accuracy(model, tok, self.chats,
+                                                                                   replies=replies),
+               "replies": replies, "eval_s": eval_s, "chat_s": chat_s, "proxy_s": proxy_s}
+        if original_replies is not None:
+            n = len(self.chats)
+            out["chat_agreement"] = sum(a == b for a, b in zip(replies, original_replies)) / n
+            out["chat_prefix_agreement"] = sum(_common_prefix(a, b) / max(1, len(b))
+                                               for a, b in zip(replies, original_replies)) / n
+        return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProxyCurve:
+    """Training hook: the held-out proxy perplexity every few steps (the recovery curve), with an
+    ETA line, and a stop once the candidate's deadline passes; its points travel in the training
+    checkpoints, so a resumed stage keeps them."""
+
+    def __init__(self, model, proxy, device, every: int, offset_tokens: int, tokens_per_step: int, total: int,
+                 label: str, log: Callable[[str], None], deadline: Callable[[], bool] | None = None):
+        self.model, self.proxy, self.device, self.every = model, proxy, device, every
+        self.deadline, self.stopped = deadline, False
+        self.offset, self.tokens_per_step, self.total, self.label, self.log = (
+            offset_tokens, tokens_per_step, total, label, log)
+        self.points: list[tuple[int, float]] = []
+        self.t0 = time.perf_counter()
+        self.first_step: int | None = None
+
+    def regularizer(self):
+        return 0.0
+
+    def stop_requested(self) -> bool:
+        return self.stopped
+
+    def after_step(self, step: int) -> None:
+        if self.first_step is None:
+            self.first_step, self.t0 = step - 1, time.perf_counter()
+        # decided here, once per step, so that the stop and the curve's last point agree
+        self.stopped = self.deadline is not None and self.deadline()
+        if step % self.every and step != self.total and not self.stopped:
+            return
+        was = self.model.training
+        ppl = proxy_perplexity(self.model, self.proxy, self.device)
+        self.model.train(was)
+        self.points.append((self.offset + step * self.tokens_per_step, ppl))
+        rate = (time.perf_counter() - self.t0) / max(1, step - self.first_step)
+        self.log(f"    {self.label} step {step}/{self.total}  proxy perplexity {ppl:,.2f}  "
+                 f"(about {duration(rate * (self.total - step))} left in this stage)")
+
+    def state_dict(self) -> dict:
+        return {"points": self.points}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = [tuple(p) for p in state["points"]]

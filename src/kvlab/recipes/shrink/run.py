@@ -1,0 +1,400 @@
+"""``kvlab shrink`` as a run of named stages over a typed state (:class:`ShrinkRun`).
+
+:meth:`ShrinkRun.setup` loads the original and the data; then each stage reads what it needs from
+the state and records its result there, and a stage whose result is already there (a resumed run)
+is skipped: score the original, enumerate and rank the candidates, plan the recovery, recover and
+evaluate each chosen candidate, export the best, report.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvlab.errors import ConfigError
+from kvlab.recipes.shrink.candidates import (
+    Candidate,
+    convert_candidate,
+    enumerate_candidates,
+    moments_for,
+    parse_kv_budget,
+)
+from kvlab.recipes.shrink.config import ShrinkConfig
+from kvlab.recipes.shrink.evaluation import EvalSet, ProxyCurve, duration, proxy_perplexity
+from kvlab.recipes.shrink.planning import (
+    StepTimes,
+    attach_mlp_lora,
+    seconds_per_step,
+    split_by_time,
+    split_by_tokens,
+    transfer_fraction,
+)
+from kvlab.recipes.shrink.state import (
+    STATE,
+    OriginalScore,
+    RankedCandidate,
+    RecoveredCandidate,
+    RecoveryPlan,
+    ShrinkState,
+)
+
+# What a shrink run writes into its directory (an --overwrite deletes these and nothing else).
+OUTPUTS = (STATE, "work", "model", "hf", "report.md", "results.json", "pareto.png", "recovery.png")
+
+
+class ShrinkRun:
+    """One run of ``kvlab shrink`` in its directory ``out`` (held by a RunDirectory)."""
+
+    def __init__(self, model_ref: str, out: Path, scfg: ShrinkConfig, settings: dict, resume: bool,
+                 log: Callable[[str], None]):
+        self.model_ref, self.out, self.scfg, self.log = model_ref, out, scfg, log
+        self.t_start = time.perf_counter()
+        resumed = resume and (out / STATE).is_file()
+        self.state = ShrinkState.load(out / STATE) if resumed else ShrinkState(config=settings)
+        self.elapsed_before = self.state.elapsed_s
+        if not resumed:
+            self.save()
+        self._moments: dict | None = None
+
+    def elapsed(self) -> float:
+        """Seconds of this run, the interrupted runs it resumes included."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def save(self) -> None:
+        self.state.elapsed_s = self.elapsed()
+        self.state.save(self.out / STATE)
+
+    # --------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """The original (frozen), its budget and candidates, and the run's text. Calibration and
+        training come from the train split; the proxy is held-out windows of the train split (ranking
+        and the recovery curve); the validation split serves only the final numbers."""
+        import kvlab
+        from kvlab.data.corpus import builtin_corpus
+        from kvlab.data.instruct import make_tasks
+        from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
+
+        scfg = self.scfg
+        self.base = kvlab.load(self.model_ref, device=scfg.device)
+        self.base.eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.tok = self.base.tokenizer
+        if self.tok is None:
+            raise ConfigError(f"{self.model_ref} has no tokenizer; kvlab shrink reads text (calibration, training, "
+                              f"evaluation)")
+        self.budget = parse_kv_budget(scfg.kv, self.base.cfg)
+        self.candidates = enumerate_candidates(self.base.cfg, self.budget)
+        original = self.base.cfg.kv_bytes_per_token("bf16")
+        self.log(f"{self.model_ref}: {original:,} KV bytes per token (bf16); budget {self.budget:,} "
+                 f"({original / self.budget:.1f}x smaller); {len(self.candidates)} candidate wirings")
+        self.builtin_train_tokens = tokenize_to_file(builtin_corpus("train"), self.tok, progress=False).tokens
+        self.calibration = calibration_batches(self.tok, scfg.calibration_tokens, seed=scfg.seed)
+        proxy_len = min(scfg.eval_seq_len, self.base.cfg.max_seq_len)
+        rows = max(1, -(-scfg.proxy_tokens // proxy_len))
+        x, y = Windows(self.builtin_train_tokens, proxy_len, rows, seed=scfg.seed + 1_000_003).batch(0)
+        proxy = [torch.cat([x[i:i + 2], y[i:i + 2, -1:]], 1) for i in range(0, rows, 2)]
+        self.evalset = EvalSet(proxy, builtin_corpus("validation"), min(scfg.eval_seq_len, self.base.cfg.max_seq_len),
+                               scfg.eval_tokens, make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003),
+                               scfg.device)
+
+    def moments(self, candidates: list[Candidate]) -> dict:
+        """The calibration statistics, computed once per process (for ``candidates`` the first time)."""
+        if self._moments is None:
+            self._moments = moments_for(self.base, candidates, self.calibration)
+        return self._moments
+
+    @property
+    def chosen(self) -> list[Candidate]:
+        """The best-ranked candidates, as many as ``--candidates`` asks for."""
+        return [r.candidate for r in self.state.ranking[:self.scfg.candidates]]
+
+    # -------------------------------------------------------------------------------- stages
+    def score_original(self) -> OriginalScore:
+        if self.state.original is None:
+            self.log("scoring the original model...")
+            score = self.evalset.score(self.base, self.tok)
+            self.state.original = OriginalScore(name="original", kv_bytes=self.base.cfg.kv_bytes_per_token("bf16"),
+                                                **score)
+            self.save()
+        original = self.state.original
+        self.log(f"  original: validation perplexity {original.val['perplexity']:.3f}, proxy "
+                 f"{original.proxy_ppl:.3f}, chat exact match {original.chat['accuracy']:.0%}")
+        return original
+
+    def rank(self) -> list[RankedCandidate]:
+        """Every candidate converted with its best start and scored at α = 0, best first."""
+        if self.state.ranking is None:
+            self.log(f"ranking {len(self.candidates)} candidates at alpha = 0 ({self.scfg.calibration_tokens:,} "
+                     f"calibration tokens)...")
+            ranking = []
+            for cand in self.candidates:
+                model = convert_candidate(self.base, cand, self.calibration, self.moments(self.candidates))
+                ppl = proxy_perplexity(model, self.evalset.proxy, self.scfg.device)
+                ranking.append(RankedCandidate(cand.name, cand.kind, cand.change, cand.kv_bytes, ppl))
+                self.log(f"  {cand.name:22} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {ppl:,.2f}")
+                del model
+            ranking.sort(key=lambda r: r.alpha0_proxy_ppl)
+            self.state.ranking = ranking
+            self.save()
+        return self.state.ranking
+
+    def training_text(self) -> np.ndarray:
+        """The tokens recovery trains on (``--data``); generated text is kept in ``OUT/work``."""
+        scfg = self.scfg
+        tokens = self.builtin_train_tokens
+        if scfg.data == "library":
+            from kvlab.data.corpus import library_corpus
+            from kvlab.data.windows import tokenize_to_file
+
+            self.log("reading the library corpus (the first time: about a minute, then cached)...")
+            tokens = tokenize_to_file(library_corpus("train"), self.tok, progress=False).tokens
+            self.log(f"  {len(tokens):,} tokens of training text")
+        if scfg.data in ("generated", "mixed"):
+            generated = self._generated_text()
+            tokens = generated if scfg.data == "generated" else np.concatenate([np.asarray(tokens), generated])
+        return tokens
+
+    def _generated_text(self) -> np.ndarray:
+        path = self.out / "work" / "generated.npy"
+        if not path.is_file():
+            from kvlab.inference.generated_text import generate_corpus
+
+            self.log(f"generating {self.scfg.generated_tokens:,} tokens of training text with the original model...")
+            t = time.perf_counter()
+            generated = generate_corpus(self.base, self.tok, self.scfg.generated_tokens,
+                                        prompts=self.builtin_train_tokens, seq_len=self.scfg.seq_len,
+                                        seed=self.scfg.seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path.with_suffix(".tmp.npy"), generated)
+            path.with_suffix(".tmp.npy").replace(path)
+            self.log(f"  {len(generated):,} tokens in {duration(time.perf_counter() - t)}")
+        return np.load(path)
+
+    def plan_recovery(self, chosen: list[Candidate], train_tokens) -> RecoveryPlan:
+        """Each chosen candidate's transfer and distillation steps within the budget."""
+        scfg = self.scfg
+        tokens_per_step = scfg.batch_size * scfg.seq_len
+        if self.state.plan is None:
+            if scfg.tokens is not None:
+                steps, timing = split_by_tokens(scfg, chosen, tokens_per_step), None
+            else:
+                steps, timing = split_by_time(scfg, chosen, self._step_times(chosen, train_tokens), self.elapsed())
+                if not any(a + b for a, b in steps):
+                    self.log("  the time budget is spent by loading, ranking and evaluation: no recovery training "
+                             "fits")
+            self.state.plan = RecoveryPlan(tokens_per_step, steps, timing)
+            self.save()
+        plan = self.state.plan
+        total = sum(a + b for a, b in plan.steps) * tokens_per_step
+        each = ", ".join(f"{c.name}: {a} transfer + {b} distillation steps" for c, (a, b) in zip(chosen, plan.steps))
+        self.log(f"recovering {len(chosen)} candidate(s): {total:,} training tokens in all ({each})")
+        most = max((a + b for a, b in plan.steps), default=0) * tokens_per_step
+        if most > len(train_tokens):
+            self.log(f"  note: a candidate trains on {most:,} tokens, more than the {len(train_tokens):,} of --data "
+                     f"{scfg.data}; it will see the same text {most / len(train_tokens):.1f} times"
+                     + (" (--data library has 14 times more)" if scfg.data in ("builtin", "mixed") else ""))
+        return plan
+
+    def _step_times(self, chosen: list[Candidate], train_tokens) -> StepTimes:
+        """Step times measured on the first chosen candidate, and the original's scoring times."""
+        from kvlab.data.windows import Windows
+        from kvlab.training import AttentionTransfer, Distillation
+
+        scfg, original = self.scfg, self.state.original
+        probe = convert_candidate(self.base, chosen[0], self.calibration, self.moments(chosen))
+        batch = Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed).batch(0)
+        uses_transfer = any(transfer_fraction(scfg, cand) for cand in chosen)
+        t_transfer = (seconds_per_step(probe, AttentionTransfer(self.base), batch, "attention", scfg.device)
+                      if uses_transfer else 0.0)
+        if scfg.train == "lora":
+            attach_mlp_lora(probe, scfg)
+        t_kd = seconds_per_step(probe, Distillation(self.base), batch, scfg.train_only, scfg.device)
+        refit_s = (2.5 * scfg.calibration_tokens / scfg.proxy_tokens + 1) * original.proxy_s if scfg.refit else 0
+        return StepTimes(transfer_s=t_transfer, kd_s=t_kd, proxy_s=original.proxy_s, refit_s=refit_s,
+                         eval_s=original.eval_s + original.chat_s + original.proxy_s + 20)
+
+    def recover(self, cand: Candidate, steps: tuple[int, int], train_tokens, deadline: float | None):
+        """``cand`` converted, its output projections refitted if asked, then trained: attention
+        transfer, then distillation, each stopping at the candidate's deadline (elapsed seconds).
+        Returns the student and its record so far (curve, stages, tokens, refit)."""
+        self.log(f"{cand.name}: converting, then recovering")
+        student = convert_candidate(self.base, cand, self.calibration, self.moments(self.chosen))
+        alpha0 = next(r.alpha0_proxy_ppl for r in self.state.ranking if r.name == cand.name)
+        record = {"curve": [(0, alpha0)], "refit_proxy_ppl": None, "refit_used": False}
+        if self.scfg.refit:
+            self._refit(student, record)
+        record.update(self._train(student, cand, steps, train_tokens, deadline, record["curve"]))
+        if getattr(student, "lora_config", None) is not None:
+            from kvlab.peft.lora import merge_and_unload
+
+            merge_and_unload(student)
+        return student, record
+
+    def _refit(self, student, record: dict) -> None:
+        """The closed-form output refit, kept only if it lowers the held-out proxy perplexity."""
+        from kvlab.convert.refit import refit_outputs
+
+        t = time.perf_counter()
+        before = record["curve"][0][1]
+        converted = {k: v.clone() for k, v in student.state_dict().items() if ".o_proj." in k}
+        provenance = student.provenance
+        refit_outputs(self.base, student, self.calibration)
+        ppl = proxy_perplexity(student, self.evalset.proxy, self.scfg.device)
+        self.log(f"  output refit: proxy perplexity {before:,.2f} -> {ppl:,.2f} ({duration(time.perf_counter() - t)})")
+        record.update(refit_proxy_ppl=ppl, refit_used=ppl <= before)
+        if not record["refit_used"]:     # fitted on calibration text, worse on held-out text: undo it
+            student.load_state_dict(converted, strict=False)
+            student.provenance = provenance
+            self.log("  the refit made held-out perplexity worse; recovering from the conversion's projections")
+        record["curve"].append((0, min(ppl, before)))
+
+    def _train(self, student, cand: Candidate, steps: tuple[int, int], train_tokens, deadline: float | None,
+               curve: list) -> dict:
+        from kvlab.data.windows import Windows
+        from kvlab.training import AttentionTransfer, Distillation, TrainConfig, checkpoint_dirs, train
+
+        scfg, work = self.scfg, self.out / "work" / cand.slug
+        tokens_per_step = scfg.batch_size * scfg.seq_len
+
+        def out_of_time() -> bool:
+            return deadline is not None and self.elapsed() > deadline
+        stages = [("transfer", steps[0], AttentionTransfer(self.base), scfg.transfer_lr, "attention", 1),
+                  ("distillation", steps[1], Distillation(self.base), scfg.kd_lr, scfg.train_only, 2)]
+        offset, boundaries = 0, []
+        for name, n_steps, objective, lr, train_only, seed in stages:
+            if n_steps <= 0 or (boundaries and out_of_time()):
+                continue
+            if train_only == "attention+adapter":
+                attach_mlp_lora(student, scfg)       # before resuming: its checkpoints hold the adapter
+            hook = ProxyCurve(student, self.evalset.proxy, scfg.device, max(1, n_steps // scfg.curve_points), offset,
+                              tokens_per_step, n_steps, name, self.log, deadline=out_of_time)
+            tcfg = TrainConfig(out_dir=str(work / name), max_steps=n_steps, batch_size=scfg.batch_size,
+                               seq_len=scfg.seq_len, lr=lr, warmup_steps=max(1, n_steps // 10), weight_decay=0.0,
+                               eval_every=10**9, save_every=max(1, n_steps // 4), keep_last=1, log_every=10**9,
+                               train_only=train_only, seed=seed)
+            resumable = bool(checkpoint_dirs(work / name))   # a stage that an interruption cut short
+            summary = train(student, Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed + seed),
+                            None, tcfg, resume=resumable, device=scfg.device, quiet=True, hooks=hook,
+                            objective=objective)
+            done = summary.get("step", n_steps)
+            if done < n_steps:
+                self.log(f"    {name}: the time budget ended the stage after {done} of {n_steps} steps")
+            curve += hook.points
+            offset += done * tokens_per_step
+            boundaries.append({"stage": name, "tokens": offset})
+        return {"curve": curve, "stages": boundaries, "train_tokens": offset}
+
+    def evaluate(self, cand: Candidate, student, record: dict) -> RecoveredCandidate:
+        """The recovered ``student``'s scores; it becomes the run's best (saved in ``OUT/work/best``)
+        if its held-out proxy perplexity is the lowest so far."""
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        original = self.state.original
+        score = self.evalset.score(student, self.tok, original_replies=original.replies)
+        result = RecoveredCandidate(
+            name=cand.name, kind=cand.kind, change=cand.change, kv_bytes=cand.kv_bytes, proxy_ppl=score["proxy_ppl"],
+            refit_proxy_ppl=record["refit_proxy_ppl"], refit_used=record["refit_used"], val=score["val"],
+            curve=record["curve"], stages=record["stages"], train_tokens=record["train_tokens"], chat=score["chat"],
+            chat_agreement=score["chat_agreement"], chat_prefix_agreement=score["chat_prefix_agreement"])
+        self.state.recovered[cand.name] = result
+        self.log(f"  {cand.name}: validation perplexity {result.val['perplexity']:.3f} "
+                 f"({100 * (result.val['perplexity'] / original.val['perplexity'] - 1):+.1f} %), proxy "
+                 f"{result.proxy_ppl:.3f}, chat replies equal to the original's {result.chat_agreement:.0%} "
+                 f"(common prefix {result.chat_prefix_agreement:.0%} of their length)")
+        best = self.state.best
+        if best is None or result.proxy_ppl < self.state.recovered[best].proxy_ppl:
+            self._save_best(student, cand)
+            self.state.best = cand.name
+        self.save()
+        return result
+
+    def _save_best(self, student, cand: Candidate) -> None:
+        from kvlab.io import save_checkpoint
+        from kvlab.io.provenance import record_step
+
+        record_step(student, "shrink", kv=self.state.config["kv"], candidate=cand.name)
+        best_dir = self.out / "work" / "best"
+        if best_dir.exists():
+            shutil.rmtree(best_dir)                          # written by this run (out/work is ours)
+        save_checkpoint(student, best_dir)
+
+    def export(self) -> None:
+        """The best model as a kvlab checkpoint in ``OUT/model`` and, where transformers has its
+        architecture, an HF export in ``OUT/hf`` (else the reason, in the report)."""
+        import kvlab
+        from kvlab.io import save_checkpoint
+        from kvlab.io.hf import config_to_hf, export_hf
+
+        model_dir, hf_dir = self.out / "model", self.out / "hf"
+        if not model_dir.exists():
+            save_checkpoint(kvlab.load(self.out / "work" / "best"), model_dir)
+        best_model = kvlab.load(model_dir)
+        hf_note = None
+        try:
+            config_to_hf(best_model.cfg, best_model.dtype, best_model)
+            if not hf_dir.exists():
+                export_hf(best_model, hf_dir)
+        except ConfigError as e:
+            hf_note = str(e)
+        self.state.hf_export = None if hf_note else "hf"
+        self.state.hf_note = hf_note
+        self.save()
+
+    def report(self) -> dict:
+        """``results.json``, ``report.md`` and the two plots; then this run's work files go."""
+        from kvlab.io.atomic import write_json
+        from kvlab.recipes.shrink.report import plot_pareto, plot_recovery, write_report
+
+        results = self.state.results(self.model_ref, self.budget, self.elapsed())
+        write_json(self.out / "results.json", results)
+        plot_pareto(results, self.out / "pareto.png")
+        plot_recovery(results, self.out / "recovery.png")
+        write_report(results, self.out / "report.md")
+        shutil.rmtree(self.out / "work", ignore_errors=True)         # this run's checkpoints and generated text
+        self.log(f"chose {self.state.best}: {self.out / 'model'} (kvlab)"
+                 + ("" if self.state.hf_note else f", {self.out / 'hf'} (transformers)")
+                 + f"; report {self.out / 'report.md'}; {self.elapsed() / 60:.1f} min in all")
+        return results
+
+    # ------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        self.setup()
+        self.score_original()
+        self.rank()
+        train_tokens = self.training_text()
+        plan = self.plan_recovery(self.chosen, train_tokens)
+        deadlines = (plan.timing or {}).get("deadlines_s")      # None with a token budget
+        for k, (cand, steps) in enumerate(zip(self.chosen, plan.steps)):
+            if cand.name in self.state.recovered:
+                continue
+            student, record = self.recover(cand, steps, train_tokens, deadlines[k] if deadlines else None)
+            self.evaluate(cand, student, record)
+            shutil.rmtree(self.out / "work" / cand.slug, ignore_errors=True)   # its training checkpoints
+            del student
+        self.export()
+        return self.report()
+
+
+def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resume: bool = False,
+               overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) ``kvlab shrink`` in ``out_dir``; returns ``results.json``'s content.
+    Nothing in ``out_dir`` but what this recipe wrote is ever removed; a directory that holds anything
+    else is refused."""
+    import dataclasses
+
+    from kvlab.io import load_config
+    from kvlab.io.rundir import RunDirectory
+
+    parse_kv_budget(scfg.kv, load_config(model_ref))          # bad input fails before any directory is made
+    settings = {"model": model_ref, **dataclasses.asdict(scfg)}
+    with RunDirectory(out_dir, "shrink", settings, entries=OUTPUTS, resume=resume, overwrite=overwrite, log=log,
+                      scaffolding=(STATE,)):
+        return ShrinkRun(model_ref, Path(out_dir), scfg, settings, resume, log).run()
+

@@ -1,0 +1,126 @@
+"""A shrink run's state: what each stage found, kept in ``OUT/shrink_state.json`` after every stage
+so that ``--resume`` skips the stages that are done (training stages resume from their own
+checkpoints), and what ``results.json`` is made of."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvlab.io.atomic import write_json
+from kvlab.recipes.shrink.candidates import Candidate
+
+STATE = "shrink_state.json"
+
+
+@dataclass
+class OriginalScore:
+    """The original model's numbers, and how long scoring one model takes (the planner's input)."""
+
+    name: str
+    kv_bytes: int
+    proxy_ppl: float
+    val: dict
+    chat: dict
+    replies: list[str]
+    eval_s: float
+    chat_s: float
+    proxy_s: float
+
+
+@dataclass
+class RankedCandidate:
+    """A candidate and its held-out proxy perplexity right after conversion (α = 0)."""
+
+    name: str
+    kind: str
+    change: dict
+    kv_bytes: int
+    alpha0_proxy_ppl: float
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.name, self.kind, self.change, self.kv_bytes)
+
+
+@dataclass
+class RecoveryPlan:
+    """Steps of (attention transfer, distillation) per chosen candidate; with a time budget, the
+    measured step times and each candidate's deadline (``timing``; None with a token budget)."""
+
+    tokens_per_step: int
+    steps: list[tuple[int, int]]
+    timing: dict | None
+
+
+@dataclass
+class RecoveredCandidate:
+    """A candidate after recovery: its scores, its recovery curve ``(tokens, proxy perplexity)`` and
+    where each training stage ended (``stages``)."""
+
+    name: str
+    kind: str
+    change: dict
+    kv_bytes: int
+    proxy_ppl: float
+    refit_proxy_ppl: float | None
+    refit_used: bool
+    val: dict
+    curve: list
+    stages: list[dict]
+    train_tokens: int
+    chat: dict
+    chat_agreement: float
+    chat_prefix_agreement: float
+
+
+@dataclass
+class ShrinkState:
+    """Each stage's result, None (or empty) until the stage has run."""
+
+    config: dict
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S"))
+    elapsed_s: float = 0.0
+    original: OriginalScore | None = None
+    ranking: list[RankedCandidate] | None = None
+    plan: RecoveryPlan | None = None
+    recovered: dict[str, RecoveredCandidate] = field(default_factory=dict)
+    best: str | None = None
+    hf_export: str | None = None
+    hf_note: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> "ShrinkState":
+        raw = json.loads(path.read_text())
+        state = cls(**{k: v for k, v in raw.items() if k not in ("original", "ranking", "plan", "recovered")})
+        if raw.get("original") is not None:
+            state.original = OriginalScore(**raw["original"])
+        if raw.get("ranking") is not None:
+            state.ranking = [RankedCandidate(**r) for r in raw["ranking"]]
+        if raw.get("plan") is not None:
+            plan = raw["plan"]
+            state.plan = RecoveryPlan(plan["tokens_per_step"], [tuple(s) for s in plan["steps"]], plan["timing"])
+        state.recovered = {name: RecoveredCandidate(**r) for name, r in raw.get("recovered", {}).items()}
+        return state
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_json(path, self.to_dict())
+
+    def results(self, model_ref: str, budget: int, elapsed_s: float) -> dict[str, Any]:
+        """``results.json``: the run's settings, the original's and every candidate's numbers (chat
+        replies left out), the plan and what was chosen and exported."""
+        def public(entry) -> dict:
+            return {k: v for k, v in dataclasses.asdict(entry).items() if k != "replies"}
+
+        return {"model": model_ref, "budget_bytes_per_token": budget, "original": public(self.original),
+                "ranking": [dataclasses.asdict(r) for r in self.ranking],
+                "recovered": [public(r) for r in self.recovered.values()],
+                "best": self.best, "plan": dataclasses.asdict(self.plan), "hf_export": self.hf_export,
+                "hf_note": self.hf_note, "config": self.config, "elapsed_s": elapsed_s}

@@ -109,3 +109,12 @@ def test_generate_text_streams_one_prompt_and_returns_every_row(tmp_path):
                         write=written.write)
     assert not two.streamed and two.outputs[0] == one.outputs[0] and len(two.lines()) == 2
     assert [r["new_ids"] for r in two.records()] == two.outputs
+
+
+def test_a_flag_cannot_write_its_default_a_second_time():
+    import argparse
+
+    from kvlab.cli.common import config_option
+
+    with pytest.raises(TypeError, match="takes its default and help from the field"):
+        config_option(argparse.ArgumentParser(), FinetuneConfig, "lr", type=float, default=1e-3)

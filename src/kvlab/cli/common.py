@@ -179,12 +179,14 @@ def _field(config: type, name: str) -> dataclasses.Field:
 def config_option(p, config: type, name: str, *flags: str, **kwargs) -> argparse.Action:
     """Add the flag of the recipe config field ``config.name`` (``--name-with-dashes`` unless
     ``flags`` are given) with the field's default and help: one source for the library and the
-    command line. ``kwargs`` are argparse's (type, choices, metavar...)."""
+    command line, so ``kwargs`` (argparse's type, choices, metavar...) may not set them."""
+    if "default" in kwargs or "help" in kwargs:
+        raise TypeError(f"the flag of {config.__name__}.{name} takes its default and help from the field")
     f = _field(config, name)
     if f.default is not dataclasses.MISSING:
-        kwargs.setdefault("default", f.default)
+        kwargs["default"] = f.default
     if f.metadata.get("help"):
-        kwargs.setdefault("help", f.metadata["help"])
+        kwargs["help"] = f.metadata["help"]
     return p.add_argument(*(flags or ("--" + name.replace("_", "-"),)), **kwargs)
 
 

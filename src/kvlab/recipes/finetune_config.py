@@ -37,7 +37,7 @@ class FinetuneConfig:
     """A ``kvlab finetune`` run. Settings of one objective (the RL ones, DPO's) default to its loss
     class's; a setting that depends on the objective is None here until :meth:`setting` reads it."""
 
-    source: ModelSource
+    source: ModelSource           # the base model, its device and load dtype
     method: str = option()
     objective: str = option("sft", "sft (chat data, loss on assistant tokens; default), reward (a reward model: a "
                                    "score head trained with the adapter on preference pairs, Bradley-Terry), dpo "
@@ -65,7 +65,8 @@ class FinetuneConfig:
     # An adapter starts at the base model (LoRA's B = 0, prefixes from real tokens' K/V), so a
     # short warm-up is enough; runs are a few hundred steps.
     warmup_steps: int = option(10)
-    # No weight decay: an adapter is small and starts at the base; decay only pulls it back there.
+    # No weight decay (PEFT's and TRL's trainers default to none too): it would pull prefixes and
+    # virtual tokens towards zero, away from the real tokens' embeddings and K/V they start from.
     weight_decay: float = 0.0
     save_every: int = option(TrainConfig.save_every)
     keep_last: int = option(TrainConfig.keep_last)
@@ -184,6 +185,7 @@ class FinetuneConfig:
                               f"change one of them")
 
     def check_budget(self) -> None:
+        """The reward centring and the one budget (checked once the data has been read)."""
         if self.center_rewards is not None and not (0 <= self.center_rewards < float("inf")):
             raise ConfigError(f"kvlab finetune: --center-rewards {self.center_rewards} must be a non-negative number")
         if (self.max_steps is None) == (self.epochs is None):

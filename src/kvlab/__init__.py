@@ -23,13 +23,12 @@ from kvlab.cache import KVCache
 from kvlab.config import PRESETS, LayerSpec, ModelConfig, cache_bytes, kv_bytes_per_token
 from kvlab.errors import CacheOverflowError, CheckpointError, ConfigError, KvlabError
 from kvlab.inference.generation import generate
-from kvlab.models import EncoderDecoder, ScalarHead, Transformer
+from kvlab.models import EncoderDecoder, Transformer
 
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "CacheOverflowError", "CheckpointError", "ConfigError", "EncoderDecoder", "KVCache", "KvlabError",
-           "LayerSpec", "ModelConfig", "ScalarHead", "Transformer", "cache_bytes", "generate", "kv_bytes_per_token",
-           "load", "save"]
+           "LayerSpec", "ModelConfig", "Transformer", "cache_bytes", "generate", "kv_bytes_per_token", "load", "save"]
 
 
 def __getattr__(name):  # lazy: the checkpoint code pulls in safetensors

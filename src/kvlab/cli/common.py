@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from kvlab.errors import KvlabError
@@ -39,29 +40,16 @@ def kv_quant_arg(p: argparse.ArgumentParser) -> None:
 
 
 def model_config_from_args(args: argparse.Namespace):
-    from kvlab.config.model import ModelConfig
+    """The ModelConfig of :func:`add_model_source`'s flags (one source, the wiring overrides applied)."""
+    from kvlab.recipes.loading import model_config
 
     given = [x for x in (args.checkpoint, args.preset, args.config) if x]
     if len(given) != 1:
         raise UsageError(f"kvlab {args.verb}: give exactly one of MODEL, --preset NAME or "
                          f"--config FILE (got {len(given)})")
-    if args.preset:
-        cfg = ModelConfig.from_preset(args.preset)
-    elif args.config:
-        cfg = ModelConfig.from_json(args.config)
-    else:
-        from kvlab.io import load_config
-
-        cfg = load_config(args.checkpoint)
-    changes = {}
-    if args.n_kv_head is not None:
-        changes["n_kv_head"] = args.n_kv_head
-    if args.cla is not None:
-        changes["cla"] = args.cla
-    for name in ("cross_n_kv_head", "cross_cla"):
-        if getattr(args, name, None) is not None:
-            changes[name] = getattr(args, name)
-    return cfg.replace(**changes) if changes else cfg
+    return model_config(checkpoint=args.checkpoint, preset=args.preset, config=args.config, n_kv_head=args.n_kv_head,
+                        cla=args.cla, cross_n_kv_head=getattr(args, "cross_n_kv_head", None),
+                        cross_cla=getattr(args, "cross_cla", None))
 
 
 def make_console():
@@ -81,32 +69,19 @@ def make_console():
 # ----------------------------------------------------------------------------------- verbs
 
 
+def model_source(args: argparse.Namespace):
+    """The :class:`~kvlab.recipes.loading.ModelSource` of a verb's :func:`model_args`."""
+    from kvlab.recipes.loading import ModelSource
+
+    return config_from_args(ModelSource, args)
+
+
 def load_model(args: argparse.Namespace, decoder_only: str | None = None):
     """The model ``args.model`` names (with ``--window``/``--adapter`` applied); ``decoder_only``: the
     verb, which refuses an encoder–decoder in one line."""
-    from kvlab.dtypes import parse_dtype
-    from kvlab.io import load
+    from kvlab.recipes.loading import load_model as load
 
-    if decoder_only is not None:
-        from kvlab.io import load_config
-
-        if load_config(args.model).is_encoder_decoder:
-            raise UsageError(f"kvlab {decoder_only}: {args.model} is an encoder–decoder; {decoder_only} works on "
-                             f"decoder-only models for now (encoder–decoders: train, generate, eval, convert, "
-                             f"export, info, plan)")
-    dtype = parse_dtype(args.model_dtype) if getattr(args, "model_dtype", None) else None
-    model = load(args.model, dtype=dtype, device=args.device)
-    if getattr(args, "window", None) is not None:
-        from kvlab.inference.streaming import with_window
-
-        model = with_window(model, args.window, args.sinks, args.sink_positions)
-    elif getattr(args, "sinks", None) or getattr(args, "sink_positions", None):
-        raise UsageError("--sinks and --sink-positions go with --window W (the window they keep sinks for)")
-    if getattr(args, "adapter", None):
-        from kvlab.peft import load_adapter
-
-        load_adapter(model, args.adapter)
-    return model
+    return load(model_source(args), decoder_only)
 
 
 def add_overwrite(p: argparse.ArgumentParser, run: bool = False) -> None:
@@ -178,23 +153,48 @@ def number_list(kind, what: str):
 
 
 def model_args(p: argparse.ArgumentParser, adapter: bool = False, window: bool = False) -> None:
-    p.add_argument("model", metavar="MODEL",
-                   help="a kvlab or HF checkpoint directory, a .gguf file, or a built-in name (smollm2-135m)")
-    p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
-    p.add_argument("--model-dtype", choices=["fp32", "bf16", "fp16"],
-                   help="load the weights in this dtype (default: fp32 for imports, stored for kvlab)")
+    """The flags of :class:`~kvlab.recipes.loading.ModelSource`: the model, its device and dtype and,
+    where asked for, ``--adapter`` and ``--window``/``--sinks``/``--sink-positions``."""
+    from kvlab.recipes.loading import ModelSource
+
+    config_option(p, ModelSource, "model", "model", metavar="MODEL")
+    config_option(p, ModelSource, "device", type=device_arg)
+    config_option(p, ModelSource, "model_dtype", choices=["fp32", "bf16", "fp16"])
     if adapter:    # where the adapted model is only run (finetune attaches its own; export/convert refuse)
-        p.add_argument("--adapter", metavar="DIR", help="a kvlab adapter (from kvlab finetune) to apply to MODEL")
+        config_option(p, ModelSource, "adapter", metavar="DIR")
     if window:     # StreamingLLM: any model run with a rolling window cache (kvlab.inference.streaming)
-        p.add_argument("--window", type=positive_int, metavar="W",
-                       help="run every softmax layer with a sliding window of W positions and a rolling cache "
-                            "of W entries (memory bounded whatever the length)")
-        p.add_argument("--sinks", type=nonnegative_int, default=0, metavar="S",
-                       help="with --window: keep the first S positions visible too (StreamingLLM's attention sinks; "
-                            "4 is its choice)")
-        p.add_argument("--sink-positions", choices=["cache", "original"],
-                       help="with --sinks: see each sink at its place in the cache (StreamingLLM; the default for "
-                            "RoPE models: no distance exceeds S+W-1) or at its original position")
+        config_option(p, ModelSource, "window", type=positive_int, metavar="W")
+        config_option(p, ModelSource, "sinks", type=nonnegative_int, metavar="S")
+        config_option(p, ModelSource, "sink_positions", choices=["cache", "original"])
+
+
+# ------------------------------------------------------------------------- recipe configs
+def _field(config: type, name: str) -> dataclasses.Field:
+    try:
+        return next(f for f in dataclasses.fields(config) if f.name == name)
+    except StopIteration:
+        raise AttributeError(f"{config.__name__} has no setting {name!r}") from None
+
+
+def config_option(p, config: type, name: str, *flags: str, **kwargs) -> argparse.Action:
+    """Add the flag of the recipe config field ``config.name`` (``--name-with-dashes`` unless
+    ``flags`` are given) with the field's default and help: one source for the library and the
+    command line, so ``kwargs`` (argparse's type, choices, metavar...) may not set them."""
+    if "default" in kwargs or "help" in kwargs:
+        raise TypeError(f"the flag of {config.__name__}.{name} takes its default and help from the field")
+    f = _field(config, name)
+    if f.default is not dataclasses.MISSING:
+        kwargs["default"] = f.default
+    if f.metadata.get("help"):
+        kwargs["help"] = f.metadata["help"]
+    return p.add_argument(*(flags or ("--" + name.replace("_", "-"),)), **kwargs)
+
+
+def config_from_args(config: type, args: argparse.Namespace, **given):
+    """``config`` built from the parsed flags of its fields (by name) and the ``given`` values."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)
+              if f.name not in given and hasattr(args, f.name)}
+    return config(**values, **given)
 
 
 def torch_seed(seed: int) -> None:

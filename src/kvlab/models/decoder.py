@@ -26,6 +26,7 @@ from kvlab.layers.mlp import MLP
 from kvlab.layers.norms import make_norm
 from kvlab.layers.positions import positions_from_attention_mask, positions_in_segments
 from kvlab.layers.rope import rope_cos_sin, rope_inv_freq
+from kvlab.models.heads import last_real_token
 from kvlab.registry import get_kind
 
 
@@ -56,6 +57,11 @@ class Block(nn.Module):
     falls back to separate matmuls). The weights stay separate parameters, so checkpoints, exports
     and adapters see the same names as in a sequential block."""
 
+    # The block's attention sub-layers: its self-attention and, in an encoder–decoder's decoder
+    # block (kvlab.models.encoder_decoder.DecoderBlock), the cross-attention it adds. Trainable
+    # sets read them through attention_modules() (Transformer.parameter_groups).
+    ATTENTION = ("self_attn", "cross_attn")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.parallel = cfg.block == "parallel"
@@ -79,6 +85,10 @@ class Block(nn.Module):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
         out = list(F.linear(h, weight, bias).split([m.out_features for m in mods], dim=-1))
         return out[:len(attn_in)], out[len(attn_in):]
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The attention sub-layers this block has (see ``ATTENTION``)."""
+        return [getattr(self, name) for name in self.ATTENTION if hasattr(self, name)]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -163,16 +173,36 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The model's parameters in named groups, read from its structure; the trainable sets of
+        :mod:`kvlab.training` are unions of them.
+
+        ``attention``: every attention sub-layer (:meth:`Block.attention_modules`: the decoder's
+        self-attention and, in an encoder–decoder, its cross-attention and the encoder's);
+        ``kv``: the decoder's K/V projections — the ``k_proj``/``v_proj`` of its attention
+        sub-layers, what a KV conversion changes (a kind that keeps K/V otherwise, MLA's latents or
+        low-rank factors, has none); ``score``: the score head, if any; ``model``: every parameter.
+        Tensors an adapter adds inside these modules (LoRA's factors) are in them too: the adapter
+        declares those (:func:`kvlab.peft.adapter.adapter_groups`)."""
+        blocks = [m for m in self.modules() if isinstance(m, Block)]
+        attention = [m for block in blocks for m in block.attention_modules()]
+        kv = [getattr(m, leaf) for block in self.layers for m in block.attention_modules()
+              for leaf in ("k_proj", "v_proj") if hasattr(m, leaf)]
+        score = [self.score] if hasattr(self, "score") else []
+        return {"model": list(self.parameters()), "attention": _parameters_of(attention), "kv": _parameters_of(kv),
+                "score": _parameters_of(score)}
+
     def param_counts(self) -> dict[str, int]:
         """Real counts by the same parts as :meth:`ModelConfig.param_counts` (tied weights once)."""
         seen: set[int] = set()
+        attention = {id(p) for p in self.parameter_groups()["attention"]}
         counts = dict.fromkeys(("embedding", "attention", "mlp", "norm", "lm_head"), 0)
         for name, p in self.named_parameters():
             if id(p) in seen:
                 continue
             seen.add(id(p))
             part = ("embedding" if "embed_" in name else "lm_head" if name.startswith("lm_head")
-                    else "attention" if "_attn." in name else "mlp" if ".mlp." in name else "norm")
+                    else "attention" if id(p) in attention else "mlp" if ".mlp." in name else "norm")
             counts[part] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
@@ -215,8 +245,6 @@ class Transformer(nn.Module):
                         backend: str | None = None) -> torch.Tensor:
         """``(B, score_outputs)``: the score head at each row's last real token (a reward model;
         :func:`kvlab.models.heads.last_real_token`: the pad token is not read, as in transformers)."""
-        from kvlab.models.heads import last_real_token
-
         if not self.cfg.score_outputs:
             raise ConfigError("this model has no score head; add one with kvlab.models.heads.add_score_head")
         h = self.hidden_states(tokens, attention_mask=attention_mask, backend=backend)
@@ -336,3 +364,12 @@ class Transformer(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Transformer":
         return cls(ModelConfig.from_preset(name, **overrides))
+
+
+def _parameters_of(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of ``modules``, each once (a module may be listed twice, a tensor shared)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())

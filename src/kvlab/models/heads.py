@@ -1,38 +1,22 @@
-"""Scalar heads beside the LM head: a reward model scores a whole sequence, a value model (PPO)
-scores every position. Both read the decoder's final-norm hidden states, so any attention kind and
-any KV layout serves them unchanged."""
+"""The score head: scalars beside the LM head, read from the decoder's final-norm hidden states.
+
+One design serves every use. A model declares ``ModelConfig.score_outputs`` and carries an
+``nn.Linear`` named ``score`` (:class:`~kvlab.models.decoder.Transformer` builds it from the config,
+:func:`add_score_head` adds it to a model that has none):
+
+- a reward model reads it at each row's last real token (:meth:`Transformer.sequence_scores`);
+- PPO's value head reads it at every position (:func:`kvlab.training.rl.policy_and_values`);
+- HF export writes it as ``*ForSequenceClassification``'s ``score`` (:mod:`kvlab.io.hf`);
+- an adapter carries it (:func:`kvlab.peft.save_adapter`: PEFT's ``modules_to_save``).
+
+Reading hidden states, it serves any attention kind and KV layout unchanged. This module imports
+nothing from the model classes, which import it.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from kvlab.models.decoder import Transformer
-
-
-class ScalarHead(nn.Module):
-    """``n_outputs`` scalars from a :class:`Transformer`'s hidden states.
-
-    ``per_token=False`` (a reward model): the hidden state of each row's last real token
-    (:func:`last_real_token`, the backbone's pad token excluded) -> ``(B, n_outputs)``.
-    ``per_token=True`` (a value model): every position -> ``(B, T, n_outputs)``.
-    """
-
-    def __init__(self, backbone: Transformer, n_outputs: int = 1, *, per_token: bool = False):
-        super().__init__()
-        self.backbone = backbone
-        self.per_token = per_token
-        self.score = nn.Linear(backbone.cfg.d_model, n_outputs, bias=False)
-        nn.init.normal_(self.score.weight, std=backbone.cfg.d_model ** -0.5)
-        self.score.to(device=backbone.device, dtype=backbone.dtype)
-
-    def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                backend: str | None = None) -> torch.Tensor:
-        h = self.backbone.hidden_states(tokens, attention_mask=attention_mask, backend=backend)
-        if self.per_token:
-            return self.score(h)
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        return self.score(h[rows, last_real_token(tokens, attention_mask, self.backbone.cfg.pad_token_id)])
 
 
 def last_real_token(tokens: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -52,10 +36,11 @@ def last_real_token(tokens: torch.Tensor, attention_mask: torch.Tensor | None,
     return torch.where(real, idx, -1).amax(-1).clamp_min(0)
 
 
-def add_score_head(model: Transformer, n_outputs: int = 1, *, seed: int | None = None) -> Transformer:
-    """Give ``model`` (in place) a score head of ``n_outputs`` beside its LM head — a reward model
-    (:meth:`Transformer.sequence_scores`) — initialised N(0, 1/d_model) (a head of this scale starts
-    with rewards of order one); a model that has one keeps it."""
+def add_score_head(model: nn.Module, n_outputs: int = 1, *, seed: int | None = None) -> nn.Module:
+    """Give ``model`` (a :class:`~kvlab.models.decoder.Transformer`, in place) a score head of
+    ``n_outputs`` beside its LM head — a reward model, or PPO's value head — initialised
+    N(0, 1/d_model) (a head of this scale starts with rewards of order one); a model that has one
+    keeps it."""
     if model.cfg.score_outputs == n_outputs and hasattr(model, "score"):
         return model
     model.cfg = model.cfg.replace(score_outputs=n_outputs)

@@ -102,15 +102,30 @@ def parameter_count(model_cfg, spec: AdapterSpec) -> int:
     return prompt_parameter_count(model_cfg, cfg)
 
 
-def is_adapter_parameter(name: str) -> bool:
-    """Whether a model parameter belongs to an adapter (``*.lora_*`` or ``prompt_adapter.*``) or
-    trains with it: a reward model's new score head (``score.*``, PEFT's ``modules_to_save``)."""
-    return ".lora_" in name or name.startswith(("prompt_adapter.", "score."))
+def adapter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """What adapters added to ``model``, as parameter groups beside the model's own
+    (:meth:`~kvlab.models.decoder.Transformer.parameter_groups`): ``adapter``, the tensors an
+    adapter trains — the LoRA family's factors inside the layers they adapt
+    (:meth:`~kvlab.peft.lora.LoraLinear.adapter_parameters`) and a prompt adapter's tensors — and
+    ``adapter_fixed``, those it keeps as they are: a merged prefix, which
+    :meth:`~kvlab.peft.prefix.PrefixAdapter.merge` makes frozen and nothing makes trainable again."""
+    trained = [p for layer in lora_layers(model).values() for p in layer.adapter_parameters().values()]
+    fixed = []
+    prompt = getattr(model, "prompt_adapter", None)
+    if prompt is not None:
+        for p in prompt.parameters():
+            (trained if p.requires_grad else fixed).append(p)
+    return {"adapter": trained, "adapter_fixed": fixed}
 
 
 def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The adapter's trainable parameters, by name."""
-    return [(n, p) for n, p in model.named_parameters() if is_adapter_parameter(n) and p.requires_grad]
+    """The adapter's trainable parameters, by name, and those of a score head (a reward model's
+    new head trains with the adapter and is saved with it: PEFT's ``modules_to_save``)."""
+    groups = adapter_groups(model)
+    ours = {id(p) for p in groups["adapter"] + groups["adapter_fixed"]}
+    if hasattr(model, "score"):
+        ours |= {id(p) for p in model.score.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ours and p.requires_grad]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

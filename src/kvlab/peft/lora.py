@@ -88,6 +88,12 @@ class LoraLinear(nn.Linear):
         self.merged = False
         self.disabled = False        # the base alone (a DPO/GRPO reference: kvlab.training.preference)
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The tensors the adapter adds, by leaf name: every parameter of the layer's own but the
+        ``weight`` and ``bias`` it took over from the base (``lora_A``/``lora_B``; AdaLoRA's
+        ``lora_E`` too). They are the adapter's state dict and what an adapter trains."""
+        return {n: p for n, p in self.named_parameters(recurse=False) if n not in ("weight", "bias")}
+
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(A, B, s)`` with the update ``s · B A``; AdaLoRA overrides it (``A`` scaled by ``Λ``)."""
         return self.lora_A, self.lora_B, self.scaling
@@ -173,9 +179,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter alone: every ``lora_*`` parameter, under the model's own names."""
+    """The adapter alone: every layer's :meth:`~LoraLinear.adapter_parameters` (``lora_*``), under
+    the model's own names."""
     return {f"{name}.{leaf}": p.detach() for name, layer in lora_layers(model).items()
-            for leaf, p in layer.named_parameters(recurse=False) if leaf.startswith("lora_")}
+            for leaf, p in layer.adapter_parameters().items()}
 
 
 def adapted_shapes(model_cfg, targets: tuple[str, ...]) -> list[tuple[int, int]]:

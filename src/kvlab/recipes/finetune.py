@@ -1,5 +1,9 @@
-"""``kvlab finetune``: attach an adapter, train it on chat data (SFT) or preference pairs (a reward
-model, DPO / IPO / SimPO), write it (and what it is worth).
+"""``kvlab finetune``: attach an adapter, train it on chat data (SFT), preference pairs (a reward
+model, DPO / IPO / SimPO) or online rollouts (GRPO, PPO), write it (and what it is worth).
+
+:func:`run_finetune` is the whole verb for Python callers (a :class:`FinetuneConfig` in, the
+summary out): it checks the settings, reads the data, loads the model, builds the objective and
+its batches, and runs :func:`finetune` in a resumable run directory.
 
 The run directory gets the training loop's ``metrics.jsonl`` and adapter-only ``checkpoints/``
 (``--resume`` continues exactly), then ``adapter/`` (the kvlab adapter; prefix tuning's MLP
@@ -36,7 +40,45 @@ from kvlab.peft import (
 )
 from kvlab.peft.adapter import MERGEABLE
 from kvlab.peft.prefix import PREFIX_METHODS
+from kvlab.recipes.finetune_config import FinetuneConfig
+from kvlab.recipes.finetune_objectives import read_finetune_data, training_setup
 from kvlab.training import TrainConfig, train
+
+# What a fine-tuning run writes into its directory (--overwrite deletes these and nothing else).
+FINETUNE_OUTPUTS = ("metrics.jsonl", "checkpoints", "adapter", "peft", "merged", "summary.json")
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune ``cfg.source``'s model as ``cfg`` says, in the run directory ``cfg.out``
+    (resumable); returns :func:`finetune`'s summary."""
+    from kvlab.io.atomic import refuse_output_over_input
+    from kvlab.io.rundir import RunDirectory
+    from kvlab.recipes.loading import load_model
+    from kvlab.training.checkpoints import RESUMABLE_CHANGES
+
+    refuse_output_over_input(cfg.out, [cfg.source.model, cfg.reward_model])
+    refuse_output_over_input(cfg.out, [cfg.data, cfg.eval_data], what="its data", holds=False)
+    spec = cfg.adapter_spec()
+    cfg.check()
+    data = read_finetune_data(cfg)
+    cfg.check_budget()
+    model = load_model(cfg.source, decoder_only="finetune")
+    if cfg.method not in LORA_FAMILY and cfg.virtual_tokens >= model.cfg.max_seq_len:
+        raise ConfigError(f"kvlab finetune: --virtual-tokens {cfg.virtual_tokens} leaves no room for text in the "
+                          f"model's context of {model.cfg.max_seq_len} tokens; use far fewer (e.g. 16-64)")
+    if model.tokenizer is None:
+        raise ConfigError(f"kvlab finetune: {cfg.source.model} has no tokenizer to render the chat data with")
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"kvlab finetune: --seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+                          f"{model.cfg.max_seq_len}; use rows of at most {model.cfg.max_seq_len} tokens")
+    setup = training_setup(cfg, model, data)
+    tcfg = cfg.train_config(len(setup.batches.rows))
+    torch.manual_seed(cfg.seed)
+    with RunDirectory(cfg.out, "finetune", cfg.settings(spec, tcfg), entries=FINETUNE_OUTPUTS, resume=cfg.resume,
+                      overwrite=cfg.overwrite, free=RESUMABLE_CHANGES, scaffolding=("metrics.jsonl", "checkpoints")):
+        return finetune(model, model.tokenizer, spec, setup.batches, tcfg, eval_conversations=data.eval_conversations,
+                        merge=cfg.merge, resume=cfg.resume, device=cfg.source.device, objective=setup.objective,
+                        eval_pairs=setup.eval_pairs)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -44,10 +86,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024     # Linux reports KiB
-
-
-# What a fine-tuning run writes into its directory (--overwrite deletes these and nothing else).
-FINETUNE_OUTPUTS = ("metrics.jsonl", "checkpoints", "adapter", "peft", "merged", "summary.json")
 
 
 def finetune(model, tokenizer, spec: AdapterSpec, batches, cfg: TrainConfig, *,

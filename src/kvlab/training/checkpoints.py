@@ -16,11 +16,12 @@ import torch
 
 if TYPE_CHECKING:
     from kvlab.models.decoder import Transformer
-    from kvlab.training.loop import TrainConfig
 
 from kvlab.errors import CheckpointError, ConfigError
 from kvlab.io.atomic import remove_path
+from kvlab.training.config import TrainConfig
 from kvlab.training.distributed import Dist, full_state
+from kvlab.training.groups import checkpoints_hold_adapter_only
 
 STATE_FILE = "trainer_state.pt"
 
@@ -49,7 +50,7 @@ def save_training_checkpoint(out_dir: Path, step: int, model: Transformer, optim
     from kvlab.io.kvlab_format import save_checkpoint
 
     dist_ctx = dist_ctx or Dist()
-    if cfg.train_only == "adapter":
+    if checkpoints_hold_adapter_only(cfg.train_only):
         return _save_adapter_checkpoint(out_dir, step, model, optimizer, cfg, dist_ctx, hooks)
     model_state, optim_state = full_state(model, wrapped, optimizer, dist_ctx)
     target = out_dir / "checkpoints" / f"step_{step:07d}"
@@ -141,7 +142,8 @@ def _read_checkpoint(checkpoint: Path, cfg: TrainConfig) -> tuple[dict, dict]:
 
     try:
         state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        weights = load_file(str(checkpoint / (WEIGHTS_FILE if cfg.train_only == "adapter" else "model.safetensors")))
+        weights = load_file(str(checkpoint / (WEIGHTS_FILE if checkpoints_hold_adapter_only(cfg.train_only)
+                                             else "model.safetensors")))
     except (OSError, RuntimeError, EOFError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{checkpoint.name} is damaged ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
@@ -179,7 +181,7 @@ def restore_checkpoint(out_dir: Path, model: Transformer, cfg: TrainConfig, hook
     if changed:
         raise ConfigError(f"--resume: {last} was written by a run with other settings ({'; '.join(changed)}); "
                           f"resume with the same settings, or start over with --overwrite")
-    if cfg.train_only == "adapter":
+    if checkpoints_hold_adapter_only(cfg.train_only):
         from kvlab.peft.adapter import load_adapter_weights
 
         load_adapter_weights(model, last)

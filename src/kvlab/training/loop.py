@@ -20,7 +20,8 @@ gradient accumulation and several processes weigh every unit alike. A step is on
 objectives make one optimizer update per step, online RL may make several on the same rollouts
 (``Objective.updates_per_batch``), and checkpoints fall between steps, so resume stays exact.
 Devices and torchrun live in :mod:`kvlab.training.distributed`, checkpoints in
-:mod:`kvlab.training.checkpoints`.
+:mod:`kvlab.training.checkpoints`, the settings in :mod:`kvlab.training.config` and what trains
+(modes as unions of parameter groups) in :mod:`kvlab.training.groups`.
 """
 
 from __future__ import annotations
@@ -29,67 +30,24 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kvlab.errors import ConfigError, Interrupted, KvlabError, require_positive_ints
+from kvlab.errors import ConfigError, Interrupted, KvlabError
 from kvlab.models.decoder import Transformer
 from kvlab.training.checkpoints import checkpoint_dirs, clean_checkpoints, restore_checkpoint, save_training_checkpoint
+from kvlab.training.config import TrainConfig
 from kvlab.training.distributed import Dist, wrap_model
+from kvlab.training.groups import trainable_parameters
 from kvlab.training.objectives import CrossEntropy, Objective
 
-TRAIN_ONLY = ("all", "attention", "kv", "adapter", "attention+adapter")
+__all__ = ["TrainConfig", "TrainingError", "evaluate_loss", "lr_at", "make_optimizer", "steps_for_budget", "train",
+           "trainable_parameters"]
 
 
 class TrainingError(KvlabError, RuntimeError):
     """The run cannot continue (e.g. the loss became NaN)."""
-
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str
-    max_steps: int
-    batch_size: int = 8            # sequences per optimizer step (all accumulation micro-steps)
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 50
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    train_only: str = "all"
-    data_mode: str = "random"
-
-    def __post_init__(self) -> None:
-        require_positive_ints(self, ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every",
-                                     "save_every", "keep_last", "log_every", "eval_batches"))
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.train_only not in TRAIN_ONLY:
-            raise ConfigError(f"train_only={self.train_only!r} is not one of {list(TRAIN_ONLY)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr={self.lr} must be a positive finite number")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
-        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name}={value!r} must be a non-negative finite number")
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len
 
 
 def steps_for_budget(tokens_per_step: int, *, tokens: int | None = None, alpha: float | None = None,
@@ -121,34 +79,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - warmup) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def trainable_parameters(model: Transformer, train_only: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """``all``; ``attention`` (every attention projection, an encoder–decoder's cross-attention
-    included); ``kv`` (the decoder's K/V projections only — the part a KV conversion changed);
-    ``adapter`` (a :mod:`kvlab.peft` adapter's parameters); ``attention+adapter`` (the attention in
-    full and an adapter on the rest, e.g. LoRA on the MLPs: the checkpoints then hold the whole model,
-    adapter included)."""
-    from kvlab.peft.adapter import is_adapter_parameter
-
-    chosen = []
-    for name, p in model.named_parameters():
-        if name.startswith("score."):       # a reward model's head trains whatever else does
-            keep = True
-        elif is_adapter_parameter(name) and train_only in ("adapter", "attention+adapter"):
-            # Prefix tuning's merged prefixes are frozen on purpose; everything else adapter trains.
-            keep = p.requires_grad if name.startswith("prompt_adapter.") else True
-        else:
-            keep = not is_adapter_parameter(name) and (
-                train_only == "all" or (train_only in ("attention", "attention+adapter") and "_attn." in name)
-                or (train_only == "kv" and (".k_proj." in name or ".v_proj." in name)
-                    and not name.startswith("encoder.")))
-        p.requires_grad_(keep)
-        if keep:
-            chosen.append((name, p))
-    if not chosen:
-        raise ConfigError(f"train_only={train_only!r} selects no parameters of this model")
-    return chosen
 
 
 def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:

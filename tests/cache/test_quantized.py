@@ -69,7 +69,8 @@ def test_codes_and_scales_equal_a_float64_reference(bits, width):
 
 def test_an_odd_width_cannot_be_int4():
     with pytest.raises(ConfigError, match="int4 packs two channels"):
-        cache_bytes(make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=11, qk_rope_head_dim=6)).cfg, "fp32", "int4")
+        odd = make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=11, qk_rope_head_dim=6)).cfg
+        cache_bytes(odd, "fp32", "int4")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

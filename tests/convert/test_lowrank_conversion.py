@@ -108,7 +108,8 @@ def test_impossible_widths_name_the_fix(kw, match):
 
 def test_non_gqa_models_and_missing_calibration_are_refused():
     with pytest.raises(ConfigError, match="starts from 'gqa' layers"):
-        convert_to_lowrank(make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=8)), k_rank=4, v_rank=4, calibration=CALIB)
+        convert_to_lowrank(make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=8)), k_rank=4, v_rank=4,
+                           calibration=CALIB)
     with pytest.raises(ConfigError, match="calibration"):
         convert_to_lowrank(make_model(n_kv_head=2), k_rank=4, v_rank=4)
 

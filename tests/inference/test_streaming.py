@@ -111,4 +111,5 @@ def test_with_window_refusals():
     with pytest.raises(ConfigError, match="window=0"):
         with_window(make_model(), 0)
     with pytest.raises(ConfigError, match="mla layer keeps its sinks"):
-        make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=16), sliding_window=4, attention_sinks=1, sink_positions="cache")
+        make_model(attn_kind="mla", attn_options=dict(kv_lora_rank=16), sliding_window=4, attention_sinks=1,
+                   sink_positions="cache")

@@ -57,10 +57,10 @@ class Block(nn.Module):
     falls back to separate matmuls). The weights stay separate parameters, so checkpoints, exports
     and adapters see the same names as in a sequential block."""
 
-    # The block's attention sub-layers: its self-attention and, in an encoder–decoder's decoder
-    # block (kvlab.models.encoder_decoder.DecoderBlock), the cross-attention it adds. Trainable
-    # sets read them through attention_modules() (Transformer.parameter_groups).
-    ATTENTION = ("self_attn", "cross_attn")
+    # The block's attention sub-layers (a subclass that adds one names it too: an encoder–decoder's
+    # DecoderBlock adds its cross-attention). Trainable sets read them through attention_modules()
+    # (Transformer.parameter_groups).
+    ATTENTION: tuple[str, ...] = ("self_attn",)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -88,7 +88,7 @@ class Block(nn.Module):
 
     def attention_modules(self) -> list[nn.Module]:
         """The attention sub-layers this block has (see ``ATTENTION``)."""
-        return [getattr(self, name) for name in self.ATTENTION if hasattr(self, name)]
+        return [getattr(self, name) for name in self.ATTENTION]
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.input_layernorm(x)

@@ -48,6 +48,8 @@ class Memory:
 class DecoderBlock(Block):
     """``x + self_attn(n1(x))``, then ``+ cross_attn(n2(x))``, then ``+ mlp(n3(x))``."""
 
+    ATTENTION = ("self_attn", "cross_attn")
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
         self.cross_attn_layernorm = make_norm(cfg)

@@ -151,16 +151,18 @@ def window_reach(cfg: ModelConfig, layer: int) -> int | None:
     return window - 1 + sinks
 
 
-def layer_sparse(cfg: ModelConfig, layer: int) -> BlockSparse | None:
-    """The layer's block-sparse layout, parsed (None: dense)."""
-    own = "sparse" in cfg.layer_specs[layer].options
-    return BlockSparse.parse(cfg.layer_sparse(layer), f"layer {layer}: sparse" if own else "block_sparse")
+def layer_sparse(cfg: ModelConfig, layer: int, options: dict | None = None) -> BlockSparse | None:
+    """The layer's block-sparse layout, parsed (None: dense); ``options``: the layer's, if at hand."""
+    options = cfg.layer_options(layer) if options is None else options
+    own = "sparse" in options
+    return BlockSparse.parse(options.get("sparse", cfg.block_sparse),
+                             f"layer {layer}: sparse" if own else "block_sparse")
 
 
 def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
     """The ``window``, ``sinks`` and ``sparse`` options of a layer spec (shared by the kinds that
     take them)."""
-    layer_sparse(cfg, layer)
+    layer_sparse(cfg, layer, options)
     window = options.get("window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise ConfigError(f"layer {layer}: window={window!r} must be a positive integer or None")
@@ -168,7 +170,7 @@ def validate_window(cfg: ModelConfig, layer: int, options: dict) -> None:
     if sinks is not None:
         if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
             raise ConfigError(f"layer {layer}: sinks={sinks!r} must be a non-negative integer")
-        if cfg.layer_window(layer) is None:
+        if options.get("window", cfg.sliding_window) is None:
             raise ConfigError(f"layer {layer}: sinks={sinks} without a window; attention sinks keep the first "
                               f"positions visible to a sliding window (give the layer a window too)")
 

@@ -71,14 +71,14 @@ def given_specs(cfg: "ModelConfig") -> list[LayerSpec]:
 
 def resolve_specs(cfg: "ModelConfig") -> list[LayerSpec]:
     """:func:`given_specs` with each kind's defaults filled in for the options left out."""
-    resolved: dict[LayerSpec, LayerSpec] = {}      # the same spec on many layers is resolved once
+    resolved: dict[int, LayerSpec] = {}      # the flat form's one spec object, on every layer, resolved once
     out = []
     for spec in given_specs(cfg):
-        if spec not in resolved:
+        if id(spec) not in resolved:
             kind = KINDS.get(spec.kind)                # an unknown kind is refused by validation
             defaults = kind.option_defaults(cfg, spec.options) if kind and kind.option_defaults else {}
-            resolved[spec] = LayerSpec(spec.kind, {**defaults, **spec.options}) if defaults else spec
-        out.append(resolved[spec])
+            resolved[id(spec)] = LayerSpec(spec.kind, {**defaults, **spec.options}) if defaults else spec
+        out.append(resolved[id(spec)])
     return out
 
 
@@ -123,7 +123,7 @@ def validate_specs(cfg: "ModelConfig") -> None:
         if unknown:
             raise ConfigError(f"layer {i}: attention kind {spec.kind!r} has no option(s) {unknown}; "
                               f"its options are {list(get_kind(spec.kind).options)}")
-    specs, sources = resolve_specs(cfg), cfg.kv_sources
+    specs, sources = cfg.layer_specs, cfg.kv_sources
     for i, spec in enumerate(specs):
         if sources[i] != i and specs[sources[i]].kind != spec.kind:
             raise ConfigError(f"layer {i} ({spec.kind}) reads the KV of layer {sources[i]} "

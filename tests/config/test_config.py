@@ -176,3 +176,18 @@ def test_kind_options_are_the_kinds_own():
         ModelConfig.from_preset("tiny", attn_kind="linear", attn_options={"k_rank": 4})
     with pytest.raises(ConfigError, match="unknown config field"):
         ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "kv_lora_rank_typo": 3})
+
+
+def test_resolved_specs_follow_every_change_of_the_config():
+    """layer_specs is resolved once per state of the config: a field set afterwards, or a dict
+    changed in place, is never answered from the earlier resolution."""
+    cfg = ModelConfig.from_preset("tiny", attn_kind="linear")
+    assert cfg.layer_specs[0].options["feature"] == "elu"
+    cfg.attn_options = {"feature": "hedgehog"}
+    assert cfg.layer_specs[0].options["feature"] == "hedgehog"
+    cfg.attn_options["feature"] = "elu"                                   # in place
+    assert cfg.layer_specs[0].options["feature"] == "elu"
+    mla = ModelConfig.from_preset("tiny", attn_kind="mla", attn_options={"kv_lora_rank": 8})
+    assert mla.layer_specs[0].options["v_head_dim"] == 16
+    mla.head_dim = 8                                                      # a default that reads another field
+    assert mla.layer_specs[0].options["v_head_dim"] == 8

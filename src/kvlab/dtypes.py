@@ -52,9 +52,10 @@ def quant_group(width: int) -> int:
 
 @dataclass(frozen=True)
 class KVQuant:
-    """A quantized KV-cache format: integer codes in groups of :data:`QUANT_GROUP` channels with float16
-    parameters per group — a scale (int8, symmetric: llama.cpp's q8_0) or a scale and a minimum
-    (int4, asymmetric: q4_1) — see :mod:`kvlab.cache.quantized`; the accounting counts them.
+    """A quantized KV-cache format: float8 values (fp8, e4m3), or integer codes in groups of
+    :data:`QUANT_GROUP` channels with float16 parameters per group — a scale (int8, symmetric:
+    llama.cpp's q8_0) or a scale and a minimum (int4, asymmetric: q4_1) — see
+    :mod:`kvlab.cache.quantized`; the accounting counts them.
 
     The format is parsed once, where a name enters kvlab (:func:`parse_kv_quant`: the CLI's
     ``--kv-quant``, or the public functions a Python caller names it to — ``generate``, ``evaluate``,
@@ -62,7 +63,7 @@ class KVQuant:
 
     name: str
     bits: int
-    params_per_group: int
+    params_per_group: int        # float16 parameters per group of channels (0: none, a float format)
 
     def __str__(self) -> str:
         return self.name
@@ -70,6 +71,11 @@ class KVQuant:
     def param_count(self, width: int) -> int:
         """float16 parameters of one vector of ``width`` channels."""
         return self.params_per_group * (width // quant_group(width))
+
+    @property
+    def is_float(self) -> bool:
+        """A float format (values stored as they are, rounded), not integer codes with scales."""
+        return self.params_per_group == 0
 
     def vector_bytes(self, width: int) -> int:
         """Bytes of one cached vector of ``width`` channels, its float16 parameters included."""
@@ -79,11 +85,13 @@ class KVQuant:
         return width * self.bits // 8 + PARAM_BYTES * self.param_count(width)
 
 
-KV_QUANTS = {"int8": KVQuant("int8", 8, 1), "int4": KVQuant("int4", 4, 2)}
+# fp8: float8 e4m3 values with no scale (vLLM's --kv-cache-dtype fp8 with its default scales of 1.0),
+# saturated at ±448 — keys and values of trained models stay far inside that range.
+KV_QUANTS = {"fp8": KVQuant("fp8", 8, 0), "int8": KVQuant("int8", 8, 1), "int4": KVQuant("int4", 4, 2)}
 
 
 def parse_kv_quant(value: str | KVQuant | None) -> KVQuant | None:
-    """``None``/``'none'`` -> None; ``'int8'``/``'int4'`` (or a :class:`KVQuant`) -> the format;
+    """``None``/``'none'`` -> None; ``'fp8'``/``'int8'``/``'int4'`` (or a :class:`KVQuant`) -> the format;
     anything else: one clear error."""
     if value is None or isinstance(value, KVQuant):
         return value
@@ -91,7 +99,7 @@ def parse_kv_quant(value: str | KVQuant | None) -> KVQuant | None:
     if name in ("none", ""):
         return None
     if name not in KV_QUANTS:
-        raise ConfigError(f"unknown KV quantization {value!r}; use int8, int4 or none")
+        raise ConfigError(f"unknown KV quantization {value!r}; use fp8, int8, int4 or none")
     return KV_QUANTS[name]
 
 

@@ -78,7 +78,7 @@ class Capabilities:
     softmax_scores: bool = False
     # It can be the decoder self-attention of an encoder–decoder.
     encoder_decoder: bool = False
-    # Its per-token cache entries (the cache layer's ``token_fields``) may be stored as int8/int4
+    # Its per-token cache entries (the cache layer's ``token_fields``) may be stored as fp8/int8/int4
     # codes (``kv_quant``, :mod:`kvlab.cache.quantized`), and its ``cache_bytes`` counts them so.
     # A kind without per-token entries (a recurrent state) has nothing to quantize and is not refused.
     quantizable_cache: bool = False

@@ -73,8 +73,30 @@ def test_an_odd_width_cannot_be_int4():
         cache_bytes(odd, "fp32", "int4")
 
 
+def _e4m3_reference(x: np.ndarray) -> np.ndarray:
+    """float8 e4m3 (fn: no infinities) by its definition, in float64: 3 mantissa bits, exponents
+    -6..8, subnormals in steps of 2^-9 below 2^-6, round half to even, saturated at ±448."""
+    a = np.minimum(np.abs(x.astype(np.float64)), 448.0)
+    exponent = np.clip(np.floor(np.log2(np.maximum(a, 2.0 ** -9))), -6, 8)
+    step = 2.0 ** (exponent - 3)
+    return np.sign(x) * np.minimum(np.round(a / step) * step, 448.0)
+
+
+def test_fp8_values_equal_the_e4m3_definition():
+    from kvlab.cache.quantized import decode, encode
+    from kvlab.dtypes import parse_kv_quant
+
+    fp8 = parse_kv_quant("fp8")
+    x = torch.randn(2, 3, 5, 64, dtype=torch.float64) * torch.logspace(-4, 3, 64, dtype=torch.float64)
+    x[0, 0, 0, :3] = torch.tensor([1e4, -1e4, 0.0], dtype=torch.float64)        # saturated, zero
+    codes, params = encode(x, fp8)
+    assert codes.dtype == torch.float8_e4m3fn and params is None and codes.shape == x.shape
+    np.testing.assert_array_equal(decode(codes, None, fp8, torch.float64).numpy(), _e4m3_reference(x.numpy()))
+    assert cache_bytes(make_model(n_kv_head=2).cfg, torch.float32, "fp8").per_token == 4 * 2 * 2 * 16   # 1 byte each
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+@pytest.mark.parametrize("kv_quant", ["fp8", "int8", "int4"])
 @torch.inference_mode()
 def test_every_variant_runs_on_a_quantized_cache(name, kv_quant):
     model = make_model(**VARIANTS[name])
@@ -118,19 +140,59 @@ def test_accounting_counts_the_scales_and_the_pool_follows_it():
     n = cache_bytes(cfg, torch.float16).per_token // 2                 # cached channels per token
     assert cache_bytes(cfg, torch.float16, "int8").per_token == n + n // 32 * 2         # 1 byte each + 2 per 32
     assert cache_bytes(cfg, torch.float16, "int4").per_token == n // 2 + n // 32 * 4    # + scale and min
-    for q in ("int8", "int4"):
+    assert cache_bytes(cfg, torch.float16, "fp8").per_token == n                         # no scales
+    for q in ("fp8", "int8", "int4"):
         pool = PagedKVPool(cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=parse_kv_quant(q))
         assert pool.block_bytes == cache_bytes(cfg, torch.float32, q).per_token * 16
         assert pool.nbytes <= 2**20
 
 
-@pytest.mark.parametrize("name", ["gqa", "mla", "rolling-hybrid"])
-def test_the_engine_serves_quantized_caches_as_generate_runs_them(name):
+@pytest.mark.parametrize("name, kv_quant", [("gqa", "int8"), ("mla", "int8"), ("rolling-hybrid", "int8"),
+                                            ("gqa", "fp8")])
+def test_the_engine_serves_quantized_caches_as_generate_runs_them(name, kv_quant):
     model = make_model(**VARIANTS[name])
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (7, 15, 3)]
-    engine = Engine(model, kv_budget_bytes=2**20, max_len=48, block_size=4, prefill_chunk=5, kv_quant="int8")
+    engine = Engine(model, kv_budget_bytes=2**20, max_len=48, block_size=4, prefill_chunk=5, kv_quant=kv_quant)
     reqs = [engine.submit(Request(p, 10, stop_tokens=frozenset())) for p in prompts]
     engine.run_until_done()
     for r, p in zip(reqs, prompts):
-        assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant="int8")[0]
+        assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant=kv_quant)[0]
+
+
+@pytest.mark.parametrize("kv_quant", ["fp8", "int8", "int4"])
+def test_decoding_into_a_buffer_equals_decoding_afresh(kv_quant):
+    from kvlab.cache.quantized import decode, encode
+
+    fmt = parse_kv_quant(kv_quant)
+    x = torch.randn(2, 3, 9, 64) * torch.logspace(-2, 1, 64)
+    codes, params = encode(x, fmt)
+    out = torch.full((2, 3, 9, 64), float("nan"))
+    assert decode(codes, params, fmt, torch.float32, out=out) is out
+    torch.testing.assert_close(out, decode(codes, params, fmt, torch.float32), rtol=0, atol=0)
+
+
+def test_producers_whose_readers_overlap_decode_into_different_slots():
+    """kv_source [0, 0, 2, 0, 4]: layer 3 reads layer 0's entries after layer 2 has written its own, so
+    0 and 2 need two slots; 4 comes after 0's last reader and takes its slot again."""
+    model = make_model(n_kv_head=2, n_layer=5, kv_source=[0, 0, 2, 0, 4])
+    cache = model.new_cache(2, 16, kv_quant="int8")
+    assert {i: layer.slot for i, layer in cache.layers.items()} == {0: 0, 2: 1, 4: 0}
+    assert len({id(layer.workspace) for layer in cache.layers.values()}) == 1
+
+
+@pytest.mark.parametrize("name", ["kv-source", "mqa-cla2", "mla-cla2"])
+@torch.inference_mode()
+def test_the_shared_workspace_changes_no_result(name):
+    """Decoding with the shared buffers gives exactly what fresh tensors per read give."""
+    model = make_model(**VARIANTS[name])
+    x = torch.randint(0, model.cfg.vocab_size, (2, 14))
+    outs = []
+    for shared in (True, False):
+        cache = model.new_cache(2, 16, kv_quant="int8")
+        if not shared:
+            for layer in cache.layers.values():
+                layer.workspace = None
+        steps = [model(x[:, :10], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(10, 14)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

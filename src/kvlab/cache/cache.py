@@ -12,7 +12,7 @@ import torch
 
 from kvlab.cache.base import CacheLayer, CacheStep
 from kvlab.cache.full import FullKVLayer
-from kvlab.cache.quantized import QuantizedTokenLayer
+from kvlab.cache.quantized import QuantizedTokenLayer, share_workspace
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.accounting import layer_kv_quant
 from kvlab.config.model import ModelConfig
@@ -67,6 +67,7 @@ class KVCache:
             layer = make_cache_layer(cfg, i, batch_size, max_len, self.dtype, device, self.kv_quant)
             if layer is not None:
                 self.layers[i] = layer
+        share_workspace(cfg, self.layers)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._bound = 0          # >= lengths.max()
         self._uniform = True     # all rows hold exactly _bound tokens

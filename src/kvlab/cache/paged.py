@@ -31,6 +31,7 @@ import torch
 
 from kvlab.cache.base import CacheStep
 from kvlab.cache.cache import KVCache, make_cache_layer
+from kvlab.cache.quantized import share_workspace
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KVQuant, parse_dtype
 from kvlab.errors import CacheOverflowError, ConfigError
@@ -106,6 +107,7 @@ class PagedKVPool:
                              for f, (s, dt) in fields.items()}
         for i in self._blank:
             self.fixed[i] = make_cache_layer(cfg, i, max_seqs, max_len, self.dtype, self.device)
+        share_workspace(cfg, self._templates)        # every batch's views of a layer decode into its slot
         self._free_blocks = list(range(self.num_blocks - 1, -1, -1))     # pop() hands out low ids first
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self.sequences: set[PagedSequence] = set()

@@ -1,4 +1,7 @@
-"""Quantized KV caches: int8 and int4 storage of every per-token cache entry (full K/V, MLA latents).
+"""Quantized KV caches: fp8, int8 and int4 storage of every per-token cache entry (full K/V, MLA latents).
+
+``fp8`` keeps each value as a float8 e4m3 number (3 mantissa bits), saturated at ±448, with no
+scale: what vLLM's ``--kv-cache-dtype fp8`` stores with its default scales. The integer formats:
 
 Each cached vector (one token's key or value in one KV head, or one token's MLA latent + RoPE key)
 is cut into groups of 32 channels (one group when its width is not a multiple of 32) — KIVI's
@@ -16,22 +19,31 @@ Bytes per vector: ``width × bits / 8`` plus 2 (int8) or 4 (int4) bytes per grou
 for a 64-wide fp16 K head at int4.
 
 Attention reads the dequantized entries (the new tokens of a call included, so prefill and decode
-see the same cache); dequantizing happens one layer at a time, so the float copy costs one layer's
-K/V. What a kind keeps per sequence (rolling windows, compressed-memory sums, recurrent states)
-stays in its own precision: those are bounded, and a running sum would erode when rounded.
+see the same cache). Dequantizing happens one layer at a time into a :class:`Workspace` that the
+model's cache keeps for the purpose: one layer's K/V in the cache dtype, or a few where cross-layer
+sharing keeps a producer's entries alive while other layers run. Its buffers are reused step after
+step: allocating them afresh made the allocator return and re-map megabytes per layer and step, and
+those page faults were half of a quantized decode step on a CPU.
+
+What a kind keeps per sequence (rolling windows, compressed-memory sums, recurrent states) stays in
+its own precision: those are bounded, and a running sum would erode when rounded.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from kvlab.cache.base import CacheStep, write_entries
 from kvlab.dtypes import KVQuant, quant_group
 
-__all__ = ["QuantizedTokenLayer", "dequantize", "quantize"]
+__all__ = ["QuantizedTokenLayer", "Workspace", "decode", "dequantize", "encode", "quantize", "share_workspace"]
 
 
 _F16_MAX = torch.finfo(torch.float16).max
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8).max
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +85,89 @@ def dequantize(codes: torch.Tensor, params: torch.Tensor, bits: int, dtype: torc
     return out.reshape(*codes.shape[:-1], W).to(dtype)
 
 
+class Workspace:
+    """Reusable float buffers for dequantized entries: ``slot`` s holds the entries of one producer
+    layer at a time (:meth:`kvlab.cache.cache.KVCache` gives layers whose readers overlap different
+    slots), one buffer per field, grown to the largest shape asked for."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def view(self, slot: int, index: int, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A ``shape`` tensor over buffer ``(slot, index)``'s memory (its contents are the caller's)."""
+        n = math.prod(shape)
+        buf = self.buffers.get((slot, index))
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self.buffers[(slot, index)] = buf
+        return buf[:n].view(shape)
+
+
+def share_workspace(cfg, layers: dict[int, object]) -> None:
+    """Give the quantized ones of a cache's ``layers`` (layer index -> cache layer) one
+    :class:`Workspace`. A producer's entries stay in use until its last reader (a CLA consumer) has
+    run, so producers whose spans of readers overlap get different slots (interval colouring; one
+    slot without cross-layer sharing)."""
+    quantized = {i: layer for i, layer in layers.items() if isinstance(layer, QuantizedTokenLayer)}
+    if not quantized:
+        return
+    sources = cfg.kv_sources
+    last_reader = {p: max(i for i, s in enumerate(sources) if s == p) for p in quantized}
+    workspace, busy_until = Workspace(), []            # busy_until[slot]: the last reader of its producer
+    for p in sorted(quantized):
+        slot = next((k for k, until in enumerate(busy_until) if until < p), len(busy_until))
+        if slot == len(busy_until):
+            busy_until.append(0)
+        busy_until[slot] = last_reader[p]
+        quantized[p].workspace, quantized[p].slot = workspace, slot
+
+
+def encode(x: torch.Tensor, fmt: KVQuant) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` in format ``fmt``: (codes or float8 values, float16 parameters or None)."""
+    if fmt.is_float:
+        return x.float().clamp(-_FP8_MAX, _FP8_MAX).to(FP8), None
+    return quantize(x, fmt.bits)
+
+
+def decode(codes: torch.Tensor, params: torch.Tensor | None, fmt: KVQuant, dtype: torch.dtype,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`encode` (up to its rounding), in ``dtype``; into ``out`` if given (a
+    ``dtype`` tensor of the decoded shape), with no other tensor of that size allocated."""
+    if out is None:
+        if fmt.is_float:
+            return codes.to(dtype)
+        return dequantize(codes, params, fmt.bits, dtype)
+    if fmt.is_float:
+        return _fp8_into(codes, out)
+    W = out.shape[-1]
+    g = quant_group(W)
+    groups = out.view(*out.shape[:-1], W // g, g)
+    if fmt.bits == 8:
+        out.copy_(codes)
+        groups.mul_(params.unsqueeze(-1))
+        return out
+    pairs = out.view(*out.shape[:-1], W // 2, 2)              # the even channel in the low nibble
+    pairs[..., 0].copy_(codes & 0xF)
+    pairs[..., 1].copy_(codes >> 4)
+    p = params.view(*params.shape[:-1], W // g, 2)
+    groups.mul_(p[..., :1]).add_(p[..., 1:])
+    return out
+
+
+def _fp8_into(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3 -> ``out`` through float16, which holds every e4m3 value exactly: the byte's
+    exponent and mantissa bits, placed in float16's, read 2^8 times too small (float16's exponent
+    bias is 15, e4m3's 7) — subnormals included — and the sign bit goes to float16's. PyTorch's own
+    float8 conversion on CPUs is element by element (10x slower measured at 1.5M values)."""
+    bits = codes.view(torch.uint8).to(torch.int16)
+    sign = bits & 0x80
+    bits.bitwise_and_(0x7F).bitwise_left_shift_(7).bitwise_or_(sign.bitwise_left_shift_(8))
+    out.copy_(bits.view(torch.float16))
+    return out.mul_(256.0)
+
+
 class QuantizedTokenLayer:
-    """A per-token cache layer (one with ``token_fields``) kept as int8 or int4 codes and scales.
+    """A per-token cache layer (one with ``token_fields``) kept as fp8 values, or int8 or int4 codes and scales.
 
     Built from the layer it replaces — usually allocated on the ``meta`` device, only for its
     shapes — with the same ``update``/``write_prefix`` contract: ``update(*new)`` takes one tensor per
@@ -84,18 +177,22 @@ class QuantizedTokenLayer:
     def __init__(self, inner, kv_quant: KVQuant, *, device: str | torch.device):
         self.bits = kv_quant.bits
         self.kv_quant = kv_quant
+        # Where reads decode to (given by the model's cache; None: fresh tensors), and this layer's slot.
+        self.workspace: Workspace | None = None
+        self.slot = 0
         self.fields = tuple(inner.token_fields)
         self.dtype = getattr(inner, self.fields[0]).dtype          # what attention reads
+        code_dtype = FP8 if kv_quant.is_float else torch.uint8 if self.bits == 4 else torch.int8
         names = []
         for f in self.fields:
             shape = getattr(inner, f).shape
             W = shape[-1]
-            codes_w = W * self.bits // 8
-            setattr(self, f + "_codes", torch.zeros(*shape[:-1], codes_w, device=device,
-                                                    dtype=torch.uint8 if self.bits == 4 else torch.int8))
-            setattr(self, f + "_scales", torch.zeros(*shape[:-1], kv_quant.param_count(W), device=device,
-                                                     dtype=torch.float16))
-            names += [f + "_codes", f + "_scales"]
+            setattr(self, f + "_codes", torch.zeros(*shape[:-1], W * self.bits // 8, device=device, dtype=code_dtype))
+            names.append(f + "_codes")
+            if not kv_quant.is_float:
+                setattr(self, f + "_scales", torch.zeros(*shape[:-1], kv_quant.param_count(W), device=device,
+                                                         dtype=torch.float16))
+                names.append(f + "_scales")
         self.token_fields = tuple(names)
 
     @property
@@ -104,18 +201,26 @@ class QuantizedTokenLayer:
 
     def update(self, *new: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, ...]:
         for f, x in zip(self.fields, new):
-            codes, scales = quantize(x, self.bits)
+            codes, scales = encode(x, self.kv_quant)
             write_entries(getattr(self, f + "_codes"), codes, step)
-            write_entries(getattr(self, f + "_scales"), scales, step)
+            if scales is not None:
+                write_entries(getattr(self, f + "_scales"), scales, step)
         return tuple(self.read(f, step.k_len) for f in self.fields)
 
     def read(self, field: str, k_len: int) -> torch.Tensor:
-        return dequantize(getattr(self, field + "_codes")[:, :, :k_len], getattr(self, field + "_scales")[:, :, :k_len],
-                          self.bits, self.dtype)
+        codes = getattr(self, field + "_codes")[:, :, :k_len]
+        scales = getattr(self, field + "_scales", None)
+        scales = None if scales is None else scales[:, :, :k_len]
+        out = None
+        if self.workspace is not None:
+            shape = (*codes.shape[:-1], codes.shape[-1] * 8 // self.bits)
+            out = self.workspace.view(self.slot, self.fields.index(field), shape, self.dtype, codes.device)
+        return decode(codes, scales, self.kv_quant, self.dtype, out=out)
 
     def write_prefix(self, *prefix: torch.Tensor) -> None:
         for f, x in zip(self.fields, prefix):
-            codes, scales = quantize(x, self.bits)
+            codes, scales = encode(x, self.kv_quant)
             n = x.shape[2]
             getattr(self, f + "_codes")[:, :, :n] = codes
-            getattr(self, f + "_scales")[:, :, :n] = scales
+            if scales is not None:
+                getattr(self, f + "_scales")[:, :, :n] = scales

@@ -11,8 +11,10 @@ from kvlab.cli.common import add_overwrite, device_arg, seed_arg
 
 def add_parser(sub) -> None:
     p = sub.add_parser("shrink", help="a KV cache N times smaller that keeps quality (convert, recover, evaluate)",
-                       description="Enumerate the wirings that meet a KV budget (fewer KV heads, cross-layer sharing, "
-                                   "MLA and low-rank latents), rank them at alpha=0 on calibration data, recover "
+                       description="Enumerate the caches that meet a KV budget (fewer KV heads, cross-layer sharing, "
+                                   "MLA and low-rank latents, each in the model's precision or quantized, and the "
+                                   "original quantized), rank them at alpha=0 on calibration data and by decode "
+                                   "speed against the original, recover "
                                    "the best with attention transfer and/or distillation from the original, evaluate "
                                    "on held-out "
                                    "text and chat prompts, and write the chosen model with a report.")
@@ -40,6 +42,14 @@ def add_parser(sub) -> None:
                         "(its own distribution, what distillation matches), or the built-in split and samples")
     p.add_argument("--generated-tokens", type=int, default=65536, metavar="N",
                    help="--data generated/mixed: tokens to sample (default 65536)")
+    p.add_argument("--precisions", default="none,fp8,int8,int4", metavar="LIST",
+                   help="cache precisions to consider, alone and composed with every structure (default "
+                        "none,fp8,int8,int4; none: the model's own)")
+    p.add_argument("--context", type=int, metavar="N",
+                   help="the context decode speed is measured at (default: the model's trained context, at most "
+                        "4096)")
+    p.add_argument("--allow-slower", action="store_true",
+                   help="accept a candidate that decodes slower than the original (by default it is passed over)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
     p.add_argument("--refit", action="store_true",
                    help="refit each recovered candidate's output projections in closed form after converting it "
@@ -65,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     common = dict(kv=args.kv, candidates=args.candidates, train=args.train, device=args.device, seed=args.seed,
                   kd_lr=args.kd_lr,
                   data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank,
-                  refit=args.refit)
+                  refit=args.refit, precisions=tuple(p.strip() for p in args.precisions.split(",")),
+                  context=args.context, allow_slower=args.allow_slower)
     if args.quick:
         scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
     else:

@@ -123,7 +123,7 @@ def max_batch(cfg: ModelConfig, memory: int, context: int, dtype: str | torch.dt
               kv_quant: str | KVQuant | None = None, source_tokens: int = 0) -> int:
     """The largest batch of ``context``-token sequences (of ``source_tokens``-token sources, for an
     encoder–decoder) whose cache fits beside the weights (weights in ``dtype``; the cache in ``dtype``
-    or, with ``kv_quant``, int8/int4 plus scales)."""
+    or, with ``kv_quant``, fp8, or int8/int4 plus scales)."""
     weights = cfg.param_counts()["total"] * dtype_bytes(dtype)
     return max(0, (memory - weights) // cfg.cache_bytes(dtype, kv_quant).for_sequence(context, source_tokens))
 

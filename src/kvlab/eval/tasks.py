@@ -9,14 +9,15 @@ from kvlab.inference.generation import generate
 
 
 def greedy_replies(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 16,
-                   batch_size: int = 16, backend: str | None = None) -> list[str]:
-    """The greedy reply of ``model`` to each conversation without its last (assistant) message."""
+                   batch_size: int = 16, backend: str | None = None, kv_quant=None) -> list[str]:
+    """The greedy reply of ``model`` to each conversation without its last (assistant) message
+    (``kv_quant``: generated with the KV cache in that format)."""
     stop = [t for t in {tokenizer.eos_token_id, model.cfg.eos_token_id} if t is not None]
     replies = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start:start + batch_size]
         prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True) for c in chunk]
-        outs = generate(model, prompts, max_new_tokens, stop_tokens=stop, backend=backend)
+        outs = generate(model, prompts, max_new_tokens, stop_tokens=stop, backend=backend, kv_quant=kv_quant)
         replies += [tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True).strip()
                     for out in outs]
     return replies

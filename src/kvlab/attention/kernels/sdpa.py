@@ -10,17 +10,19 @@ from kvlab.attention.kernels.common import check_shapes, positional_bias_needs_m
 from kvlab.attention.masks import AttentionMask
 from kvlab.registry import Backend, register_backend
 
-# With values narrower or wider than keys and grouped heads, PyTorch's CPU kernels fall back to a path
-# that copies K and V for every query head: 15x slower measured at 4k context (B 8, 8 heads, one KV
-# head, 80-wide keys, 64-wide values). Few queries per row are then folded into one query block per KV
-# head instead (no copy at all). (kvlab's MLA decode avoids the case: its values are its keys.)
+# A few queries per row with grouped heads (decoding) are folded into one query block per KV head:
+# the G query heads that read a KV head become G·Tq rows of one head, so each KV head is one matrix
+# product. With values narrower or wider than keys PyTorch's CPU kernels otherwise fall back to a
+# path that copies K and V for every query head (15x slower measured at 4k context: B 8, 8 heads, one
+# KV head, 80-wide keys, 64-wide values); with equal widths enable_gqa does not copy, but the folded
+# product is still faster (SmolLM2's decode step, BENCHMARKS "Decode: queries folded per KV head").
 FOLD_MAX_QUERIES = 16
 
 
 def _attend(q, k, v, attn_mask, scale):
     B, Hq, Tq, _ = q.shape
     Hkv = k.shape[1]
-    if Hq == Hkv or v.shape[-1] == k.shape[-1] or Tq > FOLD_MAX_QUERIES:
+    if Hq == Hkv or Tq > FOLD_MAX_QUERIES:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)
     G = Hq // Hkv
     qf = q.reshape(B, Hkv, G * Tq, q.shape[-1])            # query head h = hk·G + g: rows g·Tq .. g·Tq+Tq-1

@@ -1,15 +1,22 @@
-"""The wirings ``kvlab shrink`` considers: each a :class:`Candidate` value made by a family, which
-also converts the original model to it with its best starting point.
+"""The caches ``kvlab shrink`` considers: each a :class:`Candidate` value — a structure of the KV cache
+and a precision for it — made by a family, which also converts the original model to the structure
+with its best starting point.
 
-A family is a structure of the KV cache (fewer KV heads and cross-layer sharing; MLA latents;
-low-rank key and value latents) with three things: which candidates meet a budget, which
-calibration statistics its conversion needs, and the conversion. A new family is one more entry in
-:data:`FAMILIES`, not a branch in the recipe.
+A family is a structure (the original's, stored in another precision; fewer KV heads and cross-layer
+sharing; MLA latents; low-rank key and value latents) with three things: which candidates meet a
+budget at a precision, which calibration statistics its conversion needs, and the conversion. A new
+family is one more entry in :data:`FAMILIES`, and a new precision one more in :data:`PRECISIONS`:
+neither is a branch in the recipe.
+
+Budgets are total bytes per token, a quantized cache's scales included; a structure is counted in
+bf16 when it keeps the model's own precision.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,24 +25,46 @@ from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
+from kvlab.dtypes import KVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
+
+# The cache precisions a candidate may have: None keeps the model's own (counted as bf16); the rest
+# are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too.
+PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int4")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One wiring that meets the budget: the attention ``kind`` of the converted model, the
-    family's conversion parameters (``change``: ``n_kv_head``/``cla`` for 'gqa', ``kv_lora_rank``/
-    ``qk_rope_head_dim`` for 'mla', ``k_rank``/``v_rank`` or ``channels`` with ``method`` for
-    'lowrank'), and its cache bytes per token in bf16."""
+    """One cache that meets the budget: a structure made by ``family`` (the converted model's
+    attention ``kind``, and ``change``, the family's conversion parameters: ``n_kv_head``/``cla`` for
+    'heads', ``kv_lora_rank``/``qk_rope_head_dim`` for 'mla', ``k_rank``/``v_rank`` or ``channels``
+    with ``method`` for 'lowrank', nothing for 'cache'), stored in ``precision`` (None: the model's
+    own), and its bytes per token, scales included (bf16 for the model's own precision)."""
 
     name: str
+    family: str
     kind: str
     change: dict
     kv_bytes: int
+    precision: str | None = None
 
     @property
     def slug(self) -> str:
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+    @property
+    def kv_quant(self) -> KVQuant | None:
+        return parse_kv_quant(self.precision)
+
+    @property
+    def structure(self) -> tuple[str, str]:
+        """What the conversion makes, whatever the precision it is then stored in."""
+        return self.family, json.dumps(self.change, sort_keys=True)
+
+    @property
+    def restructured(self) -> bool:
+        """Whether the model changes (else only the cache's precision does: nothing to train)."""
+        return self.family != "cache"
 
     @property
     def loss_fitted(self) -> bool:
@@ -44,29 +73,81 @@ class Candidate:
         return self.change.get("method") == "fisher"
 
 
+def _named(structure: str, precision: str | None) -> str:
+    return structure if precision is None else f"{structure} × {precision}"
+
+
+def _bytes(cfg: ModelConfig, precision: str | None) -> int:
+    return cfg.kv_bytes_per_token("bf16", parse_kv_quant(precision))
+
+
+def _widest(fits: Callable[[int], bool], most: int) -> int:
+    """The largest width in [1, most] that ``fits`` (0 if none): ``fits`` is monotone, but a format
+    may refuse single widths (int4 packs channels in pairs), so a refused width is skipped."""
+    for width in range(most, 0, -1):
+        try:
+            if fits(width):
+                return width
+        except ConfigError:
+            continue
+    return 0
+
+
 class Family(Protocol):
-    def candidates(self, cfg: ModelConfig, budget: int) -> list[Candidate]: ...
+    name: str
+
+    def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]: ...
+
+    def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig: ...
 
     def moment_pairs(self, cfg: ModelConfig, cand: Candidate) -> set[tuple[int, int]]: ...
 
     def convert(self, base, cand: Candidate, calibration, moments: dict) -> Any: ...
 
 
+class CacheFamily:
+    """The original structure in a quantized cache: no conversion, nothing to train."""
+
+    name = "cache"
+
+    def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
+        if precision is None or _bytes(cfg, precision) > budget:
+            return []
+        return [Candidate(f"{precision} cache", self.name, "+".join(cfg.kinds), {}, _bytes(cfg, precision),
+                          precision)]
+
+    def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig:
+        return cfg
+
+    def moment_pairs(self, cfg: ModelConfig, cand: Candidate) -> set[tuple[int, int]]:
+        return set()
+
+    def convert(self, base, cand: Candidate, calibration, moments: dict) -> Any:
+        return base
+
+
 class HeadsFamily:
     """GQA/MQA/CLA: for each KV-head count that divides the model's, the least cross-layer sharing
     that fits; calibrated merging of heads and layers."""
 
-    def candidates(self, cfg: ModelConfig, budget: int) -> list[Candidate]:
+    name = "heads"
+
+    def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
         out = []
         for heads in [h for h in range(cfg.n_kv_head, 0, -1) if cfg.n_kv_head % h == 0]:
             for cla in range(1, cfg.n_layer + 1):
+                if heads == cfg.n_kv_head and cla == 1:
+                    continue                          # the original structure: the 'cache' family's
                 new = cfg.replace(n_kv_head=heads, cla=cla)
-                if new.kv_bytes_per_token("bf16") <= budget:
+                if _bytes(new, precision) <= budget:
                     base = "MQA" if heads == 1 else f"GQA-{heads}"
-                    out.append(Candidate(base + (f"-CLA{cla}" if cla > 1 else ""), "gqa",
-                                         {"n_kv_head": heads, "cla": cla}, new.kv_bytes_per_token("bf16")))
+                    out.append(Candidate(_named(base + (f"-CLA{cla}" if cla > 1 else ""), precision), self.name,
+                                         "gqa", {"n_kv_head": heads, "cla": cla}, _bytes(new, precision), precision))
                     break
         return out
+
+    def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig:
+        return cfg.replace(**cand.change)
 
     def moment_pairs(self, cfg: ModelConfig, cand: Candidate) -> set[tuple[int, int]]:
         return set(needed_moments(cfg, cfg.replace(**cand.change)))
@@ -78,24 +159,32 @@ class HeadsFamily:
 
 
 class MLAFamily:
-    """MLA with a shared RoPE key of a quarter, half or three quarters of a head and the rest of the
-    budget as the latent (any width, so the budget is met exactly); PCA of the latent."""
+    """MLA with a shared RoPE key of a quarter, half or three quarters of a head and the widest latent
+    the budget allows beside it; PCA of the latent."""
 
-    def candidates(self, cfg: ModelConfig, budget: int) -> list[Candidate]:
+    name = "mla"
+
+    def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
+        if cfg.pos != "rope":
+            return []
         out = []
-        channels = budget // (2 * cfg.n_layer)            # per layer and token, bf16
         D = cfg.head_dim
         for rope in sorted({max(2, (D * f // 4) // 2 * 2) for f in (1, 2, 3)}):
-            rank = channels - rope
-            if cfg.pos != "rope" or rank < 1:
-                continue
+            def fits(rank: int, rope=rope) -> bool:
+                return _bytes(plan_mla(cfg, kv_lora_rank=rank, qk_rope_head_dim=rope), precision) <= budget
             try:
-                new = plan_mla(cfg, kv_lora_rank=rank, qk_rope_head_dim=rope)
+                rank = _widest(fits, cfg.n_kv_head * (2 * D - rope))
             except ConfigError:
                 continue
-            out.append(Candidate(f"MLA {rank}+{rope}", "mla", {"kv_lora_rank": rank, "qk_rope_head_dim": rope},
-                                 new.kv_bytes_per_token("bf16")))
+            if rank < 1:
+                continue
+            new = plan_mla(cfg, kv_lora_rank=rank, qk_rope_head_dim=rope)
+            out.append(Candidate(_named(f"MLA {rank}+{rope}", precision), self.name, "mla",
+                                 {"kv_lora_rank": rank, "qk_rope_head_dim": rope}, _bytes(new, precision), precision))
         return out
+
+    def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig:
+        return plan_mla(cfg, **cand.change)
 
     def moment_pairs(self, cfg: ModelConfig, cand: Candidate) -> set[tuple[int, int]]:
         return set()
@@ -111,22 +200,41 @@ class LowRankFamily:
     component's estimated effect on the loss (the Fisher-weighted fit): on SmolLM2 at half the KV it
     starts at proxy 10.5 against 12.1 for the best uniform split."""
 
-    def candidates(self, cfg: ModelConfig, budget: int) -> list[Candidate]:
+    name = "lowrank"
+
+    def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
+        if cfg.is_encoder_decoder:
+            return []
+        width = 2 * cfg.n_kv_head * cfg.head_dim
+
+        def fits(channels: int) -> bool:       # one latent vector per producer and token
+            return _bytes(plan_lowrank(cfg, k_rank=max(1, channels // 2), v_rank=channels - max(1, channels // 2)),
+                          precision) <= budget
+        channels = _widest(fits, width) if width >= 2 else 0
+        if channels < 2:
+            return []
         out = []
-        channels = budget // (2 * cfg.n_kv_layers)
         for k_share in (4, 3, 2):
             k_rank = max(1, round(channels / k_share))
             try:
                 new = plan_lowrank(cfg, k_rank=k_rank, v_rank=channels - k_rank)
             except ConfigError:
                 continue
-            out.append(Candidate(f"Low-rank K{k_rank}+V{channels - k_rank}", "lowrank",
-                                 {"k_rank": k_rank, "v_rank": channels - k_rank}, new.kv_bytes_per_token("bf16")))
-        if 2 <= channels <= 2 * cfg.n_kv_head * cfg.head_dim and not cfg.is_encoder_decoder:
-            new = plan_lowrank(cfg, k_rank=channels // 2, v_rank=channels - channels // 2)     # same bytes
-            out.append(Candidate(f"Low-rank {channels} allocated", "lowrank",
-                                 {"channels": channels, "method": "fisher"}, new.kv_bytes_per_token("bf16")))
+            out.append(Candidate(_named(f"Low-rank K{k_rank}+V{channels - k_rank}", precision), self.name, "lowrank",
+                                 {"k_rank": k_rank, "v_rank": channels - k_rank}, _bytes(new, precision), precision))
+        new = plan_lowrank(cfg, k_rank=channels // 2, v_rank=channels - channels // 2)     # the same bytes
+        out.append(Candidate(_named(f"Low-rank {channels} allocated", precision), self.name, "lowrank",
+                             {"channels": channels, "method": "fisher"}, _bytes(new, precision), precision))
         return out
+
+    def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig:
+        """The widths given, or for channels allocated by the loss (known only after calibration)
+        an even split of the same bytes."""
+        change = cand.change
+        if "channels" in change:
+            c = change["channels"]
+            return plan_lowrank(cfg, k_rank=c // 2, v_rank=c - c // 2)
+        return plan_lowrank(cfg, k_rank=change["k_rank"], v_rank=change["v_rank"])
 
     def moment_pairs(self, cfg: ModelConfig, cand: Candidate) -> set[tuple[int, int]]:
         return set()
@@ -136,8 +244,8 @@ class LowRankFamily:
                                   **cand.change)
 
 
-# By the attention kind a family converts to; enumeration follows this order.
-FAMILIES: dict[str, Family] = {"gqa": HeadsFamily(), "mla": MLAFamily(), "lowrank": LowRankFamily()}
+# Enumeration follows this order; a candidate's family is its key here.
+FAMILIES: dict[str, Family] = {f.name: f for f in (CacheFamily(), HeadsFamily(), MLAFamily(), LowRankFamily())}
 
 
 def parse_kv_budget(spec: str, cfg: ModelConfig) -> int:
@@ -163,23 +271,37 @@ def parse_kv_budget(spec: str, cfg: ModelConfig) -> int:
                           f"of bytes per token; the model has {original:,} bytes per token (bf16)") from None
 
 
-def enumerate_candidates(cfg: ModelConfig, budget: int) -> list[Candidate]:
-    """The wirings of ``cfg`` whose cache is at most ``budget`` bytes per token (bf16), each as large
-    as the budget allows within its family."""
+def enumerate_candidates(cfg: ModelConfig, budget: int, precisions=PRECISIONS) -> list[Candidate]:
+    """The caches of ``cfg`` within ``budget`` bytes per token, each structure as large as the budget
+    allows at its precision. A structure in a precision whose plain cache fits the budget already is
+    left out: the plain cache in that precision keeps more of the model for the same format."""
     original = cfg.kv_bytes_per_token("bf16")
     if budget >= original:
         raise ConfigError(f"the model's cache is {original:,} bytes per token (bf16), within the budget of {budget:,} "
                           f"already; ask for a smaller one (e.g. --kv 2x)")
-    out = [cand for family in FAMILIES.values() for cand in family.candidates(cfg, budget)]
+    out = []
+    for precision in precisions:
+        plain = FAMILIES["cache"].candidates(cfg, budget, precision)
+        out += plain
+        if not plain:
+            out += [c for name, family in FAMILIES.items() if name != "cache"
+                    for c in family.candidates(cfg, budget, precision)]
     if not out:
-        raise ConfigError(f"no wiring of this model fits {budget:,} bytes per token (bf16); the smallest is "
-                          f"{cfg.replace(n_kv_head=1, cla=cfg.n_layer).kv_bytes_per_token('bf16'):,}")
+        smallest = cfg.replace(n_kv_head=1, cla=cfg.n_layer).kv_bytes_per_token("bf16", parse_kv_quant("int4"))
+        raise ConfigError(f"no cache of this model fits {budget:,} bytes per token; the smallest kvlab makes is "
+                          f"{smallest:,} (MQA shared by every layer, int4)")
     return out
 
 
+def plan_candidate(cfg: ModelConfig, cand: Candidate) -> ModelConfig:
+    """The config of ``cfg``'s model converted to ``cand``'s structure (shapes only, no weights)."""
+    return FAMILIES[cand.family].plan(cfg, cand)
+
+
 def convert_candidate(base, cand: Candidate, calibration, moments: dict) -> Any:
-    """``base`` converted to ``cand`` with its family's best starting point (from ``moments``)."""
-    return FAMILIES[cand.kind].convert(base, cand, calibration, moments)
+    """``base`` converted to ``cand``'s structure with its family's best starting point (from
+    ``moments``); the precision is the cache's, chosen when the model runs."""
+    return FAMILIES[cand.family].convert(base, cand, calibration, moments)
 
 
 def moments_for(base, candidates: list[Candidate], calibration) -> dict:
@@ -188,7 +310,7 @@ def moments_for(base, candidates: list[Candidate], calibration) -> dict:
     moments when a candidate is fitted to the loss (one backward pass per calibration batch)."""
     pairs = {(i, i) for i in range(base.cfg.n_layer)}
     for cand in candidates:
-        pairs |= FAMILIES[cand.kind].moment_pairs(base.cfg, cand)
+        pairs |= FAMILIES[cand.family].moment_pairs(base.cfg, cand)
     moments = attention_input_moments(base, calibration, sorted(pairs))
     if any(cand.loss_fitted for cand in candidates):
         moments["kv_loss"] = kv_loss_moments(base, calibration)

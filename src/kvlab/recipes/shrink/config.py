@@ -8,6 +8,10 @@ from kvlab.errors import ConfigError
 
 TRAIN_SETS = ("attention", "all", "lora")
 DATA_SOURCES = ("builtin", "library", "generated", "mixed")
+PRECISION_NAMES = ("none", "fp8", "int8", "int4")
+# A candidate whose decode step takes more than this times the original's (median ratio, measured
+# interleaved) is slower: on the 2-core VM two identical models read 0.94-1.06 against each other.
+SPEED_TOLERANCE = 0.05
 
 
 @dataclass
@@ -53,6 +57,20 @@ class ShrinkConfig:
     data: str = "builtin"
     generated_tokens: int = 65536
     curve_points: int = 4
+    # The cache precisions to consider, alone and composed with every structure ("none": the model's
+    # own). Quantization is the baseline a runtime gives for free: at half the bytes fp8 costs a few
+    # hundredths of a percent of perplexity, so structure must beat it or compose with it.
+    precisions: tuple[str, ...] = PRECISION_NAMES
+    # Ranking: every candidate on the first half of the proxy windows, then the best few on all of them
+    # (a candidate costs a conversion and a proxy pass; SmolLM2 has 20-30 of them at 4x).
+    rescore: int = 3
+    # Speed: the decode step of each candidate chosen, against the original's, at this context (None:
+    # the model's trained context, at most 4,096) and batch, on the run's device; a candidate slower
+    # than the original (SPEED_TOLERANCE) is passed over unless allow_slower.
+    context: int | None = None
+    speed_batch: int = 4
+    speed_rounds: int = 5
+    allow_slower: bool = False
     seed: int = 0
     device: str = "cpu"
 
@@ -76,6 +94,15 @@ class ShrinkConfig:
             raise ConfigError(f"--lora-rank {self.lora_rank} must be a positive integer (typical: 8-64)")
         if self.data not in DATA_SOURCES:
             raise ConfigError(f"--data {self.data!r} is not one of {', '.join(DATA_SOURCES)}")
+        self.precisions = tuple(self.precisions)
+        unknown = [p for p in self.precisions if p not in PRECISION_NAMES]
+        if unknown or not self.precisions:
+            raise ConfigError(f"--precisions {','.join(map(str, self.precisions))!r}: give some of "
+                              f"{', '.join(PRECISION_NAMES)}, separated by commas")
+        if self.context is not None and self.context < 1:
+            raise ConfigError(f"--context {self.context} must be a positive number of tokens")
+        if self.rescore < 1 or self.speed_batch < 1 or self.speed_rounds < 1:
+            raise ConfigError("rescore, speed_batch and speed_rounds must be positive integers")
         if self.data in ("generated", "mixed") and self.generated_tokens < 1:
             raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
 
@@ -84,6 +111,11 @@ class ShrinkConfig:
         base = dict(minutes=None, tokens=2 * 8 * 2 * 32, candidates=2, calibration_tokens=512, proxy_tokens=256,
                     eval_tokens=512, eval_seq_len=64, chat_prompts=4, seq_len=32, batch_size=2, curve_points=2)
         return cls(**{**base, **overrides})
+
+    @property
+    def precision_values(self) -> tuple[str | None, ...]:
+        """The precisions as candidates carry them (None: the model's own)."""
+        return tuple(None if p == "none" else p for p in self.precisions)
 
     @property
     def train_only(self) -> str:

@@ -12,26 +12,29 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.data.corpus import Document
+from kvlab.dtypes import KVQuant
 from kvlab.eval.perplexity import evaluate
 from kvlab.eval.tasks import greedy_replies, task_accuracy
 
 
 @torch.no_grad()
-def proxy_loss(model, batches: list[torch.Tensor], device) -> float:
-    """Mean next-token cross-entropy over ``batches`` of token rows."""
+def proxy_loss(model, batches: list[torch.Tensor], device, kv_quant: KVQuant | None = None) -> float:
+    """Mean next-token cross-entropy over ``batches`` of token rows; with ``kv_quant``, every query
+    attends to keys and values read back from a cache in that format (what generation sees)."""
     model.eval()
     total, count = 0.0, 0
     for tokens in batches:
         tokens = tokens.to(device)
-        logits = model(tokens[:, :-1]).float()
+        cache = model.new_cache(tokens.shape[0], tokens.shape[1], kv_quant=kv_quant) if kv_quant else None
+        logits = model(tokens[:, :-1], cache=cache).float()
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
                                                          reduction="sum"))
         count += tokens[:, 1:].numel()
     return total / count
 
 
-def proxy_perplexity(model, batches: list[torch.Tensor], device) -> float:
-    return math.exp(proxy_loss(model, batches, device))
+def proxy_perplexity(model, batches: list[torch.Tensor], device, kv_quant: KVQuant | None = None) -> float:
+    return math.exp(proxy_loss(model, batches, device, kv_quant))
 
 
 @dataclass
@@ -46,17 +49,19 @@ class EvalSet:
     chats: list
     device: str
 
-    def score(self, model, tok, original_replies: list[str] | None = None) -> dict:
-        """Proxy perplexity, validation perplexity and chat replies of ``model``, timed; with the
-        original's replies, also how often and how far ``model``'s agree with them."""
+    def score(self, model, tok, original_replies: list[str] | None = None, kv_quant: KVQuant | None = None) -> dict:
+        """Proxy perplexity, validation perplexity and chat replies of ``model`` (its cache stored in
+        ``kv_quant``), timed; with the original's replies, also how often and how far ``model``'s
+        agree with them."""
         t = time.perf_counter()
-        ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens, progress=False)
+        ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens, progress=False,
+                      kv_quant=kv_quant)
         eval_s = time.perf_counter() - t
         t = time.perf_counter()
-        replies = greedy_replies(model, tok, self.chats)
+        replies = greedy_replies(model, tok, self.chats, kv_quant=kv_quant)
         chat_s = time.perf_counter() - t
         t = time.perf_counter()
-        proxy_ppl = proxy_perplexity(model, self.proxy, self.device)
+        proxy_ppl = proxy_perplexity(model, self.proxy, self.device, kv_quant)
         proxy_s = time.perf_counter() - t
         out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "chat": task_accuracy(model, tok, self.chats,
                                                                                    replies=replies),
@@ -89,8 +94,9 @@ class ProxyCurve:
     checkpoints, so a resumed stage keeps them."""
 
     def __init__(self, model, proxy, device, every: int, offset_tokens: int, tokens_per_step: int, total: int,
-                 label: str, log: Callable[[str], None], deadline: Callable[[], bool] | None = None):
-        self.model, self.proxy, self.device, self.every = model, proxy, device, every
+                 label: str, log: Callable[[str], None], deadline: Callable[[], bool] | None = None,
+                 kv_quant: KVQuant | None = None):
+        self.model, self.proxy, self.device, self.every, self.kv_quant = model, proxy, device, every, kv_quant
         self.deadline, self.stopped = deadline, False
         self.offset, self.tokens_per_step, self.total, self.label, self.log = (
             offset_tokens, tokens_per_step, total, label, log)
@@ -112,7 +118,7 @@ class ProxyCurve:
         if step % self.every and step != self.total and not self.stopped:
             return
         was = self.model.training
-        ppl = proxy_perplexity(self.model, self.proxy, self.device)
+        ppl = proxy_perplexity(self.model, self.proxy, self.device, self.kv_quant)
         self.model.train(was)
         self.points.append((self.offset + step * self.tokens_per_step, ppl))
         rate = (time.perf_counter() - self.t0) / max(1, step - self.first_step)

@@ -19,7 +19,7 @@ class StepTimes:
 
     transfer_s: float
     kd_s: float
-    eval_s: float        # one model's final proxy, evaluation, chat replies and saving
+    eval_s: float        # one model's final proxy, evaluation, chat replies, decode speeds and saving
     proxy_s: float       # one proxy measurement (a curve point)
     refit_s: float       # the output refit, when asked for
 
@@ -33,28 +33,42 @@ def transfer_fraction(scfg: ShrinkConfig, cand: Candidate) -> float:
 
 
 def split_by_tokens(scfg: ShrinkConfig, chosen: list[Candidate], tokens_per_step: int) -> list[tuple[int, int]]:
-    """A token budget: an equal share per candidate, split transfer : distillation by its fraction."""
-    steps = [scfg.tokens // len(chosen) // tokens_per_step] * len(chosen)
-    fractions = [transfer_fraction(scfg, cand) for cand in chosen]
-    return [(round(s * f), s - round(s * f)) for s, f in zip(steps, fractions)]
+    """A token budget: an equal share per candidate that has something to train (a quantized cache
+    of the original structure has not), split transfer : distillation by its fraction."""
+    trained = [c for c in chosen if c.restructured]
+    share = scfg.tokens // max(1, len(trained)) // tokens_per_step
+    out = []
+    for cand in chosen:
+        s, f = (share, transfer_fraction(scfg, cand)) if cand.restructured else (0, 0.0)
+        out.append((round(s * f), s - round(s * f)))
+    return out
 
 
 def split_by_time(scfg: ShrinkConfig, chosen: list[Candidate], times: StepTimes,
                   now: float) -> tuple[list[tuple[int, int]], dict]:
     """A time budget: each candidate gets an equal share of what is left — its refit, its training
     (with the recovery curve's points) and then its final scoring — and a deadline (elapsed seconds)
-    at the end of its share. Returns the steps and the timing record."""
-    fractions = [transfer_fraction(scfg, cand) for cand in chosen]
+    at the end of its share; one with nothing to train only its scoring. Returns the steps and the
+    timing record."""
+    trained = sum(c.restructured for c in chosen)
     seconds = scfg.minutes * 60 - now - 30
-    per = max(0.0, seconds / len(chosen))
-    each = []
-    for f in fractions:
+    scoring = times.eval_s * (len(chosen) - trained)           # the others are scored, never trained
+    per = max(0.0, (seconds - scoring) / max(1, trained))
+    split, deadlines, t = [], [], now
+    for cand in chosen:
+        if not cand.restructured:
+            split.append((0, 0))
+            t += times.eval_s
+            deadlines.append(t)
+            continue
+        f = transfer_fraction(scfg, cand)
         train_s = per - times.eval_s - times.refit_s - (1 + (0 < f < 1)) * scfg.curve_points * times.proxy_s
-        each.append(int(train_s / (f * times.transfer_s + (1 - f) * times.kd_s)) if train_s > 0 else 0)
-    split = [(round(n * f), n - round(n * f)) for n, f in zip(each, fractions)]
-    # The step times are measured but vary by 10-30 % between runs on a shared machine: training
-    # also stops at each candidate's deadline, so the run keeps its minutes.
-    deadlines = [now + (k + 1) * per - times.eval_s for k in range(len(chosen))]
+        n = int(train_s / (f * times.transfer_s + (1 - f) * times.kd_s)) if train_s > 0 else 0
+        split.append((round(n * f), n - round(n * f)))
+        # The step times are measured but vary by 10-30 % between runs on a shared machine: training
+        # also stops at each candidate's deadline, so the run keeps its minutes.
+        t += per
+        deadlines.append(t - times.eval_s)
     timing = {"transfer_s_per_step": times.transfer_s, "kd_s_per_step": times.kd_s,
               "train_seconds": max(0.0, seconds), "deadlines_s": deadlines}
     return split, timing

@@ -5,41 +5,62 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# How each runtime stores a KV cache in kvlab's precisions (its own flag), or why it cannot.
+RUNTIME_FLAGS = {
+    "fp8": {"kvlab": "--kv-quant fp8", "vLLM": "--kv-cache-dtype fp8",
+            "llama.cpp": "no fp8 cache (its q8_0 is 8.5 bits per value: -ctk q8_0 -ctv q8_0 -fa on)"},
+    "int8": {"kvlab": "--kv-quant int8", "vLLM": "no int8 cache (its fp8 is the same bytes without scales)",
+             "llama.cpp": "-ctk q8_0 -ctv q8_0 -fa on (the same layout: 32 values and a float16 scale)"},
+    "int4": {"kvlab": "--kv-quant int4", "vLLM": "no 4-bit cache",
+             "llama.cpp": "-ctk q4_1 -ctv q4_1 -fa on (the same layout: 32 values, a float16 scale and minimum)"},
+}
+
 
 def _pct(value: float, ref: float) -> str:
     return f"{100 * (value / ref - 1):+.1f} %"
 
 
+def _category(r: dict) -> str:
+    if r["family"] == "cache":
+        return "quantization only"
+    return "structure only" if r["precision"] is None else "structure × precision"
+
+
+_MARKERS = {"quantization only": "s", "structure only": "o", "structure × precision": "^"}
+
+
 def plot_pareto(results: dict, path: Path) -> None:
-    """Perplexity against KV bytes per token: the original, every candidate at α = 0 and the
-    recovered ones (held-out proxy perplexity, the measure the ranking used)."""
+    """Perplexity against KV bytes per token: the original, every candidate at α = 0 — quantization
+    only, structure only, and the two composed — and the recovered ones (held-out proxy perplexity,
+    the measure the ranking used)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     orig = results["original"]
-    ax.scatter([orig["kv_bytes"]], [orig["proxy_ppl"]], marker="*", s=200, color="black", label="original", zorder=3)
-    # one colour per attention kind of the candidates, in the order they were enumerated
-    kinds = list(dict.fromkeys(r["kind"] for r in results["ranking"]))
-    colour = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+    ax.scatter([orig["kv_bytes"]], [orig["proxy_ppl"]], marker="*", s=220, color="black", label="original", zorder=3)
+    families = list(dict.fromkeys(r["family"] for r in results["ranking"]))
+    colour = {family: f"C{i}" for i, family in enumerate(families)}
     for r in results["ranking"]:
-        ax.scatter([r["kv_bytes"]], [r["alpha0_proxy_ppl"]], facecolors="none", edgecolors=colour[r["kind"]], s=50)
-        ax.annotate(r["name"], (r["kv_bytes"], r["alpha0_proxy_ppl"]), fontsize=7, xytext=(4, 2),
+        ax.scatter([r["kv_bytes"]], [r["alpha0_proxy_ppl"]], facecolors="none", edgecolors=colour[r["family"]],
+                   marker=_MARKERS[_category(r)], s=45)
+        ax.annotate(r["name"], (r["kv_bytes"], r["alpha0_proxy_ppl"]), fontsize=6, xytext=(4, 2),
                     textcoords="offset points")
     for r in results["recovered"]:
-        ax.scatter([r["kv_bytes"]], [r["proxy_ppl"]], color=colour[r["kind"]], s=50)
-    for kind in kinds:
-        ax.scatter([], [], color=colour[kind], label=kind)
-    ax.scatter([], [], facecolors="none", edgecolors="gray", label="converted, α = 0")
-    ax.scatter([], [], color="gray", label="recovered")
+        ax.scatter([r["kv_bytes"]], [r["proxy_ppl"]], color=colour[r["family"]], marker=_MARKERS[_category(r)], s=55)
+    for family in families:
+        ax.scatter([], [], color=colour[family], label=family)
+    for category, marker in _MARKERS.items():
+        ax.scatter([], [], facecolors="none", edgecolors="gray", marker=marker, label=category)
+    ax.scatter([], [], color="gray", label="recovered (filled)")
     ax.axvline(results["budget_bytes_per_token"], color="gray", ls=":", lw=1, label="budget")
-    ax.set_xlabel("KV cache bytes per token (bf16)")
+    ax.set_xlabel("KV cache bytes per token (scales included; bf16 for the model's own precision)")
     ax.set_ylabel("perplexity (held-out train-split windows)")
     ax.set_yscale("log")
-    ax.set_title(f"{results['model']}: candidates by attention kind")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{results['model']}: quality against cache bytes", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -68,52 +89,116 @@ def plot_recovery(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _serve_lines(results: dict) -> list[str]:
+    """How to run the chosen cache: kvlab's command, and each runtime's flag for its precision."""
+    best = next(r for r in results["recovered"] if r["name"] == results["best"])
+    precision = best["precision"]
+    flag = f" {RUNTIME_FLAGS[precision]['kvlab']}" if precision else ""
+    lines = ["## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
+    if best["family"] == "cache":
+        lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache is stored in "
+                  f"{precision}. Any runtime with such a cache gives the same without kvlab:", ""]
+    elif precision:
+        lines += [f"The converted model's cache is stored in {precision}; in other runtimes:", ""]
+    if precision:
+        lines += [f"- {runtime}: {text}" for runtime, text in RUNTIME_FLAGS[precision].items() if runtime != "kvlab"]
+        lines.append("")
+    return lines
+
+
+def _speed_lines(results: dict) -> list[str]:
+    contexts = sorted({int(c) for r in results["recovered"] for c in r.get("speed", {})})
+    if not contexts:
+        return []
+    any_speed = next(r["speed"] for r in results["recovered"] if r.get("speed"))
+    clock = next(iter(any_speed.values()))["clock"]
+    lines = ["## Decode speed", "",
+             f"One decode step at batch {next(iter(any_speed.values()))['batch']} with the context already cached, "
+             f"against the original's in the same process, interleaved, {clock}; ms per step (medians) and the "
+             f"ratio's median and range over the rounds.", "",
+             "| model | " + " | ".join(f"{c:,} tokens" for c in contexts) + " |",
+             "|---|" + "---:|" * len(contexts)]
+    first = next(r for r in results["recovered"] if r.get("speed"))
+    lines.append("| original | " + " | ".join(f"{first['speed'][str(c)]['original_ms']:.1f} ms" for c in contexts)
+                 + " |")
+    for r in results["recovered"]:
+        cells = []
+        for c in contexts:
+            s = r.get("speed", {}).get(str(c))
+            cells.append("–" if s is None else f"{s['candidate_ms']:.1f} ms ({s['ratio']:.2f}x, "
+                                               f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f})")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(results: dict, path: Path) -> None:
     orig = results["original"]
     o_val = orig["val"]["perplexity"]
     cfg = results["config"]
     budget = cfg["tokens"] if cfg["tokens"] is not None else f"{cfg['minutes']} minutes"
+    factor = orig["kv_bytes"] / results["budget_bytes_per_token"]
     lines = [
         f"# kvlab shrink {results['model']} --kv {cfg['kv']}",
         "",
-        f"Budget: {results['budget_bytes_per_token']:,} KV bytes per token (bf16), against the original's "
-        f"{orig['kv_bytes']:,} ({orig['kv_bytes'] / results['budget_bytes_per_token']:.1f}x); training budget "
+        f"Budget: {results['budget_bytes_per_token']:,} KV bytes per token, a quantized cache's scales included, "
+        f"against the original's {orig['kv_bytes']:,} in bf16 ({factor:.1f}x); "
+        f"precisions considered: {', '.join(cfg['precisions'])}; training budget "
         f"{budget}{' tokens' if cfg['tokens'] is not None else ''}; device {cfg['device']}; "
         f"{results['elapsed_s'] / 60:.1f} minutes in all.",
         "",
         f"**Chosen: {results['best']}** — the lowest perplexity on held-out windows of the training split after "
-        f"recovery. Saved in `model/` (kvlab)"
+        f"recovery, among the candidates that decode no slower than the original"
+        + (" (any speed accepted: --allow-slower)" if cfg.get("allow_slower") else "") + ". Saved in `model/` (kvlab)"
         + (", and in `hf/` for transformers." if results["hf_export"] else
            f". No transformers export: {results['hf_note']}"),
         "",
+        *_serve_lines(results),
         "## Recovered candidates",
         "",
         "Validation perplexity: the built-in corpus's validation split, which no stage trains, calibrates or selects "
-        "on. Chat: greedy answers (16 tokens) to held-out instruction prompts — exact-match accuracy against the "
-        "tasks' answers, the share of answers identical to the original model's, and the common prefix with the "
-        "original's answer as a share of its length.",
+        "on, scored with the candidate's cache in its precision. Chat: greedy answers (16 tokens) to held-out "
+        "instruction prompts — exact-match accuracy against the tasks' answers, the share of answers identical to "
+        "the original model's, and the common prefix with the original's answer as a share of its length.",
         "",
-        "| model | KV bytes/token | smaller | validation perplexity | vs original | chat accuracy | "
+        "| model | cache | KV bytes/token | smaller | validation perplexity | vs original | chat accuracy | "
         "same answer as original | common prefix | training tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| original | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | {orig['chat']['accuracy']:.0%} | – | – | – |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| original | bf16 | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | {orig['chat']['accuracy']:.0%} | – | – "
+        f"| – |",
     ]
     for r in results["recovered"]:
-        lines.append(f"| {r['name']} | {r['kv_bytes']:,} | {orig['kv_bytes'] / r['kv_bytes']:.1f}x | "
-                     f"{r['val']['perplexity']:.3f} | {_pct(r['val']['perplexity'], o_val)} | "
-                     f"{r['chat']['accuracy']:.0%} | {r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | "
-                     f"{r['train_tokens']:,} |")
-    lines += ["", "## Every candidate at α = 0 (the ranking)", "",
-              "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA, "
-              "PCA of the keys and values for low-rank: plain for the uniform splits, weighted by the loss's "
-              "gradient for the allocated one), "
-              "no training; perplexity on held-out windows of the training split.", "",
-              "With `--refit` (the run's `refit: true`), recovered candidates first get the output refit: each "
-              "layer's output projection fitted in closed form to the original's attention output "
-              "(`kvlab.convert.refit`).", "",
-              "| candidate | KV bytes/token | perplexity at α = 0 | after the output refit | after recovery |",
-              "|---|---:|---:|---:|---:|",
-              f"| original | {orig['kv_bytes']:,} | {orig['proxy_ppl']:.3f} | – | – |"]
+        lines.append(f"| {r['name']} | {r['precision'] or 'bf16'} | {r['kv_bytes']:,} | "
+                     f"{orig['kv_bytes'] / r['kv_bytes']:.1f}x | {r['val']['perplexity']:.3f} | "
+                     f"{_pct(r['val']['perplexity'], o_val)} | {r['chat']['accuracy']:.0%} | "
+                     f"{r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | {r['train_tokens']:,} |")
+    lines += ["", *_speed_lines(results)]
+    lines += _ranking_lines(results)
+    timing = results["plan"].get("timing")
+    if timing and timing["kd_s_per_step"]:
+        transfer = (f"attention transfer {timing['transfer_s_per_step']:.2f} s/step, "
+                    if timing["transfer_s_per_step"] else "")
+        lines += [f"Planned from measured step times: {transfer}distillation {timing['kd_s_per_step']:.2f} s/step, "
+                  f"{timing['train_seconds']:.0f} s of training (a start fitted by the loss gets no attention "
+                  f"transfer, which would undo it).", ""]
+    Path(path).write_text("\n".join(lines))
+
+
+def _ranking_lines(results: dict) -> list[str]:
+    orig = results["original"]
+    lines = ["## Every candidate at α = 0 (the ranking)", "",
+             "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA, "
+             "PCA of the keys and values for low-rank: plain for the uniform splits, weighted by the loss's "
+             "gradient for the allocated one), no training, its cache in its precision; perplexity on held-out "
+             "windows of the training split — all of them for the best few, the first half for the rest. Decode "
+             "speed against the original where it was measured, down the ranking until enough candidates were "
+             "no slower.", "",
+             "With `--refit` (the run's `refit: true`), recovered candidates first get the output refit: each "
+             "layer's output projection fitted in closed form to the original's attention output "
+             "(`kvlab.convert.refit`).", "",
+             "| candidate | kind | KV bytes/token | perplexity at α = 0 | tokens scored | decode step vs original | "
+             "after the output refit | after recovery |",
+             "|---|---|---:|---:|---:|---:|---:|---:|",
+             f"| original | – | {orig['kv_bytes']:,} | {orig['proxy_ppl']:.3f} | – | 1.00x | – | – |"]
     recovered = {r["name"]: r for r in results["recovered"]}
     for r in results["ranking"]:
         rec = recovered.get(r["name"])
@@ -121,13 +206,9 @@ def write_report(results: dict, path: Path) -> None:
         refit = f"{rec['refit_proxy_ppl']:,.3f}" if rec and rec.get("refit_proxy_ppl") is not None else "–"
         if rec and rec.get("refit_proxy_ppl") is not None and not rec.get("refit_used"):
             refit += " (worse: not used)"
-        lines.append(f"| {r['name']} | {r['kv_bytes']:,} | {r['alpha0_proxy_ppl']:,.3f} | {refit} | {after} |")
-    lines += ["", "![perplexity against KV bytes](pareto.png)", "", "![recovery](recovery.png)", ""]
-    timing = results["plan"].get("timing")
-    if timing:
-        transfer = (f"attention transfer {timing['transfer_s_per_step']:.2f} s/step, "
-                    if timing["transfer_s_per_step"] else "")
-        lines += [f"Planned from measured step times: {transfer}distillation {timing['kd_s_per_step']:.2f} s/step, "
-                  f"{timing['train_seconds']:.0f} s of training (a start fitted by the loss gets no attention "
-                  f"transfer, which would undo it).", ""]
-    Path(path).write_text("\n".join(lines))
+        speed = r.get("speed")
+        speed = ("–" if not speed else f"as {speed['as']}" if "as" in speed
+                 else f"{speed['ratio']:.2f}x ({speed['ratio_min']:.2f}-{speed['ratio_max']:.2f})")
+        lines.append(f"| {r['name']} | {_category(r)} | {r['kv_bytes']:,} | {r['alpha0_proxy_ppl']:,.3f} | "
+                     f"{r['proxy_tokens']:,} | {speed} | {refit} | {after} |")
+    return lines + ["", "![perplexity against KV bytes](pareto.png)", "", "![recovery](recovery.png)", ""]

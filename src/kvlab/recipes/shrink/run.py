@@ -8,6 +8,8 @@ evaluate each chosen candidate, export the best, report.
 
 from __future__ import annotations
 
+import copy
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +36,8 @@ from kvlab.recipes.shrink.planning import (
     split_by_tokens,
     transfer_fraction,
 )
+from kvlab.recipes.shrink.ranking import choose, rank_candidates
+from kvlab.recipes.shrink.speed import decode_ratio
 from kvlab.recipes.shrink.state import (
     STATE,
     OriginalScore,
@@ -60,6 +64,8 @@ class ShrinkRun:
         if not resumed:
             self.save()
         self._moments: dict | None = None
+        # seconds one decode-speed measurement took when choosing: each evaluation makes three
+        self.speed_seconds = 0.0
 
     def elapsed(self) -> float:
         """Seconds of this run, the interrupted runs it resumes included."""
@@ -89,10 +95,10 @@ class ShrinkRun:
             raise ConfigError(f"{self.model_ref} has no tokenizer; kvlab shrink reads text (calibration, training, "
                               f"evaluation)")
         self.budget = parse_kv_budget(scfg.kv, self.base.cfg)
-        self.candidates = enumerate_candidates(self.base.cfg, self.budget)
+        self.candidates = enumerate_candidates(self.base.cfg, self.budget, self.scfg.precision_values)
         original = self.base.cfg.kv_bytes_per_token("bf16")
         self.log(f"{self.model_ref}: {original:,} KV bytes per token (bf16); budget {self.budget:,} "
-                 f"({original / self.budget:.1f}x smaller); {len(self.candidates)} candidate wirings")
+                 f"({original / self.budget:.1f}x smaller); {len(self.candidates)} candidate caches")
         self.builtin_train_tokens = tokenize_to_file(builtin_corpus("train"), self.tok, progress=False).tokens
         self.calibration = calibration_batches(self.tok, scfg.calibration_tokens, seed=scfg.seed)
         proxy_len = min(scfg.eval_seq_len, self.base.cfg.max_seq_len)
@@ -111,8 +117,14 @@ class ShrinkRun:
 
     @property
     def chosen(self) -> list[Candidate]:
-        """The best-ranked candidates, as many as ``--candidates`` asks for."""
-        return [r.candidate for r in self.state.ranking[:self.scfg.candidates]]
+        """The candidates chosen for recovery, in ranking order."""
+        return [r.candidate for r in self.state.ranking if r.name in self.state.chosen]
+
+    @property
+    def context(self) -> int:
+        """The context decode speed is measured at: ``--context``, else the model's trained context
+        (at most 4,096 tokens)."""
+        return self.scfg.context or min(self.base.cfg.max_seq_len, 4096)
 
     # -------------------------------------------------------------------------------- stages
     def score_original(self) -> OriginalScore:
@@ -128,21 +140,24 @@ class ShrinkRun:
         return original
 
     def rank(self) -> list[RankedCandidate]:
-        """Every candidate converted with its best start and scored at α = 0, best first."""
+        """Every candidate converted with its best start and scored at α = 0, best first
+        (:func:`~kvlab.recipes.shrink.ranking.rank_candidates`)."""
         if self.state.ranking is None:
             self.log(f"ranking {len(self.candidates)} candidates at alpha = 0 ({self.scfg.calibration_tokens:,} "
                      f"calibration tokens)...")
-            ranking = []
-            for cand in self.candidates:
-                model = convert_candidate(self.base, cand, self.calibration, self.moments(self.candidates))
-                ppl = proxy_perplexity(model, self.evalset.proxy, self.scfg.device)
-                ranking.append(RankedCandidate(cand.name, cand.kind, cand.change, cand.kv_bytes, ppl))
-                self.log(f"  {cand.name:22} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {ppl:,.2f}")
-                del model
-            ranking.sort(key=lambda r: r.alpha0_proxy_ppl)
-            self.state.ranking = ranking
+            self.state.ranking = rank_candidates(self.base, self.candidates, self.calibration,
+                                                 lambda: self.moments(self.candidates), self.evalset.proxy,
+                                                 self.scfg, self.log)
             self.save()
         return self.state.ranking
+
+    def choose(self) -> list[Candidate]:
+        """The best-ranked candidates that decode no slower than the original
+        (:func:`~kvlab.recipes.shrink.ranking.choose`)."""
+        if self.state.chosen is None:
+            self.state.chosen = choose(self.base, self.state.ranking, self.scfg, self.context, self.log)
+            self.save()
+        return self.chosen
 
     def training_text(self) -> np.ndarray:
         """The tokens recovery trains on (``--data``); generated text is kept in ``OUT/work``."""
@@ -207,28 +222,34 @@ class ShrinkRun:
         from kvlab.training import AttentionTransfer, Distillation
 
         scfg, original = self.scfg, self.state.original
-        probe = convert_candidate(self.base, chosen[0], self.calibration, self.moments(chosen))
+        eval_s = original.eval_s + original.chat_s + original.proxy_s + 3 * self.speed_seconds + 20
+        trained = [c for c in chosen if c.restructured]
+        if not trained:                    # quantized caches of the original: nothing to time
+            return StepTimes(transfer_s=0.0, kd_s=0.0, proxy_s=original.proxy_s, refit_s=0.0, eval_s=eval_s)
+        probe = convert_candidate(self.base, trained[0], self.calibration, self.moments(chosen))
         batch = Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed).batch(0)
-        uses_transfer = any(transfer_fraction(scfg, cand) for cand in chosen)
+        uses_transfer = any(transfer_fraction(scfg, cand) for cand in trained)
         t_transfer = (seconds_per_step(probe, AttentionTransfer(self.base), batch, "attention", scfg.device)
                       if uses_transfer else 0.0)
         if scfg.train == "lora":
             attach_mlp_lora(probe, scfg)
         t_kd = seconds_per_step(probe, Distillation(self.base), batch, scfg.train_only, scfg.device)
         refit_s = (2.5 * scfg.calibration_tokens / scfg.proxy_tokens + 1) * original.proxy_s if scfg.refit else 0
-        return StepTimes(transfer_s=t_transfer, kd_s=t_kd, proxy_s=original.proxy_s, refit_s=refit_s,
-                         eval_s=original.eval_s + original.chat_s + original.proxy_s + 20)
+        return StepTimes(transfer_s=t_transfer, kd_s=t_kd, proxy_s=original.proxy_s, refit_s=refit_s, eval_s=eval_s)
 
     def recover(self, cand: Candidate, steps: tuple[int, int], train_tokens, deadline: float | None):
         """``cand`` converted, its output projections refitted if asked, then trained: attention
         transfer, then distillation, each stopping at the candidate's deadline (elapsed seconds).
         Returns the student and its record so far (curve, stages, tokens, refit)."""
-        self.log(f"{cand.name}: converting, then recovering")
-        student = convert_candidate(self.base, cand, self.calibration, self.moments(self.chosen))
         alpha0 = next(r.alpha0_proxy_ppl for r in self.state.ranking if r.name == cand.name)
         record = {"curve": [(0, alpha0)], "refit_proxy_ppl": None, "refit_used": False}
+        if not cand.restructured:
+            self.log(f"{cand.name}: the original model with its cache stored in {cand.precision}: nothing to train")
+            return copy.deepcopy(self.base), {**record, "stages": [], "train_tokens": 0}
+        self.log(f"{cand.name}: converting, then recovering")
+        student = convert_candidate(self.base, cand, self.calibration, self.moments(self.chosen))
         if self.scfg.refit:
-            self._refit(student, record)
+            self._refit(student, record, cand)
         record.update(self._train(student, cand, steps, train_tokens, deadline, record["curve"]))
         if getattr(student, "lora_config", None) is not None:
             from kvlab.peft.lora import merge_and_unload
@@ -236,7 +257,7 @@ class ShrinkRun:
             merge_and_unload(student)
         return student, record
 
-    def _refit(self, student, record: dict) -> None:
+    def _refit(self, student, record: dict, cand: Candidate) -> None:
         """The closed-form output refit, kept only if it lowers the held-out proxy perplexity."""
         from kvlab.convert.refit import refit_outputs
 
@@ -245,7 +266,7 @@ class ShrinkRun:
         converted = {k: v.clone() for k, v in student.state_dict().items() if ".o_proj." in k}
         provenance = student.provenance
         refit_outputs(self.base, student, self.calibration)
-        ppl = proxy_perplexity(student, self.evalset.proxy, self.scfg.device)
+        ppl = proxy_perplexity(student, self.evalset.proxy, self.scfg.device, cand.kv_quant)
         self.log(f"  output refit: proxy perplexity {before:,.2f} -> {ppl:,.2f} ({duration(time.perf_counter() - t)})")
         record.update(refit_proxy_ppl=ppl, refit_used=ppl <= before)
         if not record["refit_used"]:     # fitted on calibration text, worse on held-out text: undo it
@@ -273,7 +294,7 @@ class ShrinkRun:
             if train_only == "attention+adapter":
                 attach_mlp_lora(student, scfg)       # before resuming: its checkpoints hold the adapter
             hook = ProxyCurve(student, self.evalset.proxy, scfg.device, max(1, n_steps // scfg.curve_points), offset,
-                              tokens_per_step, n_steps, name, self.log, deadline=out_of_time)
+                              tokens_per_step, n_steps, name, self.log, deadline=out_of_time, kv_quant=cand.kv_quant)
             tcfg = TrainConfig(out_dir=str(work / name), max_steps=n_steps, batch_size=scfg.batch_size,
                                seq_len=scfg.seq_len, lr=lr, warmup_steps=max(1, n_steps // 10), weight_decay=0.0,
                                eval_every=10**9, save_every=max(1, n_steps // 4), keep_last=1, log_every=10**9,
@@ -291,23 +312,29 @@ class ShrinkRun:
         return {"curve": curve, "stages": boundaries, "train_tokens": offset}
 
     def evaluate(self, cand: Candidate, student, record: dict) -> RecoveredCandidate:
-        """The recovered ``student``'s scores; it becomes the run's best (saved in ``OUT/work/best``)
-        if its held-out proxy perplexity is the lowest so far."""
+        """The recovered ``student``'s scores, its cache in the candidate's precision, and its decode
+        step against the original's at 512 and 2,048 tokens and at the run's context; it becomes the
+        run's best (saved in ``OUT/work/best``) if its held-out proxy perplexity is the lowest so far."""
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
         original = self.state.original
-        score = self.evalset.score(student, self.tok, original_replies=original.replies)
+        score = self.evalset.score(student, self.tok, original_replies=original.replies, kv_quant=cand.kv_quant)
+        contexts = sorted({c for c in (512, 2048, self.context) if c <= self.base.cfg.max_seq_len} or {self.context})
+        speed = {str(c): decode_ratio(self.base, student, cand.kv_quant, batch=self.scfg.speed_batch, context=c,
+                                      rounds=self.scfg.speed_rounds, seed=self.scfg.seed).to_dict() for c in contexts}
         result = RecoveredCandidate(
-            name=cand.name, kind=cand.kind, change=cand.change, kv_bytes=cand.kv_bytes, proxy_ppl=score["proxy_ppl"],
-            refit_proxy_ppl=record["refit_proxy_ppl"], refit_used=record["refit_used"], val=score["val"],
-            curve=record["curve"], stages=record["stages"], train_tokens=record["train_tokens"], chat=score["chat"],
-            chat_agreement=score["chat_agreement"], chat_prefix_agreement=score["chat_prefix_agreement"])
+            name=cand.name, family=cand.family, kind=cand.kind, change=cand.change, kv_bytes=cand.kv_bytes,
+            precision=cand.precision, proxy_ppl=score["proxy_ppl"], refit_proxy_ppl=record["refit_proxy_ppl"],
+            refit_used=record["refit_used"], val=score["val"], curve=record["curve"], stages=record["stages"],
+            train_tokens=record["train_tokens"], chat=score["chat"], chat_agreement=score["chat_agreement"],
+            chat_prefix_agreement=score["chat_prefix_agreement"], speed=speed)
         self.state.recovered[cand.name] = result
         self.log(f"  {cand.name}: validation perplexity {result.val['perplexity']:.3f} "
                  f"({100 * (result.val['perplexity'] / original.val['perplexity'] - 1):+.1f} %), proxy "
                  f"{result.proxy_ppl:.3f}, chat replies equal to the original's {result.chat_agreement:.0%} "
-                 f"(common prefix {result.chat_prefix_agreement:.0%} of their length)")
+                 f"(common prefix {result.chat_prefix_agreement:.0%} of their length); decode step "
+                 + ", ".join(f"{v['ratio']:.2f}x at {int(c):,}" for c, v in speed.items()))
         best = self.state.best
         if best is None or result.proxy_ppl < self.state.recovered[best].proxy_ppl:
             self._save_best(student, cand)
@@ -319,7 +346,7 @@ class ShrinkRun:
         from kvlab.io import save_checkpoint
         from kvlab.io.provenance import record_step
 
-        record_step(student, "shrink", kv=self.state.config["kv"], candidate=cand.name)
+        record_step(student, "shrink", kv=self.state.config["kv"], candidate=cand.name, kv_cache=cand.precision)
         best_dir = self.out / "work" / "best"
         if best_dir.exists():
             shutil.rmtree(best_dir)                          # written by this run (out/work is ours)
@@ -368,6 +395,10 @@ class ShrinkRun:
         self.setup()
         self.score_original()
         self.rank()
+        t = time.perf_counter()
+        self.choose()
+        measured = sum(1 for r in self.state.ranking if r.speed and "ratio" in r.speed)
+        self.speed_seconds = (time.perf_counter() - t) / max(1, measured)
         train_tokens = self.training_text()
         plan = self.plan_recovery(self.chosen, train_tokens)
         deadlines = (plan.timing or {}).get("deadlines_s")      # None with a token budget
@@ -393,7 +424,8 @@ def run_shrink(model_ref: str, out_dir: str | Path, scfg: ShrinkConfig, *, resum
     from kvlab.io.rundir import RunDirectory
 
     parse_kv_budget(scfg.kv, load_config(model_ref))          # bad input fails before any directory is made
-    settings = {"model": model_ref, **dataclasses.asdict(scfg)}
+    # as JSON has them (tuples as lists), so that a resumed run's settings compare equal to the record
+    settings = json.loads(json.dumps({"model": model_ref, **dataclasses.asdict(scfg)}))
     with RunDirectory(out_dir, "shrink", settings, entries=OUTPUTS, resume=resume, overwrite=overwrite, log=log,
                       scaffolding=(STATE,)):
         return ShrinkRun(model_ref, Path(out_dir), scfg, settings, resume, log).run()

@@ -34,17 +34,23 @@ class OriginalScore:
 
 @dataclass
 class RankedCandidate:
-    """A candidate and its held-out proxy perplexity right after conversion (α = 0)."""
+    """A candidate and its held-out proxy perplexity right after conversion (α = 0), over
+    ``proxy_tokens`` tokens (the first half of the proxy windows, or all of them for the best few);
+    ``speed``: its decode step against the original's, where measured (a SpeedRatio's fields)."""
 
     name: str
+    family: str
     kind: str
     change: dict
     kv_bytes: int
+    precision: str | None
     alpha0_proxy_ppl: float
+    proxy_tokens: int
+    speed: dict | None = None
 
     @property
     def candidate(self) -> Candidate:
-        return Candidate(self.name, self.kind, self.change, self.kv_bytes)
+        return Candidate(self.name, self.family, self.kind, self.change, self.kv_bytes, self.precision)
 
 
 @dataclass
@@ -63,9 +69,11 @@ class RecoveredCandidate:
     where each training stage ended (``stages``)."""
 
     name: str
+    family: str
     kind: str
     change: dict
     kv_bytes: int
+    precision: str | None
     proxy_ppl: float
     refit_proxy_ppl: float | None
     refit_used: bool
@@ -76,6 +84,8 @@ class RecoveredCandidate:
     chat: dict
     chat_agreement: float
     chat_prefix_agreement: float
+    # decode step against the original's by context (a SpeedRatio's fields), "512", "2048", ...
+    speed: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +97,7 @@ class ShrinkState:
     elapsed_s: float = 0.0
     original: OriginalScore | None = None
     ranking: list[RankedCandidate] | None = None
+    chosen: list[str] | None = None              # the names recovered, in ranking order
     plan: RecoveryPlan | None = None
     recovered: dict[str, RecoveredCandidate] = field(default_factory=dict)
     best: str | None = None
@@ -120,7 +131,7 @@ class ShrinkState:
             return {k: v for k, v in dataclasses.asdict(entry).items() if k != "replies"}
 
         return {"model": model_ref, "budget_bytes_per_token": budget, "original": public(self.original),
-                "ranking": [dataclasses.asdict(r) for r in self.ranking],
+                "ranking": [dataclasses.asdict(r) for r in self.ranking], "chosen": self.chosen,
                 "recovered": [public(r) for r in self.recovered.values()],
                 "best": self.best, "plan": dataclasses.asdict(self.plan), "hf_export": self.hf_export,
                 "hf_note": self.hf_note, "config": self.config, "elapsed_s": elapsed_s}

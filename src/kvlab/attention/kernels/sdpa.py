@@ -14,8 +14,9 @@ from kvlab.registry import Backend, register_backend
 # the G query heads that read a KV head become G·Tq rows of one head, so each KV head is one matrix
 # product. With values narrower or wider than keys PyTorch's CPU kernels otherwise fall back to a
 # path that copies K and V for every query head (15x slower measured at 4k context: B 8, 8 heads, one
-# KV head, 80-wide keys, 64-wide values); with equal widths enable_gqa does not copy, but the folded
-# product is still faster (SmolLM2's decode step, BENCHMARKS "Decode: queries folded per KV head").
+# KV head, 80-wide keys, 64-wide values); with equal widths enable_gqa does not copy, and the folded
+# product is no slower: SmolLM2's decode step at batch 4 measured 0.93-1.01x at 512 tokens and
+# 0.98-0.99x at 2,048 over two runs (benchmarks/fold_decode.py), within this VM's spread.
 FOLD_MAX_QUERIES = 16
 
 

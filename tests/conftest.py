@@ -112,3 +112,24 @@ def trained_mha(tmp_path_factory):
     train(model, Windows(train_tokens, 64, 16, seed=0), None, cfg, quiet=True)
     val = Windows(val_tokens, 64, 16, mode="sequential")
     return model, val, calibration_batches(tok, 4096, seq_len=64, cache_dir=tmp)
+
+
+# ---- kvlab shrink's small trained model ----
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """The tiny preset (4 heads, 2 KV heads) trained briefly on the built-in corpus, saved: what the
+    shrink tests convert (one per session: training it takes seconds)."""
+    from kvlab.data.corpus import builtin_corpus
+    from kvlab.data.windows import Windows, tokenize_to_file
+    from kvlab.io import save_checkpoint
+    from kvlab.recipes.pretrain import new_byte_level_model
+    from kvlab.training import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("shrink")
+    model = new_byte_level_model(ModelConfig.from_preset("tiny", max_seq_len=256))
+    tokens = tokenize_to_file(builtin_corpus("train"), model.tokenizer, cache_dir=tmp, progress=False).tokens
+    cfg = TrainConfig(out_dir=str(tmp / "run"), max_steps=80, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=8,
+                      eval_every=10**9, save_every=10**9, log_every=10**9)
+    train(model, Windows(tokens, 64, 16, seed=0), None, cfg, quiet=True)
+    save_checkpoint(model, tmp / "model")
+    return tmp / "model"

@@ -157,7 +157,7 @@ def test_the_cache_hands_per_row_lengths_to_the_kernels():
     model(torch.ones(2, 5, dtype=torch.long), attention_mask=mask, cache=cache)
     step = cache.prepare(1)
     assert step.new_lengths.tolist() == [4, 6]
-    from kvlab.attention.kernels.triton_backend import prefix_lengths
+    from kvlab.attention.kernels.common import prefix_lengths
 
     pos = step.q_pos
     m = AttentionMask(pos, torch.arange(step.k_len).unsqueeze(0), k_valid=step.k_valid, k_lengths=step.new_lengths)

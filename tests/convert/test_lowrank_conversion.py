@@ -240,6 +240,30 @@ def test_the_allocation_keeps_the_largest_loss_values_by_brute_force():
         assert kept(ours) == pytest.approx(kept(best))
 
 
+@pytest.mark.parametrize("multiple", [2, 4])
+def test_an_aligned_allocation_is_the_best_split_in_whole_groups_by_brute_force(multiple):
+    """multiple=m (a quantized cache groups a layer's latent channels): every layer's key + value width
+    is a multiple of m, the total and the floor hold, and the kept loss values are the most any such
+    split keeps (every split of a random 3-layer toy); with m = 1 it is the free allocation."""
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        spectra = {(i, leaf): (None, None, torch.rand(6, generator=gen, dtype=torch.float64)
+                               .sort(descending=True).values * (i + 1 + (leaf == "v")))
+                   for i in range(3) for leaf in "kv"}
+
+        def kept(split, spectra=spectra):
+            return sum(float(spectra[key][2][:r].sum()) for key, r in zip(sorted(spectra), split))
+        for channels in (4, 8):
+            ks, vs = allocate_ranks(spectra, channels, min_rank=1, multiple=multiple)
+            assert all((k + v) % multiple == 0 for k, v in zip(ks, vs)) and min(ks + vs) >= 1
+            assert sum(ks) + sum(vs) == 3 * channels
+            aligned = [s for s in itertools.product(range(1, 7), repeat=6)
+                       if sum(s) == 3 * channels and all((s[2 * i] + s[2 * i + 1]) % multiple == 0 for i in range(3))]
+            assert kept([r for i in range(3) for r in (ks[i], vs[i])]) == pytest.approx(max(map(kept, aligned)))
+    with pytest.raises(ConfigError, match="must be a multiple of 4"):
+        allocate_ranks(spectra, 6, multiple=4)
+
+
 def test_allocated_widths_are_cached_counted_and_reloaded(tmp_path):
     model = make_model(n_kv_head=2, cla=2)
     low = convert_to_lowrank(model, channels=20, calibration=CALIB)

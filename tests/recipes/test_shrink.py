@@ -12,28 +12,12 @@ import kvlab
 from kvlab import ConfigError, ModelConfig
 from kvlab.cli import main
 from kvlab.data.corpus import builtin_corpus
-from kvlab.data.windows import Windows, tokenize_to_file
 from kvlab.eval.perplexity import evaluate
-from kvlab.io import save_checkpoint
 from kvlab.recipes.pretrain import new_byte_level_model
 from kvlab.recipes.shrink import ShrinkConfig, enumerate_candidates, parse_kv_budget, run_shrink
-from kvlab.training import TrainConfig, train
 
 # Recovery of a structure, whatever its speed: what the tests of training text and trainable sets need.
 STRUCTURE = dict(precisions=("none",), allow_slower=True)
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """The tiny preset (4 heads, 2 KV heads) trained briefly on the built-in corpus, saved."""
-    tmp = tmp_path_factory.mktemp("shrink")
-    model = new_byte_level_model(ModelConfig.from_preset("tiny", max_seq_len=256))
-    tokens = tokenize_to_file(builtin_corpus("train"), model.tokenizer, cache_dir=tmp, progress=False).tokens
-    cfg = TrainConfig(out_dir=str(tmp / "run"), max_steps=80, batch_size=16, seq_len=64, lr=3e-3, warmup_steps=8,
-                      eval_every=10**9, save_every=10**9, log_every=10**9)
-    train(model, Windows(tokens, 64, 16, seed=0), None, cfg, quiet=True)
-    save_checkpoint(model, tmp / "model")
-    return tmp / "model"
 
 
 def test_quick_shrink_end_to_end(small, tmp_path):
@@ -211,13 +195,18 @@ def test_precisions_are_candidates_alone_and_composed_with_structures():
     composed = [c for c in cands.values() if c.restructured and c.precision]
     assert composed and {c.precision for c in composed} == {"int8"}
     assert all(c.kv_bytes <= 11520 for c in cands.values())
-    for c in composed:           # each as large as the budget allows: one more latent channel would not fit
+    for c in composed:   # whole int8 groups of 32, as wide as the budget allows: one more group would not fit
         if c.family == "mla":
+            width = c.change["kv_lora_rank"] + c.change["qk_rope_head_dim"]
+            assert width % 32 == 0
             more = ModelConfig.from_preset("smollm2-135m").replace(
-                attn_kind="mla", n_kv_head=9, attn_options={"kv_lora_rank": c.change["kv_lora_rank"] + 1,
+                attn_kind="mla", n_kv_head=9, attn_options={"kv_lora_rank": c.change["kv_lora_rank"] + 32,
                                                             "qk_rope_head_dim": c.change["qk_rope_head_dim"]})
             assert more.kv_bytes_per_token("bf16", "int8") > 11520 or \
-                c.change["kv_lora_rank"] == 3 * (2 * 64 - c.change["qk_rope_head_dim"])
+                c.change["kv_lora_rank"] + 32 > 3 * (2 * 64 - c.change["qk_rope_head_dim"])
+        elif c.family == "lowrank":
+            assert (c.change.get("channels") or c.change["k_rank"] + c.change["v_rank"]) % 32 == 0
+            assert c.change.get("multiple", 32) == 32
     # At 4x no plain cache fits (int4's scales make it 5 bits a value): every precision composes.
     at4 = enumerate_candidates(cfg, 5760)
     assert not [c for c in at4 if not c.restructured]

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from kvlab.attention.context import ForwardContext
-from kvlab.attention.kernels import attention
+from kvlab.attention.kernels import attention, quantized_cpu
 from kvlab.attention.masks import BlockSparse
 from kvlab.attention.sinks import sinks_at_cache_positions
 from kvlab.cache.full import FullKVLayer
+from kvlab.cache.quantized import decoded
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
 from kvlab.dtypes import KVQuant, cache_vector_bytes
@@ -70,20 +71,24 @@ class GQAAttention(nn.Module):
             if ctx.prefix is not None:    # prefix tuning without a cache: trained keys come first
                 pk, pv = ctx.prefix[self.layer_idx]
                 k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
-            if ctx.cache is not None:
-                k, v, *keys_at = ctx.cache.update(self.layer_idx, k, v, step=ctx.step)
+            if ctx.cache is not None:     # a quantized cache's entries as stored: see quantized_cpu
+                k, v, *keys_at = ctx.cache.update(self.layer_idx, k, v, step=ctx.step, stored=True)
                 if keys_at:                # a rolling cache: its window, then the new keys
                     ctx.key_positions[self.layer_idx] = tuple(keys_at)
             ctx.kv[self.layer_idx] = (k, v)
         else:
             k, v = ctx.kv[self.kv_source]
-        if k.dtype != q.dtype:            # a cache kept in another dtype than the model
-            k, v = k.to(q.dtype), v.to(q.dtype)
         mask = ctx.mask(self.window, self.sinks, source=self.kv_source, sparse=self.sparse)
-        if self.sinks_at_cache_places:
-            q, k = sinks_at_cache_positions(q_unrotated, q, k, mask.q_pos, mask.k_pos, sinks=self.sinks,
-                                            window=self.window, inv_freq=ctx.rope_inv_freq)
-        out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.scale)
+        out = None if self.sinks_at_cache_places else quantized_cpu.attend_stored(
+            q, k, v, mask, self.scale, backend=ctx.backend, bias=ctx.score_bias)    # from a quantized cache's codes
+        if out is None:
+            k, v = decoded(k), decoded(v)
+            if k.dtype != q.dtype:            # a cache kept in another dtype than the model
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            if self.sinks_at_cache_places:
+                q, k = sinks_at_cache_positions(q_unrotated, q, k, mask.q_pos, mask.k_pos, sinks=self.sinks,
+                                                window=self.window, inv_freq=ctx.rope_inv_freq)
+            out = attention(q, k, v, mask, backend=ctx.backend, bias=ctx.score_bias, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 

@@ -28,8 +28,9 @@ from torch import nn
 
 from kvlab.attention.context import ForwardContext
 from kvlab.attention.gqa import is_producer, validate_window, window_reach, wire_layer
-from kvlab.attention.kernels import attention
+from kvlab.attention.kernels import attention, quantized_cpu
 from kvlab.cache.latent import LatentLayer
+from kvlab.cache.quantized import decoded
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KVQuant, cache_vector_bytes
 from kvlab.errors import ConfigError
@@ -141,13 +142,11 @@ class MLAAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         if self.is_producer:
             entries = self.entries(x, cos, sin)
-            if ctx.cache is not None:
-                (entries,) = ctx.cache.update(self.layer_idx, entries, step=ctx.step)
+            if ctx.cache is not None:     # a quantized cache's entries as stored: see _attend_latents
+                (entries,) = ctx.cache.update(self.layer_idx, entries, step=ctx.step, stored=True)
             ctx.kv[self.layer_idx] = (entries,)
         else:
             (entries,) = ctx.kv[self.kv_source]
-        if entries.dtype != q.dtype:      # a cache kept in another dtype than the model
-            entries = entries.to(q.dtype)
         absorb = self.absorb
         if absorb is None:
             absorb = ctx.cache is not None and ctx.step.uniform_start != 0
@@ -155,13 +154,10 @@ class MLAAttention(nn.Module):
         mask = ctx.mask(self.window, self.sinks, sparse=self.sparse)
         if absorb:
             q_lat = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk.to(q.dtype))
-            # Values are the entries' latent channels; attending with the whole entries as values and
-            # keeping those channels of the output is the same product, and equal key and value widths
-            # keep every backend on its fast path (PyTorch's CPU kernels: 5x slower for Dv != Dk).
-            out = attention(torch.cat([q_lat, q_rope], dim=-1), entries, entries, mask,
-                            scale=self.scale, backend=ctx.backend)[..., :self.rank]   # (B, H, T, rank)
+            out = self._attend_latents(torch.cat([q_lat, q_rope], dim=-1), entries, mask, ctx)
             out = torch.einsum("bhtc,hvc->bhtv", out, w_uv.to(q.dtype))
         else:
+            entries = decoded(entries).to(q.dtype)
             c, k_rope = entries.split([self.rank, self.rope], dim=-1)
             L = c.shape[2]
             kv = self.kv_b_proj(c.squeeze(1)).view(B, L, self.n_head, self.nope + self.v_dim).transpose(1, 2)
@@ -169,6 +165,20 @@ class MLAAttention(nn.Module):
             k = torch.cat([k_nope, k_rope.expand(-1, self.n_head, -1, -1)], dim=-1)
             out = attention(torch.cat([q_nope, q_rope], dim=-1), k, v, mask, scale=self.scale, backend=ctx.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+
+
+    def _attend_latents(self, q: torch.Tensor, entries, mask, ctx: ForwardContext) -> torch.Tensor:
+        """Absorbed attention over the cached entries, ``(B, H, T, rank)``. Values are the entries'
+        latent channels; attending with the whole entries as values and keeping those channels of the
+        output is the same product, and equal key and value widths keep every backend on its fast path
+        (PyTorch's CPU kernels: 5x slower for Dv != Dk). A quantized cache's decode step reads the
+        codes directly where the CPU kernel serves the call (kvlab.attention.kernels.quantized_cpu)."""
+        out = quantized_cpu.attend_stored(q, entries, entries, mask, self.scale, backend=ctx.backend,
+                                          bias=ctx.score_bias)
+        if out is not None:
+            return out[..., :self.rank]
+        entries = decoded(entries).to(q.dtype)
+        return attention(q, entries, entries, mask, scale=self.scale, backend=ctx.backend)[..., :self.rank]
 
 
 def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dtype: torch.dtype,

@@ -161,9 +161,14 @@ class KVCache:
         return CacheStep(q_pos=q_pos, q_valid=q_valid, k_len=k_len, k_valid=k_valid,
                          new_lengths=new_lengths, uniform_start=None, write_index=write_index)
 
-    def update(self, layer: int, *new: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, ...]:
-        """Store layer ``layer``'s new entries (K and V for a full layer); return what it attends to."""
-        return self.layers[layer].update(*new, step=step)
+    def update(self, layer: int, *new: torch.Tensor, step: CacheStep, stored: bool = False) -> tuple:
+        """Store layer ``layer``'s new entries (K and V for a full layer); return what it attends to.
+        ``stored=True``: a quantized layer returns its entries as stored
+        (:class:`~kvlab.cache.quantized.QuantizedEntries`), for a kernel that reads codes."""
+        target = self.layers[layer]
+        if stored and isinstance(target, QuantizedTokenLayer):
+            return target.store(*new, step=step)
+        return target.update(*new, step=step)
 
     def commit(self, step: CacheStep, n_tokens: int) -> None:
         """Make the step's tokens part of the cache (after every layer has written)."""

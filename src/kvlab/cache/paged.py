@@ -31,7 +31,7 @@ import torch
 
 from kvlab.cache.base import CacheStep
 from kvlab.cache.cache import KVCache, make_cache_layer
-from kvlab.cache.quantized import share_workspace
+from kvlab.cache.quantized import QuantizedTokenLayer, share_workspace
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KVQuant, parse_dtype
 from kvlab.errors import CacheOverflowError, ConfigError
@@ -253,7 +253,7 @@ class PagedBatch(KVCache):
                              torch.tensor(pos, dtype=torch.long, device=dev) % bs)
         return self._written
 
-    def update(self, layer: int, *new: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, ...]:
+    def update(self, layer: int, *new: torch.Tensor, step: CacheStep, stored: bool = False) -> tuple:
         storage = self.pool.paged.get(layer)
         if storage is None:
             return self.layers[layer].update(*new, step=step)
@@ -261,7 +261,8 @@ class PagedBatch(KVCache):
         view = copy.copy(self.pool._templates[layer])
         for name, buf in storage.items():
             setattr(view, name, self._gather(buf, table, step.k_len))
-        out = view.update(*new, step=step)
+        out = view.store(*new, step=step) if stored and isinstance(view, QuantizedTokenLayer) else \
+            view.update(*new, step=step)
         rows, pos, blocks, offsets = self._new_entries(step)
         for name, buf in storage.items():
             buf[blocks, offsets] = getattr(view, name)[rows, :, pos]

@@ -18,8 +18,12 @@ Bytes per vector: ``width × bits / 8`` plus 2 (int8) or 4 (int4) bytes per grou
 (:meth:`kvlab.dtypes.KVQuant.vector_bytes`, which the accounting uses): 40 bytes instead of 128
 for a 64-wide fp16 K head at int4.
 
-Attention reads the dequantized entries (the new tokens of a call included, so prefill and decode
-see the same cache). Dequantizing happens one layer at a time into a :class:`Workspace` that the
+Attention reads the entries as stored where it can: a decode step of a GQA layer on a CPU goes
+through :mod:`kvlab.attention.kernels.quantized_cpu`, which reads the codes and scales directly (no
+float copy of the cache is written; no slower than the plain cache, BENCHMARKS "A quantized cache at
+no speed cost"). Everywhere else (prefill, masks, GPUs, other kinds) the entries are dequantized, the
+new tokens of a call included, so prefill and decode see the same cache. Dequantizing happens one
+layer at a time into a :class:`Workspace` that the
 model's cache keeps for the purpose: one layer's K/V in the cache dtype, or a few where cross-layer
 sharing keeps a producer's entries alive while other layers run. Its buffers are reused step after
 step: allocating them afresh made the allocator return and re-map megabytes per layer and step, and
@@ -38,7 +42,8 @@ import torch
 from kvlab.cache.base import CacheStep, write_entries
 from kvlab.dtypes import KVQuant, quant_group
 
-__all__ = ["QuantizedTokenLayer", "Workspace", "decode", "dequantize", "encode", "quantize", "share_workspace"]
+__all__ = ["QuantizedEntries", "QuantizedTokenLayer", "Workspace", "decode", "decoded", "dequantize", "encode",
+           "quantize", "share_workspace"]
 
 
 _F16_MAX = torch.finfo(torch.float16).max
@@ -200,22 +205,23 @@ class QuantizedTokenLayer:
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.token_fields)
 
     def update(self, *new: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, ...]:
+        return tuple(e.decoded() for e in self.store(*new, step=step))
+
+    def store(self, *new: torch.Tensor, step: CacheStep) -> tuple[QuantizedEntries, ...]:
+        """Like :meth:`update`, but the entries come back as stored (decoded only if asked for): what
+        a kernel that reads the codes itself takes (:mod:`kvlab.attention.kernels.quantized_cpu`)."""
         for f, x in zip(self.fields, new):
             codes, scales = encode(x, self.kv_quant)
             write_entries(getattr(self, f + "_codes"), codes, step)
             if scales is not None:
                 write_entries(getattr(self, f + "_scales"), scales, step)
-        return tuple(self.read(f, step.k_len) for f in self.fields)
+        return tuple(self.entries(f, step.k_len) for f in self.fields)
 
-    def read(self, field: str, k_len: int) -> torch.Tensor:
-        codes = getattr(self, field + "_codes")[:, :, :k_len]
+    def entries(self, field: str, k_len: int) -> QuantizedEntries:
         scales = getattr(self, field + "_scales", None)
-        scales = None if scales is None else scales[:, :, :k_len]
-        out = None
-        if self.workspace is not None:
-            shape = (*codes.shape[:-1], codes.shape[-1] * 8 // self.bits)
-            out = self.workspace.view(self.slot, self.fields.index(field), shape, self.dtype, codes.device)
-        return decode(codes, scales, self.kv_quant, self.dtype, out=out)
+        return QuantizedEntries(getattr(self, field + "_codes")[:, :, :k_len],
+                                None if scales is None else scales[:, :, :k_len], self.kv_quant, self.dtype,
+                                self, self.fields.index(field))
 
     def write_prefix(self, *prefix: torch.Tensor) -> None:
         for f, x in zip(self.fields, prefix):
@@ -224,3 +230,30 @@ class QuantizedTokenLayer:
             getattr(self, f + "_codes")[:, :, :n] = codes
             if scales is not None:
                 getattr(self, f + "_scales")[:, :, :n] = scales
+
+
+class QuantizedEntries:
+    """One field of a quantized layer's entries as stored, slots ``[0, k_len)``: ``codes`` (fp8 values
+    or integer codes) and ``params`` (float16 scales, None for fp8), read as ``dtype`` tensors of
+    ``width`` channels. :meth:`decoded` decodes them once, into the layer's workspace slot."""
+
+    def __init__(self, codes: torch.Tensor, params: torch.Tensor | None, kv_quant: KVQuant, dtype: torch.dtype,
+                 layer: QuantizedTokenLayer | None = None, index: int = 0):
+        self.codes, self.params, self.kv_quant, self.dtype = codes, params, kv_quant, dtype
+        self.width = codes.shape[-1] * 8 // kv_quant.bits
+        self._layer, self._index = layer, index
+        self._decoded: torch.Tensor | None = None
+
+    def decoded(self) -> torch.Tensor:
+        if self._decoded is None:
+            out, ws = None, getattr(self._layer, "workspace", None)
+            if ws is not None:
+                shape = (*self.codes.shape[:-1], self.width)
+                out = ws.view(self._layer.slot, self._index, shape, self.dtype, self.codes.device)
+            self._decoded = decode(self.codes, self.params, self.kv_quant, self.dtype, out=out)
+        return self._decoded
+
+
+def decoded(x):
+    """``x`` as a tensor: stored entries decoded, a tensor as it is."""
+    return x.decoded() if isinstance(x, QuantizedEntries) else x

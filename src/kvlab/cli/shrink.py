@@ -48,6 +48,11 @@ def add_parser(sub) -> None:
     p.add_argument("--context", type=int, metavar="N",
                    help="the context decode speed is measured at (default: the model's trained context, at most "
                         "4096)")
+    p.add_argument("--target", choices=["kvlab", "transformers", "vllm", "llama.cpp"], default="kvlab",
+                   help="the runtime the model is for: only the caches it executes natively are considered, and "
+                        "the chosen model is also written in its format (transformers/vllm: an HF directory in "
+                        "OUT/hf; llama.cpp: OUT/model.gguf), with its serve command in the report (default kvlab: "
+                        "everything kvlab runs)")
     p.add_argument("--allow-slower", action="store_true",
                    help="accept a candidate that decodes slower than the original (by default it is passed over)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                   kd_lr=args.kd_lr,
                   data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank,
                   refit=args.refit, precisions=tuple(p.strip() for p in args.precisions.split(",")),
-                  context=args.context, allow_slower=args.allow_slower)
+                  context=args.context, allow_slower=args.allow_slower, target=args.target)
     if args.quick:
         scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
     else:

@@ -165,22 +165,42 @@ def lowrank_spectra(model, moments: dict, loss_moments: dict | None = None) -> d
     return out
 
 
-def allocate_ranks(spectra: dict, channels: int, *, min_rank: int = MIN_RANK) -> tuple[list[int], list[int]]:
+def allocate_ranks(spectra: dict, channels: int, *, min_rank: int = MIN_RANK,
+                   multiple: int = 1) -> tuple[list[int], list[int]]:
     """Split ``channels × n_kv_layers`` latent channels over the keys and values of every producer
     (``spectra`` from :func:`lowrank_spectra` with loss moments): each keeps at least ``min_rank``
     (or ``channels // 2`` if less), and the rest go to the components whose loss values are largest
-    across all of them — the allocation that minimises the summed estimate. Returns the key and
-    value ranks per producer, in order."""
+    across all of them — the allocation that minimises the summed estimate. With ``multiple`` every
+    layer's key + value width is a multiple of it (a quantized cache groups a layer's latent channels
+    by 32): whole groups go to the layers whose next group of components is worth the most, and each
+    layer splits its width between keys and values by the same values — still the best allocation
+    under that constraint. Returns the key and value ranks per producer, in order."""
     layers = sorted({i for i, _ in spectra})
     width = spectra[layers[0], "k"][2].numel()
     if not isinstance(channels, int) or isinstance(channels, bool) or not 2 <= channels <= 2 * width:
         raise ConfigError(f"channels={channels!r} must be in [2, {2 * width}] (a key and a value latent per layer)")
+    if channels % multiple:
+        raise ConfigError(f"channels={channels} must be a multiple of {multiple} (each layer's latent width is)")
     floor = max(1, min(min_rank, channels // 2))
-    ranks = {key: floor for key in spectra}
-    rest = sorted(((float(vals[j]), key) for key, (_, _, vals) in spectra.items() for j in range(floor, width)),
-                  key=lambda t: -t[0])[:channels * len(layers) - floor * len(spectra)]
-    for _, key in rest:              # values are sorted within each latent, so counts are prefixes
-        ranks[key] += 1
+    extras = {i: sorted(((float(spectra[i, leaf][2][j]), leaf) for leaf in "kv" for j in range(floor, width)),
+                        key=lambda t: -t[0]) for i in layers}       # each layer's components beyond the floors
+    if multiple == 1:
+        rest = sorted(((v, i) for i in layers for v, _ in extras[i]), key=lambda t: -t[0])
+        take = dict.fromkeys(layers, 0)
+        for _, i in rest[:channels * len(layers) - 2 * floor * len(layers)]:
+            take[i] += 1
+    else:
+        start = -(-2 * floor // multiple) * multiple - 2 * floor              # the least aligned width
+        take = dict.fromkeys(layers, start)
+        gains = sorted(((sum(v for v, _ in extras[i][t:t + multiple]), i)
+                        for i in layers for t in range(start, len(extras[i]) - multiple + 1, multiple)),
+                       key=lambda g: -g[0])       # each layer's blocks in order: values fall, so greedy is exact
+        for _, i in gains[:(channels * len(layers) - (2 * floor + start) * len(layers)) // multiple]:
+            take[i] += multiple
+    ranks = {}
+    for i in layers:                 # values are sorted within each latent, so a layer's best t are prefixes
+        kept = [leaf for _, leaf in extras[i][:take[i]]]
+        ranks[i, "k"], ranks[i, "v"] = floor + kept.count("k"), floor + kept.count("v")
     return [ranks[i, "k"] for i in layers], [ranks[i, "v"] for i in layers]
 
 
@@ -206,13 +226,14 @@ def lowrank_state(model, new_cfg: ModelConfig, spectra: dict) -> dict[str, torch
 
 def convert_to_lowrank(model, *, k_rank: int | Sequence[int] | None = None, v_rank: int | Sequence[int] | None = None,
                        channels: int | None = None, method: str | None = None, calibration=None,
-                       moments: dict | None = None, loss_moments: dict | None = None):
+                       moments: dict | None = None, loss_moments: dict | None = None, multiple: int = 1):
     """A new model whose producer layers cache key and value latents, fitted on ``calibration``
     token batches ``(B, T)`` run through ``model``.
 
     Widths: ``k_rank`` and ``v_rank`` (one for every producer, or a list with one per producer), or
     ``channels``: that many per layer on average, allocated across layers and between keys and values
-    by :func:`allocate_ranks` (needs ``method='fisher'``, the default then). ``method``: ``pca``
+    by :func:`allocate_ranks` (needs ``method='fisher'``, the default then; ``multiple``: every layer's
+    latent width a multiple of it, for a quantized cache's groups). ``method``: ``pca``
     (default for given ranks) or ``fisher`` (see the module docstring). ``moments`` (per-layer
     ``attention_input_moments``) and ``loss_moments`` (:func:`kv_loss_moments`) may be passed if
     computed already. Everything else is copied; queries and output projections are unchanged."""
@@ -245,7 +266,7 @@ def convert_to_lowrank(model, *, k_rank: int | Sequence[int] | None = None, v_ra
         loss_moments = kv_loss_moments(model, calibration)
     spectra = lowrank_spectra(model, moments, loss_moments if method == "fisher" else None)
     if channels is not None:
-        k_rank, v_rank = allocate_ranks(spectra, channels)
+        k_rank, v_rank = allocate_ranks(spectra, channels, multiple=multiple)
     new_cfg = plan_lowrank(cfg, k_rank=k_rank, v_rank=v_rank)
     state = lowrank_state(model, new_cfg, spectra)
     step = dict(method=method, to="lowrank", k_rank=k_rank, v_rank=v_rank, channels=channels,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.attention.masks import AttentionMask
 from kvlab.errors import ConfigError
 
 
@@ -31,3 +32,16 @@ def positional_bias_needs_mask(mask, bias) -> str | None:
     if bias is not None and not isinstance(bias, torch.Tensor) and mask is None:
         return "a positional score bias needs an AttentionMask (its positions); pass one"
     return None
+
+
+def prefix_lengths(mask: AttentionMask | None, batch: int, Tk: int) -> torch.Tensor | None:
+    """Per-row key counts when each row may attend to exactly the keys ``[0, len)``, else None."""
+    if mask is None:
+        return torch.full((batch,), Tk, dtype=torch.int32)
+    if (mask.k_lengths is not None and mask.window is None and mask.sparse is None and mask.q_valid is None
+            and mask.causal):
+        return mask.k_lengths.to(torch.int32)        # set by the cache: no device-to-host sync needed
+    allowed = mask.dense()[:, 0, 0].expand(batch, Tk)                 # (B, Tk) for Tq = 1
+    lengths = allowed.sum(-1)
+    prefix = torch.arange(Tk, device=allowed.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return lengths.to(torch.int32) if bool((prefix == allowed).all()) else None

@@ -17,7 +17,7 @@ import os
 import torch
 
 from kvlab.attention.bias import AlibiBias
-from kvlab.attention.kernels.common import check_shapes
+from kvlab.attention.kernels.common import check_shapes, prefix_lengths
 from kvlab.attention.masks import AttentionMask
 from kvlab.errors import ConfigError
 from kvlab.registry import Backend, register_backend
@@ -235,19 +235,6 @@ def triton_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
     decode_combine_kernel[(B * Hkv,)](part_o, part_m, part_l, out, out.stride(0), out.stride(1), Hkv, G, n_splits,
                                       BLOCK_G=block_g, HEAD_DIM=D)
     return out
-
-
-def prefix_lengths(mask: AttentionMask | None, batch: int, Tk: int) -> torch.Tensor | None:
-    """Per-row key counts when each row may attend to exactly the keys ``[0, len)``, else None."""
-    if mask is None:
-        return torch.full((batch,), Tk, dtype=torch.int32)
-    if (mask.k_lengths is not None and mask.window is None and mask.sparse is None and mask.q_valid is None
-            and mask.causal):
-        return mask.k_lengths.to(torch.int32)        # set by the cache: no device-to-host sync needed
-    allowed = mask.dense()[:, 0, 0].expand(batch, Tk)                 # (B, Tk) for Tq = 1
-    lengths = allowed.sum(-1)
-    prefix = torch.arange(Tk, device=allowed.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return lengths.to(torch.int32) if bool((prefix == allowed).all()) else None
 
 
 def triton_backend(q, k, v, mask, scale, bias=None):

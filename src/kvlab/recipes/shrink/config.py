@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvlab.errors import ConfigError
+from kvlab.recipes.shrink.targets import TARGET_NAMES
 
 TRAIN_SETS = ("attention", "all", "lora")
 DATA_SOURCES = ("builtin", "library", "generated", "mixed")
@@ -71,6 +72,9 @@ class ShrinkConfig:
     speed_batch: int = 4
     speed_rounds: int = 5
     allow_slower: bool = False
+    # The runtime the model is for (kvlab.recipes.shrink.targets): only what it executes natively is
+    # considered, and the chosen model is written in its format.
+    target: str = "kvlab"
     seed: int = 0
     device: str = "cpu"
 
@@ -99,6 +103,8 @@ class ShrinkConfig:
         if unknown or not self.precisions:
             raise ConfigError(f"--precisions {','.join(map(str, self.precisions))!r}: give some of "
                               f"{', '.join(PRECISION_NAMES)}, separated by commas")
+        if self.target not in TARGET_NAMES:
+            raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGET_NAMES)}")
         if self.context is not None and self.context < 1:
             raise ConfigError(f"--context {self.context} must be a positive number of tokens")
         if self.rescore < 1 or self.speed_batch < 1 or self.speed_rounds < 1:

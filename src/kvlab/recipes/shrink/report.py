@@ -89,12 +89,32 @@ def plot_recovery(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _target_lines(results: dict) -> list[str]:
+    """For a target runtime: its command for the written model, and what it left out and why."""
+    from kvlab.recipes.shrink.targets import get_target
+
+    target = get_target(results.get("target", "kvlab"))
+    if target.name == "kvlab":
+        return []
+    best = next(r for r in results["recovered"] if r["name"] == results["best"])
+    lines = [f"## In {target.name}", "", f"Written for {target.name} in `{results['target_output']}`:", "",
+             *target.serve_command(".", best["precision"]), ""]
+    refused = results.get("refused") or {}
+    if refused:
+        lines += [f"Left out because {target.name} does not run them natively:", ""]
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in refused.items():
+            by_reason.setdefault(reason, []).append(name)
+        lines += [f"- {', '.join(names)}: {reason}" for reason, names in by_reason.items()] + [""]
+    return lines
+
+
 def _serve_lines(results: dict) -> list[str]:
     """How to run the chosen cache: kvlab's command, and each runtime's flag for its precision."""
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
     precision = best["precision"]
     flag = f" {RUNTIME_FLAGS[precision]['kvlab']}" if precision else ""
-    lines = ["## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
+    lines = [*_target_lines(results), "## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
     if best["family"] == "cache":
         lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache is stored in "
                   f"{precision}. Any runtime with such a cache gives the same without kvlab:", ""]
@@ -144,7 +164,8 @@ def write_report(results: dict, path: Path) -> None:
         f"against the original's {orig['kv_bytes']:,} in bf16 ({factor:.1f}x); "
         f"precisions considered: {', '.join(cfg['precisions'])}; training budget "
         f"{budget}{' tokens' if cfg['tokens'] is not None else ''}; device {cfg['device']}; "
-        f"{results['elapsed_s'] / 60:.1f} minutes in all.",
+        f"{results['elapsed_s'] / 60:.1f} minutes in all"
+        + (f"; target runtime {results['target']}" if results.get("target", "kvlab") != "kvlab" else "") + ".",
         "",
         f"**Chosen: {results['best']}** — the lowest perplexity on held-out windows of the training split after "
         f"recovery, among the candidates that decode no slower than the original"

@@ -21,6 +21,7 @@ import torch
 from kvlab.errors import ConfigError
 from kvlab.recipes.shrink.candidates import (
     Candidate,
+    admitted_by,
     convert_candidate,
     enumerate_candidates,
     moments_for,
@@ -46,9 +47,10 @@ from kvlab.recipes.shrink.state import (
     RecoveryPlan,
     ShrinkState,
 )
+from kvlab.recipes.shrink.targets import get_target
 
 # What a shrink run writes into its directory (an --overwrite deletes these and nothing else).
-OUTPUTS = (STATE, "work", "model", "hf", "report.md", "results.json", "pareto.png", "recovery.png")
+OUTPUTS = (STATE, "work", "model", "hf", "model.gguf", "report.md", "results.json", "pareto.png", "recovery.png")
 
 
 class ShrinkRun:
@@ -57,6 +59,7 @@ class ShrinkRun:
     def __init__(self, model_ref: str, out: Path, scfg: ShrinkConfig, settings: dict, resume: bool,
                  log: Callable[[str], None]):
         self.model_ref, self.out, self.scfg, self.log = model_ref, out, scfg, log
+        self.target = get_target(scfg.target)
         self.t_start = time.perf_counter()
         resumed = resume and (out / STATE).is_file()
         self.state = ShrinkState.load(out / STATE) if resumed else ShrinkState(config=settings)
@@ -91,14 +94,17 @@ class ShrinkRun:
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.tok = self.base.tokenizer
+        self.target.check_model(self.base)
         if self.tok is None:
             raise ConfigError(f"{self.model_ref} has no tokenizer; kvlab shrink reads text (calibration, training, "
                               f"evaluation)")
         self.budget = parse_kv_budget(scfg.kv, self.base.cfg)
-        self.candidates = enumerate_candidates(self.base.cfg, self.budget, self.scfg.precision_values)
+        self.candidates = self._candidates()
         original = self.base.cfg.kv_bytes_per_token("bf16")
         self.log(f"{self.model_ref}: {original:,} KV bytes per token (bf16); budget {self.budget:,} "
-                 f"({original / self.budget:.1f}x smaller); {len(self.candidates)} candidate caches")
+                 f"({original / self.budget:.1f}x smaller); {len(self.candidates)} candidate caches"
+                 + (f" that {self.target.name} runs ({len(self.state.refused)} it does not)"
+                    if self.target.name != "kvlab" else ""))
         self.builtin_train_tokens = tokenize_to_file(builtin_corpus("train"), self.tok, progress=False).tokens
         self.calibration = calibration_batches(self.tok, scfg.calibration_tokens, seed=scfg.seed)
         proxy_len = min(scfg.eval_seq_len, self.base.cfg.max_seq_len)
@@ -108,6 +114,22 @@ class ShrinkRun:
         self.evalset = EvalSet(proxy, builtin_corpus("validation"), min(scfg.eval_seq_len, self.base.cfg.max_seq_len),
                                scfg.eval_tokens, make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003),
                                scfg.device)
+
+    def _candidates(self) -> list[Candidate]:
+        """The caches within the budget that the target runtime executes (the others, with the reason,
+        go to the report)."""
+        precisions = [p for p in self.scfg.precision_values if p in self.target.precisions]
+        if not precisions:
+            raise ConfigError(f"--target {self.target.name} stores none of --precisions "
+                              f"{','.join(self.scfg.precisions)}; it stores "
+                              f"{', '.join('none' if p is None else p for p in self.target.precisions)}")
+        every = enumerate_candidates(self.base.cfg, self.budget, precisions)
+        admitted, self.state.refused = admitted_by(self.target, self.base.cfg, every)
+        if not admitted:
+            reasons = "; ".join(sorted(set(self.state.refused.values())))
+            raise ConfigError(f"none of the {len(every)} caches within {self.budget:,} bytes per token runs in "
+                              f"{self.target.name}: {reasons}. Give a larger --kv or --target kvlab")
+        return admitted
 
     def moments(self, candidates: list[Candidate]) -> dict:
         """The calibration statistics, computed once per process (for ``candidates`` the first time)."""
@@ -353,8 +375,9 @@ class ShrinkRun:
         save_checkpoint(student, best_dir)
 
     def export(self) -> None:
-        """The best model as a kvlab checkpoint in ``OUT/model`` and, where transformers has its
-        architecture, an HF export in ``OUT/hf`` (else the reason, in the report)."""
+        """The best model as a kvlab checkpoint in ``OUT/model``; in the target runtime's format
+        (``OUT/hf``, ``OUT/model.gguf``); and for the kvlab target, where transformers has its
+        architecture, an HF export in ``OUT/hf`` too (else the reason, in the report)."""
         import kvlab
         from kvlab.io import save_checkpoint
         from kvlab.io.hf import config_to_hf, export_hf
@@ -363,6 +386,8 @@ class ShrinkRun:
         if not model_dir.exists():
             save_checkpoint(kvlab.load(self.out / "work" / "best"), model_dir)
         best_model = kvlab.load(model_dir)
+        written = self.target.write(best_model, self.out)
+        self.state.target_output = None if written is None else written.name
         hf_note = None
         try:
             config_to_hf(best_model.cfg, best_model.dtype, best_model)
@@ -387,6 +412,7 @@ class ShrinkRun:
         shutil.rmtree(self.out / "work", ignore_errors=True)         # this run's checkpoints and generated text
         self.log(f"chose {self.state.best}: {self.out / 'model'} (kvlab)"
                  + ("" if self.state.hf_note else f", {self.out / 'hf'} (transformers)")
+                 + (f", {self.out / 'model.gguf'} (llama.cpp)" if self.state.target_output == "model.gguf" else "")
                  + f"; report {self.out / 'report.md'}; {self.elapsed() / 60:.1f} min in all")
         return results
 

@@ -103,6 +103,8 @@ class ShrinkState:
     best: str | None = None
     hf_export: str | None = None
     hf_note: str | None = None
+    target_output: str | None = None             # the target runtime's format, relative to the run directory
+    refused: dict[str, str] = field(default_factory=dict)   # candidates the target does not run -> why
 
     @classmethod
     def load(cls, path: Path) -> "ShrinkState":
@@ -134,4 +136,6 @@ class ShrinkState:
                 "ranking": [dataclasses.asdict(r) for r in self.ranking], "chosen": self.chosen,
                 "recovered": [public(r) for r in self.recovered.values()],
                 "best": self.best, "plan": dataclasses.asdict(self.plan), "hf_export": self.hf_export,
-                "hf_note": self.hf_note, "config": self.config, "elapsed_s": elapsed_s}
+                "hf_note": self.hf_note, "target": self.config.get("target", "kvlab"),
+                "target_output": self.target_output, "refused": self.refused, "config": self.config,
+                "elapsed_s": elapsed_s}

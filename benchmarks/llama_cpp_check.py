@@ -1,0 +1,128 @@
+"""llama.cpp on kvlab's GGUF exports: the same next tokens and logits as kvlab on the same file, and
+llama.cpp's own decode speed per KV cache type — what ``kvlab shrink --target llama.cpp`` promises.
+
+    python benchmarks/llama_cpp_check.py --gguf runs/shrink-4x-llama/model.gguf --caches f16,q8_0 \\
+        --contexts 512,2048 --out benchmarks/results/llama_cpp/check.json
+
+With ``--original`` the built-in SmolLM2 is exported the same way (f16 weights) and measured beside it,
+in the same process, so the two speeds compare.
+
+llama.cpp comes from ``llama-cpp-python``, built from the registry's source distribution (about 40
+minutes on a 2-core machine) the first time; the wheel is cached in ``$KVLAB_WHEEL_CACHE`` (default
+``~/.cache/kvlab/wheels``) and installed from there afterwards. Kept out of the test suite for that
+reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+GGML_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
+KVLAB_CACHE = {"f16": None, "q8_0": "int8", "q4_1": "int4"}      # the same layouts (q4_0 has none in kvlab)
+
+
+def ensure_llama_cpp():
+    try:
+        import llama_cpp
+        return llama_cpp
+    except ImportError:
+        pass
+    cache = Path(os.environ.get("KVLAB_WHEEL_CACHE", Path.home() / ".cache" / "kvlab" / "wheels"))
+    cache.mkdir(parents=True, exist_ok=True)
+    if not list(cache.glob("llama_cpp_python-*.whl")):
+        print(f"building {LLAMA_CPP_PYTHON} from source into {cache} (about 40 minutes on 2 cores)...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-binary", "llama-cpp-python",
+                        LLAMA_CPP_PYTHON, "-w", str(cache)], check=True)
+    wheel = sorted(cache.glob("llama_cpp_python-*.whl"))[-1]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", str(wheel), "diskcache", "jinja2", "numpy",
+                    "typing-extensions"], check=True)
+    import llama_cpp
+    return llama_cpp
+
+
+def _llama(path: Path, cache: str, n_ctx: int, logits_all: bool):
+    from llama_cpp import Llama
+
+    kind = GGML_TYPES[cache]
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=1, n_threads_batch=2,
+                 logits_all=logits_all, type_k=kind, type_v=kind, flash_attn=cache != "f16", verbose=False)
+
+
+def agreement(path: Path, cache: str, tokens: list[int]) -> dict:
+    """llama.cpp's logits over ``tokens`` against kvlab's on the same file, each with its cache in the
+    same layout (kvlab's int8 is q8_0, its int4 q4_1; f16 against kvlab's float cache): top-1
+    agreement, the mean KL(kvlab || llama.cpp) per token and the largest logit difference."""
+    import kvlab
+
+    model = kvlab.load(path)
+    kv_cache = model.new_cache(1, len(tokens) + 1, kv_quant=KVLAB_CACHE.get(cache))
+    with torch.inference_mode():
+        ours = model(torch.tensor([tokens]), cache=kv_cache).double()[0]
+    llm = _llama(path, cache, n_ctx=len(tokens) + 8, logits_all=True)
+    llm.eval(tokens)
+    theirs = torch.tensor(np.array(llm.scores[:len(tokens)]), dtype=torch.float64)
+    p, q = ours.log_softmax(-1), theirs.log_softmax(-1)
+    return {"cache": cache, "tokens": len(tokens),
+            "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).double().mean().item(),
+            "mean_kl": (p.exp() * (p - q)).sum(-1).mean().item(),
+            "max_abs_logit_diff": (ours - theirs).abs().max().item()}
+
+
+def decode_ms(path: Path, cache: str, context: int, steps: int = 32) -> float:
+    """llama.cpp's decode step at ``context`` cached tokens, one thread, batch 1 (process CPU ms)."""
+    llm = _llama(path, cache, n_ctx=context + steps + 8, logits_all=False)
+    rng = np.random.default_rng(0)
+    llm.eval(rng.integers(100, 20000, context).tolist())
+    t = time.process_time()
+    for tok in rng.integers(100, 20000, steps).tolist():
+        llm.eval([tok])
+    return 1e3 * (time.process_time() - t) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", action="append", default=[], help="a GGUF file kvlab wrote (repeatable)")
+    ap.add_argument("--original", action="store_true", help="also the built-in SmolLM2, exported as f16")
+    ap.add_argument("--caches", default="f16,q8_0")
+    ap.add_argument("--contexts", default="512,2048")
+    ap.add_argument("--tokens", type=int, default=300, help="validation tokens compared")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    ensure_llama_cpp()
+    import kvlab
+    from kvlab.data.corpus import builtin_corpus
+    from kvlab.io.gguf_export import export_gguf
+
+    paths = [Path(p) for p in args.gguf]
+    if args.original:
+        original = Path(os.environ.get("TMPDIR", "/tmp")) / "kvlab-smollm2-f16.gguf"
+        if not original.exists():
+            export_gguf(kvlab.load("smollm2-135m"), original, gguf_type="f16")
+        paths.insert(0, original)
+    tok = kvlab.load(paths[0]).tokenizer
+    text = "\n".join(d.text for d in builtin_corpus("validation"))
+    tokens = tok.encode(text)[:args.tokens]
+    rows = []
+    for path in paths:
+        for cache in args.caches.split(","):
+            row = {"gguf": str(path), **agreement(path, cache, tokens)}
+            row["decode_ms"] = {c: decode_ms(path, cache, int(c)) for c in args.contexts.split(",")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"llama_cpp_python": LLAMA_CPP_PYTHON, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

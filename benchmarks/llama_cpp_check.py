@@ -58,24 +58,31 @@ def _llama(path: Path, cache: str, n_ctx: int, logits_all: bool):
                  logits_all=logits_all, type_k=kind, type_v=kind, flash_attn=cache != "f16", verbose=False)
 
 
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
 def agreement(path: Path, cache: str, tokens: list[int]) -> dict:
     """llama.cpp's logits over ``tokens`` against kvlab's on the same file, each with its cache in the
-    same layout (kvlab's int8 is q8_0, its int4 q4_1; f16 against kvlab's float cache): top-1
-    agreement, the mean KL(kvlab || llama.cpp) per token and the largest logit difference."""
+    same quantization (kvlab's int8 is q8_0's, its int4 q4_1's; f16 against kvlab's float cache): top-1
+    agreement, the mean KL(kvlab || llama.cpp) per token and the largest logit difference. Beside them,
+    what each quantized cache costs against kvlab's float cache (mean KL), so the two runtimes'
+    quantizations compare."""
     import kvlab
 
     model = kvlab.load(path)
-    kv_cache = model.new_cache(1, len(tokens) + 1, kv_quant=KVLAB_CACHE.get(cache))
+    batch = torch.tensor([tokens])
     with torch.inference_mode():
-        ours = model(torch.tensor([tokens]), cache=kv_cache).double()[0]
+        exact = model(batch).double()[0]
+        ours = model(batch, cache=model.new_cache(1, len(tokens) + 1, kv_quant=KVLAB_CACHE.get(cache))).double()[0]
     llm = _llama(path, cache, n_ctx=len(tokens) + 8, logits_all=True)
     llm.eval(tokens)
     theirs = torch.tensor(np.array(llm.scores[:len(tokens)]), dtype=torch.float64)
-    p, q = ours.log_softmax(-1), theirs.log_softmax(-1)
     return {"cache": cache, "tokens": len(tokens),
             "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).double().mean().item(),
-            "mean_kl": (p.exp() * (p - q)).sum(-1).mean().item(),
-            "max_abs_logit_diff": (ours - theirs).abs().max().item()}
+            "mean_kl": _kl(ours, theirs), "max_abs_logit_diff": (ours - theirs).abs().max().item(),
+            "kvlab_kl_vs_float": _kl(exact, ours), "llama_cpp_kl_vs_float": _kl(exact, theirs)}
 
 
 def decode_ms(path: Path, cache: str, context: int, steps: int = 32) -> float:

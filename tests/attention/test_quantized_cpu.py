@@ -190,3 +190,24 @@ def test_a_ragged_batch_decodes_through_the_kernel_as_through_the_decoded_cache(
         monkeypatch.setattr(quantized_cpu, "quantized_decode", fn)
         outs.append(generate(model, prompts, max_new_tokens=6, kv_quant="int8", temperature=0.0))
     assert calls and outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("width", [64, 96, 18, 176])
+def test_the_compiled_quantizer_equals_the_reference_bit_for_bit(bits, width):
+    """What a cache stores each step comes from the compiled quantizer on CPUs: the same codes and
+    float16 parameters as kvlab.cache.quantized.quantize, including all-zero groups, values past
+    float16's range and exact ties."""
+    from kvlab.cache.quantized import quantize
+
+    torch.manual_seed(bits + width)
+    x = torch.randn(3, 2, 11, width) * torch.logspace(-3, 2, width) + 0.25
+    x[0, 0, 0] = 0
+    x[0, 0, 1, :8] = 1e6                              # a scale past float16's largest
+    x[1, 1, 2] = torch.arange(width) % 16 * 0.5       # codes on exact halves
+    native = quantized_cpu._quantize(x, bits)
+    reference = quantize(x, bits)
+    for got, want in zip(native, reference):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.view(torch.uint8) if got.dtype != torch.float16 else got.view(torch.int16),
+                           want.view(torch.uint8) if want.dtype != torch.float16 else want.view(torch.int16))

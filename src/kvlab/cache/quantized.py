@@ -43,7 +43,7 @@ from kvlab.cache.base import CacheStep, write_entries
 from kvlab.dtypes import KVQuant, quant_group
 
 __all__ = ["QuantizedEntries", "QuantizedTokenLayer", "Workspace", "decode", "decoded", "dequantize", "encode",
-           "quantize", "share_workspace"]
+           "quantize", "share_workspace", "use_native_quantize"]
 
 
 _F16_MAX = torch.finfo(torch.float16).max
@@ -127,10 +127,26 @@ def share_workspace(cfg, layers: dict[int, object]) -> None:
         quantized[p].workspace, quantized[p].slot = workspace, slot
 
 
+# The same computation as quantize() for float32 rows on a CPU, compiled: set by
+# kvlab.attention.kernels.quantized_cpu (a layer above this one), which builds it. It answers None
+# where it cannot run (no compiler), and quantize() does the work.
+_native_quantize = None
+
+
+def use_native_quantize(fn) -> None:
+    """Register ``fn(x, bits) -> (codes, params) | None``, equal to :func:`quantize` bit for bit."""
+    global _native_quantize
+    _native_quantize = fn
+
+
 def encode(x: torch.Tensor, fmt: KVQuant) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` in format ``fmt``: (codes or float8 values, float16 parameters or None)."""
     if fmt.is_float:
         return x.float().clamp(-_FP8_MAX, _FP8_MAX).to(FP8), None
+    if _native_quantize is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        out = _native_quantize(x, fmt.bits)
+        if out is not None:
+            return out
     return quantize(x, fmt.bits)
 
 

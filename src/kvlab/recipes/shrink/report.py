@@ -10,9 +10,10 @@ RUNTIME_FLAGS = {
     "fp8": {"kvlab": "--kv-quant fp8", "vLLM": "--kv-cache-dtype fp8",
             "llama.cpp": "no fp8 cache (its q8_0 is 8.5 bits per value: -ctk q8_0 -ctv q8_0 -fa on)"},
     "int8": {"kvlab": "--kv-quant int8", "vLLM": "no int8 cache (its fp8 is the same bytes without scales)",
-             "llama.cpp": "-ctk q8_0 -ctv q8_0 -fa on (the same layout: 32 values and a float16 scale)"},
+             "llama.cpp": "-ctk q8_0 -ctv q8_0 -fa on (the same quantization: 32 values and a float16 scale)"},
     "int4": {"kvlab": "--kv-quant int4", "vLLM": "no 4-bit cache",
-             "llama.cpp": "-ctk q4_1 -ctv q4_1 -fa on (the same layout: 32 values, a float16 scale and minimum)"},
+             "llama.cpp": "-ctk q4_1 -ctv q4_1 -fa on (the same quantization: 32 values, a float16 scale and "
+                          "minimum)"},
 }
 
 

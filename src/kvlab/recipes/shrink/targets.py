@@ -13,8 +13,9 @@ the precisions and MLA widths are each runtime's own (its documented KV cache ty
   ``--kv-cache-dtype fp8``) cache; MLA only at DeepSeek's widths (latent 512, RoPE key 64), the ones
   its MLA kernels are built for.
 - ``llama.cpp``: a ``llama``-architecture GGUF (GQA/MQA, no cross-layer sharing) with an f16, q8_0
-  (kvlab's int8) or q4_1 (kvlab's int4) cache. MLA would be its ``deepseek2`` architecture, which
-  kvlab does not write yet.
+  (kvlab's int8 quantization) or q4_1 (kvlab's int4) cache; llama.cpp quantizes its own cache, with
+  the same groups and parameters (it orders a group's nibbles differently, which only it reads). MLA
+  would be its ``deepseek2`` architecture, which kvlab does not write yet.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Target:
             flags = "" if precision is None else f" -ctk {cache} -ctv {cache} -fa on"
             return ["```console", f"$ llama-server -m {out_name}/model.gguf{flags}", "```",
                     "" if precision is None else f"(a quantized V cache needs flash attention, `-fa on`; {cache} "
-                    f"is kvlab's {precision} layout.)"]
+                    f"quantizes as kvlab's {precision} does: groups of 32 with float16 parameters.)"]
         return []
 
 

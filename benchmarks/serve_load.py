@@ -17,7 +17,10 @@ transformers' ``ContinuousBatchingManager`` (``model.init_continuous_batching``:
 numbers exclude the HTTP and tokenization costs that kvlab's include. CLA has no transformers
 architecture, so transformers runs GQA-3 and MQA (MQA exported by ``kvlab export --format hf``).
 
-    python benchmarks/serve_load.py [--variants gqa3,mqa,mqa-cla2] [--clients 1,4,16,64]
+A variant may name a quantized cache after ``@`` (``gqa3@fp8``, ``mqa@int8``): ``kvlab serve
+--kv-quant``, the same model with its cache stored in that precision (kvlab only).
+
+    python benchmarks/serve_load.py [--variants gqa3,mqa,mqa-cla2,gqa3@fp8] [--clients 1,4,16,64]
         [--kv-budget 96MiB] [--prompt-tokens 64] [--max-tokens 64] [--no-transformers]
 """
 
@@ -134,6 +137,8 @@ def run_kvlab(model_dir, name, prompts_per_level, args, budget, per_token) -> li
         cmd = [sys.executable, "-m", "kvlab", "serve", str(model_dir), "--port", "0", "--served-model-name", name,
                "--kv-budget", str(budget), "--max-len", str(args.prompt_tokens + args.max_tokens),
                "--max-seqs", str(max(64, clients)), "--max-queue", "1024", "--prefill-chunk", str(args.prefill_chunk)]
+        if "@" in name:
+            cmd += ["--kv-quant", name.split("@")[1]]
         log = open(Path(tempfile.gettempdir()) / f"serve_load-{name}-{clients}.log", "w")     # the server's log
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
@@ -246,15 +251,16 @@ def main() -> None:
                "max_tokens": args.max_tokens, "variants": {}}
     out = Path(args.out)
     for name in args.variants.split(","):
-        model = convert(base, **VARIANTS[name]) if VARIANTS[name] else base
+        structure, _, precision = name.partition("@")
+        model = convert(base, **VARIANTS[structure]) if VARIANTS[structure] else base
         model.tokenizer = base.tokenizer
-        per_token = cache_bytes(model.cfg, torch.float32).per_token
+        per_token = cache_bytes(model.cfg, torch.float32, kv_quant=precision or None).per_token
         print(f"== {name}: {per_token:,} KV bytes/token", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             kvlab.save(model, Path(tmp) / name)
             entry = {"kv_bytes_per_token": per_token,
                      "kvlab": run_kvlab(Path(tmp) / name, name, per_level, args, budget, per_token)}
-        if not args.no_transformers and "cla" not in VARIANTS[name]:
+        if not args.no_transformers and "cla" not in VARIANTS[structure] and not precision:
             if name == "gqa3":
                 from kvlab.io import builtin_model_path
 

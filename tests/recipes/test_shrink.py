@@ -63,6 +63,13 @@ def test_quick_shrink_end_to_end(small, tmp_path):
     assert [s["op"] for s in model.provenance["steps"]][-len(ops):] == ops                  # in the provenance
     report = (out / "report.md").read_text()
     assert f"**Chosen: {results['best']}**" in report and "| original |" in report
+    # The serving gain: both models through the engine at one budget, which holds one original sequence
+    # and, at half the bytes per token, at least two of the chosen one.
+    serving = results["serving"]
+    assert serving["original_running"] == 1 and 2 <= serving["candidate_running"] <= serving["clients"] == 4
+    assert serving["original_tok_s"] > 0 and serving["gain"] == pytest.approx(
+        serving["candidate_tok_s"] / serving["original_tok_s"])
+    assert "## Serving gain" in report
     if results["hf_export"]:
         hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
         tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -72,6 +72,13 @@ class ShrinkConfig:
     speed_batch: int = 4
     speed_rounds: int = 5
     allow_slower: bool = False
+    # The serving gain of the chosen model: kvlab serve's engine, the original and the chosen model at
+    # one KV budget (what holds serve_original_seqs of the original's sequences), serve_clients
+    # requests of serve_prompt_tokens + serve_max_tokens at once.
+    serve_clients: int = 32
+    serve_prompt_tokens: int = 32
+    serve_max_tokens: int = 32
+    serve_original_seqs: int = 8
     # The runtime the model is for (kvlab.recipes.shrink.targets): only what it executes natively is
     # considered, and the chosen model is written in its format.
     target: str = "kvlab"
@@ -107,15 +114,17 @@ class ShrinkConfig:
             raise ConfigError(f"--target {self.target!r} is not one of {', '.join(TARGET_NAMES)}")
         if self.context is not None and self.context < 1:
             raise ConfigError(f"--context {self.context} must be a positive number of tokens")
-        if self.rescore < 1 or self.speed_batch < 1 or self.speed_rounds < 1:
-            raise ConfigError("rescore, speed_batch and speed_rounds must be positive integers")
+        if min(self.rescore, self.speed_batch, self.speed_rounds, self.serve_clients, self.serve_prompt_tokens,
+               self.serve_max_tokens, self.serve_original_seqs) < 1:
+            raise ConfigError("rescore, speed_batch, speed_rounds and the serve_* settings must be positive integers")
         if self.data in ("generated", "mixed") and self.generated_tokens < 1:
             raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
 
     @classmethod
     def quick(cls, **overrides) -> "ShrinkConfig":
         base = dict(minutes=None, tokens=2 * 8 * 2 * 32, candidates=2, calibration_tokens=512, proxy_tokens=256,
-                    eval_tokens=512, eval_seq_len=64, chat_prompts=4, seq_len=32, batch_size=2, curve_points=2)
+                    eval_tokens=512, eval_seq_len=64, chat_prompts=4, seq_len=32, batch_size=2, curve_points=2,
+                    serve_clients=4, serve_prompt_tokens=8, serve_max_tokens=4, serve_original_seqs=1)
         return cls(**{**base, **overrides})
 
     @property

@@ -152,6 +152,20 @@ def _speed_lines(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _serving_lines(results: dict) -> list[str]:
+    s = results.get("serving")
+    if not s:
+        return []
+    return ["## Serving gain", "",
+            f"kvlab serve's engine (continuous batching over a paged pool) with a KV budget of "
+            f"{s['budget_bytes'] / 2**20:.1f} MiB, {s['clients']} requests at once of {s['prompt_tokens']} prompt + "
+            f"{s['max_tokens']} new tokens, each cache in the model's dtype (the chosen one's in its precision); "
+            f"output tokens/s over wall time, mean of {s['rounds']} alternating rounds.", "",
+            "| model | running at once | tokens/s |", "|---|---:|---:|",
+            f"| original | {s['original_running']} | {s['original_tok_s']:.1f} |",
+            f"| {results['best']} | {s['candidate_running']} | {s['candidate_tok_s']:.1f} ({s['gain']:.2f}x) |", ""]
+
+
 def write_report(results: dict, path: Path) -> None:
     orig = results["original"]
     o_val = orig["val"]["perplexity"]
@@ -193,7 +207,7 @@ def write_report(results: dict, path: Path) -> None:
                      f"{orig['kv_bytes'] / r['kv_bytes']:.1f}x | {r['val']['perplexity']:.3f} | "
                      f"{_pct(r['val']['perplexity'], o_val)} | {r['chat']['accuracy']:.0%} | "
                      f"{r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | {r['train_tokens']:,} |")
-    lines += ["", *_speed_lines(results)]
+    lines += ["", *_speed_lines(results), *_serving_lines(results)]
     lines += _ranking_lines(results)
     timing = results["plan"].get("timing")
     if timing and timing["kd_s_per_step"]:

@@ -38,7 +38,7 @@ from kvlab.recipes.shrink.planning import (
     transfer_fraction,
 )
 from kvlab.recipes.shrink.ranking import choose, rank_candidates
-from kvlab.recipes.shrink.speed import decode_ratio
+from kvlab.recipes.shrink.speed import decode_ratio, serving_gain
 from kvlab.recipes.shrink.state import (
     STATE,
     OriginalScore,
@@ -399,6 +399,24 @@ class ShrinkRun:
         self.state.hf_note = hf_note
         self.save()
 
+    def serving(self) -> None:
+        """The chosen model's serving gain: kvlab serve's engine at one KV budget, against the original."""
+        if self.state.serving is None:
+            import kvlab
+
+            scfg = self.scfg
+            best = next(r for r in self.state.ranking if r.name == self.state.best).candidate
+            self.log(f"serving gain: {scfg.serve_clients} requests at once, a KV budget for "
+                     f"{scfg.serve_original_seqs} of the original's...")
+            gain = serving_gain(self.base, kvlab.load(self.out / "model", device=scfg.device), best.kv_quant,
+                                clients=scfg.serve_clients, prompt_tokens=scfg.serve_prompt_tokens,
+                                max_tokens=scfg.serve_max_tokens, original_seqs=scfg.serve_original_seqs,
+                                seed=scfg.seed)
+            self.state.serving = gain.to_dict()
+            self.save()
+            self.log(f"  {gain.candidate_tok_s:.1f} tok/s against {gain.original_tok_s:.1f} ({gain.gain:.2f}x), "
+                     f"{gain.candidate_running} running at once against {gain.original_running}")
+
     def report(self) -> dict:
         """``results.json``, ``report.md`` and the two plots; then this run's work files go."""
         from kvlab.io.atomic import write_json
@@ -436,6 +454,7 @@ class ShrinkRun:
             shutil.rmtree(self.out / "work" / cand.slug, ignore_errors=True)   # its training checkpoints
             del student
         self.export()
+        self.serving()
         return self.report()
 
 

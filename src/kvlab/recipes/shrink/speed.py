@@ -99,3 +99,59 @@ def decode_ratio(original, candidate, kv_quant: KVQuant | None, *, batch: int, c
                       candidate_ms=1e3 * statistics.median(times_b), ratio=statistics.median(ratios),
                       ratio_min=min(ratios), ratio_max=max(ratios), rounds=rounds,
                       clock="wall (cuda)" if cuda else "process CPU, 1 thread")
+
+
+@dataclass
+class ServingGain:
+    """Throughput of the engine ``kvlab serve`` runs, original against candidate, at one KV budget
+    (``budget_bytes``, what holds ``original_seqs`` of the original's sequences) under ``clients``
+    concurrent requests of ``prompt_tokens`` + ``max_tokens`` (EOS ignored)."""
+
+    budget_bytes: int
+    clients: int
+    prompt_tokens: int
+    max_tokens: int
+    original_tok_s: float        # means over the rounds (wall time, every thread: as a server runs)
+    candidate_tok_s: float
+    gain: float
+    original_running: int        # the most sequences running at once
+    candidate_running: int
+    rounds: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _served(model, kv_quant: KVQuant | None, budget: int, clients: int, prompts, max_tokens: int) -> tuple[float, int]:
+    from kvlab.inference.engine import Engine, Request
+
+    engine = Engine(model, kv_budget_bytes=budget, max_len=len(prompts[0]) + max_tokens, max_seqs=clients,
+                    max_queue=clients, kv_quant=kv_quant)
+    for p in prompts:
+        engine.submit(Request(prompt=list(p), max_tokens=max_tokens, stop_tokens=frozenset()))
+    t = time.perf_counter()
+    engine.run_until_done()
+    return clients * max_tokens / (time.perf_counter() - t), engine.stats.max_running
+
+
+def serving_gain(original, candidate, kv_quant: KVQuant | None, *, clients: int, prompt_tokens: int, max_tokens: int,
+                 original_seqs: int, rounds: int = 2, seed: int = 0) -> ServingGain:
+    """Both models served by :class:`kvlab.inference.engine.Engine` with the same KV budget, in
+    alternating rounds, each cache in the model's dtype (the candidate's in ``kv_quant``)."""
+    from kvlab.config.accounting import cache_bytes
+
+    block = 16                                   # the pool's block: whole blocks per sequence
+    length = -(-(prompt_tokens + max_tokens) // block) * block
+    budget = original_seqs * length * cache_bytes(original.cfg, original.dtype).per_token
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, original.cfg.vocab_size, (clients, prompt_tokens), generator=g).tolist()
+    runs: dict[str, list[tuple[float, int]]] = {"a": [], "b": []}
+    for r in range(rounds):
+        for key in ("a", "b") if r % 2 == 0 else ("b", "a"):
+            model, kvq = (original, None) if key == "a" else (candidate, kv_quant)
+            runs[key].append(_served(model, kvq, budget, clients, prompts, max_tokens))
+    a = statistics.mean(s for s, _ in runs["a"])
+    b = statistics.mean(s for s, _ in runs["b"])
+    return ServingGain(budget_bytes=budget, clients=clients, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+                       original_tok_s=a, candidate_tok_s=b, gain=b / a, original_running=max(n for _, n in runs["a"]),
+                       candidate_running=max(n for _, n in runs["b"]), rounds=rounds)

@@ -103,6 +103,7 @@ class ShrinkState:
     best: str | None = None
     hf_export: str | None = None
     hf_note: str | None = None
+    serving: dict | None = None                  # the chosen model's serving gain (a ServingGain's fields)
     target_output: str | None = None             # the target runtime's format, relative to the run directory
     refused: dict[str, str] = field(default_factory=dict)   # candidates the target does not run -> why
 
@@ -136,6 +137,6 @@ class ShrinkState:
                 "ranking": [dataclasses.asdict(r) for r in self.ranking], "chosen": self.chosen,
                 "recovered": [public(r) for r in self.recovered.values()],
                 "best": self.best, "plan": dataclasses.asdict(self.plan), "hf_export": self.hf_export,
-                "hf_note": self.hf_note, "target": self.config.get("target", "kvlab"),
+                "hf_note": self.hf_note, "serving": self.serving, "target": self.config.get("target", "kvlab"),
                 "target_output": self.target_output, "refused": self.refused, "config": self.config,
                 "elapsed_s": elapsed_s}

@@ -18,7 +18,7 @@ Bytes per vector: ``width × bits / 8`` plus 2 (int8) or 4 (int4) bytes per grou
 (:meth:`kvlab.dtypes.KVQuant.vector_bytes`, which the accounting uses): 40 bytes instead of 128
 for a 64-wide fp16 K head at int4.
 
-Attention reads the entries as stored where it can: a decode step of a GQA layer on a CPU goes
+Attention reads the entries as stored where it can: a decode step of a GQA or MLA layer on a CPU goes
 through :mod:`kvlab.attention.kernels.quantized_cpu`, which reads the codes and scales directly (no
 float copy of the cache is written; no slower than the plain cache, BENCHMARKS "A quantized cache at
 no speed cost"). Everywhere else (prefill, masks, GPUs, other kinds) the entries are dequantized, the

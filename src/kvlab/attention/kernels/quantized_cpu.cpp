@@ -70,10 +70,8 @@ inline float h2f(const at::Half* p) { return static_cast<float>(*p); }
 struct Layout {
   std::vector<int64_t> byte, group;
   std::vector<char> high;
-  std::vector<int64_t> channel;   // where the vector's first channel sits in the permuted order (= 8u)
-  Layout(int fmt, int64_t W, int64_t G) : byte(W / 8), group(W / 8), high(W / 8, 0), channel(W / 8) {
+  Layout(int fmt, int64_t W, int64_t G) : byte(W / 8), group(W / 8), high(W / 8, 0) {
     for (int64_t u = 0; u < W / 8; ++u) {
-      channel[u] = 8 * u;
       if (fmt == 2) {
         const int64_t per = G / 8, g = u / per, w = u % per;
         group[u] = g;

@@ -25,7 +25,6 @@ is available kvlab says so once and keeps the dequantizing path.
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from pathlib import Path
 
@@ -34,8 +33,6 @@ import torch
 from kvlab.attention.kernels.common import prefix_lengths
 from kvlab.cache.quantized import QuantizedEntries, use_native_quantize
 from kvlab.dtypes import quant_group
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quantized_cpu.cpp")
 FORMAT_CODES = {"fp8": 0, "int8": 1, "int4": 2}

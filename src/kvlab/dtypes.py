@@ -90,17 +90,54 @@ class KVQuant:
 KV_QUANTS = {"fp8": KVQuant("fp8", 8, 0), "int8": KVQuant("int8", 8, 1), "int4": KVQuant("int4", 4, 2)}
 
 
-def parse_kv_quant(value: str | KVQuant | None) -> KVQuant | None:
+@dataclass(frozen=True)
+class MixedKVQuant:
+    """Keys in one format and values in another (``int8/int4``: llama.cpp's ``-ctk q8_0 -ctv q4_1``).
+
+    Keys and values do not cost the same when rounded: on SmolLM2-135M int4 keys cost +6.4 %
+    perplexity and int4 values +0.4 % (BENCHMARKS, "Keys and values in different precisions"), so
+    int8 keys with int4 values keep int8's quality at 0.79 of its bytes. Only a cache that stores keys
+    and values as separate entries can hold it (the ``gqa`` kind's; an MLA or low-rank latent is both
+    at once): :func:`kvlab.config.accounting.layer_kv_quant` refuses the others in one line."""
+
+    key: KVQuant
+    value: KVQuant
+
+    @property
+    def name(self) -> str:
+        return f"{self.key.name}/{self.value.name}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def field_formats(kv_quant: KVQuant | MixedKVQuant, n_fields: int) -> tuple[KVQuant, ...]:
+    """The format of each of a cache layer's ``n_fields`` per-token fields: one format for all, or for
+    a mixed one keys (the first field) and values (the second)."""
+    if isinstance(kv_quant, MixedKVQuant):
+        if n_fields != 2:
+            raise ConfigError(f"a {kv_quant} cache stores keys and values in different formats; this cache layer "
+                              f"keeps {n_fields} field(s) per token, not keys and values: use one format")
+        return kv_quant.key, kv_quant.value
+    return (kv_quant,) * n_fields
+
+
+def parse_kv_quant(value: str | KVQuant | MixedKVQuant | None) -> KVQuant | MixedKVQuant | None:
     """``None``/``'none'`` -> None; ``'fp8'``/``'int8'``/``'int4'`` (or a :class:`KVQuant`) -> the format;
-    anything else: one clear error."""
-    if value is None or isinstance(value, KVQuant):
+    ``'KEYS/VALUES'`` (``'int8/int4'``) -> a :class:`MixedKVQuant`; anything else: one clear error."""
+    if value is None or isinstance(value, (KVQuant, MixedKVQuant)):
         return value
     name = str(value).lower()
     if name in ("none", ""):
         return None
-    if name not in KV_QUANTS:
-        raise ConfigError(f"unknown KV quantization {value!r}; use fp8, int8, int4 or none")
-    return KV_QUANTS[name]
+    parts = name.split("/")
+    if len(parts) > 2 or not all(p in KV_QUANTS for p in parts):
+        raise ConfigError(f"unknown KV quantization {value!r}; use fp8, int8, int4, none, or keys/values in two "
+                          f"of them (int8/int4)")
+    if len(parts) == 1:
+        return KV_QUANTS[name]
+    key, val = (KV_QUANTS[p] for p in parts)
+    return key if key == val else MixedKVQuant(key, val)
 
 
 def cache_vector_bytes(width: int, dtype: str | torch.dtype, kv_quant: KVQuant | None = None) -> int:

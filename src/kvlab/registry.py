@@ -82,6 +82,10 @@ class Capabilities:
     # codes (``kv_quant``, :mod:`kvlab.cache.quantized`), and its ``cache_bytes`` counts them so.
     # A kind without per-token entries (a recurrent state) has nothing to quantize and is not refused.
     quantizable_cache: bool = False
+    # Its quantizable cache stores keys and values as separate per-token fields (keys first), so they
+    # may be kept in different formats (``int8/int4``: :class:`kvlab.dtypes.MixedKVQuant`). A latent
+    # that is keys and values at once (MLA, low-rank) has one format.
+    separate_kv_cache: bool = False
     # Its cache holds ``n_kv_head`` heads per token, so fewer KV heads (GQA, MQA) make it smaller:
     # the planner lists those variants. Latent caches (MLA, low-rank) do not depend on the head count.
     kv_heads: bool = False

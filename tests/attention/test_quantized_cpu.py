@@ -9,7 +9,7 @@ import torch
 from kvlab.attention.kernels import quantized_cpu
 from kvlab.attention.masks import AttentionMask
 from kvlab.cache.quantized import QuantizedEntries, encode
-from kvlab.dtypes import parse_kv_quant
+from kvlab.dtypes import field_formats, parse_kv_quant
 
 from conftest import make_model
 
@@ -49,6 +49,14 @@ def _entries(x: torch.Tensor, fmt) -> QuantizedEntries:
     return QuantizedEntries(codes, params, fmt, torch.float32, layer=None, index=0)
 
 
+def _formats(fmt: str):
+    """(keys' format, values' format) of ``fmt`` ("int8", or keys/values in two: "int8/int4")."""
+    return field_formats(parse_kv_quant(fmt), 2)
+
+
+FORMATS = ["fp8", "int8", "int4", "int8/int4", "fp8/int4", "int4/fp8"]
+
+
 def _attention64(q, k, v, scale, lengths=None):
     """Grouped-query softmax attention in float64: query head h reads KV head h // G; row b reads its
     first lengths[b] keys (none: zeros)."""
@@ -67,30 +75,30 @@ def _attention64(q, k, v, scale, lengths=None):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("heads,kv_heads,tq,dk,dv,tk", [(6, 2, 1, 64, 64, 37), (4, 4, 3, 32, 96, 5),
                                                         (8, 1, 2, 128, 32, 300), (9, 1, 1, 176, 48, 20)])
 def test_equals_float64_attention_over_the_stored_entries(fmt, heads, kv_heads, tq, dk, dv, tk):
     torch.manual_seed(0)
-    kvq = parse_kv_quant(fmt)
+    kf, vf = _formats(fmt)
     q = torch.randn(2, heads, tq, dk)
     # channels of very different sizes and a shift, as real keys have
-    k = _entries(torch.randn(2, kv_heads, tk, dk) * torch.logspace(-1, 0.7, dk) + 0.3, kvq)
-    v = _entries(torch.randn(2, kv_heads, tk, dv), kvq)
+    k = _entries(torch.randn(2, kv_heads, tk, dk) * torch.logspace(-1, 0.7, dk) + 0.3, kf)
+    v = _entries(torch.randn(2, kv_heads, tk, dv), vf)
     assert _serves(q, k, v)
     got = quantized_cpu.quantized_decode(q, k, v, scale=dk ** -0.5)
     want = _attention64(q, _values(k), _values(v), dk ** -0.5)
     np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_each_row_reads_its_own_number_of_keys(fmt):
     """A ragged batch (continuous batching): row b attends to its first lengths[b] slots; a row with
     none gets zeros."""
     torch.manual_seed(1)
-    kvq = parse_kv_quant(fmt)
+    kf, vf = _formats(fmt)
     q = torch.randn(4, 6, 1, 64)
-    k, v = _entries(torch.randn(4, 2, 50, 64), kvq), _entries(torch.randn(4, 2, 50, 64), kvq)
+    k, v = _entries(torch.randn(4, 2, 50, 64), kf), _entries(torch.randn(4, 2, 50, 64), vf)
     lengths = torch.tensor([50, 7, 0, 33])
     got = quantized_cpu.quantized_decode(q, k, v, scale=0.125, lengths=lengths)
     want = _attention64(q, _values(k), _values(v), 0.125, lengths.tolist())
@@ -145,8 +153,8 @@ MLA = dict(attn_kind="mla", n_kv_head=4, attn_options=dict(kv_lora_rank=32, qk_r
                                                           v_head_dim=32))
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
-@pytest.mark.parametrize("kind", ["gqa", "mla"])
+@pytest.mark.parametrize("fmt,kind", [(f, k) for f in ("fp8", "int8", "int4") for k in ("gqa", "mla")]
+                         + [("int8/int4", "gqa")])
 def test_decoding_a_model_through_the_kernel_equals_decoding_the_cache_first(fmt, kind, monkeypatch):
     torch.manual_seed(0)
     model = make_model(d_model=128, n_head=4, n_kv_head=2) if kind == "gqa" else make_model(d_model=128, n_head=4,

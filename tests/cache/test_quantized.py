@@ -147,8 +147,41 @@ def test_accounting_counts_the_scales_and_the_pool_follows_it():
         assert pool.nbytes <= 2**20
 
 
+@torch.inference_mode()
+def test_keys_and_values_in_two_formats():
+    """An int8/int4 cache stores its keys exactly as an int8 cache does and its values as an int4 one,
+    and counts its bytes so (llama.cpp's -ctk q8_0 -ctv q4_1)."""
+    model = make_model(n_kv_head=2, d_model=128, n_head=2)           # head_dim 64: two groups of 32
+    x = torch.randint(0, 256, (2, 12))
+    caches = {q: model.new_cache(2, 12, kv_quant=q) for q in ("int8", "int4", "int8/int4")}
+    for c in caches.values():
+        model(x, cache=c)
+    mixed, keys_like, values_like = caches["int8/int4"].layers[0], caches["int8"].layers[0], caches["int4"].layers[0]
+    for name in ("keys_codes", "keys_scales"):
+        assert torch.equal(getattr(mixed, name), getattr(keys_like, name))
+    for name in ("values_codes", "values_scales"):
+        assert torch.equal(getattr(mixed, name), getattr(values_like, name))
+    cfg = model.cfg
+    n = cache_bytes(cfg, torch.float16).per_token // 4                # channels of the keys (= of the values)
+    assert cache_bytes(cfg, torch.float16, "int8/int4").per_token == (n + n // 32 * 2) + (n // 2 + n // 32 * 4)
+    assert caches["int8/int4"].nbytes == cache_bytes(cfg, torch.float32, "int8/int4").for_sequence(12) * 2
+    pool = PagedKVPool(cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=parse_kv_quant("int8/int4"))
+    assert pool.block_bytes == cache_bytes(cfg, torch.float32, "int8/int4").per_token * 16
+
+
+def test_keys_and_values_in_two_formats_need_separate_keys_and_values():
+    assert parse_kv_quant("INT8/int4").name == "int8/int4"
+    assert parse_kv_quant("int8/int8") == parse_kv_quant("int8")           # one format, said twice
+    for bad in ("int8/int5", "int8/int4/fp8", "/int4"):
+        with pytest.raises(ConfigError, match="unknown KV quantization"):
+            parse_kv_quant(bad)
+    for name in ("mla", "lowrank"):
+        with pytest.raises(ConfigError, match="keys and values at once.*use one format"):
+            make_model(**VARIANTS[name]).new_cache(1, 8, kv_quant="int8/int4")
+
+
 @pytest.mark.parametrize("name, kv_quant", [("gqa", "int8"), ("mla", "int8"), ("rolling-hybrid", "int8"),
-                                            ("gqa", "fp8")])
+                                            ("gqa", "fp8"), ("gqa", "int8/int4")])
 def test_the_engine_serves_quantized_caches_as_generate_runs_them(name, kv_quant):
     model = make_model(**VARIANTS[name])
     g = torch.Generator().manual_seed(2)

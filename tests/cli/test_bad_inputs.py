@@ -235,7 +235,7 @@ CASES = [
     ("shrink-candidates", ["shrink", M, "--kv", "2x", "--candidates", "0", "--quick", "-o", "{ws}/o"], 2, "0"),
     ("shrink-kd-lr", ["shrink", M, "--kd-lr", "0", "--quick", "-o", "{ws}/o"], 2, "--kd-lr 0.0 must be positive"),
     ("shrink-precisions", ["shrink", M, "--precisions", "none,fp16", "--quick", "-o", "{ws}/o"], 2,
-     "--precisions 'none,fp16': give some of none, fp8, int8, int4"),
+     "--precisions 'none,fp16': give some of none, fp8, int8, int8/int4, int4"),
     ("shrink-context", ["shrink", M, "--context", "0", "--quick", "-o", "{ws}/o"], 2, "--context 0 must be a positive"),
     ("study-alpha", ["study", "--quick", "--alphas", "2", "--out", "{ws}/o"], 2, "alpha=2"),
     ("study-alphas-text", ["study", "--quick", "--alphas", "x,y", "--out", "{ws}/o"], 2, "x,y"),

@@ -197,6 +197,8 @@ def test_precisions_are_candidates_alone_and_composed_with_structures():
     assert cands["fp8 cache"].kv_bytes == 30 * 2 * 3 * 64 == 11520
     assert cands["int4 cache"].kv_bytes == 30 * 2 * 3 * _int4_bytes_per_vector(64) == 7200
     assert "int8 cache" not in cands
+    # int8 keys with int4 values: 8.5 + 5 bits a value over the two halves
+    assert cands["int8/int4 cache"].kv_bytes == 30 * 3 * (64 + 2 * 2 + _int4_bytes_per_vector(64)) == 9720
     # Composed: only with int8, the one precision whose plain cache does not fit; a structure stored in
     # fp8 or int4 would keep less of the model than the plain fp8 or int4 cache at the same budget.
     composed = [c for c in cands.values() if c.restructured and c.precision]
@@ -217,7 +219,9 @@ def test_precisions_are_candidates_alone_and_composed_with_structures():
     # At 4x no plain cache fits (int4's scales make it 5 bits a value): every precision composes.
     at4 = enumerate_candidates(cfg, 5760)
     assert not [c for c in at4 if not c.restructured]
-    assert {c.precision for c in at4} == {None, "fp8", "int8", "int4"}
+    assert {c.precision for c in at4} == {None, "fp8", "int8", "int8/int4", "int4"}
+    # keys and values in two formats compose only with structures that cache them apart (GQA/MQA/CLA)
+    assert {c.family for c in at4 if c.precision == "int8/int4"} == {"heads"}
 
 
 class _Ratio:

@@ -44,8 +44,10 @@ def test_llama_cpp_gets_llama_ggufs_with_its_cache_types(budget):
     admitted, refused = _split("llama.cpp", budget)
     assert admitted
     for c in admitted:
-        assert c.precision in (None, "int8", "int4") and c.family in ("cache", "heads")
+        assert c.precision in (None, "int8", "int4", "int8/int4") and c.family in ("cache", "heads")
         assert gguf_problems(plan_candidate(SMOLLM2, c)) == []
+    if budget == 11520:     # keys and values in two of llama.cpp's types: its -ctk and -ctv flags apart
+        assert "int8/int4 cache" in {c.name for c in admitted}
     assert any(r.startswith("MLA (llama.cpp's deepseek2") for r in refused.values())
     assert all(c.precision != "fp8" for c in admitted) and any("fp8 caches" in r for r in refused.values())
 
@@ -59,6 +61,13 @@ def test_vllm_runs_fp8_caches_and_deepseeks_mla_widths_only():
     planned = wide.replace(attn_kind="mla", attn_options={"kv_lora_rank": 512, "qk_rope_head_dim": 64})
     assert TARGETS["vllm"].refusal(planned, "fp8") is None
     assert TARGETS["vllm"].refusal(planned, "int8").startswith("int8 caches")
+
+
+def test_llama_cpp_serves_keys_and_values_in_two_types():
+    lines = TARGETS["llama.cpp"].serve_command(".", "int8/int4")
+    assert "$ llama-server -m ./model.gguf -ctk q8_0 -ctv q4_1 -fa on" in lines
+    assert "-ctk q4_1 -ctv q4_1 -fa on" in "\n".join(TARGETS["llama.cpp"].serve_command(".", "int4"))
+    assert TARGETS["vllm"].refusal(SMOLLM2, "int8/int4").startswith("int8/int4 caches")
 
 
 def test_a_target_that_runs_nothing_within_the_budget_is_refused_in_one_line(small, tmp_path):
@@ -116,7 +125,7 @@ def test_target_llama_cpp_writes_a_gguf_that_reads_back_as_the_model(small_on_sm
                  "--allow-slower", "-o", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["target_output"] == "model.gguf"
-    assert all(r["family"] in ("cache", "heads") and r["precision"] in (None, "int8", "int4")
+    assert all(r["family"] in ("cache", "heads") and r["precision"] in (None, "int8", "int4", "int8/int4")
                for r in results["ranking"])
     model, gguf = kvlab.load(out / "model"), kvlab.load(out / "model.gguf")
     assert gguf.cfg.n_kv_head == model.cfg.n_kv_head and gguf.cfg.n_kv_layers == gguf.cfg.n_layer

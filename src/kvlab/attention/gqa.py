@@ -24,7 +24,7 @@ from kvlab.cache.full import FullKVLayer
 from kvlab.cache.quantized import decoded
 from kvlab.cache.rolling import RollingKVLayer
 from kvlab.config.model import ModelConfig, kv_bytes_per_token
-from kvlab.dtypes import KVQuant, cache_vector_bytes
+from kvlab.dtypes import KVQuant, MixedKVQuant, cache_vector_bytes, field_formats
 from kvlab.errors import ConfigError
 from kvlab.layers.rope import apply_rope
 from kvlab.registry import AttentionKind, CacheBytes, Capabilities, register_kind
@@ -130,12 +130,14 @@ def _cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int, dt
                           device=device)
 
 
-def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: KVQuant | None = None) -> CacheBytes:
+def _cache_bytes(cfg: ModelConfig, layer: int, dtype, kv_quant: KVQuant | MixedKVQuant | None = None) -> CacheBytes:
     if not is_producer(cfg, layer):
         return CacheBytes()
     span = rolling_span(cfg, layer)
     if span is None:       # full K/V: quantizable (kvlab.cache.quantized), scales counted
-        return CacheBytes(per_token=2 * cfg.n_kv_head * cache_vector_bytes(cfg.head_dim, dtype, kv_quant))
+        key, value = field_formats(kv_quant, 2) if kv_quant else (None, None)
+        return CacheBytes(per_token=cfg.n_kv_head * (cache_vector_bytes(cfg.head_dim, dtype, key)
+                                                     + cache_vector_bytes(cfg.head_dim, dtype, value)))
     # A rolling window stays in the cache dtype: it is bounded, and it is not quantized.
     return CacheBytes(bounded=((kv_bytes_per_token(1, cfg.n_kv_head, cfg.head_dim, dtype), sum(span)),))
 
@@ -190,7 +192,7 @@ GQA = register_kind(AttentionKind(
     param_count=param_count, options=("window", "sinks", "sparse"), validate=validate_window, reach=window_reach,
     label=lambda cfg, layers: heads_label(cfg.n_kv_head, cfg.n_head),
     capabilities=Capabilities(prefix_adapters=True, softmax_scores=True, encoder_decoder=True, quantizable_cache=True,
-                              kv_heads=True),
+                              separate_kv_cache=True, kv_heads=True),
     description="softmax attention with n_kv_head K/V heads (MHA/GQA/MQA) and cross-layer KV sharing (CLA)",
     examples={
         "mha": dict(n_kv_head=4),

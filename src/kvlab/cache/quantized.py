@@ -40,7 +40,7 @@ import math
 import torch
 
 from kvlab.cache.base import CacheStep, write_entries
-from kvlab.dtypes import KVQuant, quant_group
+from kvlab.dtypes import KVQuant, MixedKVQuant, field_formats, quant_group
 
 __all__ = ["QuantizedEntries", "QuantizedTokenLayer", "Workspace", "decode", "decoded", "dequantize", "encode",
            "quantize", "share_workspace", "use_native_quantize"]
@@ -188,30 +188,31 @@ def _fp8_into(codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedTokenLayer:
-    """A per-token cache layer (one with ``token_fields``) kept as fp8 values, or int8 or int4 codes and scales.
+    """A per-token cache layer (one with ``token_fields``) kept as fp8 values, or int8 or int4 codes and scales;
+    keys and values each in its own format where ``kv_quant`` is a :class:`~kvlab.dtypes.MixedKVQuant`.
 
     Built from the layer it replaces — usually allocated on the ``meta`` device, only for its
     shapes — with the same ``update``/``write_prefix`` contract: ``update(*new)`` takes one tensor per
     field of ``inner.token_fields`` and returns them dequantized, slots ``[0, k_len)``.
     """
 
-    def __init__(self, inner, kv_quant: KVQuant, *, device: str | torch.device):
-        self.bits = kv_quant.bits
+    def __init__(self, inner, kv_quant: KVQuant | MixedKVQuant, *, device: str | torch.device):
         self.kv_quant = kv_quant
         # Where reads decode to (given by the model's cache; None: fresh tensors), and this layer's slot.
         self.workspace: Workspace | None = None
         self.slot = 0
         self.fields = tuple(inner.token_fields)
+        self.formats = dict(zip(self.fields, field_formats(kv_quant, len(self.fields))))   # keys/values may differ
         self.dtype = getattr(inner, self.fields[0]).dtype          # what attention reads
-        code_dtype = FP8 if kv_quant.is_float else torch.uint8 if self.bits == 4 else torch.int8
         names = []
-        for f in self.fields:
+        for f, fmt in self.formats.items():
             shape = getattr(inner, f).shape
             W = shape[-1]
-            setattr(self, f + "_codes", torch.zeros(*shape[:-1], W * self.bits // 8, device=device, dtype=code_dtype))
+            code_dtype = FP8 if fmt.is_float else torch.uint8 if fmt.bits == 4 else torch.int8
+            setattr(self, f + "_codes", torch.zeros(*shape[:-1], W * fmt.bits // 8, device=device, dtype=code_dtype))
             names.append(f + "_codes")
-            if not kv_quant.is_float:
-                setattr(self, f + "_scales", torch.zeros(*shape[:-1], kv_quant.param_count(W), device=device,
+            if not fmt.is_float:
+                setattr(self, f + "_scales", torch.zeros(*shape[:-1], fmt.param_count(W), device=device,
                                                          dtype=torch.float16))
                 names.append(f + "_scales")
         self.token_fields = tuple(names)
@@ -227,7 +228,7 @@ class QuantizedTokenLayer:
         """Like :meth:`update`, but the entries come back as stored (decoded only if asked for): what
         a kernel that reads the codes itself takes (:mod:`kvlab.attention.kernels.quantized_cpu`)."""
         for f, x in zip(self.fields, new):
-            codes, scales = encode(x, self.kv_quant)
+            codes, scales = encode(x, self.formats[f])
             write_entries(getattr(self, f + "_codes"), codes, step)
             if scales is not None:
                 write_entries(getattr(self, f + "_scales"), scales, step)
@@ -236,12 +237,12 @@ class QuantizedTokenLayer:
     def entries(self, field: str, k_len: int) -> QuantizedEntries:
         scales = getattr(self, field + "_scales", None)
         return QuantizedEntries(getattr(self, field + "_codes")[:, :, :k_len],
-                                None if scales is None else scales[:, :, :k_len], self.kv_quant, self.dtype,
+                                None if scales is None else scales[:, :, :k_len], self.formats[field], self.dtype,
                                 self, self.fields.index(field))
 
     def write_prefix(self, *prefix: torch.Tensor) -> None:
         for f, x in zip(self.fields, prefix):
-            codes, scales = encode(x, self.kv_quant)
+            codes, scales = encode(x, self.formats[f])
             n = x.shape[2]
             getattr(self, f + "_codes")[:, :, :n] = codes
             if scales is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvlab.dtypes import KVQuant, dtype_bytes, parse_kv_quant
+from kvlab.dtypes import KVQuant, MixedKVQuant, dtype_bytes, parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.registry import CacheBytes, get_kind
 
@@ -31,6 +31,10 @@ def layer_kv_quant(cfg: ModelConfig, layer: int, kv_quant: KVQuant | None) -> KV
     spec = cfg.layer_specs[layer]
     kind = get_kind(spec.kind)
     if kind.capabilities.quantizable_cache:
+        if isinstance(kv_quant, MixedKVQuant) and not kind.capabilities.separate_kv_cache:
+            raise ConfigError(f"layer {layer} ({spec.kind}) caches one latent per token, which is keys and values at "
+                              f"once; {kv_quant} (keys/values in two formats) needs separate keys and values: use "
+                              f"one format ({kv_quant.key.name} or {kv_quant.value.name})")
         return kv_quant
     if kind.cache_bytes(cfg, layer, "bf16").per_token:
         raise ConfigError(f"attention kind {spec.kind!r} does not count quantized caches (it does not declare a "

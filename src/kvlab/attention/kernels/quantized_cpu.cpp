@@ -156,17 +156,18 @@ void weighted_values(const float* w, int64_t w_stride, int64_t Dv, int64_t T, co
   }
 }
 
-template <int FMT, int RB>
+template <int KF, int VF, int RB>
 void attend_rows(const float* q, int64_t D, int64_t Dv, int64_t T, const Rows& k, const Rows& v, const Layout& Lk,
                  const Layout& Lv, float* o, float* s) {
-  scores<FMT, RB>(q, D, T, k, Lk, s, T);
+  scores<KF, RB>(q, D, T, k, Lk, s, T);
   softmax_rows(s, RB, T);
   std::fill(o, o + RB * Dv, 0.f);
-  weighted_values<FMT, RB>(s, T, Dv, T, v, Lv, o);
+  weighted_values<VF, RB>(s, T, Dv, T, v, Lv, o);
 }
 
-// R query rows in chunks of at most 8 (the register budget), each chunk by its own instantiation.
-template <int FMT>
+// R query rows in chunks of at most 8 (the register budget), each chunk by its own instantiation; keys
+// in format KF, values in VF (the same but for a mixed cache, int8 keys with int4 values).
+template <int KF, int VF>
 void attend(const float* q, int64_t R, int64_t D, int64_t Dv, int64_t T, const Rows& k, const Rows& v,
             const Layout& Lk, const Layout& Lv, float* o, float* s) {
   for (int64_t r0 = 0; r0 < R; r0 += 8) {
@@ -174,16 +175,24 @@ void attend(const float* q, int64_t R, int64_t D, int64_t Dv, int64_t T, const R
     const float* qc = q + r0 * D;
     float* oc = o + r0 * Dv;
     switch (rb) {
-      case 1: attend_rows<FMT, 1>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      case 2: attend_rows<FMT, 2>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      case 3: attend_rows<FMT, 3>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      case 4: attend_rows<FMT, 4>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      case 5: attend_rows<FMT, 5>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      case 6: attend_rows<FMT, 6>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      case 7: attend_rows<FMT, 7>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
-      default: attend_rows<FMT, 8>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 1: attend_rows<KF, VF, 1>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 2: attend_rows<KF, VF, 2>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 3: attend_rows<KF, VF, 3>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 4: attend_rows<KF, VF, 4>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 5: attend_rows<KF, VF, 5>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 6: attend_rows<KF, VF, 6>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      case 7: attend_rows<KF, VF, 7>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
+      default: attend_rows<KF, VF, 8>(qc, D, Dv, T, k, v, Lk, Lv, oc, s); break;
     }
   }
+}
+
+template <int KF>
+void attend_keys_as(int64_t vfmt, const float* q, int64_t R, int64_t D, int64_t Dv, int64_t T, const Rows& k,
+                    const Rows& v, const Layout& Lk, const Layout& Lv, float* o, float* s) {
+  if (vfmt == 0) attend<KF, 0>(q, R, D, Dv, T, k, v, Lk, Lv, o, s);
+  else if (vfmt == 1) attend<KF, 1>(q, R, D, Dv, T, k, v, Lk, Lv, o, s);
+  else attend<KF, 2>(q, R, D, Dv, T, k, v, Lk, Lv, o, s);
 }
 
 // A row of width W from the layout's channel order (int4: even-then-odd per group) to the natural one,
@@ -218,20 +227,20 @@ int64_t group_of(const torch::Tensor& params, int64_t fmt, int64_t width) {
 
 // q (B, H, R, D) float32 (R query rows per KV head, multiplied by the softmax scale by the caller);
 // k_codes (B, H, T, ·) uint8 views with a contiguous last dimension, k_params (B, H, T, ·) float16 or
-// empty (fp8); the same for v; lengths (B,) int64, each at most T. Returns (B, H, R, Dv) float32 (zeros
-// for a row with no keys).
+// empty (fp8), in format kfmt; the same for v in vfmt; lengths (B,) int64, each at most T. Returns
+// (B, H, R, Dv) float32 (zeros for a row with no keys).
 torch::Tensor quantized_decode(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_params,
-                               torch::Tensor v_codes, torch::Tensor v_params, torch::Tensor lengths, int64_t fmt,
-                               int64_t Dv) {
+                               torch::Tensor v_codes, torch::Tensor v_params, torch::Tensor lengths, int64_t kfmt,
+                               int64_t vfmt, int64_t Dv) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q must be contiguous float32");
-  TORCH_CHECK(fmt >= 0 && fmt <= 2, "unknown format");
+  TORCH_CHECK(kfmt >= 0 && kfmt <= 2 && vfmt >= 0 && vfmt <= 2, "unknown format");
   const int64_t B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), T = k_codes.size(2);
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.numel() == B, "lengths must be (B,) int64");
-  const int64_t Gk = group_of(k_params, fmt, D), Gv = group_of(v_params, fmt, Dv);
-  TORCH_CHECK(D % Gk == 0 && Dv % Gv == 0 && Gk % (fmt == 2 ? 16 : 8) == 0 && Gv % (fmt == 2 ? 16 : 8) == 0,
+  const int64_t Gk = group_of(k_params, kfmt, D), Gv = group_of(v_params, vfmt, Dv);
+  TORCH_CHECK(D % Gk == 0 && Dv % Gv == 0 && Gk % (kfmt == 2 ? 16 : 8) == 0 && Gv % (vfmt == 2 ? 16 : 8) == 0,
               "widths must be whole groups of 8 (int4: 16) channels");
-  const Layout Lk(fmt, D, Gk), Lv(fmt, Dv, Gv);
-  if (fmt == 2) {             // queries into the keys' channel order
+  const Layout Lk(kfmt, D, Gk), Lv(vfmt, Dv, Gv);
+  if (kfmt == 2) {            // queries into the keys' channel order
     q = q.clone();
     float* qd = q.data_ptr<float>();
     for (int64_t i = 0; i < B * H * R; ++i) permute_row(qd + i * D, D, Gk, true);
@@ -245,17 +254,17 @@ torch::Tensor quantized_decode(torch::Tensor q, torch::Tensor k_codes, torch::Te
     std::vector<float> s(8 * std::max<int64_t>(T, 1));
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const Rows k = rows_of(k_codes, k_params, b, h, fmt), v = rows_of(v_codes, v_params, b, h, fmt);
+      const Rows k = rows_of(k_codes, k_params, b, h, kfmt), v = rows_of(v_codes, v_params, b, h, vfmt);
       const float* qb = qd + bh * R * D;
       float* ob = od + bh * R * Dv;
       const int64_t Tb = std::min(std::max<int64_t>(len[b], 0), T);
       if (Tb == 0) { std::fill(ob, ob + R * Dv, 0.f); continue; }
-      if (fmt == 0) attend<0>(qb, R, D, Dv, Tb, k, v, Lk, Lv, ob, s.data());
-      else if (fmt == 1) attend<1>(qb, R, D, Dv, Tb, k, v, Lk, Lv, ob, s.data());
-      else attend<2>(qb, R, D, Dv, Tb, k, v, Lk, Lv, ob, s.data());
-      if (fmt == 0)
+      if (kfmt == 0) attend_keys_as<0>(vfmt, qb, R, D, Dv, Tb, k, v, Lk, Lv, ob, s.data());
+      else if (kfmt == 1) attend_keys_as<1>(vfmt, qb, R, D, Dv, Tb, k, v, Lk, Lv, ob, s.data());
+      else attend_keys_as<2>(vfmt, qb, R, D, Dv, Tb, k, v, Lk, Lv, ob, s.data());
+      if (vfmt == 0)
         for (int64_t i = 0; i < R * Dv; ++i) ob[i] *= FP8_FIX;
-      if (fmt == 2)
+      if (vfmt == 2)
         for (int64_t r = 0; r < R; ++r) permute_row(ob + r * Dv, Dv, Gv, false);
     }
   });

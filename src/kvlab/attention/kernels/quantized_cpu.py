@@ -1,4 +1,5 @@
-"""Decode attention straight from a quantized KV cache on CPUs (fp8, int8, int4).
+"""Decode attention straight from a quantized KV cache on CPUs (fp8, int8, int4; keys and values may
+differ, as in an ``int8/int4`` cache).
 
 Dequantizing the cache into a float copy and calling SDPA writes four bytes per cached value and
 reads them back on every step: on SmolLM2 (batch 4, one thread) that made a decode step 1.09-1.25x
@@ -78,9 +79,9 @@ def decode_lengths(q: torch.Tensor, k: QuantizedEntries, v: QuantizedEntries, ma
     T = k.codes.shape[2]
     fits = (bias is None and q.device.type == "cpu" and q.dtype == torch.float32
             and not (torch.is_grad_enabled() and q.requires_grad)
-            and k.kv_quant.name in FORMAT_CODES and v.kv_quant == k.kv_quant
+            and k.kv_quant.name in FORMAT_CODES and v.kv_quant.name in FORMAT_CODES
             and k.dtype == torch.float32 and v.dtype == torch.float32 and Hq % k.codes.shape[1] == 0
-            and all(_width_ok(e.width, k.kv_quant) and e.codes.stride(-1) == 1 for e in (k, v)))
+            and all(_width_ok(e.width, e.kv_quant) and e.codes.stride(-1) == 1 for e in (k, v)))
     if not fits or (mask is not None and Tq != 1):
         return None
     lengths = prefix_lengths(mask, B, T)
@@ -107,13 +108,12 @@ def quantized_decode(q: torch.Tensor, k: QuantizedEntries, v: QuantizedEntries, 
     B, Hq, Tq, D = q.shape
     Hkv = k.codes.shape[1]
     rows = (q * scale).reshape(B, Hkv, (Hq // Hkv) * Tq, D).contiguous()
-    fmt = FORMAT_CODES[k.kv_quant.name]
     none = torch.empty(0, dtype=torch.float16)
     if lengths is None:
         lengths = torch.full((B,), k.codes.shape[2], dtype=torch.int64)
     out = ext.quantized_decode(rows, k.codes.view(torch.uint8), none if k.params is None else k.params,
-                               v.codes.view(torch.uint8), none if v.params is None else v.params, lengths, fmt,
-                               v.width)
+                               v.codes.view(torch.uint8), none if v.params is None else v.params, lengths,
+                               FORMAT_CODES[k.kv_quant.name], FORMAT_CODES[v.kv_quant.name], v.width)
     return out.reshape(B, Hq, Tq, v.width)
 
 

@@ -25,12 +25,13 @@ from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
-from kvlab.dtypes import QUANT_GROUP, KVQuant, parse_kv_quant
+from kvlab.dtypes import QUANT_GROUP, KVQuant, MixedKVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
 
 # The cache precisions a candidate may have: None keeps the model's own (counted as bf16); the rest
-# are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too.
-PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int4")
+# are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too. int8/int4
+# is int8 keys with int4 values (llama.cpp's -ctk q8_0 -ctv q4_1): keys are what rounding hurts.
+PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int8/int4", "int4")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Candidate:
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
     @property
-    def kv_quant(self) -> KVQuant | None:
+    def kv_quant(self) -> KVQuant | MixedKVQuant | None:
         return parse_kv_quant(self.precision)
 
     @property
@@ -85,6 +86,12 @@ def _grouped(precision: str | None) -> bool:
     """Whether ``precision`` stores parameters per group of channels (the integer formats)."""
     kvq = parse_kv_quant(precision)
     return kvq is not None and not kvq.is_float
+
+
+def _one_format(precision: str | None) -> bool:
+    """Whether ``precision`` stores keys and values alike, as a latent that is both needs (MLA,
+    low-rank): keys and values in two formats need a cache that keeps them apart."""
+    return not isinstance(parse_kv_quant(precision), MixedKVQuant)
 
 
 def _aligned(width: int, precision: str | None) -> bool:
@@ -178,7 +185,7 @@ class MLAFamily:
     name = "mla"
 
     def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
-        if cfg.pos != "rope":
+        if cfg.pos != "rope" or not _one_format(precision):
             return []
         out = []
         D = cfg.head_dim
@@ -217,7 +224,7 @@ class LowRankFamily:
     name = "lowrank"
 
     def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
-        if cfg.is_encoder_decoder:
+        if cfg.is_encoder_decoder or not _one_format(precision):
             return []
         width = 2 * cfg.n_kv_head * cfg.head_dim
 

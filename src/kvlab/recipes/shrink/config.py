@@ -9,7 +9,7 @@ from kvlab.recipes.shrink.targets import TARGET_NAMES
 
 TRAIN_SETS = ("attention", "all", "lora")
 DATA_SOURCES = ("builtin", "library", "generated", "mixed")
-PRECISION_NAMES = ("none", "fp8", "int8", "int4")
+PRECISION_NAMES = ("none", "fp8", "int8", "int8/int4", "int4")
 # A candidate whose decode step takes more than this times the original's (median ratio, measured
 # interleaved) is slower: on the 2-core VM two identical models read 0.94-1.06 against each other.
 SPEED_TOLERANCE = 0.05

@@ -11,6 +11,9 @@ RUNTIME_FLAGS = {
             "llama.cpp": "no fp8 cache (its q8_0 is 8.5 bits per value: -ctk q8_0 -ctv q8_0 -fa on)"},
     "int8": {"kvlab": "--kv-quant int8", "vLLM": "no int8 cache (its fp8 is the same bytes without scales)",
              "llama.cpp": "-ctk q8_0 -ctv q8_0 -fa on (the same quantization: 32 values and a float16 scale)"},
+    "int8/int4": {"kvlab": "--kv-quant int8/int4",
+                  "vLLM": "no 4-bit cache, and one dtype for keys and values (its fp8: --kv-cache-dtype fp8)",
+                  "llama.cpp": "-ctk q8_0 -ctv q4_1 -fa on (the same quantizations: int8 keys, int4 values)"},
     "int4": {"kvlab": "--kv-quant int4", "vLLM": "no 4-bit cache",
              "llama.cpp": "-ctk q4_1 -ctv q4_1 -fa on (the same quantization: 32 values, a float16 scale and "
                           "minimum)"},

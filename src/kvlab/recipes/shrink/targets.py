@@ -13,8 +13,9 @@ the precisions and MLA widths are each runtime's own (its documented KV cache ty
   ``--kv-cache-dtype fp8``) cache; MLA only at DeepSeek's widths (latent 512, RoPE key 64), the ones
   its MLA kernels are built for.
 - ``llama.cpp``: a ``llama``-architecture GGUF (GQA/MQA, no cross-layer sharing) with an f16, q8_0
-  (kvlab's int8 quantization) or q4_1 (kvlab's int4) cache; llama.cpp quantizes its own cache, with
-  the same groups and parameters (it orders a group's nibbles differently, which only it reads). MLA
+  (kvlab's int8 quantization) or q4_1 (kvlab's int4) cache, or keys and values in two of them
+  (``-ctk q8_0 -ctv q4_1``, kvlab's int8/int4); llama.cpp quantizes its own cache, with the same
+  groups and parameters (it orders a group's nibbles differently, which only it reads). MLA
   would be its ``deepseek2`` architecture, which kvlab does not write yet.
 """
 
@@ -30,7 +31,14 @@ from kvlab.errors import ConfigError
 
 TARGET_NAMES = ("kvlab", "transformers", "vllm", "llama.cpp")
 DEEPSEEK_MLA_WIDTHS = (512, 64)          # kv_lora_rank, qk_rope_head_dim
-LLAMA_CPP_CACHE = {None: "f16", "int8": "q8_0", "int4": "q4_1"}
+LLAMA_CPP_CACHE = {None: "f16", "int8": "q8_0", "int4": "q4_1"}         # kvlab's format -> llama.cpp's type
+LLAMA_CPP_PRECISIONS = (None, "int8", "int4", "int8/int4")             # one type, or -ctk and -ctv apart
+
+
+def llama_cpp_cache_types(precision: str | None) -> tuple[str, str]:
+    """llama.cpp's (``-ctk``, ``-ctv``) for a kvlab cache precision ('int8/int4': keys/values)."""
+    key, _, value = (precision or "").partition("/")
+    return LLAMA_CPP_CACHE[key or None], LLAMA_CPP_CACHE[value or key or None]
 
 
 @dataclass(frozen=True)
@@ -108,19 +116,20 @@ class Target:
                     f"`python -m sglang.launch_server --model-path {out_name}/hf"
                     + (" --kv-cache-dtype fp8_e4m3" if precision == "fp8" else "") + "`.)"]
         if self.name == "llama.cpp":
-            cache = LLAMA_CPP_CACHE[precision]
-            flags = "" if precision is None else f" -ctk {cache} -ctv {cache} -fa on"
+            ctk, ctv = llama_cpp_cache_types(precision)
+            flags = "" if precision is None else f" -ctk {ctk} -ctv {ctv} -fa on"
+            types = ctk if ctk == ctv else f"{ctk}/{ctv}"
             return ["```console", f"$ llama-server -m {out_name}/model.gguf{flags}", "```",
-                    "" if precision is None else f"(a quantized V cache needs flash attention, `-fa on`; {cache} "
+                    "" if precision is None else f"(a quantized V cache needs flash attention, `-fa on`; {types} "
                     f"quantizes as kvlab's {precision} does: groups of 32 with float16 parameters.)"]
         return []
 
 
 TARGETS = {
-    "kvlab": Target("kvlab", (None, "fp8", "int8", "int4"), "model"),
+    "kvlab": Target("kvlab", (None, "fp8", "int8", "int8/int4", "int4"), "model"),
     "transformers": Target("transformers", (None,), "hf"),
     "vllm": Target("vllm", (None, "fp8"), "hf"),
-    "llama.cpp": Target("llama.cpp", tuple(LLAMA_CPP_CACHE), "model.gguf"),
+    "llama.cpp": Target("llama.cpp", LLAMA_CPP_PRECISIONS, "model.gguf"),
 }
 
 

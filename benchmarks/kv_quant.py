@@ -10,7 +10,8 @@ float16 scale):
   the fp32 cache's;
 - KV bytes per token and the planner's largest batch (bf16 weights, ``--memory``, ``--context``).
 
-    python benchmarks/kv_quant.py [--max-tokens 16384] [--seq-len 1024] [--batch 16] [--out ...]
+    python benchmarks/kv_quant.py [--max-tokens 16384] [--seq-len 1024] [--batch 16] [--quants none,int8,int8/int4,int4]
+        [--no-decode] [--out ...]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kvlab.eval.perplexity import evaluate
 from kvlab.eval.plan import max_batch, parse_size
 from kvlab.inference.generation import generate
 
-QUANTS = (None, "int8", "int4")
+QUANTS = "none,int8,int4"
 
 
 def decode_speed(model, prompts, new_tokens, kv_quant):
@@ -52,6 +53,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--memory", default="24GiB")
     p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--quants", default=QUANTS,
+                   help="caches to measure, comma-separated (none first: the reference); keys/values apart as "
+                        "int8/int4")
+    p.add_argument("--no-decode", action="store_true", help="perplexity and bytes only (no decode timing)")
     p.add_argument("--out", default="benchmarks/results/kv_quant.json")
     args = p.parse_args()
 
@@ -66,17 +71,20 @@ def main() -> None:
     prompts = [ids[i * args.prompt_tokens:(i + 1) * args.prompt_tokens] for i in range(args.batch)]
     memory = parse_size(args.memory)
     rows, reference = [], None
-    for q in QUANTS:
+    for q in [None if name == "none" else name for name in args.quants.split(",")]:
         t0 = time.perf_counter()
         ppl = evaluate(model, tok, docs, seq_len=args.seq_len, stride=args.seq_len, max_tokens=args.max_tokens,
                        batch_size=4, progress=False, kv_quant=q)
         eval_s = time.perf_counter() - t0
-        out, speed = decode_speed(model, prompts, args.new_tokens, q)
-        if reference is None:
-            reference = out
-        agree = sum(a == b for o, r in zip(out, reference) for a, b in zip(o, r)) / sum(map(len, reference))
+        speed = {}
+        if not args.no_decode:
+            out, speed = decode_speed(model, prompts, args.new_tokens, q)
+            if reference is None:
+                reference = out
+            speed["greedy_agreement_with_fp32"] = (sum(a == b for o, r in zip(out, reference) for a, b in zip(o, r))
+                                                   / sum(map(len, reference)))
         row = {"kv_quant": q or "none (fp32 cache)", "perplexity": ppl.perplexity, "tokens_scored": ppl.tokens,
-               "eval_s": eval_s, **speed, "greedy_agreement_with_fp32": agree,
+               "eval_s": eval_s, **speed,
                "kv_bytes_per_token_fp32_model": model.cfg.kv_bytes_per_token(torch.float32, q),
                "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16", q),
                "planner_max_batch": max_batch(model.cfg, memory, args.context, "bf16", q)}

@@ -1,7 +1,7 @@
 """llama.cpp on kvlab's GGUF exports: the same next tokens and logits as kvlab on the same file, and
 llama.cpp's own decode speed per KV cache type — what ``kvlab shrink --target llama.cpp`` promises.
 
-    python benchmarks/llama_cpp_check.py --gguf runs/shrink-4x-llama/model.gguf --caches f16,q8_0 \\
+    python benchmarks/llama_cpp_check.py --gguf runs/shrink-4x-llama/model.gguf --caches f16,q8_0,q8_0/q4_1 \\
         --contexts 512,2048 --out benchmarks/results/llama_cpp/check.json
 
 With ``--original`` the built-in SmolLM2 is exported the same way (f16 weights) and measured beside it,
@@ -31,6 +31,18 @@ GGML_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
 KVLAB_CACHE = {"f16": None, "q8_0": "int8", "q4_1": "int4"}      # the same layouts (q4_0 has none in kvlab)
 
 
+def _types(cache: str) -> tuple[str, str]:
+    """``q8_0`` -> (q8_0, q8_0); keys and values apart: ``q8_0/q4_1`` -> (q8_0, q4_1), -ctk and -ctv."""
+    key, _, value = cache.partition("/")
+    return key, value or key
+
+
+def _kvlab_cache(cache: str) -> str | None:
+    """kvlab's precision for a llama.cpp cache spec: q8_0 -> int8, q8_0/q4_1 -> int8/int4."""
+    key, value = (KVLAB_CACHE[t] for t in _types(cache))
+    return key if key == value else f"{key}/{value}"
+
+
 def ensure_llama_cpp():
     try:
         import llama_cpp
@@ -53,9 +65,9 @@ def ensure_llama_cpp():
 def _llama(path: Path, cache: str, n_ctx: int, logits_all: bool):
     from llama_cpp import Llama
 
-    kind = GGML_TYPES[cache]
+    key, value = (GGML_TYPES[t] for t in _types(cache))
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=1, n_threads_batch=2,
-                 logits_all=logits_all, type_k=kind, type_v=kind, flash_attn=cache != "f16", verbose=False)
+                 logits_all=logits_all, type_k=key, type_v=value, flash_attn=cache != "f16", verbose=False)
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -75,7 +87,7 @@ def agreement(path: Path, cache: str, tokens: list[int]) -> dict:
     batch = torch.tensor([tokens])
     with torch.inference_mode():
         exact = model(batch).double()[0]
-        ours = model(batch, cache=model.new_cache(1, len(tokens) + 1, kv_quant=KVLAB_CACHE.get(cache))).double()[0]
+        ours = model(batch, cache=model.new_cache(1, len(tokens) + 1, kv_quant=_kvlab_cache(cache))).double()[0]
     llm = _llama(path, cache, n_ctx=len(tokens) + 8, logits_all=True)
     llm.eval(tokens)
     theirs = torch.tensor(np.array(llm.scores[:len(tokens)]), dtype=torch.float64)
@@ -100,7 +112,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", action="append", default=[], help="a GGUF file kvlab wrote (repeatable)")
     ap.add_argument("--original", action="store_true", help="also the built-in SmolLM2, exported as f16")
-    ap.add_argument("--caches", default="f16,q8_0")
+    ap.add_argument("--caches", default="f16,q8_0",
+                    help="llama.cpp cache types, comma-separated; keys/values apart as q8_0/q4_1 (-ctk/-ctv)")
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--tokens", type=int, default=300, help="validation tokens compared")
     ap.add_argument("--out", type=Path)

@@ -19,6 +19,7 @@ import torch
 
 import kvlab
 from kvlab.convert.calibrated import attention_input_moments
+from kvlab.convert.lowrank import kv_loss_moments
 from kvlab.convert.mla import convert_to_mla
 from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
 from kvlab.data.windows import calibration_batches
@@ -38,12 +39,19 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--calibration-tokens", type=int, default=8192)
+    ap.add_argument("--grid", metavar="RANK+ROPE,...",
+                    help="latent + RoPE widths to convert, each with every --methods (default: the built-in grid)")
+    ap.add_argument("--methods", default="pca", help="with --grid: latent fits, comma-separated (pca, whitened, "
+                                                        "fisher: the loss's metric)")
     ap.add_argument("--out", default="benchmarks/results/mla_alpha0.json")
     args = ap.parse_args()
+    grid = GRID if not args.grid else [(int(r), int(p), m, False) for r, p in (w.split("+") for w in args.grid.split(","))
+                                       for m in args.methods.split(",")]
     base = kvlab.load(args.model)
     docs = builtin_corpus("validation")
     calibration = calibration_batches(base.tokenizer, args.calibration_tokens, seed=0)
     moments = attention_input_moments(base, calibration)
+    loss_moments = kv_loss_moments(base, calibration) if any(m == "fisher" for _, _, m, _ in grid) else None
 
     def ppl(model) -> float:
         with torch.no_grad():
@@ -52,10 +60,10 @@ def main() -> None:
 
     rows = [{"variant": "original", "kv_bytes_per_token_bf16": base.cfg.kv_bytes_per_token(), "perplexity": ppl(base)}]
     print(f"original: {rows[0]['perplexity']:.3f}", flush=True)
-    for rank, rope, method, norm in GRID:
+    for rank, rope, method, norm in grid:
         t0 = time.perf_counter()
         model = convert_to_mla(base, kv_lora_rank=rank, qk_rope_head_dim=rope, method=method, latent_norm=norm,
-                               calibration=calibration, moments=moments)
+                               calibration=calibration, moments=moments, loss_moments=loss_moments)
         rows.append({"variant": f"MLA {rank}+{rope}", "kv_lora_rank": rank, "qk_rope_head_dim": rope,
                      "method": method, "latent_norm": norm, "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token(),
                      "perplexity": ppl(model), "seconds": time.perf_counter() - t0})

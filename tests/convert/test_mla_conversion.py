@@ -84,3 +84,59 @@ def test_a_converted_model_with_latent_norm_exports_to_deepseek_v3(trained_mha, 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(TOKENS).logits, mla(TOKENS), rtol=1e-4, atol=5e-4)
+
+
+def _random_pd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n + 3, generator=g, dtype=torch.float64)
+    return a @ a.T / n + torch.diag(torch.rand(n, generator=g, dtype=torch.float64) * 5)
+
+
+def test_the_fisher_latent_is_the_best_fit_in_the_losss_metric_and_pca_in_its_own():
+    """The latent of each method is optimal in the metric it claims: rebuild the position-free keys and
+    the values from the converted layer's own kv_a/kv_b weights and measure the expected error
+    tr(M E S Eᵀ) in the loss's metric (F of keys and values, damped as the fit damps it, float64) and
+    in PCA's (keys scaled to the values' energy): each method wins in its own."""
+    from kvlab.convert.calibrated import _augmented
+    from kvlab.convert.lowrank import _metric_roots
+    from kvlab.convert.mla import _pair_rows, mla_layer_state, plan_mla
+
+    model = make_model(n_kv_head=2, d_model=64, n_head=4)          # head_dim 16, 2 KV heads
+    cfg = model.cfg
+    D, R, rank = cfg.head_dim, 4, 10
+    new_cfg = plan_mla(cfg, kv_lora_rank=rank, qk_rope_head_dim=R)
+    S = _random_pd(cfg.d_model + 1, 0)
+    F = {"k": _random_pd(2 * D, 1), "v": _random_pd(2 * D, 2)}
+    nope = _pair_rows(range(R // 2, D // 2), D)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    wk, wv = _augmented(base, "layers.0.self_attn.k_proj"), _augmented(base, "layers.0.self_attn.v_proj")
+    raw = torch.cat([torch.cat([wk[g * D:(g + 1) * D][nope], wv[g * D:(g + 1) * D]]) for g in range(2)])
+    width, nk = len(nope) + D, len(nope)
+    key_rows = [g * width + r for g in range(2) for r in range(nk)]
+    value_rows = [g * width + nk + c for g in range(2) for c in range(D)]
+    M = torch.zeros(len(raw), len(raw), dtype=torch.float64)
+    channels = [g * D + r for g in range(2) for r in nope]
+    M[torch.tensor(key_rows)[:, None], torch.tensor(key_rows)] = F["k"][torch.tensor(channels)[:, None],
+                                                                         torch.tensor(channels)]
+    M[torch.tensor(value_rows)[:, None], torch.tensor(value_rows)] = F["v"]
+    root = _metric_roots(M)[0]
+    loss_metric = root @ root.T
+    k_energy = torch.einsum("ij,jk,ik->", raw[key_rows], S, raw[key_rows])
+    v_energy = torch.einsum("ij,jk,ik->", raw[value_rows], S, raw[value_rows])
+    scale = torch.ones(len(raw), dtype=torch.float64)
+    scale[key_rows] = (v_energy / k_energy).sqrt()
+    pca_metric = torch.diag(scale ** 2)
+
+    errors = {}
+    for method in ("pca", "fisher"):
+        state = {k: v.clone().double() for k, v in base.items()}
+        mla_layer_state(state, cfg, new_cfg, 0, S, method, F)
+        latent = _augmented(state, "layers.0.self_attn.kv_a_proj_with_mqa")[:rank]
+        up = state["layers.0.self_attn.kv_b_proj.weight"]
+        per_head = up.shape[0] // cfg.n_head
+        rebuilt = torch.cat([up[h * per_head:(h + 1) * per_head] for h in (0, 2)]) @ latent   # KV heads 0, 1
+        E = raw - rebuilt
+        errors[method] = {name: torch.trace(m @ E @ S @ E.T).item()
+                          for name, m in (("loss", loss_metric), ("pca", pca_metric))}
+    assert errors["fisher"]["loss"] < 0.99 * errors["pca"]["loss"]
+    assert errors["pca"]["pca"] < 0.99 * errors["fisher"]["pca"]

@@ -127,8 +127,10 @@ def test_the_permutation_is_llama_cpps_and_the_importer_undoes_it():
 
 @pytest.mark.parametrize("change, match", [
     (dict(cla=2), "Cross-Layer Attention"), (dict(sliding_window=8), "sliding window"),
-    (dict(attn_kind="mla", attn_options=dict(kv_lora_rank=12, qk_rope_head_dim=6, qk_nope_head_dim=10,
-                                             v_head_dim=14)), "'mla'"),
+    (dict(attn_kind="mla", qkv_bias=True, attn_options=dict(kv_lora_rank=12, qk_rope_head_dim=6,
+                                                            qk_nope_head_dim=10, v_head_dim=14)),
+     "deepseek2 architecture\\): biases"),
+    (dict(attn_kind="lowrank", attn_options=dict(k_rank=8, v_rank=8)), "'lowrank' attention kind"),
 ])
 def test_what_llama_cpp_cannot_hold_is_refused_and_nothing_is_written(smollm2_vocab_tiny, tmp_path, change, match):
     with pytest.raises(ConfigError, match=match):

@@ -4,6 +4,7 @@ which transformers (an HF directory) and kvlab's GGUF reader (a llama GGUF) load
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,11 +12,13 @@ from transformers import AutoModelForCausalLM
 import kvlab
 from kvlab import ConfigError, ModelConfig
 from kvlab.cli import main
-from kvlab.io.gguf_export import gguf_problems
+from kvlab.io.gguf_export import gguf_architecture, gguf_problems
 from kvlab.io.hf import config_to_hf
 from kvlab.recipes.shrink import ShrinkConfig, enumerate_candidates, run_shrink
 from kvlab.recipes.shrink.candidates import admitted_by, plan_candidate
 from kvlab.recipes.shrink.targets import TARGETS, get_target
+
+from deepseek2_reference import deepseek2_logits
 
 SMOLLM2 = ModelConfig.from_preset("smollm2-135m")
 
@@ -44,11 +47,12 @@ def test_llama_cpp_gets_llama_ggufs_with_its_cache_types(budget):
     admitted, refused = _split("llama.cpp", budget)
     assert admitted
     for c in admitted:
-        assert c.precision in (None, "int8", "int4", "int8/int4") and c.family in ("cache", "heads")
+        assert c.precision in (None, "int8", "int4", "int8/int4") and c.family in ("cache", "heads", "mla")
         assert gguf_problems(plan_candidate(SMOLLM2, c)) == []
     if budget == 11520:     # keys and values in two of llama.cpp's types: its -ctk and -ctv flags apart
         assert "int8/int4 cache" in {c.name for c in admitted}
-    assert any(r.startswith("MLA (llama.cpp's deepseek2") for r in refused.values())
+    assert any(c.family == "mla" for c in admitted)           # as llama.cpp's deepseek2 (kvlab.io.gguf_export)
+    assert any("'lowrank' attention kind" in r for r in refused.values())
     assert all(c.precision != "fp8" for c in admitted) and any("fp8 caches" in r for r in refused.values())
 
 
@@ -125,13 +129,20 @@ def test_target_llama_cpp_writes_a_gguf_that_reads_back_as_the_model(small_on_sm
                  "--allow-slower", "-o", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["target_output"] == "model.gguf"
-    assert all(r["family"] in ("cache", "heads") and r["precision"] in (None, "int8", "int4", "int8/int4")
+    assert all(r["family"] in ("cache", "heads", "mla") and r["precision"] in (None, "int8", "int4", "int8/int4")
                for r in results["ranking"])
-    model, gguf = kvlab.load(out / "model"), kvlab.load(out / "model.gguf")
-    assert gguf.cfg.n_kv_head == model.cfg.n_kv_head and gguf.cfg.n_kv_layers == gguf.cfg.n_layer
+    model = kvlab.load(out / "model")
     tokens = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():                                   # f16 weights in the file
-        torch.testing.assert_close(gguf(tokens), model(tokens), rtol=0, atol=2e-2)
+    if gguf_architecture(model.cfg) == "deepseek2":          # MLA: llama.cpp's graph, from the file
+        with torch.no_grad():
+            want = model(tokens[:1]).double()[0].numpy()
+        got = deepseek2_logits(out / "model.gguf", tokens[0].tolist())
+        assert np.abs(got - want).max() < 2e-2              # f16 weights in the file
+    else:
+        gguf = kvlab.load(out / "model.gguf")
+        assert gguf.cfg.n_kv_head == model.cfg.n_kv_head and gguf.cfg.n_kv_layers == gguf.cfg.n_layer
+        with torch.no_grad():                               # f16 weights in the file
+            torch.testing.assert_close(gguf(tokens), model(tokens), rtol=0, atol=2e-2)
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
     cache = {None: "", "int8": " -ctk q8_0 -ctv q8_0 -fa on", "int4": " -ctk q4_1 -ctv q4_1 -fa on"}
     assert f"$ llama-server -m ./model.gguf{cache[best['precision']]}" in (out / "report.md").read_text()

@@ -22,8 +22,11 @@ errors are in different units (TransMLA balances K and V norms for the same reas
 ``method="whitened"`` weights each part by what the model does with it — keys by the second moment
 of the queries that meet them (the error in a score is ``qᵀ·δk``), values by ``W_oᵀW_o`` of the heads
 that read them (the error that reaches the residual stream). Measured on SmolLM2 at α = 0 (KV/2,
-R = 32) the two are within 3 % of each other (perplexity 28.5 pca, 29.2 whitened), so plain PCA is
-the default. ``kv_a_proj_with_mqa`` computes the latent and the shared RoPE key; ``kv_b_proj`` maps
+R = 32) the two are within 3 % of each other (perplexity 28.5 pca, 29.2 whitened). ``method="fisher"``
+measures the error by what it does to the loss instead, as the low-rank fit does
+(:mod:`kvlab.convert.lowrank`): ``M = E[g gᵀ]`` of the loss's gradient with respect to the keys
+(before RoPE, the position-free channels of every head with their cross-head terms) and the values,
+one currency for both, so no balancing is needed. ``kv_a_proj_with_mqa`` computes the latent and the shared RoPE key; ``kv_b_proj`` maps
 the latent back to each query head's key and value (heads of one old group get the same rows).
 
 ``latent_norm=True`` adds DeepSeek's RMSNorm on the latent (needed for a transformers export); its
@@ -38,9 +41,10 @@ from kvlab.attention.mla import MLAShape
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import EPS, _augmented, _merge_keys, _rotate_query_rows, _store, _sym_power
 from kvlab.convert.finish import finish_conversion
+from kvlab.convert.lowrank import _metric_roots, kv_loss_moments
 from kvlab.errors import ConfigError
 
-MLA_METHODS = ("pca", "whitened")
+MLA_METHODS = ("pca", "whitened", "fisher")
 
 
 def plan_mla(cfg: ModelConfig, *, kv_lora_rank: int, qk_rope_head_dim: int | None = None,
@@ -81,22 +85,69 @@ def _power(m: torch.Tensor, power: float) -> torch.Tensor:
     return m if m.numel() == 0 else _sym_power(m, power)     # no position-free key channels when R = D
 
 
+def _latent_metric(method: str, raw: torch.Tensor, S: torch.Tensor, wq: torch.Tensor, wo: torch.Tensor, heads,
+                   nope_rows: list[int], D: int, Fk: torch.Tensor | None, Fv: torch.Tensor | None):
+    """``(M^{1/2}, M^{-1/2})`` of the latent's metric over the stacked rows ``raw`` (per KV head g: its
+    position-free key rows, then its value rows), for ``method``:
+
+    - ``pca``: keys scaled to the values' total energy (one factor for every key row);
+    - ``whitened``: per head, keys by their queries' second moment, values by ``W_oᵀW_o``, then
+      balanced as ``pca`` balances them;
+    - ``fisher``: the loss's own metric, ``E[g gᵀ]`` of its gradient with respect to the keys (before
+      RoPE; the position-free rows of every head, cross-head terms kept) and to the values, damped as
+      the low-rank fit damps it; no balance is needed, since both are in units of loss.
+    """
+    n_kv, nk = len(heads), len(nope_rows)
+    width = nk + D
+    key_rows = torch.tensor([g * width + r for g in range(n_kv) for r in range(nk)], dtype=torch.long)
+    value_rows = torch.tensor([g * width + nk + c for g in range(n_kv) for c in range(D)], dtype=torch.long)
+    if method == "fisher":
+        if Fk is None or Fv is None:
+            raise ConfigError("the fisher MLA fit needs the loss's gradient moments of the keys and values "
+                              "(kvlab.convert.lowrank.kv_loss_moments)")
+        channels = torch.tensor([g * D + r for g in range(n_kv) for r in nope_rows], dtype=torch.long)
+        M = torch.zeros(len(raw), len(raw), dtype=torch.float64)
+        M[key_rows.unsqueeze(1), key_rows] = Fk.double()[channels.unsqueeze(1), channels]
+        M[value_rows.unsqueeze(1), value_rows] = Fv.double()
+        return _metric_roots(M)
+    root = torch.eye(len(raw), dtype=torch.float64)
+    inv = root.clone()
+    if method == "whitened":
+        for g in range(n_kv):
+            mq = sum(wq[h * D:(h + 1) * D][nope_rows] @ S @ wq[h * D:(h + 1) * D][nope_rows].T for h in heads[g])
+            mv = sum(wo[:, h * D:(h + 1) * D].T @ wo[:, h * D:(h + 1) * D] for h in heads[g])
+            for rows, m in ((slice(g * width, g * width + nk), mq), (slice(g * width + nk, (g + 1) * width), mv)):
+                root[rows, rows], inv[rows, rows] = _power(m, 0.5), _power(m, -0.5)
+    weighted = root @ raw
+    keys, values = weighted[key_rows], weighted[value_rows]
+    k_energy = torch.einsum("ij,jk,ik->", keys, S, keys)
+    v_energy = torch.einsum("ij,jk,ik->", values, S, values)
+    balance = (v_energy / k_energy.clamp_min(EPS)).sqrt() if k_energy > 0 else torch.tensor(1.0, dtype=torch.float64)
+    root[key_rows] *= balance
+    inv[:, key_rows] /= balance
+    return root, inv
+
+
 def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.Tensor],
-              method: str = "pca") -> dict[str, torch.Tensor]:
+              method: str = "pca", loss_moments: dict | None = None) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` converted to the MLA config ``new_cfg`` (from :func:`plan_mla`);
-    ``moments`` holds ``E[x̂ x̂ᵀ]`` of every layer's attention input (``attention_input_moments``)."""
+    ``moments`` holds ``E[x̂ x̂ᵀ]`` of every layer's attention input (``attention_input_moments``),
+    ``loss_moments`` the loss's gradient moments (:func:`kv_loss_moments`, for ``fisher``)."""
     cfg = model.cfg
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if not (cfg.tie_embeddings and k == "lm_head.weight")}
     for i in range(cfg.n_layer):
-        mla_layer_state(state, cfg, new_cfg, i, moments[i, i], method)
+        F = {leaf: loss_moments[i, leaf] for leaf in ("k", "v")} if loss_moments is not None else None
+        mla_layer_state(state, cfg, new_cfg, i, moments[i, i], method, F)
     return state
 
 
 def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: ModelConfig, i: int,
-                    S: torch.Tensor, method: str = "pca") -> None:
+                    S: torch.Tensor, method: str = "pca", F: dict[str, torch.Tensor] | None = None) -> None:
     """Convert layer ``i`` of ``state`` (a GQA state dict of config ``cfg``) to ``new_cfg``'s MLA in
-    place, from ``S = E[x̂ x̂ᵀ]`` of the inputs the converted layer will see."""
+    place, from ``S = E[x̂ x̂ᵀ]`` of the inputs the converted layer will see (and for ``fisher``
+    ``F``: the loss's gradient moments of its keys, "k", and values, "v": :func:`kv_loss_moments`)."""
+    F = F or {}
     D, G, n_kv = cfg.head_dim, cfg.q_per_kv, cfg.n_kv_head
     shape = MLAShape.of(new_cfg, i)
     R, rank = shape.qk_rope_head_dim, shape.kv_lora_rank
@@ -119,25 +170,15 @@ def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: M
     k_rope = [wk[g * D:(g + 1) * D][rope_rows] for g in range(n_kv)]
     q_energy = torch.stack([sum(energy(wq[h * D:(h + 1) * D][rope_rows]) for h in heads[g]) for g in range(n_kv)])
     rope_key, factors = _merge_keys(k_rope, S, q_energy, torch.stack([energy(k) for k in k_rope]))
-    # The latent: joint (whitened) PCA of the position-free keys and the values of every KV head.
-    parts, unwhiten = [], []
-    for g in range(n_kv):
-        k_nope = wk[g * D:(g + 1) * D][nope_rows]
-        v = wv[g * D:(g + 1) * D]
-        if method == "whitened":
-            mq = sum(wq[h * D:(h + 1) * D][nope_rows] @ S @ wq[h * D:(h + 1) * D][nope_rows].T for h in heads[g])
-            mv = sum(wo[:, h * D:(h + 1) * D].T @ wo[:, h * D:(h + 1) * D] for h in heads[g])
-        else:
-            mq, mv = torch.eye(len(nope_rows), dtype=torch.float64), torch.eye(D, dtype=torch.float64)
-        parts.append((_power(mq, 0.5) @ k_nope, _power(mv, 0.5) @ v))
-        unwhiten.append((_power(mq, -0.5), _power(mv, -0.5)))
-    k_energy = sum(torch.einsum("ij,jk,ik->", k, S, k) for k, _ in parts)
-    v_energy = sum(torch.einsum("ij,jk,ik->", v, S, v) for _, v in parts)
-    balance = (v_energy / k_energy.clamp_min(EPS)).sqrt() if k_energy > 0 else torch.tensor(1.0)
-    stacked = torch.cat([torch.cat([balance * k, v]) for k, v in parts])
-    vals, vecs = torch.linalg.eigh(stacked @ S @ stacked.T)
+    # The latent: joint PCA of the position-free keys and the values of every KV head, in a metric M
+    # that puts keys and values in common units: the fit keeps the top eigenvectors P of
+    # M^{1/2} W S Wᵀ M^{1/2} (W: the stacked rows), caches Pᵀ M^{1/2} W and rebuilds with M^{-1/2} P.
+    raw = torch.cat([torch.cat([wk[g * D:(g + 1) * D][nope_rows], wv[g * D:(g + 1) * D]]) for g in range(n_kv)])
+    root, inv_root = _latent_metric(method, raw, S, wq, wo, heads, nope_rows, D, F.get("k"), F.get("v"))
+    vals, vecs = torch.linalg.eigh(root @ raw @ S @ raw.T @ root.T)
     P = vecs[:, -rank:].flip(1)                                          # top principal directions
-    latent = P.T @ stacked                                               # (rank, d+1)
+    latent = P.T @ root @ raw                                            # (rank, d+1)
+    rebuild = inv_root @ P                                               # (stacked rows, rank)
     if shape.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
         rms = (torch.einsum("ij,jk,ik->", latent, S, latent) / rank).sqrt().clamp_min(EPS)
         state[f"{prefix}.kv_a_layernorm.weight"] = torch.full((rank,), float(rms), dtype=dtype)
@@ -145,11 +186,9 @@ def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: M
     width = len(nope_rows) + D
     up, queries = [], []
     for g in range(n_kv):
-        block = P[g * width:(g + 1) * width]
-        w_uk = unwhiten[g][0] @ block[:len(nope_rows)] / balance
-        w_uv = unwhiten[g][1] @ block[len(nope_rows):]
+        block = rebuild[g * width:(g + 1) * width]
         for h in heads[g]:
-            up.append(torch.cat([w_uk, w_uv]))
+            up.append(block)
             q = wq[h * D:(h + 1) * D]
             queries += [q[nope_rows], _rotate_query_rows(q[rope_rows], factors[g].conj())]
     state[f"{prefix}.kv_b_proj.weight"] = torch.cat(up).to(dtype).contiguous()
@@ -157,11 +196,13 @@ def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: M
 
 
 def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = None, method: str = "pca",
-                   latent_norm: bool = False, calibration=None, moments: dict | None = None):
+                   latent_norm: bool = False, calibration=None, moments: dict | None = None,
+                   loss_moments: dict | None = None):
     """A new model whose every layer is MLA with a latent of ``kv_lora_rank`` channels and a shared
     RoPE key of ``qk_rope_head_dim`` (default head_dim/2), fitted on ``calibration`` token batches
-    ``(B, T)`` run through ``model`` (``moments``: their per-layer ``attention_input_moments``, if
-    computed already). Everything but the attention's projections is copied."""
+    ``(B, T)`` run through ``model`` (``moments``: their per-layer ``attention_input_moments``, and for
+    ``method="fisher"`` ``loss_moments``: :func:`kv_loss_moments`, if computed already). Everything but
+    the attention's projections is copied."""
     from kvlab.convert.calibrated import attention_input_moments
 
     cfg = model.cfg
@@ -172,7 +213,9 @@ def convert_to_mla(model, *, kv_lora_rank: int, qk_rope_head_dim: int | None = N
     calibration = list(calibration)
     if moments is None:
         moments = attention_input_moments(model, calibration)
-    state = mla_state(model, new_cfg, moments, method)
+    if method == "fisher" and loss_moments is None:
+        loss_moments = kv_loss_moments(model, calibration)
+    state = mla_state(model, new_cfg, moments, method, loss_moments if method == "fisher" else None)
     step = dict(method=method, to="mla", kv_lora_rank=kv_lora_rank,
                 qk_rope_head_dim=MLAShape.of(new_cfg).qk_rope_head_dim,
                 latent_norm=latent_norm, calibration_tokens=sum(int(t.numel()) for t in calibration),

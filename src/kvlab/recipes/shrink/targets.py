@@ -15,8 +15,9 @@ the precisions and MLA widths are each runtime's own (its documented KV cache ty
 - ``llama.cpp``: a ``llama``-architecture GGUF (GQA/MQA, no cross-layer sharing) with an f16, q8_0
   (kvlab's int8 quantization) or q4_1 (kvlab's int4) cache, or keys and values in two of them
   (``-ctk q8_0 -ctv q4_1``, kvlab's int8/int4); llama.cpp quantizes its own cache, with the same
-  groups and parameters (it orders a group's nibbles differently, which only it reads). MLA
-  would be its ``deepseek2`` architecture, which kvlab does not write yet.
+  groups and parameters (it orders a group's nibbles differently, which only it reads); MLA as its
+  ``deepseek2`` architecture (:mod:`kvlab.io.gguf_export`), whose cache holds the latent and the RoPE
+  key as kvlab's does.
 """
 
 from __future__ import annotations
@@ -58,10 +59,7 @@ class Target:
         if self.name == "llama.cpp":
             from kvlab.io.gguf_export import gguf_problems
 
-            problems = gguf_problems(planned)
-            if planned.attn_kind == "mla":
-                problems = ["MLA (llama.cpp's deepseek2 architecture; kvlab writes llama GGUFs only)"]
-            return "; ".join(problems) or None
+            return "; ".join(gguf_problems(planned)) or None
         from kvlab.io.hf import config_to_hf
 
         try:

@@ -75,15 +75,30 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
+def _kvlab_model(path: Path):
+    """kvlab's model for a GGUF it wrote: read back from the file (llama architecture), or for a
+    deepseek2 file, which kvlab writes but does not read, the kvlab checkpoint beside it (``model/``,
+    as ``kvlab shrink`` writes both; ``<name>.kvlab/`` otherwise)."""
+    import kvlab
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields["general.architecture"]
+    if bytes(field.parts[field.data[0]]).decode() == "llama":
+        return kvlab.load(path)
+    for beside in (path.parent / "model", path.with_suffix(".kvlab")):
+        if beside.exists():
+            return kvlab.load(beside)
+    raise SystemExit(f"{path}: a deepseek2 GGUF; put the kvlab checkpoint it came from at {path.parent / 'model'} "
+                     f"or {path.with_suffix('.kvlab')}")
+
+
 def agreement(path: Path, cache: str, tokens: list[int]) -> dict:
     """llama.cpp's logits over ``tokens`` against kvlab's on the same file, each with its cache in the
     same quantization (kvlab's int8 is q8_0's, its int4 q4_1's; f16 against kvlab's float cache): top-1
     agreement, the mean KL(kvlab || llama.cpp) per token and the largest logit difference. Beside them,
     what each quantized cache costs against kvlab's float cache (mean KL), so the two runtimes'
     quantizations compare."""
-    import kvlab
-
-    model = kvlab.load(path)
+    model = _kvlab_model(path)
     batch = torch.tensor([tokens])
     with torch.inference_mode():
         exact = model(batch).double()[0]
@@ -129,7 +144,7 @@ def main() -> None:
         if not original.exists():
             export_gguf(kvlab.load("smollm2-135m"), original, gguf_type="f16")
         paths.insert(0, original)
-    tok = kvlab.load(paths[0]).tokenizer
+    tok = _kvlab_model(paths[0]).tokenizer
     text = "\n".join(d.text for d in builtin_corpus("validation"))
     tokens = tok.encode(text)[:args.tokens]
     rows = []

@@ -307,3 +307,19 @@ def test_decode_ratio_reports_its_rounds():
     assert r.rounds == 3 and r.ratio_min <= r.ratio <= r.ratio_max and r.context == 16 and r.batch == 2
     assert r.clock == "process CPU, 1 thread" and torch.get_num_threads() >= 1
     assert seen[0] != {QuantizedTokenLayer} and seen[1] == {QuantizedTokenLayer}     # the candidate's cache is int8
+
+
+def test_transfer_is_skipped_only_for_loss_fitted_starts_close_to_the_original():
+    """A low-rank start fitted by the loss is exact at full width, and transfer would trade it away; an
+    MLA start fitted by the loss is still far from the original (rotation dropped): it keeps transfer."""
+    from kvlab.recipes.shrink.planning import transfer_fraction
+
+    cfg = ModelConfig.from_preset("smollm2-135m")
+    scfg = ShrinkConfig()
+    by_family = {}
+    for c in enumerate_candidates(cfg, 11520):
+        by_family.setdefault((c.family, c.loss_fitted), c)
+    assert transfer_fraction(scfg, by_family["lowrank", True]) == 0.0
+    assert transfer_fraction(scfg, by_family["lowrank", False]) == scfg.transfer_fraction > 0
+    assert transfer_fraction(scfg, by_family["mla", True]) == scfg.transfer_fraction
+    assert ("mla", False) not in by_family                    # every MLA start is fitted in the loss's metric

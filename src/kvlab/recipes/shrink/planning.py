@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlab.recipes.shrink.candidates import Candidate
+from kvlab.recipes.shrink.candidates import FAMILIES, Candidate
 from kvlab.recipes.shrink.config import ShrinkConfig
 
 
@@ -25,11 +25,14 @@ class StepTimes:
 
 
 def transfer_fraction(scfg: ShrinkConfig, cand: Candidate) -> float:
-    """The share of ``cand``'s tokens spent on attention transfer: none for a start fitted by the loss.
-    Transfer fits each layer's attention output in squared error, which such a start trades away on
-    purpose where the loss does not notice: on SmolLM2 at KV/2, 10 transfer steps took the allocated
-    start from proxy perplexity 10.54 to 11.42, while for plain-PCA starts they help distillation."""
-    return 0.0 if cand.loss_fitted else scfg.transfer_fraction
+    """The share of ``cand``'s tokens spent on attention transfer: none for a start fitted by the loss
+    that is close to the original (a family exact at full width). Transfer fits each layer's attention
+    output in squared error, which such a start trades away on purpose where the loss does not notice:
+    on SmolLM2 at KV/2, 10 transfer steps took the allocated low-rank start from proxy perplexity 10.54
+    to 11.42, while for plain-PCA starts they help distillation. An MLA start, fitted by the loss or
+    not, is far from the original (its key channels lost their rotation): transfer is kept."""
+    exact = FAMILIES[cand.family].exact_at_full_width
+    return 0.0 if cand.loss_fitted and exact else scfg.transfer_fraction
 
 
 def split_by_tokens(scfg: ShrinkConfig, chosen: list[Candidate], tokens_per_step: int) -> list[tuple[int, int]]:

@@ -62,12 +62,16 @@ def ensure_llama_cpp():
     return llama_cpp
 
 
+FLASH_ATTN = {"always": False}      # --flash-attn: also for f16 caches (a quantized V cache needs it anyway)
+
+
 def _llama(path: Path, cache: str, n_ctx: int, logits_all: bool):
     from llama_cpp import Llama
 
     key, value = (GGML_TYPES[t] for t in _types(cache))
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=1, n_threads_batch=2,
-                 logits_all=logits_all, type_k=key, type_v=value, flash_attn=cache != "f16", verbose=False)
+                 logits_all=logits_all, type_k=key, type_v=value,
+                 flash_attn=FLASH_ATTN["always"] or cache != "f16", verbose=False)
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -131,8 +135,10 @@ def main() -> None:
                     help="llama.cpp cache types, comma-separated; keys/values apart as q8_0/q4_1 (-ctk/-ctv)")
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--tokens", type=int, default=300, help="validation tokens compared")
+    ap.add_argument("--flash-attn", action="store_true", help="flash attention for f16 caches too (llama.cpp's -fa on)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    FLASH_ATTN["always"] = args.flash_attn
     ensure_llama_cpp()
     import kvlab
     from kvlab.data.corpus import builtin_corpus
@@ -150,7 +156,7 @@ def main() -> None:
     rows = []
     for path in paths:
         for cache in args.caches.split(","):
-            row = {"gguf": str(path), **agreement(path, cache, tokens)}
+            row = {"gguf": str(path), "flash_attn": args.flash_attn or cache != "f16", **agreement(path, cache, tokens)}
             row["decode_ms"] = {c: decode_ms(path, cache, int(c)) for c in args.contexts.split(",")}
             rows.append(row)
             print(json.dumps(row), flush=True)

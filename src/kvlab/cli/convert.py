@@ -48,9 +48,10 @@ def add_parser(sub) -> None:
                    help="mean/first/random pool weights (the GQA paper's ablation); calibrated fits the merged "
                         "K/V heads to the original ones on calibration text, RoPE-aware, queries and output "
                         "projections adjusted (default: mean); for --mla: pca (default: joint PCA of the "
-                        "calibration K/V) or whitened (weighted by the queries and the output projection); for "
-                        "--k-rank/--v-rank: pca (default) or fisher (errors weighted by the loss's gradient; the "
-                        "default and only choice for --latent-channels)")
+                        "calibration K/V), whitened (weighted by the queries and the output projection) or fisher "
+                        "(in the loss's metric, what kvlab shrink starts from); for --k-rank/--v-rank: pca "
+                        "(default) or fisher (errors weighted by the loss's gradient; the default and only choice "
+                        "for --latent-channels)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N",
                    help="--method calibrated, --mla and --refit: tokens of calibration text (default 8192)")
     p.add_argument("--calibration-data", default="builtin", metavar="DATA",
@@ -173,9 +174,9 @@ def _run_mla(args: argparse.Namespace, lowrank: bool) -> int:
         raise UsageError("kvlab convert: --mla replaces every layer's attention; "
                          "give it without --kv-heads/--mqa/--cla/--k-rank/--v-rank/--latent-channels")
     method = args.method or "pca"
-    if method not in ("pca", "whitened"):
+    if method not in ("pca", "whitened", "fisher"):
         raise UsageError(f"kvlab convert: --mla is fitted on calibration text; --method {method} is not one of "
-                         f"pca, whitened")
+                         f"pca, whitened, fisher")
     change = dict(kv_lora_rank=args.mla, qk_rope_head_dim=args.rope_dim, latent_norm=args.latent_norm, method=method)
     before, new = _fit_and_save(args, plan_mla, convert_to_mla, change)
     shape = MLAShape.of(new.cfg)

@@ -26,9 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvlab.recipes.shrink.targets import LLAMA_CPP_CACHE
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 GGML_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
-KVLAB_CACHE = {"f16": None, "q8_0": "int8", "q4_1": "int4"}      # the same layouts (q4_0 has none in kvlab)
+# llama.cpp's cache type -> kvlab's format (the same layouts; q4_0 has none in kvlab), from the one table
+KVLAB_CACHE = {v: k for k, v in LLAMA_CPP_CACHE.items()}
 
 
 def _types(cache: str) -> tuple[str, str]:
@@ -38,8 +41,12 @@ def _types(cache: str) -> tuple[str, str]:
 
 
 def _kvlab_cache(cache: str) -> str | None:
-    """kvlab's precision for a llama.cpp cache spec: q8_0 -> int8, q8_0/q4_1 -> int8/int4."""
+    """kvlab's precision for a llama.cpp cache spec: q8_0 -> int8, q8_0/q4_1 -> int8/int4 (f16 -> None)."""
     key, value = (KVLAB_CACHE[t] for t in _types(cache))
+    if key is None or value is None:
+        if key != value:
+            raise SystemExit(f"--caches {cache}: kvlab has no cache float for only one of keys and values")
+        return None
     return key if key == value else f"{key}/{value}"
 
 
@@ -83,8 +90,9 @@ def _kvlab_model(path: Path):
     """kvlab's model for a GGUF it wrote: read back from the file (llama architecture), or for a
     deepseek2 file, which kvlab writes but does not read, the kvlab checkpoint beside it (``model/``,
     as ``kvlab shrink`` writes both; ``<name>.kvlab/`` otherwise)."""
-    import kvlab
     from gguf import GGUFReader
+
+    import kvlab
 
     field = GGUFReader(str(path)).fields["general.architecture"]
     if bytes(field.parts[field.data[0]]).decode() == "llama":

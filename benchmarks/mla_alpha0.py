@@ -45,8 +45,8 @@ def main() -> None:
                                                         "fisher: the loss's metric)")
     ap.add_argument("--out", default="benchmarks/results/mla_alpha0.json")
     args = ap.parse_args()
-    grid = GRID if not args.grid else [(int(r), int(p), m, False) for r, p in (w.split("+") for w in args.grid.split(","))
-                                       for m in args.methods.split(",")]
+    widths = [w.split("+") for w in args.grid.split(",")] if args.grid else []
+    grid = [(int(r), int(p), m, False) for r, p in widths for m in args.methods.split(",")] if args.grid else GRID
     base = kvlab.load(args.model)
     docs = builtin_corpus("validation")
     calibration = calibration_batches(base.tokenizer, args.calibration_tokens, seed=0)

@@ -31,12 +31,17 @@ def _rope_pairs(x, pos, theta):
     return out
 
 
-def deepseek2_logits(path, tokens) -> np.ndarray:
-    """llama.cpp's deepseek2 graph (src/models/deepseek2.cpp, the absorbed MLA path) from the file."""
-    r = GGUFReader(str(path))
-    f = _fields(r)
-    t = {x.name: np.asarray(x.data, dtype=np.float64).reshape([int(d) for d in reversed(x.shape)])
-         for x in r.tensors}
+def gguf_tensors(path) -> dict[str, np.ndarray]:
+    """The file's tensors as float64 arrays in NumPy's order (GGUF's shape reversed)."""
+    return {x.name: np.asarray(x.data, dtype=np.float64).reshape([int(d) for d in reversed(x.shape)])
+            for x in GGUFReader(str(path)).tensors}
+
+
+def deepseek2_logits(path, tokens, tensors: dict | None = None) -> np.ndarray:
+    """llama.cpp's deepseek2 graph (src/models/deepseek2.cpp, the absorbed MLA path) from the file
+    (``tensors``: the file's, changed, to see what a change does)."""
+    f = _fields(GGUFReader(str(path)))
+    t = tensors if tensors is not None else gguf_tensors(path)
     H, L = f["deepseek2.attention.head_count"], f["deepseek2.block_count"]
     rank, R = f["deepseek2.attention.kv_lora_rank"], f["deepseek2.rope.dimension_count"]
     N = f["deepseek2.attention.key_length_mla"] - R
@@ -48,7 +53,11 @@ def deepseek2_logits(path, tokens) -> np.ndarray:
     for i in range(L):
         b = f"blk.{i}."
         h = _rms(x, t[b + "attn_norm.weight"], eps)
-        q = (h @ t[b + "attn_q.weight"].T).reshape(T, H, N + R)
+        if b + "attn_q.weight" in t:
+            q = h @ t[b + "attn_q.weight"].T
+        else:                       # query compression: q_a, its RMSNorm, q_b
+            q = _rms(h @ t[b + "attn_q_a.weight"].T, t[b + "attn_q_a_norm.weight"], eps) @ t[b + "attn_q_b.weight"].T
+        q = q.reshape(T, H, N + R)
         kv = h @ t[b + "attn_kv_a_mqa.weight"].T
         c = _rms(kv[:, :rank], t[b + "attn_kv_a_norm.weight"], eps)
         k_pe = _rope_pairs(kv[:, rank:], pos, theta)

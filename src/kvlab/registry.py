@@ -101,8 +101,8 @@ class AttentionKind:
     layer, or ``None`` when the layer caches nothing itself (a CLA consumer).
     ``cache_bytes(cfg, layer, dtype) -> CacheBytes`` and ``param_count(cfg, layer) -> int`` are
     closed forms over the config (the tests check them against real allocations and modules); a kind
-    with ``capabilities.quantizable_cache`` also takes ``kv_quant=`` (``'int8'``/``'int4'`` storage
-    of the per-token entries, scales included).
+    with ``capabilities.quantizable_cache`` also takes ``kv_quant=`` (``'fp8'``, ``'int8'``, ``'int4'`` or
+    ``'int8/int4'`` storage of the per-token entries, scales included).
     ``options`` are the names a layer spec (or the config's ``attn_options``) may give, and
     ``option_defaults(cfg, options) -> dict`` the values of those left out (e.g. MLA's head widths
     from head_dim); :attr:`kvlab.config.model.ModelConfig.layer_specs` resolves them.

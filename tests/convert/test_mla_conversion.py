@@ -138,5 +138,9 @@ def test_the_fisher_latent_is_the_best_fit_in_the_losss_metric_and_pca_in_its_ow
         E = raw - rebuilt
         errors[method] = {name: torch.trace(m @ E @ S @ E.T).item()
                           for name, m in (("loss", loss_metric), ("pca", pca_metric))}
+        if method == "fisher":   # the latent in the RoPE key's units, so that fp8 and int groups round it well
+            kv_a = _augmented(state, "layers.0.self_attn.kv_a_proj_with_mqa")
+            rms = [(torch.einsum("ij,jk,ik->", w, S, w) / len(w)).sqrt() for w in (kv_a[:rank], kv_a[rank:])]
+            torch.testing.assert_close(rms[0], rms[1], rtol=1e-9, atol=0)
     assert errors["fisher"]["loss"] < 0.99 * errors["pca"]["loss"]
     assert errors["pca"]["pca"] < 0.99 * errors["fisher"]["pca"]

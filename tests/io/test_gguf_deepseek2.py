@@ -9,10 +9,10 @@ import pytest
 import torch
 from gguf import GGUFReader
 
+from deepseek2_reference import _fields, gguf_tensors
+from deepseek2_reference import deepseek2_logits as _deepseek2_logits
 from kvlab import ConfigError, ModelConfig, Transformer
 from kvlab.io.gguf_export import export_gguf, gguf_architecture
-
-from deepseek2_reference import _fields, deepseek2_logits as _deepseek2_logits
 
 TOKENS = [1, 9690, 28, 216, 4040, 3445, 30, 17, 2, 5, 900, 31000, 77, 123]
 
@@ -33,16 +33,18 @@ def _mla(smollm2, *, latent_norm: bool, tie: bool = False, q_lora_rank=None, see
     return model
 
 
-@pytest.mark.parametrize("latent_norm,tie", [(True, False), (False, False), (False, True)],
-                         ids=["normalised-latent", "norm-free-latent", "norm-free-tied"])
-def test_an_mla_model_is_a_deepseek2_gguf_that_computes_kvlabs_logits(smollm2, tmp_path, latent_norm, tie):
-    model = _mla(smollm2, latent_norm=latent_norm, tie=tie)
+@pytest.mark.parametrize("latent_norm,tie,q_lora_rank", [(True, False, None), (False, False, None),
+                                                         (False, True, None), (True, False, 16)],
+                         ids=["normalised-latent", "norm-free-latent", "norm-free-tied", "query-compression"])
+def test_an_mla_model_is_a_deepseek2_gguf_that_computes_kvlabs_logits(smollm2, tmp_path, latent_norm, tie,
+                                                                     q_lora_rank):
+    model = _mla(smollm2, latent_norm=latent_norm, tie=tie, q_lora_rank=q_lora_rank)
     assert gguf_architecture(model.cfg) == "deepseek2"
     path = export_gguf(model, tmp_path / "m.gguf", gguf_type="f32")
     reader = GGUFReader(str(path))
     f = _fields(reader)
     # what llama.cpp's deepseek2 loader needs for a dense model without query compression
-    assert f["deepseek2.attention.head_count_kv"] == 1 and f["deepseek2.attention.q_lora_rank"] == 0
+    assert f["deepseek2.attention.head_count_kv"] == 1 and f["deepseek2.attention.q_lora_rank"] == (q_lora_rank or 0)
     assert f["deepseek2.leading_dense_block_count"] == f["deepseek2.block_count"] == 2
     assert (f["deepseek2.attention.key_length"], f["deepseek2.attention.value_length"]) == (24 + 8, 24)
     assert (f["deepseek2.attention.key_length_mla"], f["deepseek2.attention.value_length_mla"]) == (12 + 8, 16)
@@ -58,16 +60,24 @@ def test_an_mla_model_is_a_deepseek2_gguf_that_computes_kvlabs_logits(smollm2, t
 
 
 def test_deepseek2_rotates_adjacent_pairs_so_kvlabs_halves_are_permuted(smollm2, tmp_path):
-    """The same file read as if RoPE rows were left half-split gives other logits: the permutation matters."""
+    """kvlab rotates the two halves of a RoPE block, llama.cpp adjacent pairs: the same file with its RoPE
+    rows put back in kvlab's order (what an export without the permutation would hold) computes other
+    logits, the file as written kvlab's."""
     model = _mla(smollm2, latent_norm=True)
     path = export_gguf(model, tmp_path / "m.gguf", gguf_type="f32")
     with torch.no_grad():
         want = model(torch.tensor([TOKENS])).double()[0].numpy()
-    r = GGUFReader(str(path))
-    q = next(t for t in r.tensors if t.name == "blk.0.attn_q.weight")
-    rows = np.asarray(q.data).reshape(4, 20, -1)
-    assert not np.allclose(rows[:, 12:], model.layers[0].self_attn.q_proj.weight.detach().numpy().reshape(4, 20, -1)[:, 12:])
-    assert np.abs(_deepseek2_logits(path, TOKENS) - want).max() / np.abs(want).max() < 1e-5
+    unpermuted = gguf_tensors(path)
+    for i in range(2):
+        q = unpermuted[f"blk.{i}.attn_q.weight"].reshape(4, 20, -1)
+        q[:, 12:] = q[:, 12:].reshape(4, 4, 2, -1).transpose(0, 2, 1, 3).reshape(4, 8, -1)   # pairs -> halves
+        kv_a = unpermuted[f"blk.{i}.attn_kv_a_mqa.weight"]
+        kv_a[24:] = kv_a[24:].reshape(4, 2, -1).transpose(1, 0, 2).reshape(8, -1)
+    np.testing.assert_allclose(unpermuted["blk.0.attn_q.weight"],
+                               model.layers[0].self_attn.q_proj.weight.detach().double().numpy(), rtol=1e-6)
+    err = lambda got: np.abs(got - want).max() / np.abs(want).max()     # noqa: E731
+    assert err(_deepseek2_logits(path, TOKENS)) < 1e-5
+    assert err(_deepseek2_logits(path, TOKENS, unpermuted)) > 1e-3          # 100x the tolerance above
 
 
 def test_what_deepseek2_cannot_hold_is_refused(smollm2, tmp_path):

@@ -207,7 +207,7 @@ def test_precisions_are_candidates_alone_and_composed_with_structures():
     for c in composed:   # whole int8 groups of 32, as wide as the budget allows: one more group would not fit
         if c.family == "mla":
             width = c.change["kv_lora_rank"] + c.change["qk_rope_head_dim"]
-            assert width % 32 == 0
+            assert width % 32 == 0 and c.change["kv_lora_rank"] % 32 == 0    # no group mixes latent and RoPE
             more = ModelConfig.from_preset("smollm2-135m").replace(
                 attn_kind="mla", n_kv_head=9, attn_options={"kv_lora_rank": c.change["kv_lora_rank"] + 32,
                                                             "qk_rope_head_dim": c.change["qk_rope_head_dim"]})

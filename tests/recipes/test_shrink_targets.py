@@ -10,15 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kvlab
+from deepseek2_reference import deepseek2_logits
 from kvlab import ConfigError, ModelConfig
 from kvlab.cli import main
 from kvlab.io.gguf_export import gguf_architecture, gguf_problems
 from kvlab.io.hf import config_to_hf
 from kvlab.recipes.shrink import ShrinkConfig, enumerate_candidates, run_shrink
 from kvlab.recipes.shrink.candidates import admitted_by, plan_candidate
-from kvlab.recipes.shrink.targets import TARGETS, get_target
-
-from deepseek2_reference import deepseek2_logits
+from kvlab.recipes.shrink.targets import TARGETS, get_target, llama_cpp_cache_types
 
 SMOLLM2 = ModelConfig.from_preset("smollm2-135m")
 
@@ -144,5 +143,6 @@ def test_target_llama_cpp_writes_a_gguf_that_reads_back_as_the_model(small_on_sm
         with torch.no_grad():                               # f16 weights in the file
             torch.testing.assert_close(gguf(tokens), model(tokens), rtol=0, atol=2e-2)
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
-    cache = {None: "", "int8": " -ctk q8_0 -ctv q8_0 -fa on", "int4": " -ctk q4_1 -ctv q4_1 -fa on"}
-    assert f"$ llama-server -m ./model.gguf{cache[best['precision']]}" in (out / "report.md").read_text()
+    ctk, ctv = llama_cpp_cache_types(best["precision"])
+    flags = "" if best["precision"] is None else f" -ctk {ctk} -ctv {ctv} -fa on"
+    assert f"$ llama-server -m ./model.gguf{flags}" in (out / "report.md").read_text()

@@ -33,7 +33,8 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def kv_quant_arg(p: argparse.ArgumentParser) -> None:
-    """``--kv-quant``: fp8/int8/int4 storage of the KV cache's per-token entries (kvlab.cache.quantized)."""
+    """``--kv-quant``: fp8, int8, int4 or int8-keys/int4-values storage of the KV cache's per-token entries
+    (kvlab.cache.quantized)."""
     p.add_argument("--kv-quant", choices=["none", "fp8", "int8", "int4", "int8/int4"], default="none",
                    help="keep the KV cache's per-token entries (K/V, MLA latents) as fp8 (e4m3) values, or as int8 "
                         "or int4 codes with float16 scales per 32 channels; int8/int4: int8 keys, int4 values "

@@ -12,8 +12,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a model as a HF or kvlab checkpoint, or a GGUF file",
                        description="Export to HF transformers (LlamaForCausalLM; Qwen2/Mistral when biases or "
                                    "a sliding window need it; *ForSequenceClassification for a reward model), "
-                                   "to the kvlab format, or to one GGUF file of the llama architecture that "
-                                   "llama.cpp and Ollama run (GQA/MQA models with a byte-level BPE tokenizer).")
+                                   "to the kvlab format, or to one GGUF file that llama.cpp and Ollama run "
+                                   "(GQA/MQA models as the llama architecture, MLA models as deepseek2; a "
+                                   "byte-level BPE tokenizer).")
     model_args(p)
     p.add_argument("--format", choices=["hf", "kvlab", "gguf"], default="hf")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="hf/kvlab: dtype of the written weights")
@@ -55,13 +56,16 @@ def _gguf(args: argparse.Namespace) -> int:
 
     from kvlab.io import load_config
     from kvlab.io.atomic import refuse_output_over_input
-    from kvlab.io.gguf_export import check_gguf_exportable, check_gguf_target, export_gguf
+    from kvlab.io.gguf_export import check_gguf_exportable, check_gguf_target, export_gguf, gguf_notes
 
     if args.dtype:
         raise UsageError("kvlab export: --dtype is for hf and kvlab; a GGUF file's type is --gguf-type f32|f16|q8_0")
     check_gguf_target(Path(args.output))                           # before any work
     refuse_output_over_input(args.output, [args.model])
     check_gguf_exportable(load_config(args.model))                 # before loading any weights
-    path = export_gguf(load_model(args), args.output, gguf_type=args.gguf_type or "f16")
+    model = load_model(args)
+    path = export_gguf(model, args.output, gguf_type=args.gguf_type or "f16")
     print(f"wrote GGUF file {path} ({args.gguf_type or 'f16'})")
+    for note in gguf_notes(model.cfg):
+        print(f"note: {note}")
     return 0

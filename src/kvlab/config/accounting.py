@@ -21,7 +21,8 @@ if TYPE_CHECKING:   # annotations only: ModelConfig's own accounting methods cal
     from kvlab.config.model import ModelConfig
 
 
-def layer_kv_quant(cfg: ModelConfig, layer: int, kv_quant: KVQuant | None) -> KVQuant | None:
+def layer_kv_quant(cfg: ModelConfig, layer: int,
+                   kv_quant: KVQuant | MixedKVQuant | None) -> KVQuant | MixedKVQuant | None:
     """How layer ``layer``'s cache is stored when ``kv_quant`` is asked for: quantized if its kind
     declares a quantizable cache; as it is if the layer keeps nothing per token (a recurrent state,
     a consumer layer: nothing to quantize); a kind with per-token entries that it cannot store
@@ -40,6 +41,17 @@ def layer_kv_quant(cfg: ModelConfig, layer: int, kv_quant: KVQuant | None) -> KV
         raise ConfigError(f"attention kind {spec.kind!r} does not count quantized caches (it does not declare a "
                           f"quantizable cache); use kv_quant=None with it")
     return None
+
+
+def kv_quant_fits(cfg: ModelConfig, kv_quant: KVQuant | MixedKVQuant | None) -> bool:
+    """Whether every layer of ``cfg`` can keep its cache in ``kv_quant`` (:func:`layer_kv_quant` does
+    not refuse it)."""
+    try:
+        for i in range(cfg.n_layer):
+            layer_kv_quant(cfg, i, kv_quant)
+    except ConfigError:
+        return False
+    return True
 
 
 def layer_cache_bytes(cfg: ModelConfig, dtype: str | torch.dtype = "bf16",

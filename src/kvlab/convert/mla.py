@@ -26,8 +26,10 @@ R = 32) the two are within 3 % of each other (perplexity 28.5 pca, 29.2 whitened
 measures the error by what it does to the loss instead, as the low-rank fit does
 (:mod:`kvlab.convert.lowrank`): ``M = E[g gᵀ]`` of the loss's gradient with respect to the keys
 (before RoPE, the position-free channels of every head with their cross-head terms) and the values,
-one currency for both, so no balancing is needed. ``kv_a_proj_with_mqa`` computes the latent and the shared RoPE key; ``kv_b_proj`` maps
-the latent back to each query head's key and value (heads of one old group get the same rows).
+one currency for both, so no balancing is needed (and the latent is brought to the RoPE key's RMS, so
+that a quantized cache rounds both alike). ``kv_a_proj_with_mqa`` computes the latent and the shared
+RoPE key; ``kv_b_proj`` maps the latent back to each query head's key and value (heads of one old
+group get the same rows).
 
 ``latent_norm=True`` adds DeepSeek's RMSNorm on the latent (needed for a transformers export); its
 weight starts at the latents' calibration RMS, so the norm only removes per-token scale.
@@ -179,6 +181,13 @@ def mla_layer_state(state: dict[str, torch.Tensor], cfg: ModelConfig, new_cfg: M
     P = vecs[:, -rank:].flip(1)                                          # top principal directions
     latent = P.T @ root @ raw                                            # (rank, d+1)
     rebuild = inv_root @ P                                               # (stacked rows, rank)
+    if method == "fisher":
+        # The loss's metric gives the latent arbitrary units (its scale follows the gradient's), which a
+        # cache stored in fp8 (no scale) or in int groups shared with the RoPE key would round badly:
+        # bring it to the RoPE key's RMS, the rebuild taking the inverse (the model is unchanged).
+        rms = lambda w: (torch.einsum("ij,jk,ik->", w, S, w) / len(w)).sqrt()     # noqa: E731
+        unit = (rms(rope_key) / rms(latent).clamp_min(EPS)).clamp_min(EPS)
+        latent, rebuild = latent * unit, rebuild / unit
     if shape.latent_norm:       # DeepSeek's norm on the latent, starting at the latents' RMS
         rms = (torch.einsum("ij,jk,ik->", latent, S, latent) / rank).sqrt().clamp_min(EPS)
         state[f"{prefix}.kv_a_layernorm.weight"] = torch.full((rank,), float(rms), dtype=dtype)

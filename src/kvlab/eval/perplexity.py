@@ -75,8 +75,8 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
              progress: bool = True, backend: str | None = None, kv_quant: str | None = None) -> EvalResult:
     """Perplexity and bits per byte of ``model`` on ``docs`` (see the module docstring).
 
-    With ``kv_quant`` (``'int8'``/``'int4'``) each window runs through a quantized KV cache, so
-    every query attends to quantized keys and values — what generation with that cache sees."""
+    With ``kv_quant`` (``'fp8'``, ``'int8'``, ``'int4'`` or ``'int8/int4'``) each window runs through a
+    quantized KV cache, so every query attends to quantized keys and values — what generation with that cache sees."""
     if tokenizer is None:
         raise ConfigError("evaluation needs a tokenizer; this model has none")
     if seq_len < 2:

@@ -101,7 +101,8 @@ class Engine:
 
     ``max_len`` is the longest sequence (prompt + new tokens) served, by default the model's
     ``max_seq_len``; ``max_seqs`` the most sequences running at once; ``max_queue`` the most waiting;
-    ``kv_quant`` (``'int8'``/``'int4'``) stores the pool's per-token entries quantized.
+    ``kv_quant`` (``'fp8'``, ``'int8'``, ``'int4'``, or keys/values ``'int8/int4'``) stores the pool's
+    per-token entries quantized.
     """
 
     def __init__(self, model: Transformer, *, kv_budget_bytes: int, max_len: int | None = None,

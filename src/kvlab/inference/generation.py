@@ -128,7 +128,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     Returns the new tokens of each prompt, ending with the stop token if one was produced.
     ``seed`` makes sampling deterministic. ``on_token(row, token_id)`` is called for every
     token as soon as it is chosen (streaming). ``stop_tokens`` defaults to the model's EOS.
-    ``kv_quant`` (``'int8'``/``'int4'``) keeps the KV cache quantized (:mod:`kvlab.cache.quantized`).
+    ``kv_quant`` (``'fp8'``, ``'int8'``, ``'int4'``, or keys/values ``'int8/int4'``) keeps the KV cache
+    quantized (:mod:`kvlab.cache.quantized`).
     """
     cfg = model.cfg
     params = SamplingParams(temperature, top_k, top_p)

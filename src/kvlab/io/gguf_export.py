@@ -17,7 +17,10 @@ always RMS-normalises the latent; a converted model's latent is norm-free, so it
 down by a power of two ``s`` until the norm's epsilon dominates, and the norm weight is ``√ε / s``:
 ``RMSNorm(s·c)·w = c / sqrt(1 + s²·mean(c²)/ε)``, equal to ``c`` within 2⁻²⁵ for every input the
 layer can see (``s`` from a bound on ``c``). Those scaled rows would underflow float16, so that one
-tensor stays F32. deepseek2 has no bias tensors: a model with biases is refused.
+tensor stays F32 — and must stay so: requantizing the file with llama.cpp's ``llama-quantize`` would
+round those entries to zero (its block scales are float16; :func:`gguf_notes` says so where it
+applies). deepseek2 has no bias tensors: a model with biases is refused. kvlab reads back the llama
+GGUFs it writes (:mod:`kvlab.io.gguf`), not deepseek2 ones.
 
 Weights are written as F32, F16 or Q8_0 (``gguf.quants``). A file kvlab writes carries
 ``kvlab.exported``; an existing path is replaced only when it is such a file (written to a
@@ -92,6 +95,17 @@ def gguf_problems(cfg) -> list[str]:
         if bad:
             problems.append(what)
     return problems
+
+
+def gguf_notes(cfg) -> list[str]:
+    """What a user of ``cfg``'s GGUF export must know beyond the file (empty for most models)."""
+    from kvlab.attention.mla import MLAShape
+
+    if gguf_architecture(cfg) == "deepseek2" and not MLAShape.of(cfg).latent_norm:
+        return ["the latent is norm-free, carried through llama.cpp's latent RMSNorm by scaling attn_kv_a_mqa "
+                "far down; that tensor is F32 in the file: do not requantize the file with llama-quantize "
+                "(its float16 block scales would round it to zero)"]
+    return []
 
 
 def check_gguf_exportable(cfg) -> None:
@@ -243,7 +257,9 @@ def _deepseek2_tensors(model: Transformer) -> dict[str, tuple[torch.Tensor, bool
     shape = MLAShape.of(cfg)
     H, rank, R = cfg.n_head, shape.kv_lora_rank, shape.qk_rope_head_dim
     N, V = shape.qk_nope_head_dim, shape.v_head_dim
-    sd = {k: v.detach().to(torch.float64) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    unused = set(state) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    sd = _Taken(state, unused)
 
     def with_rope_pairs(w: torch.Tensor) -> torch.Tensor:      # the last R rows of each head's query
         w = w.reshape(H, N + R, -1).clone()
@@ -263,7 +279,7 @@ def _deepseek2_tensors(model: Transformer) -> dict[str, tuple[torch.Tensor, bool
             out[b + "attn_q_a.weight"] = (sd[attn + "q_a_proj.weight"], False)
             out[b + "attn_q_a_norm.weight"] = (sd[attn + "q_a_layernorm.weight"], False)
             out[b + "attn_q_b.weight"] = (with_rope_pairs(sd[attn + "q_b_proj.weight"]), False)
-        kv_a = sd[attn + "kv_a_proj_with_mqa.weight"].clone()
+        kv_a = sd[attn + "kv_a_proj_with_mqa.weight"].double()      # float64 for the scaling below
         kv_a[rank:] = _rope_pairs(kv_a[rank:])
         if shape.latent_norm:
             norm, keep_f32 = sd[attn + "kv_a_layernorm.weight"], False
@@ -283,7 +299,21 @@ def _deepseek2_tensors(model: Transformer) -> dict[str, tuple[torch.Tensor, bool
         out[b + "ffn_norm.weight"] = (sd[p + "post_attention_layernorm.weight"], False)
         for leaf, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
             out[b + name + ".weight"] = (sd[p + "mlp." + leaf + ".weight"], False)
+    if unused:          # a weight the architecture has no place for would be lost: refuse instead
+        raise ConfigError(f"cannot export to GGUF (deepseek2 architecture): no place for {sorted(unused)[:4]}; "
+                          f"keep the model in the kvlab format (kvlab export --format kvlab)")
     return out
+
+
+class _Taken:
+    """A state dict read as float32 one tensor at a time, each key crossed off ``unused`` when read."""
+
+    def __init__(self, state: dict, unused: set):
+        self.state, self.unused = state, unused
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.unused.discard(key)
+        return self.state[key].detach().to(torch.float32)
 
 
 def export_gguf(model: Transformer, path: str | Path, *, gguf_type: str = "f16") -> Path:
@@ -304,8 +334,8 @@ def export_gguf(model: Transformer, path: str | Path, *, gguf_type: str = "f16")
     os.close(fd)
     tmp = Path(tmp_name)
     arch = gguf_architecture(cfg)
-    tensors = _llama_tensors(model) if arch == "llama" else _deepseek2_tensors(model)
     try:
+        tensors = _llama_tensors(model) if arch == "llama" else _deepseek2_tensors(model)
         writer = GGUFWriter(str(tmp), arch)
         writer.add_name(cfg.name or "kvlab model")
         writer.add_context_length(cfg.max_seq_len)

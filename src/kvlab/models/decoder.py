@@ -223,7 +223,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: str | torch.dtype | None = None,
                   device: str | torch.device | None = None, kv_quant: str | KVQuant | None = None) -> KVCache:
         """A preallocated KV cache for ``batch_size`` rows of up to ``max_len`` tokens; ``kv_quant``
-        (``'int8'``/``'int4'``) keeps its per-token entries quantized."""
+        (``'fp8'``, ``'int8'``, ``'int4'``, or keys/values ``'int8/int4'``) keeps its per-token entries quantized."""
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len,
                        dtype=dtype or self.dtype, device=device or self.device, kv_quant=parse_kv_quant(kv_quant))
 

@@ -38,7 +38,8 @@ class GenerateConfig:
                                         "(default %(default)s)")
     backend: str | None = option(None, "attention backend: reference, sdpa, flash, triton or auto (default: the "
                                        "model's)")
-    kv_quant: str = "none"        # fp8/int8/int4 storage of the cache's per-token entries (kvlab.cache.quantized)
+    # fp8, int8, int4 or int8/int4 (keys/values) storage of the cache's per-token entries (kvlab.cache.quantized)
+    kv_quant: str = "none"
 
 
 @dataclass

@@ -11,9 +11,9 @@ resume from their own checkpoints):
    fits; MLA with a shared RoPE key of a quarter, half or three quarters of a head and the rest of the
    budget as the latent; low-rank key and value latents with a fixed key share, and with the channels
    allocated across layers and between keys and values by the loss.
-3. **Rank** them at α = 0: each converted with its family's best start — calibrated merging, PCA of
-   the latent, PCA of the keys and values plain or weighted by the loss's gradient — from one set of
-   calibration moments, and scored on held-out windows of the training split.
+3. **Rank** them at α = 0: each converted with its family's best start — calibrated merging, the MLA
+   latent fitted in the loss's metric, PCA of the keys and values plain or weighted by the loss's
+   gradient — from one set of calibration moments, and scored on held-out windows of the training split.
 4. **Plan** the recovery of the best few within the budget (``tokens``, or ``minutes`` of wall time
    for the whole run, from measured step times: :mod:`~kvlab.recipes.shrink.planning`).
 5. **Recover** each: layer-wise attention transfer to the original, then distillation of its logits

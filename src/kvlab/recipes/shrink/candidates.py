@@ -20,13 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvlab.config.accounting import kv_quant_fits
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
-from kvlab.dtypes import QUANT_GROUP, KVQuant, MixedKVQuant, parse_kv_quant
+from kvlab.dtypes import QUANT_GROUP, KVQuant, MixedKVQuant, field_formats, parse_kv_quant
 from kvlab.errors import ConfigError
+from kvlab.registry import get_kind
 
 # The cache precisions a candidate may have: None keeps the model's own (counted as bf16); the rest
 # are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too. int8/int4
@@ -83,15 +85,21 @@ def _bytes(cfg: ModelConfig, precision: str | None) -> int:
 
 
 def _grouped(precision: str | None) -> bool:
-    """Whether ``precision`` stores parameters per group of channels (the integer formats)."""
+    """Whether ``precision`` stores parameters per group of channels (an integer format, for keys or values)."""
     kvq = parse_kv_quant(precision)
-    return kvq is not None and not kvq.is_float
+    return kvq is not None and any(not f.is_float for f in field_formats(kvq, 2 if isinstance(kvq, MixedKVQuant)
+                                                                           else 1))
 
 
-def _one_format(precision: str | None) -> bool:
-    """Whether ``precision`` stores keys and values alike, as a latent that is both needs (MLA,
-    low-rank): keys and values in two formats need a cache that keeps them apart."""
-    return not isinstance(parse_kv_quant(precision), MixedKVQuant)
+def _holds(cfg: ModelConfig, precision: str | None) -> bool:
+    """Whether every layer of ``cfg`` can store its cache in ``precision``: keys and values in two formats
+    need kinds that cache them apart (``separate_kv_cache``; an MLA or low-rank latent is both at once)."""
+    return kv_quant_fits(cfg, parse_kv_quant(precision))
+
+
+def _kind_holds(kind: str, precision: str | None) -> bool:
+    """Whether layers of attention ``kind`` can store their cache in ``precision`` (as :func:`_holds`)."""
+    return not isinstance(parse_kv_quant(precision), MixedKVQuant) or get_kind(kind).capabilities.separate_kv_cache
 
 
 def _aligned(width: int, precision: str | None) -> bool:
@@ -136,7 +144,7 @@ class CacheFamily:
     exact_at_full_width = True
 
     def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
-        if precision is None or _bytes(cfg, precision) > budget:
+        if precision is None or not _holds(cfg, precision) or _bytes(cfg, precision) > budget:
             return []
         return [Candidate(f"{precision} cache", self.name, "+".join(cfg.kinds), {}, _bytes(cfg, precision),
                           precision)]
@@ -165,6 +173,8 @@ class HeadsFamily:
                 if heads == cfg.n_kv_head and cla == 1:
                     continue                          # the original structure: the 'cache' family's
                 new = cfg.replace(n_kv_head=heads, cla=cla)
+                if not _holds(new, precision):
+                    break
                 if _bytes(new, precision) <= budget:
                     base = "MQA" if heads == 1 else f"GQA-{heads}"
                     out.append(Candidate(_named(base + (f"-CLA{cla}" if cla > 1 else ""), precision), self.name,
@@ -193,13 +203,13 @@ class MLAFamily:
     exact_at_full_width = False
 
     def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
-        if cfg.pos != "rope" or not _one_format(precision):
+        if cfg.pos != "rope" or not _kind_holds("mla", precision):
             return []
         out = []
         D = cfg.head_dim
         for rope in sorted({max(2, (D * f // 4) // 2 * 2) for f in (1, 2, 3)}):
-            def fits(rank: int, rope=rope) -> bool:
-                return _aligned(rank + rope, precision) and _bytes(
+            def fits(rank: int, rope=rope) -> bool:     # whole groups for the latent and for the RoPE key
+                return _aligned(rank, precision) and _aligned(rank + rope, precision) and _bytes(
                     plan_mla(cfg, kv_lora_rank=rank, qk_rope_head_dim=rope), precision) <= budget
             try:
                 rank = _widest(fits, cfg.n_kv_head * (2 * D - rope))
@@ -235,7 +245,7 @@ class LowRankFamily:
     exact_at_full_width = True
 
     def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
-        if cfg.is_encoder_decoder or not _one_format(precision):
+        if cfg.is_encoder_decoder or not _kind_holds("lowrank", precision):
             return []
         width = 2 * cfg.n_kv_head * cfg.head_dim
 

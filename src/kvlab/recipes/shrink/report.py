@@ -103,6 +103,9 @@ def _target_lines(results: dict) -> list[str]:
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
     lines = [f"## In {target.name}", "", f"Written for {target.name} in `{results['target_output']}`:", "",
              *target.serve_command(".", best["precision"]), ""]
+    lines += [f"Note: {note}." for note in results.get("target_notes") or []]
+    if results.get("target_notes"):
+        lines.append("")
     refused = results.get("refused") or {}
     if refused:
         lines += [f"Left out because {target.name} does not run them natively:", ""]
@@ -225,7 +228,8 @@ def write_report(results: dict, path: Path) -> None:
 def _ranking_lines(results: dict) -> list[str]:
     orig = results["original"]
     lines = ["## Every candidate at α = 0 (the ranking)", "",
-             "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, PCA latent for MLA, "
+             "Converted with its best starting point (calibrated merging for GQA/MQA/CLA, for MLA the latent "
+             "fitted in the loss's metric, "
              "PCA of the keys and values for low-rank: plain for the uniform splits, weighted by the loss's "
              "gradient for the allocated one), no training, its cache in its precision; perplexity on held-out "
              "windows of the training split — all of them for the best few, the first half for the rest. Decode "

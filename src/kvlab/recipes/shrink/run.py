@@ -388,6 +388,7 @@ class ShrinkRun:
         best_model = kvlab.load(model_dir)
         written = self.target.write(best_model, self.out)
         self.state.target_output = None if written is None else written.name
+        self.state.target_notes = self.target.notes(best_model.cfg)
         hf_note = None
         try:
             config_to_hf(best_model.cfg, best_model.dtype, best_model)

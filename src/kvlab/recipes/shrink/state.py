@@ -105,6 +105,7 @@ class ShrinkState:
     hf_note: str | None = None
     serving: dict | None = None                  # the chosen model's serving gain (a ServingGain's fields)
     target_output: str | None = None             # the target runtime's format, relative to the run directory
+    target_notes: list[str] = field(default_factory=list)   # what its user must know beyond the file
     refused: dict[str, str] = field(default_factory=dict)   # candidates the target does not run -> why
 
     @classmethod
@@ -138,5 +139,6 @@ class ShrinkState:
                 "recovered": [public(r) for r in self.recovered.values()],
                 "best": self.best, "plan": dataclasses.asdict(self.plan), "hf_export": self.hf_export,
                 "hf_note": self.hf_note, "serving": self.serving, "target": self.config.get("target", "kvlab"),
-                "target_output": self.target_output, "refused": self.refused, "config": self.config,
+                "target_output": self.target_output, "target_notes": self.target_notes, "refused": self.refused,
+                "config": self.config,
                 "elapsed_s": elapsed_s}

@@ -101,6 +101,14 @@ class Target:
             return path
         return None
 
+    def notes(self, cfg: ModelConfig) -> list[str]:
+        """What a user of the written file must know beyond it (its exporter's notes)."""
+        if self.output == "model.gguf":
+            from kvlab.io.gguf_export import gguf_notes
+
+            return gguf_notes(cfg)
+        return []
+
     def serve_command(self, out_name: str, precision: str | None) -> list[str]:
         """Markdown lines: how this runtime serves the written model with its cache precision."""
         if self.name == "transformers":

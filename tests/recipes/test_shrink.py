@@ -323,3 +323,15 @@ def test_transfer_is_skipped_only_for_loss_fitted_starts_close_to_the_original()
     assert transfer_fraction(scfg, by_family["lowrank", False]) == scfg.transfer_fraction > 0
     assert transfer_fraction(scfg, by_family["mla", True]) == scfg.transfer_fraction
     assert ("mla", False) not in by_family                    # every MLA start is fitted in the loss's metric
+
+
+def test_the_clis_default_precisions_are_the_recipes():
+    import argparse
+
+    from kvlab.cli import shrink as cli_shrink
+    from kvlab.recipes.shrink.config import PRECISION_NAMES
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli_shrink.add_parser(sub)
+    parser = sub.choices["shrink"]
+    assert parser.get_default("precisions") == ",".join(PRECISION_NAMES)

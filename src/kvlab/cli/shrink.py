@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                         "(its own distribution, what distillation matches), or the built-in split and samples")
     p.add_argument("--generated-tokens", type=int, default=65536, metavar="N",
                    help="--data generated/mixed: tokens to sample (default 65536)")
+    # The default is kvlab.recipes.shrink.config.PRECISION_NAMES (a test keeps them equal), written out so
+    # that building the parser imports no model code.
     p.add_argument("--precisions", default="none,fp8,int8,int8/int4,int4", metavar="LIST",
                    help="cache precisions to consider, alone and composed with every structure (default "
                         "none,fp8,int8,int8/int4,int4; none: the model's own; int8/int4: int8 keys, int4 "

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvlab.errors import ConfigError
+from kvlab.recipes.shrink.candidates import PRECISIONS
 from kvlab.recipes.shrink.targets import TARGET_NAMES
 
 TRAIN_SETS = ("attention", "all", "lora")
 DATA_SOURCES = ("builtin", "library", "generated", "mixed")
-PRECISION_NAMES = ("none", "fp8", "int8", "int8/int4", "int4")
+PRECISION_NAMES = tuple("none" if p is None else p for p in PRECISIONS)     # as --precisions names them
 # A candidate whose decode step takes more than this times the original's (median ratio, measured
 # interleaved) is slower: on the 2-core VM two identical models read 0.94-1.06 against each other.
 SPEED_TOLERANCE = 0.05

@@ -29,6 +29,7 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.errors import ConfigError
+from kvlab.recipes.shrink.candidates import PRECISIONS
 
 TARGET_NAMES = ("kvlab", "transformers", "vllm", "llama.cpp")
 DEEPSEEK_MLA_WIDTHS = (512, 64)          # kv_lora_rank, qk_rope_head_dim
@@ -132,7 +133,7 @@ class Target:
 
 
 TARGETS = {
-    "kvlab": Target("kvlab", (None, "fp8", "int8", "int8/int4", "int4"), "model"),
+    "kvlab": Target("kvlab", PRECISIONS, "model"),
     "transformers": Target("transformers", (None,), "hf"),
     "vllm": Target("vllm", (None, "fp8"), "hf"),
     "llama.cpp": Target("llama.cpp", LLAMA_CPP_PRECISIONS, "model.gguf"),

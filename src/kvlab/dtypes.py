@@ -68,6 +68,11 @@ class KVQuant:
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def formats(self) -> tuple["KVQuant", ...]:
+        """The formats it stores in: itself (a :class:`MixedKVQuant` has two)."""
+        return (self,)
+
     def param_count(self, width: int) -> int:
         """float16 parameters of one vector of ``width`` channels."""
         return self.params_per_group * (width // quant_group(width))
@@ -109,6 +114,10 @@ class MixedKVQuant:
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def formats(self) -> tuple[KVQuant, KVQuant]:
+        return self.key, self.value
 
 
 def field_formats(kv_quant: KVQuant | MixedKVQuant, n_fields: int) -> tuple[KVQuant, ...]:

@@ -21,6 +21,12 @@ if TYPE_CHECKING:   # annotations only: ModelConfig's own accounting methods cal
     from kvlab.config.model import ModelConfig
 
 
+def kind_holds(kind: str, kv_quant: KVQuant | MixedKVQuant | None) -> bool:
+    """Whether layers of attention ``kind`` can keep their cache in ``kv_quant`` as far as its formats go:
+    keys and values in two formats need a kind that caches them apart (``separate_kv_cache``)."""
+    return not isinstance(kv_quant, MixedKVQuant) or get_kind(kind).capabilities.separate_kv_cache
+
+
 def layer_kv_quant(cfg: ModelConfig, layer: int,
                    kv_quant: KVQuant | MixedKVQuant | None) -> KVQuant | MixedKVQuant | None:
     """How layer ``layer``'s cache is stored when ``kv_quant`` is asked for: quantized if its kind
@@ -32,7 +38,7 @@ def layer_kv_quant(cfg: ModelConfig, layer: int,
     spec = cfg.layer_specs[layer]
     kind = get_kind(spec.kind)
     if kind.capabilities.quantizable_cache:
-        if isinstance(kv_quant, MixedKVQuant) and not kind.capabilities.separate_kv_cache:
+        if not kind_holds(spec.kind, kv_quant):
             raise ConfigError(f"layer {layer} ({spec.kind}) caches one latent per token, which is keys and values at "
                               f"once; {kv_quant} (keys/values in two formats) needs separate keys and values: use "
                               f"one format ({kv_quant.key.name} or {kv_quant.value.name})")

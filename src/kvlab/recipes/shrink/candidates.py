@@ -20,15 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvlab.config.accounting import kv_quant_fits
+from kvlab.config.accounting import kind_holds, kv_quant_fits
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
-from kvlab.dtypes import QUANT_GROUP, KVQuant, MixedKVQuant, field_formats, parse_kv_quant
+from kvlab.dtypes import QUANT_GROUP, KVQuant, MixedKVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
-from kvlab.registry import get_kind
 
 # The cache precisions a candidate may have: None keeps the model's own (counted as bf16); the rest
 # are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too. int8/int4
@@ -87,8 +86,7 @@ def _bytes(cfg: ModelConfig, precision: str | None) -> int:
 def _grouped(precision: str | None) -> bool:
     """Whether ``precision`` stores parameters per group of channels (an integer format, for keys or values)."""
     kvq = parse_kv_quant(precision)
-    return kvq is not None and any(not f.is_float for f in field_formats(kvq, 2 if isinstance(kvq, MixedKVQuant)
-                                                                           else 1))
+    return kvq is not None and any(not f.is_float for f in kvq.formats)
 
 
 def _holds(cfg: ModelConfig, precision: str | None) -> bool:
@@ -99,7 +97,7 @@ def _holds(cfg: ModelConfig, precision: str | None) -> bool:
 
 def _kind_holds(kind: str, precision: str | None) -> bool:
     """Whether layers of attention ``kind`` can store their cache in ``precision`` (as :func:`_holds`)."""
-    return not isinstance(parse_kv_quant(precision), MixedKVQuant) or get_kind(kind).capabilities.separate_kv_cache
+    return kind_holds(kind, parse_kv_quant(precision))
 
 
 def _aligned(width: int, precision: str | None) -> bool:

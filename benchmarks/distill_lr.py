@@ -25,7 +25,8 @@ from kvlab.convert.calibrated import attention_input_moments
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments
 from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
-from kvlab.recipes.shrink import ProxyCurve, proxy_loss
+from kvlab.eval.perplexity import batch_loss
+from kvlab.recipes.shrink import ProxyCurve
 from kvlab.training import Distillation, TrainConfig, train
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     rows = []
     for lr in (float(x) for x in args.lrs.split(",")):
         student = convert_to_lowrank(base, channels=args.channels, moments=moments, loss_moments=loss_moments)
-        start = math.exp(proxy_loss(student, proxy, "cpu"))
+        start = math.exp(batch_loss(student, proxy))
         tokens_per_step = args.batch_size * 1024
         curve = ProxyCurve(student, proxy, "cpu", max(1, args.steps // 6), 0, tokens_per_step, args.steps, f"lr {lr:g}",
                        print)
@@ -67,7 +68,7 @@ def main() -> None:
         rows.append({"lr": lr, "start_proxy_ppl": start, "curve": curve.points, "seconds": time.perf_counter() - t})
         print(json.dumps(rows[-1]), flush=True)
     meta = {"model": args.model, "channels": args.channels, "steps": args.steps, "batch_size": args.batch_size,
-            "original_proxy_ppl": math.exp(proxy_loss(base, proxy, "cpu")), "torch": torch.__version__,
+            "original_proxy_ppl": math.exp(batch_loss(base, proxy)), "torch": torch.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

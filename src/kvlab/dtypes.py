@@ -131,18 +131,117 @@ def field_formats(kv_quant: KVQuant | MixedKVQuant, n_fields: int) -> tuple[KVQu
     return (kv_quant,) * n_fields
 
 
-def parse_kv_quant(value: str | KVQuant | MixedKVQuant | None) -> KVQuant | MixedKVQuant | None:
+@dataclass(frozen=True)
+class LayeredKVQuant:
+    """A cache format per layer: ``base`` for every layer but those of ``overrides`` (``((layer,
+    format), ...)``, sorted by layer). Spelt ``BASE+FORMAT@LAYERS…`` with layers as numbers and ranges:
+    ``int8/int4+int8@0-3,7`` keeps int8 keys with int4 values everywhere but layers 0-3 and 7, which
+    keep int8 values too. ``kvlab shrink`` allocates one by each layer's estimated effect on the loss
+    (:mod:`kvlab.convert.precision`); :func:`kvlab.config.accounting.layer_kv_quant` gives each layer
+    its format (and refuses a layer the model does not have)."""
+
+    base: KVQuant | MixedKVQuant
+    overrides: tuple[tuple[int, KVQuant | MixedKVQuant], ...]
+
+    def for_layer(self, layer: int) -> KVQuant | MixedKVQuant:
+        return dict(self.overrides).get(layer, self.base)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layers named by an override."""
+        return tuple(i for i, _ in self.overrides)
+
+    @property
+    def name(self) -> str:
+        groups: dict[str, list[int]] = {}
+        for i, fmt in self.overrides:
+            groups.setdefault(fmt.name, []).append(i)
+        return self.base.name + "".join(f"+{fmt}@{_ranges(layers)}" for fmt, layers in sorted(groups.items()))
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def formats(self) -> tuple[KVQuant, ...]:
+        """Every format some layer stores in, each once."""
+        out: list[KVQuant] = []
+        for fmt in (self.base, *(f for _, f in self.overrides)):
+            out += [f for f in fmt.formats if f not in out]
+        return tuple(out)
+
+
+def layered_kv_quant(per_layer) -> KVQuant | MixedKVQuant | LayeredKVQuant:
+    """One format per layer (a sequence, every entry a format or its name) -> the format itself when
+    every layer has the same, else a :class:`LayeredKVQuant` whose base is the most common one."""
+    formats = [parse_kv_quant(f) for f in per_layer]
+    if not formats or any(f is None or isinstance(f, LayeredKVQuant) for f in formats):
+        raise ConfigError("a format per layer needs one quantized format (fp8, int8, int4, keys/values) for each layer")
+    names = [f.name for f in formats]
+    base = formats[max(range(len(formats)), key=lambda i: (names.count(names[i]), -i))]
+    if all(f == base for f in formats):
+        return base
+    return LayeredKVQuant(base, tuple((i, f) for i, f in enumerate(formats) if f != base))
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
+    out, start = [], None
+    for k, i in enumerate(layers):
+        if start is None:
+            start = i
+        if k + 1 == len(layers) or layers[k + 1] != i + 1:
+            out.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(out)
+
+
+def _parse_layers(text: str, spec: str) -> list[int]:
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            layers += range(first, last + 1)
+    except ValueError:
+        raise ConfigError(f"KV quantization {spec!r}: {text!r} is not a list of layers (numbers and ranges from 0: "
+                          f"0-3,7)") from None
+    return layers
+
+
+def parse_kv_quant(value) -> KVQuant | MixedKVQuant | LayeredKVQuant | None:
     """``None``/``'none'`` -> None; ``'fp8'``/``'int8'``/``'int4'`` (or a :class:`KVQuant`) -> the format;
-    ``'KEYS/VALUES'`` (``'int8/int4'``) -> a :class:`MixedKVQuant`; anything else: one clear error."""
-    if value is None or isinstance(value, (KVQuant, MixedKVQuant)):
+    ``'KEYS/VALUES'`` (``'int8/int4'``) -> a :class:`MixedKVQuant`; ``'BASE+FORMAT@LAYERS…'``
+    (``'int8/int4+int8@0-3,7'``) -> a :class:`LayeredKVQuant`; anything else: one clear error."""
+    if value is None or isinstance(value, (KVQuant, MixedKVQuant, LayeredKVQuant)):
         return value
-    name = str(value).lower()
+    name = str(value).lower().replace(" ", "")
     if name in ("none", ""):
         return None
+    if "+" in name:
+        base, *parts = name.split("+")
+        overrides: dict[int, KVQuant | MixedKVQuant] = {}
+        for part in parts:
+            fmt, at, layers = part.partition("@")
+            if not at:
+                raise ConfigError(f"KV quantization {value!r}: {part!r} names no layers; write FORMAT@LAYERS "
+                                  f"(int8/int4+int8@0-3,7)")
+            for i in _parse_layers(layers, str(value)):
+                if i in overrides:
+                    raise ConfigError(f"KV quantization {value!r} gives layer {i} two formats; name it once")
+                overrides[i] = _one_format(fmt, value)
+        base_fmt = _one_format(base, value)
+        return LayeredKVQuant(base_fmt, tuple(sorted((i, f) for i, f in overrides.items() if f != base_fmt))) \
+            if any(f != base_fmt for f in overrides.values()) else base_fmt
+    return _one_format(name, value)
+
+
+def _one_format(name: str, spec) -> KVQuant | MixedKVQuant:
     parts = name.split("/")
     if len(parts) > 2 or not all(p in KV_QUANTS for p in parts):
-        raise ConfigError(f"unknown KV quantization {value!r}; use fp8, int8, int4, none, or keys/values in two "
-                          f"of them (int8/int4)")
+        raise ConfigError(f"unknown KV quantization {spec!r}; use fp8, int8, int4, none, keys/values in two "
+                          f"of them (int8/int4), or a base with formats for some layers (int8/int4+int8@0-3,7)")
     if len(parts) == 1:
         return KV_QUANTS[name]
     key, val = (KV_QUANTS[p] for p in parts)

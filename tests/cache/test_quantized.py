@@ -229,3 +229,53 @@ def test_the_shared_workspace_changes_no_result(name):
         steps = [model(x[:, :10], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(10, 14)]
         outs.append(torch.cat(steps, 1))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_a_format_per_layer_stores_each_layer_in_its_own():
+    """``int8/int4+int4@1``: layer 0 keeps int8 keys and int4 values, layer 1 int4 for both; each
+    layer's value codes equal the float64 reference of that layer's values in its own format, and the
+    bytes are each layer's own, as the accounting and the paged pool count them."""
+    model = make_model(n_kv_head=2, d_model=128, n_head=2, n_layer=3)         # head_dim 64: two groups
+    spec = parse_kv_quant("int8/int4+int4@1+int8@2")
+    values = {}
+    hooks = [model.layers[i].self_attn.v_proj.register_forward_hook(
+        lambda m, a, out, i=i: values.__setitem__(i, out)) for i in range(3)]
+    cache = model.new_cache(2, 12, kv_quant=spec)
+    model(torch.randint(0, 256, (2, 12)), cache=cache)
+    for h in hooks:
+        h.remove()
+    want_bits = {0: (8, 4), 1: (4, 4), 2: (8, 8)}
+    for i, (kbits, vbits) in want_bits.items():
+        layer = cache.layers[i]
+        assert (layer.formats["keys"].bits, layer.formats["values"].bits) == (kbits, vbits)
+        v = values[i].view(2, 12, 2, 64).transpose(1, 2).numpy()            # (B, H, T, D) as the cache keeps it
+        want, *_ = _reference(v, vbits, 32)
+        got = layer.values_codes.numpy()
+        got = got if vbits == 8 else _unpack_int4(got)
+        assert (got != want).mean() < 1e-3
+    n = 2 * 64                                                            # channels of keys (= of values) a layer
+    int8, int4 = n + n // 32 * 2, n // 2 + n // 32 * 4
+    assert cache_bytes(model.cfg, torch.float16, spec).per_token == (int8 + int4) + 2 * int4 + 2 * int8
+    assert cache.nbytes == cache_bytes(model.cfg, torch.float32, spec).for_sequence(12) * 2
+    pool = PagedKVPool(model.cfg, budget_bytes=2**20, max_len=64, block_size=16, kv_quant=spec)
+    assert pool.block_bytes == cache_bytes(model.cfg, torch.float32, spec).per_token * 16
+
+
+def test_a_format_per_layer_is_spelt_and_checked():
+    spec = parse_kv_quant("INT8/int4 + int8@0-1,3 + fp8@4")
+    assert [spec.for_layer(i).name for i in range(6)] == ["int8", "int8", "int8/int4", "int8", "fp8", "int8/int4"]
+    assert spec.name == "int8/int4+fp8@4+int8@0-1,3" and parse_kv_quant(spec.name) == spec
+    assert parse_kv_quant("int8+int8@2") == parse_kv_quant("int8")        # an override equal to the base
+    for bad, match in [("int8+int4", "names no layers"), ("int8+int4@x", "not a list of layers"),
+                       ("int8+int4@3-1", "not a list of layers"), ("int8+int4@1+fp8@1", "two formats"),
+                       ("int8+int5@1", "unknown KV quantization")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_kv_quant(bad)
+    with pytest.raises(ConfigError, match="names layer 7, but the model has 4 layers"):
+        make_model().new_cache(1, 8, kv_quant="int8+int4@7")
+    with pytest.raises(ConfigError, match="keys and values at once"):
+        make_model(**VARIANTS["mla"]).new_cache(1, 8, kv_quant="int8+int8/int4@1")
+    mla = make_model(**VARIANTS["mla"])                                   # one format per layer suits a latent
+    formats = mla.new_cache(1, 8, kv_quant="int8+int4@1").layers
+    assert {f.bits for f in formats[0].formats.values()} == {8} and {f.bits for f in formats[1].formats.values()} == {4}

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from kvlab.errors import KvlabError
+from kvlab.errors import ConfigError, KvlabError
 
 
 class UsageError(KvlabError):
@@ -34,11 +34,23 @@ def add_model_source(p: argparse.ArgumentParser) -> None:
 
 def kv_quant_arg(p: argparse.ArgumentParser) -> None:
     """``--kv-quant``: fp8, int8, int4 or int8-keys/int4-values storage of the KV cache's per-token entries
-    (kvlab.cache.quantized)."""
-    p.add_argument("--kv-quant", choices=["none", "fp8", "int8", "int4", "int8/int4"], default="none",
+    (kvlab.cache.quantized), or a format per layer (``int8/int4+int8@0-3``, what ``kvlab shrink`` allocates)."""
+    p.add_argument("--kv-quant", type=_kv_quant_name, default="none", metavar="FORMAT",
                    help="keep the KV cache's per-token entries (K/V, MLA latents) as fp8 (e4m3) values, or as int8 "
                         "or int4 codes with float16 scales per 32 channels; int8/int4: int8 keys, int4 values "
-                        "(llama.cpp's -ctk q8_0 -ctv q4_1; GQA/MQA caches) (default none)")
+                        "(llama.cpp's -ctk q8_0 -ctv q4_1; GQA/MQA caches); BASE+FORMAT@LAYERS: BASE everywhere but "
+                        "the layers named (int8/int4+int8@0-3,7) (default none)")
+
+
+def _kv_quant_name(text: str) -> str:
+    """``--kv-quant``'s value, checked (argparse turns the error into a usage line) and spelt as kvlab spells it."""
+    from kvlab.dtypes import parse_kv_quant
+
+    try:
+        fmt = parse_kv_quant(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return "none" if fmt is None else fmt.name
 
 
 def model_config_from_args(args: argparse.Namespace):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvlab.dtypes import KVQuant, MixedKVQuant, dtype_bytes, parse_kv_quant
+from kvlab.dtypes import KVQuant, LayeredKVQuant, MixedKVQuant, dtype_bytes, parse_kv_quant
 from kvlab.errors import ConfigError
 from kvlab.registry import CacheBytes, get_kind
 
@@ -21,20 +21,28 @@ if TYPE_CHECKING:   # annotations only: ModelConfig's own accounting methods cal
     from kvlab.config.model import ModelConfig
 
 
-def kind_holds(kind: str, kv_quant: KVQuant | MixedKVQuant | None) -> bool:
+def kind_holds(kind: str, kv_quant: KVQuant | MixedKVQuant | LayeredKVQuant | None) -> bool:
     """Whether layers of attention ``kind`` can keep their cache in ``kv_quant`` as far as its formats go:
     keys and values in two formats need a kind that caches them apart (``separate_kv_cache``)."""
+    if isinstance(kv_quant, LayeredKVQuant):
+        return all(kind_holds(kind, f) for f in (kv_quant.base, *(f for _, f in kv_quant.overrides)))
     return not isinstance(kv_quant, MixedKVQuant) or get_kind(kind).capabilities.separate_kv_cache
 
 
 def layer_kv_quant(cfg: ModelConfig, layer: int,
-                   kv_quant: KVQuant | MixedKVQuant | None) -> KVQuant | MixedKVQuant | None:
-    """How layer ``layer``'s cache is stored when ``kv_quant`` is asked for: quantized if its kind
-    declares a quantizable cache; as it is if the layer keeps nothing per token (a recurrent state,
-    a consumer layer: nothing to quantize); a kind with per-token entries that it cannot store
-    quantized is refused in one line."""
+                   kv_quant: KVQuant | MixedKVQuant | LayeredKVQuant | None) -> KVQuant | MixedKVQuant | None:
+    """How layer ``layer``'s cache is stored when ``kv_quant`` is asked for (a format per layer: this
+    layer's): quantized if its kind declares a quantizable cache; as it is if the layer keeps nothing
+    per token (a recurrent state, a consumer layer: nothing to quantize); a kind with per-token entries
+    that it cannot store quantized is refused in one line."""
     if kv_quant is None:
         return None
+    if isinstance(kv_quant, LayeredKVQuant):
+        beyond = [i for i in kv_quant.layers if i >= cfg.n_layer]
+        if beyond:
+            raise ConfigError(f"KV quantization {kv_quant} names layer {beyond[0]}, but the model has {cfg.n_layer} "
+                              f"layers (0-{cfg.n_layer - 1})")
+        kv_quant = kv_quant.for_layer(layer)
     spec = cfg.layer_specs[layer]
     kind = get_kind(spec.kind)
     if kind.capabilities.quantizable_cache:

@@ -64,6 +64,24 @@ def windows(ids: Sequence[int], seq_len: int, stride: int) -> Iterator[Window]:
         start = min(start + stride, max(n - seq_len - 1, 0)) if end < n else n
 
 
+@torch.no_grad()
+def batch_loss(model, batches: Sequence[torch.Tensor], kv_quant=None) -> float:
+    """Mean next-token cross-entropy (nats) over ``batches`` of token rows ``(B, T)``, each row
+    predicting its tokens 1..T−1; with ``kv_quant`` every query attends to keys and values read back
+    from a cache in that format (what generation sees)."""
+    model.eval()
+    total, count = 0.0, 0
+    for tokens in batches:
+        tokens = tokens.to(model.device)
+        cache = model.new_cache(tokens.shape[0], tokens.shape[1], kv_quant=kv_quant) if kv_quant else None
+        logits = model(tokens[:, :-1], cache=cache).float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum"))
+        count += tokens[:, 1:].numel()
+    if not count:
+        raise ConfigError("no tokens to score")
+    return total / count
+
+
 def document_ids(tokenizer, doc: Document, prefix_id: int) -> list[int]:
     ids = tokenizer.encode(doc.text, add_special_tokens=False)
     return [prefix_id, *ids]

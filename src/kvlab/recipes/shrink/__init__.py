@@ -38,9 +38,9 @@ from kvlab.recipes.shrink.candidates import (
     parse_kv_budget,
 )
 from kvlab.recipes.shrink.config import ShrinkConfig
-from kvlab.recipes.shrink.evaluation import ProxyCurve, proxy_loss
+from kvlab.recipes.shrink.evaluation import ProxyCurve
 from kvlab.recipes.shrink.planning import transfer_fraction
 from kvlab.recipes.shrink.run import OUTPUTS, ShrinkRun, run_shrink
 
 __all__ = ["FAMILIES", "OUTPUTS", "Candidate", "ProxyCurve", "ShrinkConfig", "ShrinkRun", "convert_candidate",
-           "enumerate_candidates", "moments_for", "parse_kv_budget", "proxy_loss", "run_shrink", "transfer_fraction"]
+           "enumerate_candidates", "moments_for", "parse_kv_budget", "run_shrink", "transfer_fraction"]

@@ -26,13 +26,17 @@ from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
-from kvlab.dtypes import QUANT_GROUP, KVQuant, MixedKVQuant, parse_kv_quant
+from kvlab.convert.precision import LAYER_FORMATS, allocate_by_loss
+from kvlab.dtypes import QUANT_GROUP, KVQuant, LayeredKVQuant, MixedKVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
 
 # The cache precisions a candidate may have: None keeps the model's own (counted as bf16); the rest
 # are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too. int8/int4
 # is int8 keys with int4 values (llama.cpp's -ctk q8_0 -ctv q4_1): keys are what rounding hurts.
-PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int8/int4", "int4")
+# "by-layer": the original structure with a key and a value format per layer, allocated by the loss
+# within the budget (kvlab.convert.precision) once the calibration statistics are in (resolve_candidates).
+BY_LAYER = "by-layer"
+PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int8/int4", "int4", BY_LAYER)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,10 @@ class Candidate:
         return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
     @property
-    def kv_quant(self) -> KVQuant | MixedKVQuant | None:
+    def kv_quant(self) -> KVQuant | MixedKVQuant | LayeredKVQuant | None:
+        if self.precision == BY_LAYER:
+            raise ConfigError(f"{self.name}: its precision per layer is allocated after calibration "
+                              f"(resolve_candidates)")
         return parse_kv_quant(self.precision)
 
     @property
@@ -136,16 +143,30 @@ class Family(Protocol):
 
 
 class CacheFamily:
-    """The original structure in a quantized cache: no conversion, nothing to train."""
+    """The original structure in a quantized cache: no conversion, nothing to train. At precision
+    "by-layer" its one candidate is a key and a value format per layer allocated by the loss within
+    the budget; which ones is known once the calibration statistics are (:meth:`resolve`)."""
 
     name = "cache"
     exact_at_full_width = True
 
     def candidates(self, cfg: ModelConfig, budget: int, precision: str | None) -> list[Candidate]:
+        if precision == BY_LAYER:
+            narrowest = LAYER_FORMATS[-1]
+            if not _holds(cfg, f"{narrowest}/{LAYER_FORMATS[0]}") or _bytes(cfg, narrowest) > budget:
+                return []
+            return [Candidate("by-layer cache", self.name, "+".join(cfg.kinds), {"method": "fisher"}, budget,
+                              BY_LAYER)]
         if precision is None or not _holds(cfg, precision) or _bytes(cfg, precision) > budget:
             return []
         return [Candidate(f"{precision} cache", self.name, "+".join(cfg.kinds), {}, _bytes(cfg, precision),
                           precision)]
+
+    def resolve(self, base, cand: Candidate, calibration, moments: dict) -> Candidate:
+        """The "by-layer" ``cand`` with its precision per layer allocated."""
+        kv_quant, _ = allocate_by_loss(base, calibration, moments["kv_loss"], cand.kv_bytes)
+        return Candidate(f"by-layer cache ({_layer_summary(base.cfg, kv_quant)})", self.name, cand.kind, cand.change,
+                         _bytes(base.cfg, kv_quant.name), kv_quant.name)
 
     def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig:
         return cfg
@@ -155,6 +176,19 @@ class CacheFamily:
 
     def convert(self, base, cand: Candidate, calibration, moments: dict) -> Any:
         return base
+
+
+def _layer_summary(cfg: ModelConfig, kv_quant) -> str:
+    """``'keys int8 ×26, fp8 ×4; values int8 ×21, int4 ×9'``: how many caching layers keep each format."""
+    from kvlab.config.accounting import layer_kv_quant
+
+    counts: dict[str, dict[str, int]] = {"keys": {}, "values": {}}
+    for i in cfg.kv_producers:
+        fmt = layer_kv_quant(cfg, i, parse_kv_quant(kv_quant))
+        for field, f in zip(counts, (fmt.formats[0], fmt.formats[-1])):
+            counts[field][f.name] = counts[field].get(f.name, 0) + 1
+    return "; ".join(f"{field} " + ", ".join(f"{n} ×{c}" for n, c in sorted(fc.items(), key=lambda x: -x[1]))
+                     for field, fc in counts.items())
 
 
 class HeadsFamily:
@@ -327,7 +361,7 @@ def enumerate_candidates(cfg: ModelConfig, budget: int, precisions=PRECISIONS) -
     for precision in precisions:
         plain = FAMILIES["cache"].candidates(cfg, budget, precision)
         out += plain
-        if not plain:
+        if not plain and precision != BY_LAYER:     # a precision per layer is the original structure's only
             out += [c for name, family in FAMILIES.items() if name != "cache"
                     for c in family.candidates(cfg, budget, precision)]
     if not out:
@@ -348,6 +382,23 @@ def admitted_by(target, cfg: ModelConfig, candidates: list[Candidate]) -> tuple[
         else:
             refused[cand.name] = reason
     return admitted, refused
+
+
+def resolve_candidates(base, candidates: list[Candidate], calibration, moments: Callable[[], dict],
+                       log: Callable[[str], None] = print) -> list[Candidate]:
+    """``candidates`` with what is known only after calibration (a precision per layer; ``moments``
+    computes the statistics when first needed); one that comes out equal to another candidate's
+    precision is dropped (the same cache twice)."""
+    out: list[Candidate] = []
+    for cand in candidates:
+        family = FAMILIES[cand.family]
+        resolved = family.resolve(base, cand, calibration, moments()) if cand.precision == BY_LAYER else cand
+        if resolved is not cand:
+            log(f"  {resolved.name}: {resolved.kv_bytes:,} B/token, --kv-quant {resolved.precision}")
+            if any(c.precision == resolved.precision and c.family == resolved.family for c in candidates):
+                continue
+        out.append(resolved)
+    return out
 
 
 def plan_candidate(cfg: ModelConfig, cand: Candidate) -> ModelConfig:

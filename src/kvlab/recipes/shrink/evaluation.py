@@ -13,28 +13,13 @@ import torch
 
 from kvlab.data.corpus import Document
 from kvlab.dtypes import KVQuant
-from kvlab.eval.perplexity import evaluate
+from kvlab.eval.perplexity import batch_loss, evaluate
 from kvlab.eval.tasks import greedy_replies, task_accuracy
 
 
-@torch.no_grad()
-def proxy_loss(model, batches: list[torch.Tensor], device, kv_quant: KVQuant | None = None) -> float:
-    """Mean next-token cross-entropy over ``batches`` of token rows; with ``kv_quant``, every query
-    attends to keys and values read back from a cache in that format (what generation sees)."""
-    model.eval()
-    total, count = 0.0, 0
-    for tokens in batches:
-        tokens = tokens.to(device)
-        cache = model.new_cache(tokens.shape[0], tokens.shape[1], kv_quant=kv_quant) if kv_quant else None
-        logits = model(tokens[:, :-1], cache=cache).float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
-                                                         reduction="sum"))
-        count += tokens[:, 1:].numel()
-    return total / count
-
-
-def proxy_perplexity(model, batches: list[torch.Tensor], device, kv_quant: KVQuant | None = None) -> float:
-    return math.exp(proxy_loss(model, batches, device, kv_quant))
+def proxy_perplexity(model, batches: list[torch.Tensor], kv_quant: KVQuant | None = None) -> float:
+    """exp of :func:`~kvlab.eval.perplexity.batch_loss` over the proxy windows ``batches``."""
+    return math.exp(batch_loss(model, batches, kv_quant))
 
 
 @dataclass
@@ -61,7 +46,7 @@ class EvalSet:
         replies = greedy_replies(model, tok, self.chats, kv_quant=kv_quant)
         chat_s = time.perf_counter() - t
         t = time.perf_counter()
-        proxy_ppl = proxy_perplexity(model, self.proxy, self.device, kv_quant)
+        proxy_ppl = proxy_perplexity(model, self.proxy, kv_quant)
         proxy_s = time.perf_counter() - t
         out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "chat": task_accuracy(model, tok, self.chats,
                                                                                    replies=replies),
@@ -118,7 +103,7 @@ class ProxyCurve:
         if step % self.every and step != self.total and not self.stopped:
             return
         was = self.model.training
-        ppl = proxy_perplexity(self.model, self.proxy, self.device, self.kv_quant)
+        ppl = proxy_perplexity(self.model, self.proxy, self.kv_quant)
         self.model.train(was)
         self.points.append((self.offset + step * self.tokens_per_step, ppl))
         rate = (time.perf_counter() - self.t0) / max(1, step - self.first_step)

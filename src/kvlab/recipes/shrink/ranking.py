@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from kvlab.errors import ConfigError
+from kvlab.eval.perplexity import batch_loss
 from kvlab.recipes.shrink.candidates import Candidate, convert_candidate, plan_candidate
 from kvlab.recipes.shrink.config import SPEED_TOLERANCE, ShrinkConfig
-from kvlab.recipes.shrink.evaluation import proxy_loss
 from kvlab.recipes.shrink.speed import SpeedRatio, decode_ratio
 from kvlab.recipes.shrink.state import RankedCandidate
 
@@ -39,7 +39,7 @@ def rank_candidates(base, candidates: list[Candidate], calibration, moments: Cal
     kept: dict[str, object] = {}                     # the converted models of the current best few
     for cand in candidates:
         model = convert_candidate(base, cand, calibration, moments())
-        loss = proxy_loss(model, first, scfg.device, cand.kv_quant)
+        loss = batch_loss(model, first, cand.kv_quant)
         scored.append((loss, cand))
         log(f"  {cand.name:30} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {math.exp(loss):,.2f}")
         best = {c.name for _, c in sorted(scored, key=lambda x: x[0])[:scfg.rescore]}
@@ -52,7 +52,7 @@ def rank_candidates(base, candidates: list[Candidate], calibration, moments: Cal
     for loss, cand in sorted(scored, key=lambda x: x[0]):
         tokens = n_first
         if cand.name in kept and rest:
-            loss = (loss * n_first + proxy_loss(kept.pop(cand.name), rest, scfg.device, cand.kv_quant) * n_rest) / (
+            loss = (loss * n_first + batch_loss(kept.pop(cand.name), rest, cand.kv_quant) * n_rest) / (
                 n_first + n_rest)
             tokens += n_rest
         ranking.append(RankedCandidate(cand.name, cand.family, cand.kind, cand.change, cand.kv_bytes, cand.precision,

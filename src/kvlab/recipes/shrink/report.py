@@ -20,6 +20,16 @@ RUNTIME_FLAGS = {
 }
 
 
+def runtime_flags(precision: str) -> dict[str, str]:
+    """How each runtime stores a cache of ``precision``: :data:`RUNTIME_FLAGS`, or for a format per
+    layer (``int8/int4+int8@0-3``) kvlab's flag and the others' lack of one."""
+    if precision in RUNTIME_FLAGS:
+        return RUNTIME_FLAGS[precision]
+    return {"kvlab": f"--kv-quant {precision}",
+            "vLLM": "one cache dtype for every layer (no precision per layer)",
+            "llama.cpp": "one cache type for every layer (-ctk/-ctv; no precision per layer)"}
+
+
 def _pct(value: float, ref: float) -> str:
     return f"{100 * (value / ref - 1):+.1f} %"
 
@@ -120,7 +130,7 @@ def _serve_lines(results: dict) -> list[str]:
     """How to run the chosen cache: kvlab's command, and each runtime's flag for its precision."""
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
     precision = best["precision"]
-    flag = f" {RUNTIME_FLAGS[precision]['kvlab']}" if precision else ""
+    flag = f" {runtime_flags(precision)['kvlab']}" if precision else ""
     lines = [*_target_lines(results), "## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
     if best["family"] == "cache":
         lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache is stored in "
@@ -128,7 +138,7 @@ def _serve_lines(results: dict) -> list[str]:
     elif precision:
         lines += [f"The converted model's cache is stored in {precision}; in other runtimes:", ""]
     if precision:
-        lines += [f"- {runtime}: {text}" for runtime, text in RUNTIME_FLAGS[precision].items() if runtime != "kvlab"]
+        lines += [f"- {runtime}: {text}" for runtime, text in runtime_flags(precision).items() if runtime != "kvlab"]
         lines.append("")
     return lines
 

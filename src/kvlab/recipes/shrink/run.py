@@ -26,6 +26,7 @@ from kvlab.recipes.shrink.candidates import (
     enumerate_candidates,
     moments_for,
     parse_kv_budget,
+    resolve_candidates,
 )
 from kvlab.recipes.shrink.config import ShrinkConfig
 from kvlab.recipes.shrink.evaluation import EvalSet, ProxyCurve, duration, proxy_perplexity
@@ -167,7 +168,9 @@ class ShrinkRun:
         if self.state.ranking is None:
             self.log(f"ranking {len(self.candidates)} candidates at alpha = 0 ({self.scfg.calibration_tokens:,} "
                      f"calibration tokens)...")
-            self.state.ranking = rank_candidates(self.base, self.candidates, self.calibration,
+            candidates = resolve_candidates(self.base, self.candidates, self.calibration,
+                                            lambda: self.moments(self.candidates), self.log)
+            self.state.ranking = rank_candidates(self.base, candidates, self.calibration,
                                                  lambda: self.moments(self.candidates), self.evalset.proxy,
                                                  self.scfg, self.log)
             self.save()
@@ -288,7 +291,7 @@ class ShrinkRun:
         converted = {k: v.clone() for k, v in student.state_dict().items() if ".o_proj." in k}
         provenance = student.provenance
         refit_outputs(self.base, student, self.calibration)
-        ppl = proxy_perplexity(student, self.evalset.proxy, self.scfg.device, cand.kv_quant)
+        ppl = proxy_perplexity(student, self.evalset.proxy, cand.kv_quant)
         self.log(f"  output refit: proxy perplexity {before:,.2f} -> {ppl:,.2f} ({duration(time.perf_counter() - t)})")
         record.update(refit_proxy_ppl=ppl, refit_used=ppl <= before)
         if not record["refit_used"]:     # fitted on calibration text, worse on held-out text: undo it

@@ -335,3 +335,14 @@ def test_the_clis_default_precisions_are_the_recipes():
     cli_shrink.add_parser(sub)
     parser = sub.choices["shrink"]
     assert parser.get_default("precisions") == ",".join(PRECISION_NAMES)
+
+
+def test_the_report_serves_a_precision_per_layer_with_kvlabs_flag():
+    from kvlab.recipes.shrink.report import _serve_lines
+
+    spec = "int8+int8/int4@0-2"
+    results = {"best": "by-layer cache", "recovered": [{"name": "by-layer cache", "family": "cache",
+                                                        "precision": spec}]}
+    text = "\n".join(_serve_lines(results))
+    assert f"kvlab serve model/ --kv-quant {spec}" in text and "a value format per layer" in text
+    assert "Any runtime with such a cache" not in text and "no precision per layer" in text

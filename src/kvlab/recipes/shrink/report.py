@@ -132,7 +132,11 @@ def _serve_lines(results: dict) -> list[str]:
     precision = best["precision"]
     flag = f" {runtime_flags(precision)['kvlab']}" if precision else ""
     lines = [*_target_lines(results), "## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
-    if best["family"] == "cache":
+    if best["family"] == "cache" and precision not in RUNTIME_FLAGS:       # a format per layer
+        lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache keeps a key and "
+                  f"a value format per layer (`{precision}`), which kvlab stores; other runtimes keep one format "
+                  f"for every layer:", ""]
+    elif best["family"] == "cache":
         lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache is stored in "
                   f"{precision}. Any runtime with such a cache gives the same without kvlab:", ""]
     elif precision:

@@ -165,9 +165,11 @@ def test_admission_limits_and_bad_requests():
         Engine(model, kv_budget_bytes=2**21, admission="eager")
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt", "lora"])
-def test_adapters_are_served_as_generate_runs_them(method):
-    """A prefix goes into each sequence's first blocks, virtual tokens into its first prefill chunk."""
+@pytest.mark.parametrize("method, kv_quant", [("prefix", None), ("prompt", None), ("lora", None),
+                                              ("prefix", "int8/int4"), ("prefix", "fp8")])
+def test_adapters_are_served_as_generate_runs_them(method, kv_quant):
+    """A prefix goes into each sequence's first blocks — stored in the pool's format, codes and scales
+    for a quantized pool — virtual tokens into its first prefill chunk."""
     from kvlab.peft import AdapterSpec, attach
 
     model = make_model(n_kv_head=2)
@@ -178,11 +180,11 @@ def test_adapters_are_served_as_generate_runs_them(method):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     model.eval()
     prompts = _prompts(model, [9, 14, 4], seed=5)
-    engine = Engine(model, kv_budget_bytes=2**21, max_len=64, block_size=4, prefill_chunk=5)
+    engine = Engine(model, kv_budget_bytes=2**21, max_len=64, block_size=4, prefill_chunk=5, kv_quant=kv_quant)
     reqs = [Request(p, 10, stop_tokens=frozenset()) for p in prompts]
     _run_staggered(engine, reqs, [0, 1, 3])
     for r, p in zip(reqs, prompts):
-        assert r.output == generate(model, [p], 10, stop_tokens=[])[0]
+        assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant=kv_quant)[0]
 
 
 def test_a_failed_step_ends_the_admitted_requests_and_the_engine_goes_on(monkeypatch):

@@ -31,7 +31,7 @@ import torch
 
 from kvlab.cache.base import CacheStep
 from kvlab.cache.cache import KVCache, make_cache_layer
-from kvlab.cache.quantized import QuantizedTokenLayer, share_workspace
+from kvlab.cache.quantized import QuantizedTokenLayer, encode, share_workspace
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KVQuant, parse_dtype
 from kvlab.errors import CacheOverflowError, ConfigError
@@ -283,10 +283,20 @@ class PagedBatch(KVCache):
             storage = self.pool.paged.get(layer)
             if storage is None:
                 raise ConfigError(f"layer {layer} keeps no per-token entries for a prefix")
+            template = self.pool._templates[layer]
+            if isinstance(template, QuantizedTokenLayer):     # stored as the pool stores tokens: codes and scales
+                fields = {}
+                for f, x in zip(template.fields, entries):
+                    codes, scales = encode(x, template.formats[f])
+                    fields[f + "_codes"] = codes
+                    if scales is not None:
+                        fields[f + "_scales"] = scales
+            else:
+                fields = dict(zip(storage, entries))
             for seq in self.seqs:
                 blocks = torch.tensor(seq.blocks, dtype=torch.long, device=self.pool.device)[pos // bs]
-                for buf, value in zip(storage.values(), entries):
-                    buf[blocks, pos % bs] = value[0].transpose(0, 1).to(buf.dtype)
+                for name, buf in storage.items():
+                    buf[blocks, pos % bs] = fields[name][0].transpose(0, 1).to(buf.dtype)
         self.lengths = torch.full_like(self.lengths, n)
         self._bound, self._uniform = n, True
 

@@ -225,7 +225,7 @@ class ShrinkRun:
                 steps, timing = split_by_tokens(scfg, chosen, tokens_per_step), None
             else:
                 steps, timing = split_by_time(scfg, chosen, self._step_times(chosen, train_tokens), self.elapsed())
-                if not any(a + b for a, b in steps):
+                if any(c.restructured for c in chosen) and not any(a + b for a, b in steps):
                     self.log("  the time budget is spent by loading, ranking and evaluation: no recovery training "
                              "fits")
             self.state.plan = RecoveryPlan(tokens_per_step, steps, timing)

@@ -64,9 +64,18 @@ class KVQuant:
     name: str
     bits: int
     params_per_group: int        # float16 parameters per group of channels (0: none, a float format)
+    # Stored after an orthogonal rotation (a Hadamard transform in blocks of 64 or 32 channels: QuaRot's,
+    # which spreads a few large channels over a block, so that a group's levels are not spent on them);
+    # attention undoes it exactly (kvlab.cache.quantized.rotate). Same bytes as the format it rotates.
+    rotated: bool = False
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def codes_name(self) -> str:
+        """The format its codes are in (a rotated format's codes are its plain format's)."""
+        return self.name.removesuffix("-h")
 
     @property
     def formats(self) -> tuple["KVQuant", ...]:
@@ -87,12 +96,17 @@ class KVQuant:
         if self.bits == 4 and width % 2:
             raise ConfigError(f"int4 packs two channels per byte; a cached vector of {width} channels cannot be "
                               f"packed (use int8)")
+        if self.rotated and width % 32:
+            raise ConfigError(f"{self.name} rotates blocks of 32 channels; a cached vector of {width} channels is not "
+                              f"whole blocks (use {self.codes_name})")
         return width * self.bits // 8 + PARAM_BYTES * self.param_count(width)
 
 
 # fp8: float8 e4m3 values with no scale (vLLM's --kv-cache-dtype fp8 with its default scales of 1.0),
 # saturated at ±448 — keys and values of trained models stay far inside that range.
-KV_QUANTS = {"fp8": KVQuant("fp8", 8, 0), "int8": KVQuant("int8", 8, 1), "int4": KVQuant("int4", 4, 2)}
+# int8-h / int4-h: the same formats stored rotated (``rotated`` above).
+KV_QUANTS = {"fp8": KVQuant("fp8", 8, 0), "int8": KVQuant("int8", 8, 1), "int4": KVQuant("int4", 4, 2),
+             "int8-h": KVQuant("int8-h", 8, 1, rotated=True), "int4-h": KVQuant("int4-h", 4, 2, rotated=True)}
 
 
 @dataclass(frozen=True)
@@ -240,8 +254,9 @@ def parse_kv_quant(value) -> KVQuant | MixedKVQuant | LayeredKVQuant | None:
 def _one_format(name: str, spec) -> KVQuant | MixedKVQuant:
     parts = name.split("/")
     if len(parts) > 2 or not all(p in KV_QUANTS for p in parts):
-        raise ConfigError(f"unknown KV quantization {spec!r}; use fp8, int8, int4, none, keys/values in two "
-                          f"of them (int8/int4), or a base with formats for some layers (int8/int4+int8@0-3,7)")
+        raise ConfigError(f"unknown KV quantization {spec!r}; use fp8, int8, int4 (int8-h, int4-h: rotated first), "
+                          f"none, keys/values in two of them (int8/int4), or a base with formats for some layers "
+                          f"(int8/int4+int8@0-3,7)")
     if len(parts) == 1:
         return KV_QUANTS[name]
     key, val = (KV_QUANTS[p] for p in parts)

@@ -219,3 +219,63 @@ def test_the_compiled_quantizer_equals_the_reference_bit_for_bit(bits, width):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert torch.equal(got.view(torch.uint8) if got.dtype != torch.float16 else got.view(torch.int16),
                            want.view(torch.uint8) if want.dtype != torch.float16 else want.view(torch.int16))
+
+
+def _hadamard64(n: int) -> np.ndarray:
+    """The normalised Sylvester Hadamard matrix of order n (a power of two), float64."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def _unrotated(values: np.ndarray) -> np.ndarray:
+    """Stored entries of a rotated format, taken back by the block-diagonal Hadamard matrix (blocks of
+    64 channels where the width allows, else 32)."""
+    W = values.shape[-1]
+    n = 64 if W % 64 == 0 else 32
+    return (values.reshape(*values.shape[:-1], W // n, n) @ _hadamard64(n)).reshape(values.shape)
+
+
+@pytest.mark.parametrize("fmt", ["int4-h", "int8-h", "int8/int4-h", "int4-h/int8"])
+@pytest.mark.parametrize("heads,kv_heads,tq,dk,dv,tk", [(6, 2, 1, 64, 64, 37), (8, 1, 2, 128, 32, 300),
+                                                        (4, 2, 1, 96, 96, 9)])
+def test_rotated_formats_equal_float64_attention_over_the_entries_rotated_back(fmt, heads, kv_heads, tq, dk, dv, tk):
+    """Rotated keys and values are stored as codes of the rotated vectors; the kernel rotates the query
+    and the output, which is attention over the stored entries rotated back."""
+    torch.manual_seed(2)
+    kf, vf = _formats(fmt)
+    q = torch.randn(2, heads, tq, dk)
+    k = _entries(torch.randn(2, kv_heads, tk, dk) * torch.logspace(-1, 0.7, dk) + 0.3, kf)
+    v = _entries(torch.randn(2, kv_heads, tk, dv), vf)
+    assert _serves(q, k, v)
+    got = quantized_cpu.quantized_decode(q, k, v, scale=dk ** -0.5)
+    keys, values = _values(k), _values(v)
+    keys = _unrotated(keys) if kf.rotated else keys
+    values = _unrotated(values) if vf.rotated else values
+    want = _attention64(q, keys, values, dk ** -0.5)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["int4-h", "int8/int4-h"])
+def test_a_rotated_cache_decodes_through_the_kernel_as_through_the_decoded_cache(fmt, monkeypatch):
+    test_decoding_a_model_through_the_kernel_equals_decoding_the_cache_first(fmt, "gqa", monkeypatch)
+
+
+def test_a_rotated_format_costs_its_plain_formats_bytes_and_needs_whole_blocks():
+    from kvlab.config.accounting import cache_bytes
+    from kvlab.errors import ConfigError
+
+    cfg = make_model(d_model=128, n_head=4, n_kv_head=2).cfg
+    assert cache_bytes(cfg, "bf16", "int4-h").per_token == cache_bytes(cfg, "bf16", "int4").per_token
+    assert cache_bytes(cfg, "bf16", "int8/int4-h").per_token == cache_bytes(cfg, "bf16", "int8/int4").per_token
+    with pytest.raises(ConfigError, match="rotates blocks of 32 channels"):
+        cache_bytes(make_model(**MLA).cfg, "bf16", "int4-h")             # a 48-wide latent + RoPE key
+
+
+def test_a_rotated_mla_cache_decodes_through_the_kernel_as_through_the_decoded_cache(monkeypatch):
+    """MLA's entry (latent and RoPE key, 64 channels here) rotated as one vector: scores and the latent
+    read back are the same through the kernel as through the decoded cache."""
+    wide = dict(MLA, attn_options=dict(MLA["attn_options"], kv_lora_rank=48))
+    monkeypatch.setitem(globals(), "MLA", wide)
+    test_decoding_a_model_through_the_kernel_equals_decoding_the_cache_first("int4-h", "mla", monkeypatch)

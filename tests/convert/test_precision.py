@@ -13,9 +13,9 @@ from kvlab.cache.quantized import decode, encode
 from kvlab.config.accounting import layer_kv_quant
 from kvlab.convert.lowrank import kv_loss_moments
 from kvlab.convert.precision import (
-    LAYER_FORMATS,
     allocate_precisions,
     calibrated_costs,
+    layer_formats,
     layer_options,
     rounding_costs,
 )
@@ -89,7 +89,7 @@ def test_the_rounding_estimate_equals_a_float64_computation():
     for (i, f), x in captured.items():
         x = x.view(2, 16, 2, 64).double().numpy()                           # (B, T, H, D)
         stored = np.einsum("tij,bthj->bthi", R, x) if f == "k" else x
-        for name in LAYER_FORMATS:
+        for name in layer_formats(model.cfg):             # fp8, int8, int4-h (rotated before rounding)
             fmt = KV_QUANTS[name]
             s = torch.from_numpy(stored).float().transpose(1, 2)           # (B, H, T, D), as the cache keeps it
             err = (decode(*encode(s, fmt), fmt, torch.float32) - s).transpose(1, 2).double().numpy()
@@ -98,7 +98,9 @@ def test_the_rounding_estimate_equals_a_float64_computation():
             e = err.reshape(32, 128)
             want = 0.5 * np.einsum("ni,ij,nj->", e, F[(i, f)].numpy(), e) / 32
             assert got[i][f][name] == pytest.approx(want, rel=1e-4), (i, f, name)
-    assert all(got[i][f]["int4"] > got[i][f]["int8"] for i in got for f in "kv")
+    assert layer_formats(model.cfg)[-1] == "int4-h"
+    assert all(got[i][f]["int4-h"] > got[i][f]["int8"] for i in got for f in "kv")
+    assert layer_formats(ModelConfig.from_preset("tiny"))[-1] == "int4"     # 16-channel heads: no rotated blocks
 
 
 @torch.no_grad()
@@ -108,14 +110,14 @@ def test_the_calibration_matches_the_two_caches_it_measures():
     raw = rounding_costs(model, batches, kv_loss_moments(model, batches))
     scaled, scales = calibrated_costs(model, batches, raw)
     plain = batch_loss(model, batches)
-    for kf, vf in (("int4", "int8"), ("int8", "int4")):
+    for kf, vf in (("int4-h", "int8"), ("int8", "int4-h")):
         measured = batch_loss(model, batches, f"{kf}/{vf}") - plain
         estimate = sum(c["k"][kf] + c["v"][vf] for c in scaled.values())
         if min(scales.values()) > 0.01:                                    # no scale held at its floor
             assert estimate == pytest.approx(measured, rel=1e-6, abs=1e-9)
     for i in raw:
         for f in "kv":
-            assert scaled[i][f]["int4"] == pytest.approx(raw[i][f]["int4"] * scales[f])
+            assert scaled[i][f]["int4-h"] == pytest.approx(raw[i][f]["int4-h"] * scales[f])
 
 
 def test_shrink_offers_a_precision_per_layer_and_allocates_it(small):

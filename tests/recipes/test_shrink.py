@@ -219,9 +219,16 @@ def test_precisions_are_candidates_alone_and_composed_with_structures():
     # At 4x no plain cache fits (int4's scales make it 5 bits a value): every precision composes.
     at4 = enumerate_candidates(cfg, 5760)
     assert not [c for c in at4 if not c.restructured]
-    assert {c.precision for c in at4} == {None, "fp8", "int8", "int8/int4", "int4"}
+    assert {c.precision for c in at4} == {None, "fp8", "int8", "int8/int4", "int4", "int8/int4-h", "int4-h"}
     # keys and values in two formats compose only with structures that cache them apart (GQA/MQA/CLA)
-    assert {c.family for c in at4 if c.precision == "int8/int4"} == {"heads"}
+    assert {c.family for c in at4 if c.precision in ("int8/int4", "int8/int4-h")} == {"heads"}
+    # a rotated format costs its plain twin's bytes; where a runtime stores both, the plain one goes
+    rotated = {c.name: c.kv_bytes for c in at4 if c.precision == "int4-h"}
+    assert rotated and rotated == {c.name.replace("int4", "int4-h"): c.kv_bytes for c in at4 if c.precision == "int4"}
+    from kvlab.recipes.shrink.candidates import undominated
+    assert undominated([None, "int8", "int8/int4", "int4", "int8/int4-h", "int4-h", "by-layer"]) == [
+        None, "int8", "int8/int4-h", "int4-h", "by-layer"]
+    assert undominated([None, "int8", "int4"]) == [None, "int8", "int4"]
 
 
 class _Ratio:
@@ -267,7 +274,9 @@ def test_a_quantized_cache_of_the_original_wins_where_it_should(small, tmp_path,
 
     monkeypatch.setattr(ranking, "speed_of", lambda base, cand, scfg, context: _Ratio(1.0))
     out = tmp_path / "q"
-    results = run_shrink(str(small), out, ShrinkConfig.quick(candidates=1), log=lambda s: None)
+    # (the formats a runtime shares: a rotated or per-layer cache of the original is kvlab's own)
+    results = run_shrink(str(small), out, ShrinkConfig.quick(candidates=1, precisions=("none", "fp8", "int8", "int4")),
+                         log=lambda s: None)
     assert results["best"] == "fp8 cache" == results["chosen"][0]
     best = results["recovered"][0]
     assert best["family"] == "cache" and best["precision"] == "fp8" and best["train_tokens"] == 0

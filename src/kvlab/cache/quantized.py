@@ -43,7 +43,7 @@ from kvlab.cache.base import CacheStep, write_entries
 from kvlab.dtypes import KVQuant, MixedKVQuant, field_formats, quant_group
 
 __all__ = ["QuantizedEntries", "QuantizedTokenLayer", "Workspace", "decode", "decoded", "dequantize", "encode",
-           "quantize", "share_workspace", "use_native_quantize"]
+           "quantize", "rotate", "share_workspace", "use_native_quantize"]
 
 
 _F16_MAX = torch.finfo(torch.float16).max
@@ -139,8 +139,35 @@ def use_native_quantize(fn) -> None:
     _native_quantize = fn
 
 
+_HADAMARD: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def rotation_block(width: int) -> int:
+    """The block a rotated format turns together: 64 channels (a usual head), else 32."""
+    return 64 if width % 64 == 0 else 32
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x (..., W)`` times the block-diagonal normalised Hadamard matrix (blocks of
+    :func:`rotation_block`): orthogonal and symmetric, so applying it twice gives ``x`` back, and
+    ``rotate(q) · rotate(k) = q · k`` — attention over rotated keys and values needs only the query
+    rotated and the output rotated back."""
+    W = x.shape[-1]
+    n = rotation_block(W)
+    key = (n, x.device, x.dtype)
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:                       # Sylvester's construction
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = (h / n ** 0.5).to(x.device, x.dtype)
+    return (x.reshape(*x.shape[:-1], W // n, n) @ _HADAMARD[key]).reshape(x.shape)
+
+
 def encode(x: torch.Tensor, fmt: KVQuant) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x`` in format ``fmt``: (codes or float8 values, float16 parameters or None)."""
+    """``x`` in format ``fmt``: (codes or float8 values, float16 parameters or None); a rotated format
+    rotates ``x`` first (:func:`rotate`)."""
+    if fmt.rotated:
+        x = rotate(x.float())
     if fmt.is_float:
         return x.float().clamp(-_FP8_MAX, _FP8_MAX).to(FP8), None
     if _native_quantize is not None and x.device.type == "cpu" and x.dtype == torch.float32:
@@ -153,7 +180,17 @@ def encode(x: torch.Tensor, fmt: KVQuant) -> tuple[torch.Tensor, torch.Tensor | 
 def decode(codes: torch.Tensor, params: torch.Tensor | None, fmt: KVQuant, dtype: torch.dtype,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`encode` (up to its rounding), in ``dtype``; into ``out`` if given (a
-    ``dtype`` tensor of the decoded shape), with no other tensor of that size allocated."""
+    ``dtype`` tensor of the decoded shape), with no other tensor of that size allocated (but for a
+    rotated format, whose rotation back takes one)."""
+    if fmt.rotated:
+        x = _decode(codes, params, fmt, dtype, out)
+        back = rotate(x)
+        return back if out is None else out.copy_(back)
+    return _decode(codes, params, fmt, dtype, out)
+
+
+def _decode(codes: torch.Tensor, params: torch.Tensor | None, fmt: KVQuant, dtype: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         if fmt.is_float:
             return codes.to(dtype)

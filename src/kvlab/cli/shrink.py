@@ -44,11 +44,12 @@ def add_parser(sub) -> None:
                    help="--data generated/mixed: tokens to sample (default 65536)")
     # The default is kvlab.recipes.shrink.config.PRECISION_NAMES (a test keeps them equal), written out so
     # that building the parser imports no model code.
-    p.add_argument("--precisions", default="none,fp8,int8,int8/int4,int4,by-layer", metavar="LIST",
+    p.add_argument("--precisions", default="none,fp8,int8,int8/int4,int4,int8/int4-h,int4-h,by-layer", metavar="LIST",
                    help="cache precisions to consider, alone and composed with every structure (default "
-                        "none,fp8,int8,int8/int4,int4,by-layer; none: the model's own; int8/int4: int8 keys, "
-                        "int4 values; by-layer: the original structure with a key and a value format per layer, "
-                        "allocated by the loss within the budget)")
+                        "none,fp8,int8,int8/int4,int4,int8/int4-h,int4-h,by-layer; none: the model's own; "
+                        "int8/int4: int8 keys, int4 values; -h: rotated before rounding (the same bytes, less error; "
+                        "where the target stores it, the plain twin is left out); by-layer: the original structure "
+                        "with a key and a value format per layer, allocated by the loss within the budget)")
     p.add_argument("--context", type=int, metavar="N",
                    help="the context decode speed is measured at (default: the model's trained context, at most "
                         "4096)")

@@ -58,11 +58,10 @@ def layer_kv_quant(cfg: ModelConfig, layer: int,
 
 
 def kv_quant_fits(cfg: ModelConfig, kv_quant: KVQuant | MixedKVQuant | None) -> bool:
-    """Whether every layer of ``cfg`` can keep its cache in ``kv_quant`` (:func:`layer_kv_quant` does
-    not refuse it)."""
+    """Whether every layer of ``cfg`` can keep its cache in ``kv_quant``: :func:`layer_kv_quant` does not
+    refuse it, and the format can store the layer's widths."""
     try:
-        for i in range(cfg.n_layer):
-            layer_kv_quant(cfg, i, kv_quant)
+        layer_cache_bytes(cfg, "bf16", kv_quant)     # every layer's format, and its widths (int4 pairs, rotated blocks)
     except ConfigError:
         return False
     return True

@@ -33,7 +33,7 @@ from itertools import product
 import torch
 
 from kvlab.cache.quantized import decode, encode
-from kvlab.config.accounting import layer_cache_bytes
+from kvlab.config.accounting import kv_quant_fits, layer_cache_bytes
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KV_QUANTS, KVQuant, LayeredKVQuant, MixedKVQuant, layered_kv_quant
 from kvlab.errors import ConfigError
@@ -41,8 +41,16 @@ from kvlab.layers.rope import apply_rope, rope_cos_sin
 from kvlab.models.modes import eval_mode
 from kvlab.registry import get_kind
 
-# The formats a layer's keys or values may take, each a format the CPU kernel reads directly.
-LAYER_FORMATS = ("fp8", "int8", "int4")
+# The formats a layer's keys or values may take, each a format the CPU kernel reads directly, the
+# narrowest last (int4 rotated: the same bytes as int4, less error; BENCHMARKS "Rotated formats").
+LAYER_FORMATS = ("fp8", "int8", "int4-h")
+
+
+def layer_formats(cfg: ModelConfig) -> tuple[str, ...]:
+    """:data:`LAYER_FORMATS` that ``cfg``'s caches can hold: a rotated format turns blocks of 32 channels,
+    so heads narrower than that take its plain twin."""
+    return tuple(name if kv_quant_fits(cfg, KV_QUANTS[name]) else KV_QUANTS[name].codes_name
+                 for name in LAYER_FORMATS)
 # The least a calibrated scale may be (the raw estimate overstated int4 values' cost 15x on SmolLM2).
 MIN_SCALE = 0.01
 
@@ -57,14 +65,14 @@ def _producers(cfg: ModelConfig) -> list[int]:
     return list(cfg.kv_producers)
 
 
-def rounding_costs(model, batches, loss_moments: dict, formats=LAYER_FORMATS) -> dict[int, dict[str, dict[str, float]]]:
+def rounding_costs(model, batches, loss_moments: dict, formats=None) -> dict[int, dict[str, dict[str, float]]]:
     """``{layer: {"k"|"v": {format: estimated loss increase, nats per token}}}`` of rounding that
     layer's cached keys or values alone (module docstring). ``loss_moments``:
     :func:`~kvlab.convert.lowrank.kv_loss_moments` of the same model; ``batches``: token rows
     ``(B, T)`` that start at position 0 (the calibration batches)."""
     cfg = model.cfg
     layers = _producers(cfg)
-    fmts = {name: KV_QUANTS[name] for name in formats}
+    fmts = {name: KV_QUANTS[name] for name in formats or layer_formats(cfg)}
     sums = {i: {f: dict.fromkeys(fmts, 0.0) for f in ("k", "v")} for i in layers}
     count = 0
     H, D = cfg.n_kv_head, cfg.head_dim
@@ -109,11 +117,12 @@ def rounding_costs(model, batches, loss_moments: dict, formats=LAYER_FORMATS) ->
     return {i: {f: {n: v / count for n, v in c.items()} for f, c in fields.items()} for i, fields in sums.items()}
 
 
-def calibrated_costs(model, batches, costs: dict, formats=LAYER_FORMATS) -> tuple[dict, dict[str, float]]:
+def calibrated_costs(model, batches, costs: dict, formats=None) -> tuple[dict, dict[str, float]]:
     """``costs`` with the key and the value estimates scaled to match two caches measured through the
     model on ``batches`` (module docstring), and the two scales ``{"k": …, "v": …}``."""
     from kvlab.eval.perplexity import batch_loss
 
+    formats = formats or layer_formats(model.cfg)
     narrow, wide = formats[-1], "int8" if "int8" in formats else formats[0]
     if narrow == wide:
         return costs, {"k": 1.0, "v": 1.0}
@@ -132,17 +141,19 @@ def calibrated_costs(model, batches, costs: dict, formats=LAYER_FORMATS) -> tupl
             for i, fields in costs.items()}, scales
 
 
-def allocate_by_loss(model, batches, loss_moments: dict, budget: int, formats=LAYER_FORMATS):
+def allocate_by_loss(model, batches, loss_moments: dict, budget: int, formats=None):
     """The precision per layer of ``model``'s cache that fits ``budget`` bytes per token with the least
     estimated loss increase (calibrated on ``batches``), and that estimate in nats per token."""
+    formats = formats or layer_formats(model.cfg)
     costs, _ = calibrated_costs(model, batches, rounding_costs(model, batches, loss_moments, formats), formats)
     return allocate_precisions(model.cfg, costs, budget, formats)
 
 
-def layer_options(cfg: ModelConfig, layer: int, formats=LAYER_FORMATS) -> list[tuple[KVQuant | MixedKVQuant, int]]:
+def layer_options(cfg: ModelConfig, layer: int, formats=None) -> list[tuple[KVQuant | MixedKVQuant, int]]:
     """Every (keys, values) pair of ``formats`` for ``layer`` with its bytes per token."""
     kind = get_kind(cfg.layer_specs[layer].kind)
     out = []
+    formats = formats or layer_formats(cfg)
     for k, v in product(formats, formats):
         fmt = KV_QUANTS[k] if k == v else MixedKVQuant(KV_QUANTS[k], KV_QUANTS[v])
         out.append((fmt, kind.cache_bytes(cfg, layer, "bf16", kv_quant=fmt).per_token))
@@ -150,11 +161,12 @@ def layer_options(cfg: ModelConfig, layer: int, formats=LAYER_FORMATS) -> list[t
 
 
 def allocate_precisions(cfg: ModelConfig, costs: dict[int, dict[str, dict[str, float]]], budget: int,
-                        formats=LAYER_FORMATS) -> tuple[KVQuant | MixedKVQuant | LayeredKVQuant, float]:
+                        formats=None) -> tuple[KVQuant | MixedKVQuant | LayeredKVQuant, float]:
     """The format per layer (a single format where every layer gets the same) with the least summed
     estimated loss increase whose cache fits ``budget`` bytes per token, and that estimate; a
     :class:`ConfigError` when not even the narrowest format fits."""
     layers = _producers(cfg)
+    formats = formats or layer_formats(cfg)
     fixed = sum(b.per_token for i, b in enumerate(layer_cache_bytes(cfg, "bf16")) if i not in layers)
     # reachable byte total -> (least estimated cost, the formats chosen so far)
     frontier: dict[int, tuple[float, tuple]] = {fixed: (0.0, ())}

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from kvlab.attention.kernels.common import prefix_lengths
-from kvlab.cache.quantized import QuantizedEntries, use_native_quantize
+from kvlab.cache.quantized import QuantizedEntries, rotate, use_native_quantize
 from kvlab.dtypes import quant_group
 
 SOURCE = Path(__file__).with_name("quantized_cpu.cpp")
@@ -79,7 +79,7 @@ def decode_lengths(q: torch.Tensor, k: QuantizedEntries, v: QuantizedEntries, ma
     T = k.codes.shape[2]
     fits = (bias is None and q.device.type == "cpu" and q.dtype == torch.float32
             and not (torch.is_grad_enabled() and q.requires_grad)
-            and k.kv_quant.name in FORMAT_CODES and v.kv_quant.name in FORMAT_CODES
+            and k.kv_quant.codes_name in FORMAT_CODES and v.kv_quant.codes_name in FORMAT_CODES
             and k.dtype == torch.float32 and v.dtype == torch.float32 and Hq % k.codes.shape[1] == 0
             and all(_width_ok(e.width, e.kv_quant) and e.codes.stride(-1) == 1 for e in (k, v)))
     if not fits or (mask is not None and Tq != 1):
@@ -107,14 +107,17 @@ def quantized_decode(q: torch.Tensor, k: QuantizedEntries, v: QuantizedEntries, 
         return None
     B, Hq, Tq, D = q.shape
     Hkv = k.codes.shape[1]
+    if k.kv_quant.rotated:         # rotated keys: q · k = rotate(q) · rotate(k)
+        q = rotate(q)
     rows = (q * scale).reshape(B, Hkv, (Hq // Hkv) * Tq, D).contiguous()
     none = torch.empty(0, dtype=torch.float16)
     if lengths is None:
         lengths = torch.full((B,), k.codes.shape[2], dtype=torch.int64)
     out = ext.quantized_decode(rows, k.codes.view(torch.uint8), none if k.params is None else k.params,
                                v.codes.view(torch.uint8), none if v.params is None else v.params, lengths,
-                               FORMAT_CODES[k.kv_quant.name], FORMAT_CODES[v.kv_quant.name], v.width)
-    return out.reshape(B, Hq, Tq, v.width)
+                               FORMAT_CODES[k.kv_quant.codes_name], FORMAT_CODES[v.kv_quant.codes_name], v.width)
+    out = out.reshape(B, Hq, Tq, v.width)
+    return rotate(out) if v.kv_quant.rotated else out     # the weights' sum of rotated values, rotated back
 
 
 def attend_stored(q: torch.Tensor, k, v, mask, scale: float, *, backend: str, bias=None) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ from kvlab.recipes.shrink.candidates import (
     moments_for,
     parse_kv_budget,
     resolve_candidates,
+    undominated,
 )
 from kvlab.recipes.shrink.config import ShrinkConfig
 from kvlab.recipes.shrink.evaluation import EvalSet, ProxyCurve, duration, proxy_perplexity
@@ -119,7 +120,7 @@ class ShrinkRun:
     def _candidates(self) -> list[Candidate]:
         """The caches within the budget that the target runtime executes (the others, with the reason,
         go to the report)."""
-        precisions = [p for p in self.scfg.precision_values if p in self.target.precisions]
+        precisions = undominated([p for p in self.scfg.precision_values if p in self.target.precisions])
         if not precisions:
             raise ConfigError(f"--target {self.target.name} stores none of --precisions "
                               f"{','.join(self.scfg.precisions)}; it stores "

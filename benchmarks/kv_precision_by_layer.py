@@ -30,7 +30,7 @@ from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import calibration_batches
 from kvlab.eval.perplexity import evaluate
 
-UNIFORM = ("int8", "fp8", "int8/int4", "int4/int8", "int4")
+UNIFORM = "int8,fp8,int8/int4-h,int4-h/int8,int4-h"     # formats of the allocation (layer_formats), every layer
 
 
 def main() -> None:
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="validation tokens scored per cache")
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--budgets", default="11520,10080,8640,7680", help="bytes per token, comma-separated")
+    ap.add_argument("--uniform", default=UNIFORM, help="one format for every layer, measured beside the allocations")
     ap.add_argument("--out", default="benchmarks/results/precision/kv_precision_by_layer.json")
     args = ap.parse_args()
     model = kvlab.load(args.model)
@@ -50,6 +51,7 @@ def main() -> None:
     raw = rounding_costs(model, calibration, kv_loss_moments(model, calibration))
     costs, scales = calibrated_costs(model, calibration, raw)
     estimate_seconds = time.perf_counter() - t0
+    print(json.dumps({"scales": scales, "estimate_seconds": estimate_seconds}), flush=True)
     docs = builtin_corpus("validation")
 
     def loss(kv_quant) -> float:
@@ -69,14 +71,15 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    for name in UNIFORM:
+    for name in args.uniform.split(","):
         kf, _, vf = name.partition("/")
         vf = vf or kf
         row(f"{name} (every layer)", name, sum(c["k"][kf] + c["v"][vf] for c in costs.values()))
     for budget in (int(b) for b in args.budgets.split(",")):
         kv_quant, predicted = allocate_precisions(model.cfg, costs, budget)
         row(f"by layer within {budget:,} B", kv_quant, predicted)
-    raw_totals = {f"{f}:{n}": sum(c[f][n] for c in raw.values()) for f in ("k", "v") for n in ("fp8", "int8", "int4")}
+    names = next(iter(raw.values()))["k"]
+    raw_totals = {f"{f}:{n}": sum(c[f][n] for c in raw.values()) for f in ("k", "v") for n in names}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__,

@@ -38,8 +38,9 @@ def kv_quant_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-quant", type=_kv_quant_name, default="none", metavar="FORMAT",
                    help="keep the KV cache's per-token entries (K/V, MLA latents) as fp8 (e4m3) values, or as int8 "
                         "or int4 codes with float16 scales per 32 channels; int8/int4: int8 keys, int4 values "
-                        "(llama.cpp's -ctk q8_0 -ctv q4_1; GQA/MQA caches); BASE+FORMAT@LAYERS: BASE everywhere but "
-                        "the layers named (int8/int4+int8@0-3,7) (default none)")
+                        "(llama.cpp's -ctk q8_0 -ctv q4_1; GQA/MQA caches); int8-h/int4-h: rotated (Hadamard) before "
+                        "rounding, the same bytes with less error; BASE+FORMAT@LAYERS: BASE everywhere but the layers "
+                        "named (int8/int4+int8@0-3,7) (default none)")
 
 
 def _kv_quant_name(text: str) -> str:

@@ -25,10 +25,10 @@ import torch
 
 import kvlab
 from kvlab.convert.lowrank import kv_loss_moments
-from kvlab.convert.precision import allocate_precisions, calibrated_costs, rounding_costs
 from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import calibration_batches
 from kvlab.eval.perplexity import evaluate
+from kvlab.eval.precision import allocate_precisions, calibrated_costs, rounding_costs
 
 UNIFORM = "int8,fp8,int8/int4-h,int4-h/int8,int4-h"     # formats of the allocation (layer_formats), every layer
 

@@ -151,7 +151,7 @@ class LayeredKVQuant:
     format), ...)``, sorted by layer). Spelt ``BASE+FORMAT@LAYERS…`` with layers as numbers and ranges:
     ``int8/int4+int8@0-3,7`` keeps int8 keys with int4 values everywhere but layers 0-3 and 7, which
     keep int8 values too. ``kvlab shrink`` allocates one by each layer's estimated effect on the loss
-    (:mod:`kvlab.convert.precision`); :func:`kvlab.config.accounting.layer_kv_quant` gives each layer
+    (:mod:`kvlab.eval.precision`); :func:`kvlab.config.accounting.layer_kv_quant` gives each layer
     its format (and refuses a layer the model does not have)."""
 
     base: KVQuant | MixedKVQuant

@@ -26,9 +26,9 @@ from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
 from kvlab.convert.mla import convert_to_mla, plan_mla
-from kvlab.convert.precision import allocate_by_loss, layer_formats
 from kvlab.dtypes import QUANT_GROUP, KVQuant, LayeredKVQuant, MixedKVQuant, parse_kv_quant
 from kvlab.errors import ConfigError
+from kvlab.eval.precision import allocate_by_loss, layer_formats
 
 # The cache precisions a candidate may have: None keeps the model's own (counted as bf16); the rest
 # are kvlab's quantized caches (kvlab.cache.quantized), each a format a runtime serves too. int8/int4
@@ -37,7 +37,7 @@ from kvlab.errors import ConfigError
 # kvlab serves and other runtimes do not: where the runtime has both, the plain one is left out
 # (undominated), since on SmolLM2 rotation cut int4's cost from +6.6 % to +5.0 % and int8/int4's from
 # +0.58 % to +0.48 %. "by-layer": the original structure with a key and a value format per layer,
-# allocated by the loss within the budget (kvlab.convert.precision) once the calibration statistics are
+# allocated by the loss within the budget (kvlab.eval.precision) once the calibration statistics are
 # in (resolve_candidates).
 BY_LAYER = "by-layer"
 PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int8/int4", "int4", "int8/int4-h", "int4-h", BY_LAYER)

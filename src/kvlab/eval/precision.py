@@ -37,6 +37,7 @@ from kvlab.config.accounting import kv_quant_fits, layer_cache_bytes
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KV_QUANTS, KVQuant, LayeredKVQuant, MixedKVQuant, layered_kv_quant
 from kvlab.errors import ConfigError
+from kvlab.eval.perplexity import batch_loss
 from kvlab.layers.rope import apply_rope, rope_cos_sin
 from kvlab.models.modes import eval_mode
 from kvlab.registry import get_kind
@@ -120,8 +121,6 @@ def rounding_costs(model, batches, loss_moments: dict, formats=None) -> dict[int
 def calibrated_costs(model, batches, costs: dict, formats=None) -> tuple[dict, dict[str, float]]:
     """``costs`` with the key and the value estimates scaled to match two caches measured through the
     model on ``batches`` (module docstring), and the two scales ``{"k": …, "v": …}``."""
-    from kvlab.eval.perplexity import batch_loss
-
     formats = formats or layer_formats(model.cfg)
     narrow, wide = formats[-1], "int8" if "int8" in formats else formats[0]
     if narrow == wide:

@@ -1,4 +1,4 @@
-"""A cache precision per layer allocated by the loss (kvlab.convert.precision): the allocation against
+"""A cache precision per layer allocated by the loss (kvlab.eval.precision): the allocation against
 brute force, the rounding estimate against a float64 computation with explicit rotation matrices, the
 calibration against the caches it measures, and shrink's "by-layer" candidate."""
 
@@ -12,15 +12,15 @@ from kvlab import ConfigError, ModelConfig
 from kvlab.cache.quantized import decode, encode
 from kvlab.config.accounting import layer_kv_quant
 from kvlab.convert.lowrank import kv_loss_moments
-from kvlab.convert.precision import (
+from kvlab.dtypes import KV_QUANTS
+from kvlab.eval.perplexity import batch_loss
+from kvlab.eval.precision import (
     allocate_precisions,
     calibrated_costs,
     layer_formats,
     layer_options,
     rounding_costs,
 )
-from kvlab.dtypes import KV_QUANTS
-from kvlab.eval.perplexity import batch_loss
 from kvlab.recipes.shrink.candidates import BY_LAYER, enumerate_candidates, resolve_candidates
 
 from conftest import make_model

@@ -56,8 +56,7 @@ def main() -> None:
         student = convert_to_lowrank(base, channels=args.channels, moments=moments, loss_moments=loss_moments)
         start = math.exp(batch_loss(student, proxy))
         tokens_per_step = args.batch_size * 1024
-        curve = ProxyCurve(student, proxy, "cpu", max(1, args.steps // 6), 0, tokens_per_step, args.steps, f"lr {lr:g}",
-                       print)
+        curve = ProxyCurve(student, proxy, max(1, args.steps // 6), 0, tokens_per_step, args.steps, f"lr {lr:g}", print)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             tcfg = TrainConfig(out_dir=tmp, max_steps=args.steps, batch_size=args.batch_size, seq_len=1024, lr=lr,

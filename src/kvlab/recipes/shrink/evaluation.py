@@ -32,7 +32,6 @@ class EvalSet:
     seq_len: int
     max_tokens: int | None
     chats: list
-    device: str
 
     def score(self, model, tok, original_replies: list[str] | None = None, kv_quant: KVQuant | None = None) -> dict:
         """Proxy perplexity, validation perplexity and chat replies of ``model`` (its cache stored in
@@ -78,10 +77,10 @@ class ProxyCurve:
     ETA line, and a stop once the candidate's deadline passes; its points travel in the training
     checkpoints, so a resumed stage keeps them."""
 
-    def __init__(self, model, proxy, device, every: int, offset_tokens: int, tokens_per_step: int, total: int,
+    def __init__(self, model, proxy, every: int, offset_tokens: int, tokens_per_step: int, total: int,
                  label: str, log: Callable[[str], None], deadline: Callable[[], bool] | None = None,
                  kv_quant: KVQuant | None = None):
-        self.model, self.proxy, self.device, self.every, self.kv_quant = model, proxy, device, every, kv_quant
+        self.model, self.proxy, self.every, self.kv_quant = model, proxy, every, kv_quant
         self.deadline, self.stopped = deadline, False
         self.offset, self.tokens_per_step, self.total, self.label, self.log = (
             offset_tokens, tokens_per_step, total, label, log)

@@ -114,8 +114,7 @@ class ShrinkRun:
         x, y = Windows(self.builtin_train_tokens, proxy_len, rows, seed=scfg.seed + 1_000_003).batch(0)
         proxy = [torch.cat([x[i:i + 2], y[i:i + 2, -1:]], 1) for i in range(0, rows, 2)]
         self.evalset = EvalSet(proxy, builtin_corpus("validation"), min(scfg.eval_seq_len, self.base.cfg.max_seq_len),
-                               scfg.eval_tokens, make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003),
-                               scfg.device)
+                               scfg.eval_tokens, make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003))
 
     def _candidates(self) -> list[Candidate]:
         """The caches within the budget that the target runtime executes (the others, with the reason,
@@ -319,7 +318,7 @@ class ShrinkRun:
                 continue
             if train_only == "attention+adapter":
                 attach_mlp_lora(student, scfg)       # before resuming: its checkpoints hold the adapter
-            hook = ProxyCurve(student, self.evalset.proxy, scfg.device, max(1, n_steps // scfg.curve_points), offset,
+            hook = ProxyCurve(student, self.evalset.proxy, max(1, n_steps // scfg.curve_points), offset,
                               tokens_per_step, n_steps, name, self.log, deadline=out_of_time, kv_quant=cand.kv_quant)
             tcfg = TrainConfig(out_dir=str(work / name), max_steps=n_steps, batch_size=scfg.batch_size,
                                seq_len=scfg.seq_len, lr=lr, warmup_steps=max(1, n_steps // 10), weight_decay=0.0,

@@ -176,10 +176,15 @@ class LayeredKVQuant:
         return self.name
 
     @property
+    def assigned(self) -> tuple[KVQuant | MixedKVQuant, ...]:
+        """The base and every override's format (repeats kept)."""
+        return (self.base, *(f for _, f in self.overrides))
+
+    @property
     def formats(self) -> tuple[KVQuant, ...]:
         """Every format some layer stores in, each once."""
         out: list[KVQuant] = []
-        for fmt in (self.base, *(f for _, f in self.overrides)):
+        for fmt in self.assigned:
             out += [f for f in fmt.formats if f not in out]
         return tuple(out)
 

@@ -25,7 +25,7 @@ def kind_holds(kind: str, kv_quant: KVQuant | MixedKVQuant | LayeredKVQuant | No
     """Whether layers of attention ``kind`` can keep their cache in ``kv_quant`` as far as its formats go:
     keys and values in two formats need a kind that caches them apart (``separate_kv_cache``)."""
     if isinstance(kv_quant, LayeredKVQuant):
-        return all(kind_holds(kind, f) for f in (kv_quant.base, *(f for _, f in kv_quant.overrides)))
+        return all(kind_holds(kind, f) for f in kv_quant.assigned)
     return not isinstance(kv_quant, MixedKVQuant) or get_kind(kind).capabilities.separate_kv_cache
 
 

@@ -84,6 +84,7 @@ def rounding_costs(model, batches, loss_moments: dict, formats=None) -> dict[int
             captured[key] = out.detach()
         return on_output
 
+    metric = {(i, f): loss_moments[(i, f)].to(model.device, torch.float64) for i in layers for f in ("k", "v")}
     hooks = []
     for i in layers:
         attn = model.layers[i].self_attn
@@ -102,7 +103,7 @@ def rounding_costs(model, batches, loss_moments: dict, formats=None) -> dict[int
                         x = captured[(i, field)].float().view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
                         rotated = field == "k" and cfg.pos == "rope"
                         stored = apply_rope(x, cos, sin) if rotated else x
-                        F = loss_moments[(i, field)].to(model.device, torch.float64)
+                        F = metric[(i, field)]
                         for name, fmt in fmts.items():
                             err = decode(*encode(stored, fmt), fmt, torch.float32) - stored
                             if rotated:                   # back to the unrotated channels F is measured in

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvlab.config.accounting import kind_holds, kv_quant_fits
+from kvlab.config.accounting import kind_holds, kv_quant_fits, layer_kv_quant
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
@@ -176,7 +176,7 @@ class CacheFamily:
         """The "by-layer" ``cand`` with its precision per layer allocated."""
         kv_quant, _ = allocate_by_loss(base, calibration, moments["kv_loss"], cand.kv_bytes)
         return Candidate(f"by-layer cache ({_layer_summary(base.cfg, kv_quant)})", self.name, cand.kind, cand.change,
-                         _bytes(base.cfg, kv_quant.name), kv_quant.name)
+                         base.cfg.kv_bytes_per_token("bf16", kv_quant), kv_quant.name)
 
     def plan(self, cfg: ModelConfig, cand: Candidate) -> ModelConfig:
         return cfg
@@ -190,11 +190,9 @@ class CacheFamily:
 
 def _layer_summary(cfg: ModelConfig, kv_quant) -> str:
     """``'keys int8 ×26, fp8 ×4; values int8 ×21, int4 ×9'``: how many caching layers keep each format."""
-    from kvlab.config.accounting import layer_kv_quant
-
     counts: dict[str, dict[str, int]] = {"keys": {}, "values": {}}
     for i in cfg.kv_producers:
-        fmt = layer_kv_quant(cfg, i, parse_kv_quant(kv_quant))
+        fmt = layer_kv_quant(cfg, i, kv_quant)
         for field, f in zip(counts, (fmt.formats[0], fmt.formats[-1])):
             counts[field][f.name] = counts[field].get(f.name, 0) + 1
     return "; ".join(f"{field} " + ", ".join(f"{n} ×{c}" for n, c in sorted(fc.items(), key=lambda x: -x[1]))

@@ -11,7 +11,7 @@ float16 scale):
 - KV bytes per token and the planner's largest batch (bf16 weights, ``--memory``, ``--context``).
 
     python benchmarks/kv_quant.py [--max-tokens 16384] [--seq-len 1024] [--batch 16] [--quants none,int8,int8/int4,int4]
-        [--no-decode] [--out ...]
+        [--no-decode] [--balance-keys 8192] [--out ...]
 """
 
 from __future__ import annotations
@@ -57,11 +57,22 @@ def main() -> None:
                    help="caches to measure, comma-separated (none first: the reference); keys/values apart as "
                         "int8/int4")
     p.add_argument("--no-decode", action="store_true", help="perplexity and bytes only (no decode timing)")
+    p.add_argument("--balance-keys", type=int, default=0, metavar="N",
+                   help="store the keys balanced first (kvlab.convert.balance), fitted on N calibration tokens of "
+                        "the train split (0: keys as projected)")
     p.add_argument("--out", default="benchmarks/results/kv_quant.json")
     args = p.parse_args()
 
     model = kvlab.load("smollm2-135m")
     tok = model.tokenizer
+    if args.balance_keys:
+        from kvlab.convert.balance import balance_keys
+        from kvlab.data.windows import calibration_batches
+
+        # the windows kvlab convert --balance-keys and shrink fit on: the model's context, 2,048 at most
+        window = min(model.cfg.max_seq_len, 2048)
+        model = balance_keys(model, calibration_batches(tok, args.balance_keys, seq_len=window,
+                                                        batch_size=max(1, 4096 // window)))
     docs = builtin_corpus("validation")
     ids: list[int] = []
     for doc in docs:

@@ -247,6 +247,39 @@ def test_convert_calibrated_on_a_small_checkpoint(capsys, tmp_path):
     assert code == 2 and "calibration tokens=0 must be a positive integer" in err and not (tmp_path / "x").exists()
 
 
+def test_convert_balance_keys_equals_the_python_api(capsys, tmp_path):
+    """``--balance-keys`` alone, or after pooling heads: the keys balanced as ``balance_keys`` does on
+    calibration windows as long as the model's context (2,048 at most); bad combinations in one line."""
+    from kvlab.convert.balance import balance_keys
+    from kvlab.convert.heads import convert
+    from kvlab.data.windows import calibration_batches
+
+    model = make_model(n_kv_head=4)
+    save_checkpoint(model, tmp_path / "base", tokenizer=ByteTokenizer())
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--balance-keys", "--calibration-tokens", "1024",
+                       "-o", str(tmp_path / "bal"))
+    assert code == 0 and "balanced against the queries in 4 layers" in out, out
+    balanced = kvlab.load(tmp_path / "bal")
+    window = min(model.cfg.max_seq_len, 2048)
+    text = calibration_batches(ByteTokenizer(), 1024, seq_len=window, batch_size=max(1, 4096 // window))
+    same = balance_keys(model, text)
+    assert balanced.cfg.key_balance and balanced.provenance["steps"][-1]["method"] == "key-balance"
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(balanced.state_dict()[k], v)
+    code, out, _ = run(capsys, "convert", str(tmp_path / "base"), "--kv-heads", "2", "--balance-keys",
+                       "--calibration-tokens", "1024", "-o", str(tmp_path / "gqa"))
+    assert code == 0 and "4 -> 2 KV heads" in out
+    pooled = kvlab.load(tmp_path / "gqa")
+    same = balance_keys(convert(model, n_kv_head=2, method="mean"), text)
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(pooled.state_dict()[k], v)
+    for extra, message in ((["--mla", "8"], "caches latents"), (["--refit"], "changes no structure")):
+        code, _, err = run(capsys, "convert", str(tmp_path / "base"), "--balance-keys", *extra, "-o",
+                           str(tmp_path / "x"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+
+
 def test_convert_with_refit_equals_the_python_api(capsys, tmp_path):
     """``--refit`` after an MLA conversion: the output projections are refitted as
     ``refit_outputs`` does in Python, and the provenance records the step."""

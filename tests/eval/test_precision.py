@@ -11,6 +11,7 @@ import torch
 from kvlab import ConfigError, ModelConfig
 from kvlab.cache.quantized import decode, encode
 from kvlab.config.accounting import layer_kv_quant
+from kvlab.convert.balance import balance_keys
 from kvlab.convert.lowrank import kv_loss_moments
 from kvlab.dtypes import KV_QUANTS
 from kvlab.eval.perplexity import batch_loss
@@ -72,11 +73,15 @@ def _rotation(positions: np.ndarray, D: int, theta: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def test_the_rounding_estimate_equals_a_float64_computation():
+@pytest.mark.parametrize("balanced", [False, True])
+def test_the_rounding_estimate_equals_a_float64_computation(balanced):
     """½ E[δᵀ F δ] with δ the cache's rounding error of the keys after RoPE, taken back through the
-    inverse rotation (explicit matrices here), and of the values; F of the model's own loss."""
+    inverse rotation (explicit matrices here), and of the values; F of the model's own loss. Keys
+    stored balanced (kvlab.convert.balance) are rounded as stored: (Rk − μ) / s, the error times s."""
     model = make_model(n_kv_head=2, d_model=128, n_head=2, n_layer=2)        # head_dim 64
     batches = [torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))]
+    if balanced:
+        model = balance_keys(model, batches).eval()
     F = kv_loss_moments(model, batches)
     got = rounding_costs(model, batches, F)
     captured = {}
@@ -88,11 +93,18 @@ def test_the_rounding_estimate_equals_a_float64_computation():
     R = _rotation(np.arange(16), 64, model.cfg.rope_theta)
     for (i, f), x in captured.items():
         x = x.view(2, 16, 2, 64).double().numpy()                           # (B, T, H, D)
-        stored = np.einsum("tij,bthj->bthi", R, x) if f == "k" else x
+        rotated = np.einsum("tij,bthj->bthi", R, x) if f == "k" else x
         for name in layer_formats(model.cfg):             # fp8, int8, int4-h (rotated before rounding)
             fmt = KV_QUANTS[name]
+            stored, scale = rotated, None
+            if balanced and f == "k" and not fmt.is_float:  # integer codes hold balanced keys
+                attn = model.layers[i].self_attn
+                shift, scale = attn.key_shift.double().numpy(), attn.key_scale.double().numpy()    # (H, D)
+                stored = (rotated - shift) / scale
             s = torch.from_numpy(stored).float().transpose(1, 2)           # (B, H, T, D), as the cache keeps it
             err = (decode(*encode(s, fmt), fmt, torch.float32) - s).transpose(1, 2).double().numpy()
+            if scale is not None:
+                err = err * scale                                          # back to the keys as projected
             if f == "k":
                 err = np.einsum("tji,bthj->bthi", R, err)                  # Rᵀ: back before the rotation
             e = err.reshape(32, 128)

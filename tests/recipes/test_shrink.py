@@ -355,3 +355,33 @@ def test_the_report_serves_a_precision_per_layer_with_kvlabs_flag():
     text = "\n".join(_serve_lines(results))
     assert f"kvlab serve model/ --kv-quant {spec}" in text and "a value format per layer" in text
     assert "Any runtime with such a cache" not in text and "no precision per layer" in text
+
+
+def test_integer_caches_of_the_original_hold_balanced_keys_where_kvlab_serves_them(small, tmp_path, monkeypatch):
+    """For --target kvlab the original's int4 cache is ranked, chosen and saved with its keys balanced
+    (kvlab.convert.balance): the saved model computes what the original does, its score is its own int4
+    cache's, and the report says other runtimes round the keys as projected. --no-balance-keys (and any
+    other target) keeps them as projected."""
+    from kvlab.recipes.shrink import ranking
+    from kvlab.recipes.shrink.targets import get_target
+
+    monkeypatch.setattr(ranking, "speed_of", lambda base, cand, scfg, context: _Ratio(1.0))
+    scores = {}
+    for balance in (True, False):
+        out = tmp_path / f"b{balance}"
+        results = run_shrink(str(small), out, ShrinkConfig.quick(candidates=1, precisions=("int4",), kv="2x",
+                                                                 balance_keys=balance), log=lambda s: None)
+        best = results["recovered"][0]
+        assert best["name"] == "int4 cache" and results["keys_balanced"] is balance
+        saved, original = kvlab.load(out / "model"), kvlab.load(small)
+        assert saved.cfg.key_balance is balance
+        tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(saved(tokens), original(tokens), rtol=1e-4, atol=1e-4)
+        want = evaluate(saved, saved.tokenizer, builtin_corpus("validation"), seq_len=64, max_tokens=512,
+                        progress=False, kv_quant="int4")
+        assert best["val"]["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
+        scores[balance] = best["val"]["perplexity"]
+        assert ("balanced against the queries" in (out / "report.md").read_text()) is balance
+    assert scores[True] != scores[False]
+    assert [get_target(t).balances_keys for t in ("kvlab", "transformers", "vllm", "llama.cpp")] == [True] + [False] * 3

@@ -45,6 +45,37 @@ class GQAAttention(nn.Module):
             self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
             self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
+        # Keys stored centred and balanced against the queries (kvlab.convert.balance): the producer's
+        # shift, and its scale, which every reader's queries take (a CLA consumer holds its producer's).
+        self.balanced = cfg.key_balance
+        if self.balanced:
+            self.register_buffer("key_scale", torch.ones(cfg.n_kv_head, cfg.head_dim))
+            if self.is_producer:
+                self.register_buffer("key_shift", torch.zeros(cfg.n_kv_head, cfg.head_dim))
+
+    def balances(self, ctx: ForwardContext) -> bool:
+        """Whether this call attends over balanced keys: the model has them and its producer's cache
+        keeps keys as integer codes (the only rounding balance helps; without a cache nothing is
+        rounded, and the scores are the same either way)."""
+        return self.balanced and ctx.cache is not None and ctx.cache.keys_in_codes(self.kv_source)
+
+    def stored_keys(self, k: torch.Tensor, balance: bool) -> torch.Tensor:
+        """Keys ``(B, n_kv_head, T, D)`` after RoPE as this producer stores and attends to them:
+        ``(k - key_shift) / key_scale`` if ``balance``, else as they are. Each query is scaled by
+        ``key_scale`` in turn (:meth:`balanced_queries`), so its scores are the original ones less
+        ``q · key_shift`` — the same for every key of the query, which the softmax ignores."""
+        if not balance:
+            return k
+        return (k - self.key_shift[:, None].to(k.dtype)) / self.key_scale[:, None].to(k.dtype)
+
+    def balanced_queries(self, q: torch.Tensor, balance: bool) -> torch.Tensor:
+        """Queries ``(B, n_head, T, D)`` after RoPE as they meet stored keys: times ``key_scale`` (of
+        their KV head) if ``balance``, else as they are."""
+        if not balance:
+            return q
+        B, _, T, D = q.shape                 # query head h reads KV head h // (n_head / n_kv_head)
+        grouped = q.view(B, self.n_kv_head, self.n_head // self.n_kv_head, T, D)
+        return (grouped * self.key_scale[:, None, None].to(q.dtype)).view(q.shape)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -63,12 +94,15 @@ class GQAAttention(nn.Module):
         q = q_unrotated = self._heads(projected[0], self.n_head)
         if self.use_rope:
             q = apply_rope(q, ctx.cos, ctx.sin)
+        balance = self.balances(ctx)
+        q = self.balanced_queries(q, balance)
         if self.is_producer:
             k = self._heads(projected[1], self.n_kv_head)
             v = self._heads(projected[2], self.n_kv_head)
             if self.use_rope:
                 k = apply_rope(k, ctx.cos, ctx.sin)
-            if ctx.prefix is not None:    # prefix tuning without a cache: trained keys come first
+            k = self.stored_keys(k, balance)
+            if ctx.prefix is not None:    # prefix tuning without a cache: trained keys (as stored) come first
                 pk, pv = ctx.prefix[self.layer_idx]
                 k, v = torch.cat([pk.to(k.dtype), k], 2), torch.cat([pv.to(v.dtype), v], 2)
             if ctx.cache is not None:     # a quantized cache's entries as stored: see quantized_cpu

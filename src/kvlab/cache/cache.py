@@ -161,6 +161,13 @@ class KVCache:
         return CacheStep(q_pos=q_pos, q_valid=q_valid, k_len=k_len, k_valid=k_valid,
                          new_lengths=new_lengths, uniform_start=None, write_index=write_index)
 
+    def keys_in_codes(self, layer: int) -> bool:
+        """Whether producer ``layer`` stores its keys as integer codes (int8/int4, rotated or not): the
+        caches that keys balanced against the queries are for (kvlab.convert.balance); a float cache,
+        fp8 included, rounds each value relative to itself, which balance does not help."""
+        fmt = layer_kv_quant(self.cfg, layer, self.kv_quant)
+        return fmt is not None and not fmt.formats[0].is_float
+
     def update(self, layer: int, *new: torch.Tensor, step: CacheStep, stored: bool = False) -> tuple:
         """Store layer ``layer``'s new entries (K and V for a full layer); return what it attends to.
         ``stored=True``: a quantized layer returns its entries as stored

@@ -192,6 +192,7 @@ class PagedBatch(KVCache):
         if not seqs:
             raise ConfigError("a paged batch needs at least one sequence")
         self.cfg, self.pool, self.seqs = pool.cfg, pool, seqs
+        self.kv_quant = pool.kv_quant
         self.batch_size = len(seqs)
         self.dtype = pool.dtype
         lengths = [s.length for s in seqs]

@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
                         "the chosen model is also written in its format (transformers/vllm: an HF directory in "
                         "OUT/hf; llama.cpp: OUT/model.gguf), with its serve command in the report (default kvlab: "
                         "everything kvlab runs)")
+    p.add_argument("--no-balance-keys", dest="balance_keys", action="store_false",
+                   help="store quantized keys as projected (by default, for --target kvlab, they are stored centred "
+                        "and balanced against the queries: the same outputs, less rounding error)")
     p.add_argument("--allow-slower", action="store_true",
                    help="accept a candidate that decodes slower than the original (by default it is passed over)")
     p.add_argument("--calibration-tokens", type=int, default=8192, metavar="N")
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                   kd_lr=args.kd_lr,
                   data=args.data, generated_tokens=args.generated_tokens, lora_rank=args.lora_rank,
                   refit=args.refit, precisions=tuple(p.strip() for p in args.precisions.split(",")),
-                  context=args.context, allow_slower=args.allow_slower, target=args.target)
+                  context=args.context, allow_slower=args.allow_slower, target=args.target,
+                  balance_keys=args.balance_keys)
     if args.quick:
         scfg = ShrinkConfig.quick(**common, **({"tokens": args.tokens} if args.tokens is not None else {}))
     else:

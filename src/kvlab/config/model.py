@@ -111,6 +111,11 @@ class ModelConfig:
     # Attention scores are multiplied by this before the softmax (None: 1/sqrt(head_dim)); T5 folds
     # the scaling into its initialisation and uses 1.0. Softmax (gqa) layers only.
     attn_scale: float | None = None
+    # gqa layers store their keys centred and balanced against their queries (kvlab.convert.balance):
+    # the buffers key_shift/key_scale, fitted on calibration text. Attention computes the same in exact
+    # arithmetic (softmax ignores a shift common to every key; the scale moves into the queries); a
+    # quantized cache rounds far less of what matters (SmolLM2 int4 keys: +6.4 % -> +1.3 %).
+    key_balance: bool = False
     # An encoder–decoder (T5, the GQA paper's setting) when > 0: a bidirectional MHA encoder of this
     # many layers, whose output every one of the n_layer decoder layers reads through cross-attention
     # with ``cross_n_kv_head`` K/V heads (default n_head); decoder layer i reads the cross-attention

@@ -82,6 +82,9 @@ def validate_config(cfg: "ModelConfig") -> None:
         raise ConfigError(f"score_outputs={cfg.score_outputs!r} must be a positive integer or null")
     if cfg.sink_positions not in SINK_POSITIONS:
         raise ConfigError(f"sink_positions={cfg.sink_positions!r} is not one of {list(SINK_POSITIONS)}")
+    if cfg.key_balance and cfg.sink_positions == "cache" and any(cfg.layer_sinks(i) for i in range(cfg.n_layer)):
+        raise ConfigError("key_balance stores keys centred and scaled, and sink_positions='cache' re-rotates the "
+                          "sinks' keys as projected; use one of them (sink_positions='original' keeps balance)")
     if cfg.sink_positions == "cache" and cfg.pos != "rope":
         raise ConfigError(f"sink_positions='cache' re-positions rotary keys (StreamingLLM) and pos={cfg.pos!r} "
                           f"has none; use sink_positions='original'")

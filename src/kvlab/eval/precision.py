@@ -99,13 +99,21 @@ def rounding_costs(model, batches, loss_moments: dict, formats=None) -> dict[int
                 positions = torch.arange(T, device=model.device).expand(B, T)
                 cos, sin = rope_cos_sin(positions, model.rope_inv_freq(model.device), torch.float32)
                 for i in layers:
+                    attn = model.layers[i].self_attn
                     for field in ("k", "v"):
                         x = captured[(i, field)].float().view(B, T, H, D).transpose(1, 2)    # (B, H, T, D)
                         rotated = field == "k" and cfg.pos == "rope"
                         stored = apply_rope(x, cos, sin) if rotated else x
+                        # balanced keys (kvlab.convert.balance) are rounded as stored in integer codes,
+                        # the error scaled back after; fp8 stores them as projected
+                        balanced = field == "k" and getattr(attn, "balanced", False)
                         F = metric[(i, field)]
                         for name, fmt in fmts.items():
-                            err = decode(*encode(stored, fmt), fmt, torch.float32) - stored
+                            codes = balanced and not fmt.is_float
+                            kept = attn.stored_keys(stored, True) if codes else stored
+                            err = decode(*encode(kept, fmt), fmt, torch.float32) - kept
+                            if codes:
+                                err = err * attn.key_scale[:, None].float()
                             if rotated:                   # back to the unrotated channels F is measured in
                                 err = apply_rope(err, cos, -sin)
                             e = err.transpose(1, 2).reshape(B * T, H * D).double()

@@ -41,7 +41,7 @@ import torch
 from kvlab.errors import ConfigError
 from kvlab.io.atomic import OutputExistsError, apply_umask, make_parents, remove_empty
 from kvlab.io.gguf import _GLOBAL_NAMES, _LAYER_NAMES, _LLAMA3_SPLIT, _QWEN2_SPLIT
-from kvlab.io.weights import refuse_adapter
+from kvlab.io.weights import refuse_adapter, without_key_balance
 from kvlab.models.decoder import Transformer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -209,7 +209,7 @@ def _llama_tensors(model: Transformer) -> dict[str, tuple[torch.Tensor, bool]]:
     """GGUF name -> (tensor, kept in F32) of a llama-architecture model: kvlab's names mapped, the
     rows of Q and K in llama.cpp's interleaved rotary order."""
     cfg, out = model.cfg, {}
-    for name, value in model.state_dict().items():
+    for name, value in without_key_balance(model.state_dict()).items():     # llama.cpp stores keys as projected
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue
         if name.startswith("layers."):

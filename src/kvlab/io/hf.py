@@ -33,7 +33,7 @@ from kvlab.io.mpt import config_from_mpt, config_to_mpt, mpt_problems, state_fro
 from kvlab.io.provenance import new_provenance
 from kvlab.io.t5 import config_from_t5, config_to_t5, expanded_kv, needs_expansion, state_from_t5, state_to_t5
 from kvlab.io.tokenizer import load_tokenizer
-from kvlab.io.weights import build_model, refuse_adapter
+from kvlab.io.weights import build_model, refuse_adapter, without_key_balance
 from kvlab.models.decoder import Transformer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "deepseek_v3", "mpt", "t5")
@@ -390,7 +390,7 @@ def export_hf(model: Transformer, directory: str | Path, *, dtype: torch.dtype |
     refuse_adapter(model)
     dtype = dtype or model.dtype
     hf_config = config_to_hf(model.cfg, dtype, model)
-    source = model.state_dict()
+    source = without_key_balance(model.state_dict())     # the same outputs: transformers stores keys as projected
     if hf_config["model_type"] == "deepseek_v3" and not MLAShape.of(model.cfg).latent_norm:
         source = _constant_latent_channel(model, hf_config)
     state = {}

@@ -9,6 +9,15 @@ from kvlab.errors import CheckpointError, ConfigError
 from kvlab.models.decoder import Transformer
 from kvlab.models.encoder_decoder import model_class
 
+# Buffers of a model whose keys are stored balanced (kvlab.convert.balance): a change of coordinates
+# inside attention, not weights another format holds; the model computes the same without them.
+KEY_BALANCE_BUFFERS = ("key_shift", "key_scale")
+
+
+def without_key_balance(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the key-balance buffers (what exporters and conversions take)."""
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in KEY_BALANCE_BUFFERS}
+
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], *, where: str,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:

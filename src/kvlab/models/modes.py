@@ -1,4 +1,4 @@
-"""Running a module in eval mode for a while (no dropout while sampling, scoring or calibrating)."""
+"""Running a module in eval mode for a while (no dropout while sampling, scoring or calibrating), or for good."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         yield module
     finally:
         module.train(was_training)
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with every parameter frozen (a reference or a teacher), returned."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

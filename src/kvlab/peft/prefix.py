@@ -171,6 +171,10 @@ def add_prompt_adapter(model, cfg: PromptConfig) -> nn.Module:
     if kinds and cfg.method != "prompt":
         raise ConfigError(f"{cfg.method} tuning writes K/V prefixes, which layers of kind(s) {kinds} do not keep; "
                           f"use prompt tuning (virtual input tokens) or LoRA on this model")
+    if model.cfg.key_balance and cfg.method != "prompt":
+        raise ConfigError(f"{cfg.method} tuning writes keys into the cache as projected, and this model stores them "
+                          f"balanced for integer caches (kvlab convert --balance-keys): tune the model before "
+                          f"balancing its keys, or use LoRA or prompt tuning")
     if model.cfg.pos == "learned" and cfg.num_virtual_tokens >= model.cfg.max_seq_len:
         raise ConfigError(f"num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in max_seq_len="
                           f"{model.cfg.max_seq_len} of a model with learned positions")

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from kvlab.config.accounting import kind_holds, kv_quant_fits, layer_kv_quant
 from kvlab.config.model import ModelConfig
+from kvlab.convert.balance import balance_keys, balanceable_layers
 from kvlab.convert.calibrated import attention_input_moments, needed_moments
 from kvlab.convert.heads import convert
 from kvlab.convert.lowrank import convert_to_lowrank, kv_loss_moments, plan_lowrank
@@ -414,10 +415,23 @@ def plan_candidate(cfg: ModelConfig, cand: Candidate) -> ModelConfig:
     return FAMILIES[cand.family].plan(cfg, cand)
 
 
-def convert_candidate(base, cand: Candidate, calibration, moments: dict) -> Any:
+def convert_candidate(base, cand: Candidate, calibration, moments: dict, balance_text=None) -> Any:
     """``base`` converted to ``cand``'s structure with its family's best starting point (from
-    ``moments``); the precision is the cache's, chosen when the model runs."""
-    return FAMILIES[cand.family].convert(base, cand, calibration, moments)
+    ``moments``); the precision is the cache's, chosen when the model runs. Keys are balanced as
+    ``base``'s are (:func:`balanced_like`, on ``balance_text``)."""
+    model = FAMILIES[cand.family].convert(base, cand, calibration, moments)
+    return balanced_like(base, model, cand, balance_text)
+
+
+def balanced_like(base, model, cand: Candidate, balance_text) -> Any:
+    """``model`` (made from ``base``) with its keys stored balanced where ``base``'s are and ``cand`` has a
+    quantized cache: a conversion, or training, leaves the balance of other projections behind, so it
+    is fitted again on ``balance_text``, the windows ``base``'s was fitted on (:mod:`kvlab.convert.balance`)."""
+    if model is base or not base.cfg.key_balance or cand.precision is None or not balanceable_layers(model.cfg):
+        return model
+    if balance_text is None:
+        raise ConfigError("a model made from one whose keys are balanced needs the text to balance its own on")
+    return balance_keys(model, balance_text)
 
 
 def moments_for(base, candidates: list[Candidate], calibration) -> dict:

@@ -73,6 +73,10 @@ class ShrinkConfig:
     speed_batch: int = 4
     speed_rounds: int = 5
     allow_slower: bool = False
+    # Quantized caches of gqa layers hold the keys centred and balanced against the queries
+    # (kvlab.convert.balance: the same outputs, far less rounding error) where the target runtime
+    # stores kvlab's cache; off: keys as projected.
+    balance_keys: bool = True
     # The serving gain of the chosen model: kvlab serve's engine, the original and the chosen model at
     # one KV budget (what holds serve_original_seqs of the original's sequences), serve_clients
     # requests of serve_prompt_tokens + serve_max_tokens at once.

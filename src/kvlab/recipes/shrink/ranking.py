@@ -32,13 +32,15 @@ def _tokens(batches: list[torch.Tensor]) -> int:
 
 
 def rank_candidates(base, candidates: list[Candidate], calibration, moments: Callable[[], dict],
-                    proxy: list[torch.Tensor], scfg: ShrinkConfig, log: Callable[[str], None]) -> list[RankedCandidate]:
-    """``candidates`` best first by held-out proxy perplexity at α = 0 (see the module docstring)."""
+                    proxy: list[torch.Tensor], scfg: ShrinkConfig, log: Callable[[str], None],
+                    balance_text=None) -> list[RankedCandidate]:
+    """``candidates`` best first by held-out proxy perplexity at α = 0 (see the module docstring);
+    ``balance_text``: what a converted model's keys are balanced on where ``base``'s are."""
     first, rest = proxy[:1], proxy[1:]
     scored: list[tuple[float, Candidate]] = []
     kept: dict[str, object] = {}                     # the converted models of the current best few
     for cand in candidates:
-        model = convert_candidate(base, cand, calibration, moments())
+        model = convert_candidate(base, cand, calibration, moments(), balance_text)
         loss = batch_loss(model, first, cand.kv_quant)
         scored.append((loss, cand))
         log(f"  {cand.name:30} {cand.kv_bytes:>8,} B/token  proxy perplexity at alpha=0 {math.exp(loss):,.2f}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvlab.dtypes import parse_kv_quant
+
 # How each runtime stores a KV cache in kvlab's precisions (its own flag), or why it cannot.
 RUNTIME_FLAGS = {
     "fp8": {"kvlab": "--kv-quant fp8", "vLLM": "--kv-cache-dtype fp8",
@@ -137,15 +139,27 @@ def _serve_lines(results: dict) -> list[str]:
     """How to run the chosen cache: kvlab's command, and each runtime's flag for its precision."""
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
     precision = best["precision"]
+    balanced = bool(precision and results.get("keys_balanced")
+                    and any(not f.is_float for f in parse_kv_quant(precision).formats))
     flag = f" {runtime_flags(precision)['kvlab']}" if precision else ""
     lines = [*_target_lines(results), "## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
+    if balanced:
+        lines += ["Where the cache keeps integer codes, `model/` stores the keys centred and balanced against the "
+                  "queries (`kvlab convert --balance-keys`, fitted on calibration text): the outputs are the "
+                  "original's, and kvlab's cache rounds far less of what attention reads. The HF and GGUF exports "
+                  "hold the weights as projected: other runtimes' caches of the same type round the keys as the "
+                  "original's would.", ""]
     if best["family"] == "cache" and precision not in RUNTIME_FLAGS:       # a format per layer
         lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache keeps a key and "
                   f"a value format per layer (`{precision}`), which kvlab stores; other runtimes keep one format "
                   f"for every layer:", ""]
-    elif best["family"] == "cache":
+    elif best["family"] == "cache" and not balanced:
         lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache is stored in "
                   f"{precision}. Any runtime with such a cache gives the same without kvlab:", ""]
+    elif best["family"] == "cache":
+        lines += [f"**Quantization alone wins at this budget**: the model computes what the original does and its "
+                  f"cache is stored in {precision}. In other runtimes the same cache type costs more quality (see "
+                  f"below):", ""]
     elif precision:
         lines += [f"The converted model's cache is stored in {precision}; in other runtimes:", ""]
     if precision:

@@ -76,6 +76,12 @@ class Target:
                         f"DeepSeek's latent {DEEPSEEK_MLA_WIDTHS[0]} + RoPE key {DEEPSEEK_MLA_WIDTHS[1]})")
         return None
 
+    @property
+    def balances_keys(self) -> bool:
+        """Whether the runtime attends over keys stored balanced (kvlab.convert.balance): kvlab only;
+        the others store keys as projected, so a candidate for them is measured that way."""
+        return self.name == "kvlab"
+
     def check_model(self, model) -> None:
         """Refuse, before any work, a model whose chosen form this runtime's file could not carry."""
         if self.output == "model.gguf" and getattr(model.tokenizer, "kind", None) != "hf":

@@ -66,11 +66,10 @@ def main() -> None:
     model = kvlab.load("smollm2-135m")
     tok = model.tokenizer
     if args.balance_keys:
-        from kvlab.convert.balance import balance_keys
+        from kvlab.convert.balance import BALANCE_WINDOW, balance_keys
         from kvlab.data.windows import calibration_batches
 
-        # the windows kvlab convert --balance-keys and shrink fit on: the model's context, 2,048 at most
-        window = min(model.cfg.max_seq_len, 2048)
+        window = min(model.cfg.max_seq_len, BALANCE_WINDOW)     # the windows convert and shrink fit on
         model = balance_keys(model, calibration_batches(tok, args.balance_keys, seq_len=window,
                                                         batch_size=max(1, 4096 // window)))
     docs = builtin_corpus("validation")

@@ -249,7 +249,7 @@ def test_convert_calibrated_on_a_small_checkpoint(capsys, tmp_path):
 
 def test_convert_balance_keys_equals_the_python_api(capsys, tmp_path):
     """``--balance-keys`` alone, or after pooling heads: the keys balanced as ``balance_keys`` does on
-    calibration windows as long as the model's context (2,048 at most); bad combinations in one line."""
+    calibration windows as long as the model's context (1,024 at most); bad combinations in one line."""
     from kvlab.convert.balance import balance_keys
     from kvlab.convert.heads import convert
     from kvlab.data.windows import calibration_batches
@@ -260,7 +260,7 @@ def test_convert_balance_keys_equals_the_python_api(capsys, tmp_path):
                        "-o", str(tmp_path / "bal"))
     assert code == 0 and "balanced against the queries in 4 layers" in out, out
     balanced = kvlab.load(tmp_path / "bal")
-    window = min(model.cfg.max_seq_len, 2048)
+    window = min(model.cfg.max_seq_len, 1024)
     text = calibration_batches(ByteTokenizer(), 1024, seq_len=window, batch_size=max(1, 4096 // window))
     same = balance_keys(model, text)
     assert balanced.cfg.key_balance and balanced.provenance["steps"][-1]["method"] == "key-balance"

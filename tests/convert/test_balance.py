@@ -9,7 +9,7 @@ import torch
 
 import kvlab
 from kvlab import ConfigError, ModelConfig
-from kvlab.convert.balance import balance_keys, balanceable_layers
+from kvlab.convert.balance import BALANCE_STRENGTH, balance_keys, balanceable_layers
 from kvlab.convert.heads import convert
 from kvlab.io.hf import export_hf
 
@@ -91,7 +91,7 @@ def _rotation(T: int, D: int, theta: float) -> np.ndarray:
 
 
 def test_the_vectors_are_the_keys_mean_and_the_balance_of_spread_and_query_size():
-    """shift = the keys' mean after RoPE; scale = sqrt(σ_k / rms_q) per channel, the queries pooled over
+    """shift = the keys' mean after RoPE; scale = (σ_k / rms_q)^α per channel, the queries pooled over
     a KV head's group and its CLA consumers, with a geometric mean of 1 per head (float64 here)."""
     model = _offset_keys(make_model(n_kv_head=2, cla=2, qkv_bias=True)).double()
     batches = [_tokens(3, 20, seed=5), _tokens(2, 20, seed=6)]
@@ -120,7 +120,7 @@ def test_the_vectors_are_the_keys_mean_and_the_balance_of_spread_and_query_size(
         h.remove()
     for p in cfg.kv_producers:
         k, q = np.concatenate(keys[p]), np.concatenate(queries[p])
-        scale = np.sqrt(k.std(0) / np.sqrt((q * q).mean(0)))
+        scale = (k.std(0) / np.sqrt((q * q).mean(0))) ** BALANCE_STRENGTH
         scale /= np.exp(np.log(scale).mean(-1, keepdims=True))
         attn = balanced.layers[p].self_attn
         # (kvlab's RoPE tables are float32: 1e-7 apart from these)

@@ -187,6 +187,27 @@ def test_adapters_are_served_as_generate_runs_them(method, kv_quant):
         assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant=kv_quant)[0]
 
 
+@pytest.mark.parametrize("kv_quant", ["int4", "int8/int4", "fp8"])
+def test_balanced_keys_are_served_as_generate_runs_them(kv_quant):
+    """A model whose keys are balanced (kvlab.convert.balance): the paged pool holds them balanced where
+    it keeps integer codes, as generate's cache does, and as projected in fp8."""
+    from kvlab.convert.balance import balance_keys
+
+    base = make_model(n_kv_head=2, qkv_bias=True)
+    with torch.no_grad():            # keys with an offset, which balance takes out
+        for layer in base.layers:
+            layer.self_attn.k_proj.bias.add_(3.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model = balance_keys(base, [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))]).eval()
+    prompts = _prompts(model, [9, 14, 4], seed=6)
+    engine = Engine(model, kv_budget_bytes=2**21, max_len=64, block_size=4, prefill_chunk=5, kv_quant=kv_quant)
+    reqs = [Request(p, 10, stop_tokens=frozenset()) for p in prompts]
+    _run_staggered(engine, reqs, [0, 1, 3])
+    for r, p in zip(reqs, prompts):
+        assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant=kv_quant)[0]
+    assert engine.pool.batch([engine.pool.new_sequence()]).keys_in_codes(0) is (kv_quant != "fp8")
+
+
 def test_a_failed_step_ends_the_admitted_requests_and_the_engine_goes_on(monkeypatch):
     import threading
 

@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--balance-keys", action="store_true",
                    help="store the keys centred and balanced against the queries, fitted on calibration text: the "
                         "same outputs, and an int8/int4 cache (--kv-quant) rounds far less of what attention reads "
-                        "(SmolLM2 int4-h: +5.0%% -> +2.1%% perplexity); alone, or after a conversion to GQA/MQA/CLA")
+                        "(SmolLM2 int4-h: +5.0%% -> +1.7%% perplexity); alone, or after a conversion to GQA/MQA/CLA")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of --method random and of the calibration windows")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     add_overwrite(p)
@@ -135,16 +135,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _balanced(args: argparse.Namespace, model):
-    """``model`` with its keys balanced on calibration windows as long as its context allows (2,048 at
-    most: the keys' mean after RoPE depends on the positions seen)."""
-    from kvlab.convert.balance import balance_keys
+    """``model`` with its keys balanced on calibration windows of its context, :data:`BALANCE_WINDOW`
+    tokens at most."""
+    from kvlab.convert.balance import BALANCE_WINDOW, balance_keys
     from kvlab.data.windows import calibration_batches
 
     if model.tokenizer is None:
         raise UsageError(f"kvlab convert: {args.model} has no tokenizer to read calibration text with")
     if model.cfg.is_encoder_decoder:
         raise UsageError("kvlab convert: --balance-keys fits decoder-only self-attention; an encoder–decoder has none")
-    seq_len = min(model.cfg.max_seq_len, 2048)
+    seq_len = min(model.cfg.max_seq_len, BALANCE_WINDOW)
     text = calibration_batches(model.tokenizer, args.calibration_tokens, seq_len=seq_len,
                                batch_size=max(1, 4096 // seq_len), data=args.calibration_data, seed=args.seed)
     try:

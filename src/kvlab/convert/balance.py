@@ -12,16 +12,18 @@ layouts do not have. This answers inside the per-token layout, with two exact id
   were). ``μ`` is the keys' mean over calibration text, after RoPE (where they are cached).
 - **Balancing.** ``q · k = (q ⊙ s) · (k / s)`` for any positive per-channel ``s``: keys are stored
   divided by ``s`` and every query of the layer (and of a CLA consumer reading it) is multiplied by
-  it. ``s = sqrt(σ_k / rms_q)`` per channel (SmoothQuant's balance, with the keys' spread and the
-  queries' size) makes a key channel's rounding error cost about the same wherever the query is
-  large, instead of being set by the widest channel; normalised to a geometric mean of 1 per head.
+  it. ``s = (σ_k / rms_q)^α`` per channel (SmoothQuant's migration, with the keys' spread and the
+  queries' size; α = :data:`BALANCE_STRENGTH`) moves levels from channels the queries barely read to
+  those they read; normalised to a geometric mean of 1 per head.
 
-Measured on SmolLM2-135M (8,192 validation tokens, every attention call's keys rounded to int4 in
-groups of 32 per token; float 11.473): as projected 12.212 (+6.4 %), centred 11.715 (+2.1 %), centred
-and rotated (Hadamard) 11.697 (+2.0 %), centred, balanced and rotated 11.621 (+1.3 %) — below KIVI's
-per-channel int4 keys (11.631) with no per-channel parameters and no full-precision residual. Scaling
-by the keys' spread alone (s = σ_k) made it worse (12.051): channels that queries barely read got
-levels that the ones they read needed.
+Measured on SmolLM2-135M, first in a simulation (8,192 validation tokens, every attention call's keys
+rounded to int4 in groups of 32 per token; float 11.473): as projected 12.212 (+6.4 %), centred
+11.715 (+2.1 %), centred and rotated (Hadamard) 11.697 (+2.0 %), centred, balanced (α = 0.5) and
+rotated 11.621 (+1.3 %); scaling by the keys' spread alone (s = σ_k) made it worse (12.051). Then
+through the cache itself (``int4-h``, keys and values, 16,384 validation tokens, float 12.007, the
+vectors fitted on 8,192 train tokens): as projected 12.607 (+5.0 %); balanced with α = 0, 0.125,
+0.25, 0.375, 0.5: 12.273, 12.299, 12.210, 12.321, 12.387 — α = 0.25 (+1.7 %) best, and every one
+well below the keys as projected. The calibration sample moves these by a few hundredths.
 
 The vectors are buffers of each ``gqa`` layer (``key_shift`` on producers, ``key_scale`` on every
 layer), saved with the checkpoint; ``cfg.key_balance`` says they are there. Other runtimes store the
@@ -39,7 +41,17 @@ from kvlab.io.provenance import record_step
 from kvlab.io.weights import build_model, without_key_balance
 from kvlab.models.modes import eval_mode
 
-__all__ = ["balance_keys", "balanceable_layers", "key_statistics"]
+__all__ = ["BALANCE_STRENGTH", "BALANCE_WINDOW", "balance_keys", "balanceable_layers", "key_statistics"]
+
+# How far the per-channel scale moves the keys toward the queries' size (α of the module docstring).
+BALANCE_STRENGTH = 0.25
+
+# Calibration windows of this many tokens (or the model's context, if shorter). The keys' mean after
+# RoPE depends on the positions seen, and the result on the sample: on SmolLM2 (int4-h, 8,192 tokens of
+# the train split, 8,192 validation tokens, float 11.473) 512-token windows gave 11.77-11.78, 1,024
+# 11.72-11.76 (32,768 tokens no better), 2,048 11.84 (α = 0.5) — every one far below the keys as
+# projected (12.02).
+BALANCE_WINDOW = 1024
 
 
 def balanceable_layers(cfg: ModelConfig) -> list[int]:
@@ -107,8 +119,8 @@ def key_statistics(model, batches) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def balance_vectors(stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per producer ``(shift, scale)``: the keys' mean, and ``sqrt(σ_k / rms_q)`` per channel with a
-    geometric mean of 1 per head (module docstring). A channel no query reads, or whose keys never
+    """Per producer ``(shift, scale)``: the keys' mean, and ``(σ_k / rms_q)^BALANCE_STRENGTH`` per
+    channel with a geometric mean of 1 per head (module docstring). A channel no query reads, or whose keys never
     vary, keeps a scale set by a floor at a millionth of its head's largest value, not zero or infinity."""
     out = {}
     for p, s in stats.items():
@@ -116,7 +128,7 @@ def balance_vectors(stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, tupl
         size = s["query_power"].sqrt()
         spread = spread.clamp(min=1e-6 * float(spread.max().clamp(min=1e-30)))
         size = size.clamp(min=1e-6 * float(size.max().clamp(min=1e-30)))
-        scale = (spread / size).sqrt()
+        scale = (spread / size) ** BALANCE_STRENGTH
         scale = scale / scale.log().mean(-1, keepdim=True).exp()
         out[p] = (s["mean"], scale)
     return out

@@ -150,9 +150,9 @@ def _serve_lines(results: dict) -> list[str]:
                   "hold the weights as projected: other runtimes' caches of the same type round the keys as the "
                   "original's would.", ""]
     if best["family"] == "cache" and precision not in RUNTIME_FLAGS:       # a format per layer
-        lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache keeps a key and "
-                  f"a value format per layer (`{precision}`), which kvlab stores; other runtimes keep one format "
-                  f"for every layer:", ""]
+        lines += [f"**Quantization alone wins at this budget**: the model computes what the original does and its "
+                  f"cache keeps a key and a value format per layer (`{precision}`), which kvlab stores; other "
+                  f"runtimes keep one format for every layer:", ""]
     elif best["family"] == "cache" and not balanced:
         lines += [f"**Quantization alone wins at this budget**: the model is unchanged and its cache is stored in "
                   f"{precision}. Any runtime with such a cache gives the same without kvlab:", ""]

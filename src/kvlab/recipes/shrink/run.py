@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlab.convert.balance import balance_keys, balanceable_layers
+from kvlab.convert.balance import BALANCE_WINDOW, balance_keys, balanceable_layers
 from kvlab.errors import ConfigError
 from kvlab.models.modes import frozen
 from kvlab.recipes.shrink.candidates import (
@@ -113,10 +113,8 @@ class ShrinkRun:
         if (scfg.balance_keys and self.target.balances_keys and any(c.precision for c in self.candidates)
                 and balanceable_layers(self.base.cfg)):
             # Exact in float (the original's scores are the same); integer caches round less. Fitted on
-            # windows as long as the context served allows (2,048 at most): the keys' mean after RoPE
-            # depends on the positions seen (SmolLM2 int4-h: +2.7 % fitted on 512-token windows, +2.1 %
-            # on 1,024).
-            seq_len = min(self.context, 2048)
+            # windows of BALANCE_WINDOW tokens (kvlab.convert.balance).
+            seq_len = min(self.context, BALANCE_WINDOW)
             self.balance_text = calibration_batches(self.tok, scfg.calibration_tokens, seq_len=seq_len,
                                                     batch_size=max(1, 4096 // seq_len), seed=scfg.seed)
             self.base = frozen(balance_keys(self.base, self.balance_text))

@@ -350,3 +350,19 @@ def naive_seq2seq_logits(model, src: torch.Tensor, tgt: torch.Tensor) -> torch.T
     y = _norm(cfg, P, "norm", y) * cfg.output_scale
     head = P["embed_tokens.weight"] if cfg.tie_embeddings else P["lm_head.weight"]
     return y @ head.T
+
+
+def rope_matrices(positions, D: int, theta: float):
+    """RoPE in the half-split layout as explicit ``(T, D, D)`` float64 matrices (numpy), one per position."""
+    import numpy as np
+
+    inv = theta ** (-np.arange(0, D, 2) / D)
+    R = np.zeros((len(positions), D, D))
+    h = D // 2
+    for t, p in enumerate(positions):
+        c, s = np.cos(p * inv), np.sin(p * inv)
+        R[t, np.arange(h), np.arange(h)] = c
+        R[t, np.arange(h, D), np.arange(h, D)] = c
+        R[t, np.arange(h), np.arange(h, D)] = -s
+        R[t, np.arange(h, D), np.arange(h)] = s
+    return R

@@ -14,7 +14,7 @@ from kvlab.convert.heads import convert
 from kvlab.io.hf import export_hf
 
 from conftest import VARIANTS, make_model
-from naive import naive_sequence_logits
+from naive import naive_sequence_logits, rope_matrices
 
 GQA_VARIANTS = [name for name, o in VARIANTS.items()
                 if o.get("attn_kind", "gqa") == "gqa" and "attention_layers" not in o and name != "streaming-sinks"]
@@ -76,20 +76,6 @@ def test_a_balanced_model_computes_what_its_weights_do(variant):
     assert not torch.allclose(stored[0](k, True), k)             # the path above did move the keys
 
 
-def _rotation(T: int, D: int, theta: float) -> np.ndarray:
-    """RoPE in the half-split layout as explicit (T, D, D) matrices, float64."""
-    inv = theta ** (-np.arange(0, D, 2) / D)
-    R = np.zeros((T, D, D))
-    h = D // 2
-    for t in range(T):
-        c, s = np.cos(t * inv), np.sin(t * inv)
-        R[t, np.arange(h), np.arange(h)] = c
-        R[t, np.arange(h, D), np.arange(h, D)] = c
-        R[t, np.arange(h), np.arange(h, D)] = -s
-        R[t, np.arange(h, D), np.arange(h)] = s
-    return R
-
-
 def test_the_vectors_are_the_keys_mean_and_the_balance_of_spread_and_query_size():
     """shift = the keys' mean after RoPE; scale = (σ_k / rms_q)^α per channel, the queries pooled over
     a KV head's group and its CLA consumers, with a geometric mean of 1 per head (float64 here)."""
@@ -107,7 +93,7 @@ def test_the_vectors_are_the_keys_mean_and_the_balance_of_spread_and_query_size(
         for tokens in batches:
             model(tokens)
             B, T = tokens.shape
-            R = _rotation(T, D, cfg.rope_theta)
+            R = rope_matrices(np.arange(T), D, cfg.rope_theta)
             for (i, f), x in captured.items():
                 n = H if f == "k" else cfg.n_head
                 x = np.einsum("tij,bthj->bthi", R, x.view(B, T, n, D).numpy())    # (B, T, n, D), rotated

@@ -25,6 +25,7 @@ from kvlab.eval.precision import (
 from kvlab.recipes.shrink.candidates import BY_LAYER, enumerate_candidates, resolve_candidates
 
 from conftest import make_model
+from naive import rope_matrices
 
 
 def _costs(n_layer: int, seed: int) -> dict:
@@ -58,20 +59,6 @@ def test_the_allocation_is_the_best_within_the_budget_by_brute_force(seed):
         allocate_precisions(cfg, costs, narrowest - 1)
 
 
-def _rotation(positions: np.ndarray, D: int, theta: float) -> np.ndarray:
-    """RoPE in the half-split layout as explicit (T, D, D) matrices, float64."""
-    inv = theta ** (-np.arange(0, D, 2) / D)
-    R = np.zeros((len(positions), D, D))
-    h = D // 2
-    for t, p in enumerate(positions):
-        c, s = np.cos(p * inv), np.sin(p * inv)
-        R[t, np.arange(h), np.arange(h)] = c
-        R[t, np.arange(h, D), np.arange(h, D)] = c
-        R[t, np.arange(h), np.arange(h, D)] = -s
-        R[t, np.arange(h, D), np.arange(h)] = s
-    return R
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("balanced", [False, True])
 def test_the_rounding_estimate_equals_a_float64_computation(balanced):
@@ -90,7 +77,7 @@ def test_the_rounding_estimate_equals_a_float64_computation(balanced):
     model(batches[0][:, :-1])
     for h in hooks:
         h.remove()
-    R = _rotation(np.arange(16), 64, model.cfg.rope_theta)
+    R = rope_matrices(np.arange(16), 64, model.cfg.rope_theta)
     for (i, f), x in captured.items():
         x = x.view(2, 16, 2, 64).double().numpy()                           # (B, T, H, D)
         rotated = np.einsum("tij,bthj->bthi", R, x) if f == "k" else x

@@ -179,12 +179,18 @@ def test_adapters_are_served_as_generate_runs_them(method, kv_quant):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     model.eval()
-    prompts = _prompts(model, [9, 14, 4], seed=5)
+    _served_as_generate(model, kv_quant, seed=5)
+
+
+def _served_as_generate(model, kv_quant, seed: int) -> Engine:
+    """Three staggered requests through a paged engine (chunked prefill), each equal to generate's."""
+    prompts = _prompts(model, [9, 14, 4], seed=seed)
     engine = Engine(model, kv_budget_bytes=2**21, max_len=64, block_size=4, prefill_chunk=5, kv_quant=kv_quant)
     reqs = [Request(p, 10, stop_tokens=frozenset()) for p in prompts]
     _run_staggered(engine, reqs, [0, 1, 3])
     for r, p in zip(reqs, prompts):
         assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant=kv_quant)[0]
+    return engine
 
 
 @pytest.mark.parametrize("kv_quant", ["int4", "int8/int4", "fp8"])
@@ -199,12 +205,7 @@ def test_balanced_keys_are_served_as_generate_runs_them(kv_quant):
             layer.self_attn.k_proj.bias.add_(3.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
     model = balance_keys(base, [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))]).eval()
-    prompts = _prompts(model, [9, 14, 4], seed=6)
-    engine = Engine(model, kv_budget_bytes=2**21, max_len=64, block_size=4, prefill_chunk=5, kv_quant=kv_quant)
-    reqs = [Request(p, 10, stop_tokens=frozenset()) for p in prompts]
-    _run_staggered(engine, reqs, [0, 1, 3])
-    for r, p in zip(reqs, prompts):
-        assert r.output == generate(model, [p], 10, stop_tokens=[], kv_quant=kv_quant)[0]
+    engine = _served_as_generate(model, kv_quant, seed=6)
     assert engine.pool.batch([engine.pool.new_sequence()]).keys_in_codes(0) is (kv_quant != "fp8")
 
 

@@ -29,6 +29,7 @@ from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import calibration_batches
 from kvlab.eval.perplexity import evaluate
 from kvlab.eval.precision import allocate_precisions, calibrated_costs, rounding_costs
+from kvlab.models.modes import frozen
 
 UNIFORM = "int8,fp8,int8/int4-h,int4-h/int8,int4-h"     # formats of the allocation (layer_formats), every layer
 
@@ -40,12 +41,18 @@ def main() -> None:
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--budgets", default="11520,10080,8640,7680", help="bytes per token, comma-separated")
     ap.add_argument("--uniform", default=UNIFORM, help="one format for every layer, measured beside the allocations")
+    ap.add_argument("--balance-keys", action="store_true",
+                    help="store the keys balanced first (kvlab.convert.balance), as kvlab shrink does for kvlab")
     ap.add_argument("--out", default="benchmarks/results/precision/kv_precision_by_layer.json")
     args = ap.parse_args()
     model = kvlab.load(args.model)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if args.balance_keys:
+        from kvlab.convert.balance import BALANCE_WINDOW, balance_keys
+
+        window = min(model.cfg.max_seq_len, BALANCE_WINDOW)
+        model = balance_keys(model, calibration_batches(model.tokenizer, args.calibration_tokens, seq_len=window,
+                                                        batch_size=max(1, 4096 // window), seed=0))
+    frozen(model)
     calibration = calibration_batches(model.tokenizer, args.calibration_tokens, seed=0)
     t0 = time.perf_counter()
     raw = rounding_costs(model, calibration, kv_loss_moments(model, calibration))

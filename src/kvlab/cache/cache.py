@@ -39,6 +39,19 @@ def make_cache_layer(cfg: ModelConfig, layer: int, batch_size: int, max_len: int
     return kind.cache_layer(cfg, layer, batch_size, max_len, dtype, device)
 
 
+def integer_key_layers(cfg: ModelConfig, kv_quant) -> frozenset[int]:
+    """The producers whose cache keeps keys as integer codes (int8/int4, rotated or not) under
+    ``kv_quant``: the caches that keys balanced against the queries are for (kvlab.convert.balance); a
+    float cache, fp8 included, rounds each value relative to itself, which balance does not help.
+    Resolved once per cache, not per layer and step."""
+    out = set()
+    for i in cfg.kv_producers:
+        fmt = layer_kv_quant(cfg, i, kv_quant)
+        if fmt is not None and not fmt.formats[0].is_float:
+            out.add(i)
+    return frozenset(out)
+
+
 class KVCache:
     """The cache of a model ``cfg``: one cache layer per layer whose kind caches something.
 
@@ -62,6 +75,7 @@ class KVCache:
         self.max_len = max_len
         self.dtype = parse_dtype(dtype)
         self.kv_quant = kv_quant
+        self.integer_keys = integer_key_layers(cfg, kv_quant)
         self.layers: dict[int, CacheLayer] = {}
         for i in range(cfg.n_layer):
             layer = make_cache_layer(cfg, i, batch_size, max_len, self.dtype, device, self.kv_quant)
@@ -162,11 +176,8 @@ class KVCache:
                          new_lengths=new_lengths, uniform_start=None, write_index=write_index)
 
     def keys_in_codes(self, layer: int) -> bool:
-        """Whether producer ``layer`` stores its keys as integer codes (int8/int4, rotated or not): the
-        caches that keys balanced against the queries are for (kvlab.convert.balance); a float cache,
-        fp8 included, rounds each value relative to itself, which balance does not help."""
-        fmt = layer_kv_quant(self.cfg, layer, self.kv_quant)
-        return fmt is not None and not fmt.formats[0].is_float
+        """Whether producer ``layer`` stores its keys as integer codes (:func:`integer_key_layers`)."""
+        return layer in self.integer_keys
 
     def update(self, layer: int, *new: torch.Tensor, step: CacheStep, stored: bool = False) -> tuple:
         """Store layer ``layer``'s new entries (K and V for a full layer); return what it attends to.

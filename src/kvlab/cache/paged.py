@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.cache.base import CacheStep
-from kvlab.cache.cache import KVCache, make_cache_layer
+from kvlab.cache.cache import KVCache, integer_key_layers, make_cache_layer
 from kvlab.cache.quantized import QuantizedTokenLayer, encode, share_workspace
 from kvlab.config.model import ModelConfig
 from kvlab.dtypes import KVQuant, parse_dtype
@@ -69,6 +69,7 @@ class PagedKVPool:
         self.cfg, self.block_size, self.max_len = cfg, block_size, max_len
         self.dtype = parse_dtype(dtype)
         self.kv_quant = kv_quant
+        self.integer_keys = integer_key_layers(cfg, kv_quant)
         self.device = torch.device(device)
         # Each layer's cache at batch 1 and full length says what kind of memory it keeps: fields
         # indexed by token slot are paged, everything else is the layer's per-sequence state.
@@ -192,7 +193,7 @@ class PagedBatch(KVCache):
         if not seqs:
             raise ConfigError("a paged batch needs at least one sequence")
         self.cfg, self.pool, self.seqs = pool.cfg, pool, seqs
-        self.kv_quant = pool.kv_quant
+        self.integer_keys = pool.integer_keys
         self.batch_size = len(seqs)
         self.dtype = pool.dtype
         lengths = [s.length for s in seqs]

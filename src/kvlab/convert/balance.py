@@ -36,9 +36,8 @@ from __future__ import annotations
 import torch
 
 from kvlab.config.model import ModelConfig
+from kvlab.convert.finish import finish_conversion, source_state
 from kvlab.errors import ConfigError
-from kvlab.io.provenance import record_step
-from kvlab.io.weights import build_model, without_key_balance
 from kvlab.models.modes import eval_mode
 
 __all__ = ["BALANCE_STRENGTH", "BALANCE_WINDOW", "balance_keys", "balanceable_layers", "key_statistics"]
@@ -149,9 +148,7 @@ def balance_keys(model, batches):
                           "their cache places (sink_positions='cache'): balance a model with "
                           "sink_positions='original'")
     vectors = balance_vectors(key_statistics(model, batches))
-    new_cfg = cfg.replace(key_balance=True)
-    state = {k: v for k, v in without_key_balance(model.state_dict()).items()
-             if not (cfg.tie_embeddings and k == "lm_head.weight")}     # re-tied from the config
+    state = source_state(model)
     dtype = next(iter(state.values())).dtype
     for i in balanceable_layers(cfg):
         shift, scale = vectors[cfg.kv_sources[i]]
@@ -159,9 +156,6 @@ def balance_keys(model, batches):
         state[f"{pre}.key_scale"] = scale.to(dtype)
         if cfg.kv_sources[i] == i:
             state[f"{pre}.key_shift"] = shift.to(dtype)
-    new = build_model(new_cfg, state, where="key balance", device=model.device, dtype=model.dtype)
-    new.tokenizer = getattr(model, "tokenizer", None)
-    record_step(new, "convert", source=model, method="key-balance",
-                calibration_tokens=sum(int(b.numel()) for b in batches))
-    return new
+    return finish_conversion(model, cfg, state, {"method": "key-balance",
+                                                 "calibration_tokens": sum(int(b.numel()) for b in batches)})
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 import torch
 
 from kvlab.config.model import ModelConfig
+from kvlab.convert.finish import source_state
 from kvlab.errors import ConfigError
 from kvlab.models.modes import eval_mode
 
@@ -221,8 +222,7 @@ def calibrated_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int],
     """
     cfg = model.cfg
     rope = cfg.pos == "rope"
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    state = source_state(model)
     dtype = state["embed_tokens.weight"].dtype
     D, G = cfg.head_dim, cfg.q_per_kv             # query heads per old KV head
     r_heads = cfg.n_kv_head // new_cfg.n_kv_head

@@ -26,7 +26,7 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import attention_input_moments, calibrated_state, needed_moments
-from kvlab.convert.finish import finish_conversion
+from kvlab.convert.finish import finish_conversion, source_state
 from kvlab.errors import ConfigError
 from kvlab.models.decoder import Transformer
 
@@ -132,8 +132,7 @@ def convert(model: Transformer, *, n_kv_head: int | None = None, cla: int | None
         return finish_conversion(model, new_cfg, state, step)
     gen = torch.Generator().manual_seed(seed)
     std = 0.02   # the init scale of a new kvlab model (Transformer.reset_parameters)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    state = source_state(model)
     _pool_layers(state, "self_attn", old_src, new_cfg.kv_sources, cfg.n_kv_head, new_heads, method, gen, std)
     if cfg.is_encoder_decoder:
         _pool_layers(state, "cross_attn", cfg.cross_kv_sources, new_cfg.cross_kv_sources, cfg.cross_n_kv_head,

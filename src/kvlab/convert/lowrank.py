@@ -39,7 +39,7 @@ import torch
 
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import _augmented, _store
-from kvlab.convert.finish import finish_conversion
+from kvlab.convert.finish import finish_conversion, source_state
 from kvlab.errors import ConfigError
 from kvlab.models.modes import eval_mode
 
@@ -210,8 +210,7 @@ def lowrank_state(model, new_cfg: ModelConfig, spectra: dict) -> dict[str, torch
     from kvlab.attention.lowrank import layer_ranks
 
     cfg = model.cfg
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    state = source_state(model)
     dtype = state["embed_tokens.weight"].dtype
     for i in cfg.kv_producers:
         prefix = f"layers.{i}.self_attn"

@@ -42,7 +42,7 @@ import torch
 from kvlab.attention.mla import MLAShape
 from kvlab.config.model import ModelConfig
 from kvlab.convert.calibrated import EPS, _augmented, _merge_keys, _rotate_query_rows, _store, _sym_power
-from kvlab.convert.finish import finish_conversion
+from kvlab.convert.finish import finish_conversion, source_state
 from kvlab.convert.lowrank import _metric_roots, kv_loss_moments
 from kvlab.errors import ConfigError
 
@@ -136,8 +136,7 @@ def mla_state(model, new_cfg: ModelConfig, moments: dict[tuple[int, int], torch.
     ``moments`` holds ``E[x̂ x̂ᵀ]`` of every layer's attention input (``attention_input_moments``),
     ``loss_moments`` the loss's gradient moments (:func:`kv_loss_moments`, for ``fisher``)."""
     cfg = model.cfg
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()
-             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    state = source_state(model)
     for i in range(cfg.n_layer):
         F = {leaf: loss_moments[i, leaf] for leaf in ("k", "v")} if loss_moments is not None else None
         mla_layer_state(state, cfg, new_cfg, i, moments[i, i], method, F)

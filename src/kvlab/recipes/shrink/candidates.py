@@ -44,6 +44,17 @@ BY_LAYER = "by-layer"
 PRECISIONS: tuple[str | None, ...] = (None, "fp8", "int8", "int8/int4", "int4", "int8/int4-h", "int4-h", BY_LAYER)
 
 
+def integer_keys(precision: str | None) -> bool:
+    """Whether a cache in ``precision`` keeps keys as integer codes in some layer: the caches balanced
+    keys are for (a float one, fp8 included, stores them as projected; kvlab.cache.cache.integer_key_layers)."""
+    if precision == BY_LAYER:
+        return True                  # allocated among formats with int8 and int4 keys
+    kvq = parse_kv_quant(precision)
+    if kvq is None:
+        return False
+    return any(not fmt.formats[0].is_float for fmt in (kvq.assigned if isinstance(kvq, LayeredKVQuant) else (kvq,)))
+
+
 def undominated(precisions) -> list[str | None]:
     """``precisions`` without a plain format whose rotated twin (``-h``: the same bytes, less error) is
     among them."""
@@ -424,10 +435,11 @@ def convert_candidate(base, cand: Candidate, calibration, moments: dict, balance
 
 
 def balanced_like(base, model, cand: Candidate, balance_text) -> Any:
-    """``model`` (made from ``base``) with its keys stored balanced where ``base``'s are and ``cand`` has a
-    quantized cache: a conversion, or training, leaves the balance of other projections behind, so it
+    """``model`` (made from ``base``) with its keys stored balanced where ``base``'s are and ``cand``'s
+    cache keeps integer keys: a conversion, or training, leaves the balance of other projections behind, so it
     is fitted again on ``balance_text``, the windows ``base``'s was fitted on (:mod:`kvlab.convert.balance`)."""
-    if model is base or not base.cfg.key_balance or cand.precision is None or not balanceable_layers(model.cfg):
+    if model is base or not base.cfg.key_balance or not integer_keys(cand.precision) or \
+            not balanceable_layers(model.cfg):
         return model
     if balance_text is None:
         raise ConfigError("a model made from one whose keys are balanced needs the text to balance its own on")

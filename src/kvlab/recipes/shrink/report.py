@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvlab.dtypes import parse_kv_quant
+from kvlab.recipes.shrink.candidates import integer_keys
 
 # How each runtime stores a KV cache in kvlab's precisions (its own flag), or why it cannot.
 RUNTIME_FLAGS = {
@@ -139,8 +139,7 @@ def _serve_lines(results: dict) -> list[str]:
     """How to run the chosen cache: kvlab's command, and each runtime's flag for its precision."""
     best = next(r for r in results["recovered"] if r["name"] == results["best"])
     precision = best["precision"]
-    balanced = bool(precision and results.get("keys_balanced")
-                    and any(not f.is_float for f in parse_kv_quant(precision).formats))
+    balanced = bool(results.get("keys_balanced")) and integer_keys(precision)
     flag = f" {runtime_flags(precision)['kvlab']}" if precision else ""
     lines = [*_target_lines(results), "## Serving it", "", "```console", f"$ kvlab serve model/{flag}", "```", ""]
     if balanced:

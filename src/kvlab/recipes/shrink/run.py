@@ -27,6 +27,7 @@ from kvlab.recipes.shrink.candidates import (
     balanced_like,
     convert_candidate,
     enumerate_candidates,
+    integer_keys,
     moments_for,
     parse_kv_budget,
     resolve_candidates,
@@ -110,7 +111,7 @@ class ShrinkRun:
         self.builtin_train_tokens = tokenize_to_file(builtin_corpus("train"), self.tok, progress=False).tokens
         self.calibration = calibration_batches(self.tok, scfg.calibration_tokens, seed=scfg.seed)
         self.balance_text = None
-        if (scfg.balance_keys and self.target.balances_keys and any(c.precision for c in self.candidates)
+        if (scfg.balance_keys and self.target.balances_keys and any(integer_keys(c.precision) for c in self.candidates)
                 and balanceable_layers(self.base.cfg)):
             # Exact in float (the original's scores are the same); integer caches round less. Fitted on
             # windows of BALANCE_WINDOW tokens (kvlab.convert.balance).

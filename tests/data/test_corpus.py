@@ -11,8 +11,8 @@ from kvlab.data.corpus import (
     builtin_documents,
     library_corpus,
     library_documents,
-    read_documents,
 )
+from kvlab.data.sources import read_documents
 
 
 def test_the_split_is_a_function_of_the_document_id_alone():

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlab import ConfigError
-from kvlab.data.corpus import Document, builtin_corpus, builtin_documents, corpus_fingerprint, read_documents
+from kvlab.data.corpus import Document, builtin_corpus, builtin_documents, corpus_fingerprint
+from kvlab.data.sources import read_documents
 from kvlab.eval.perplexity import evaluate, windows
 from kvlab.io.tokenizer import ByteTokenizer
 
@@ -76,7 +77,7 @@ def test_read_documents_sources(tmp_path):
     assert [d.text for d in read_documents(str(tmp_path / "d"))] == ["one", "two"]
     assert [d.text for d in read_documents(str(tmp_path / "c.jsonl"))] == ["first", "second"]
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(ConfigError, match="line 1 is not a JSON object with a 'text' field"):
+    with pytest.raises(ConfigError, match="bad.jsonl:1 has neither a 'text' nor a \"messages\" key"):
         read_documents(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ConfigError, match="not found"):
         read_documents(str(tmp_path / "nope.txt"))

@@ -12,6 +12,7 @@ import kvlab
 from kvlab import ConfigError, ModelConfig
 from kvlab.cli import main
 from kvlab.data.corpus import builtin_corpus
+from kvlab.data.sources import read_documents
 from kvlab.eval.perplexity import evaluate
 from kvlab.recipes.pretrain import new_byte_level_model
 from kvlab.recipes.shrink import ShrinkConfig, enumerate_candidates, parse_kv_budget, run_shrink
@@ -114,6 +115,40 @@ def test_shrink_can_train_on_text_the_original_generates(small, tmp_path):
     assert not (tmp_path / "gen" / "work").exists()
 
 
+def test_shrink_calibrates_and_trains_on_the_users_text_and_scores_its_held_out_split(small, tmp_path):
+    """--data with the user's files in a weighted mix: the final numbers are the held-out split of those
+    files (recomputed here from the files), the calibration and training read their train side."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for k in range(12):       # text of a kind the built-in corpus (Python docs) does not have
+        (notes / f"day{k:02d}.md").write_text("".join(f"Day {k}, entry {i}: the river rose {i % 7} cm and the "
+                                                      f"ferry ran {12 - i % 5} times.\n" for i in range(30)))
+    (notes / "chat.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"How high is the river on day {k}?"},
+        {"role": "assistant", "content": f"It rose {k % 7} cm."}]}) + "\n" for k in range(40)))
+    lines = []
+    results = run_shrink(str(small), tmp_path / "out", ShrinkConfig.quick(candidates=1, data=f"{notes}:0.8,builtin:0.2",
+                                                                          **STRUCTURE), log=lines.append)
+    assert results["validation_text"] == f"the held-out split of --data {notes}"
+    assert any(f"--data {notes}:" in line and "training tokens" in line for line in lines)
+    original = kvlab.load(small)
+    held_out = read_documents(f"{notes}:validation", tokenizer=original.tokenizer)
+    train_side = read_documents(f"{notes}:train", tokenizer=original.tokenizer)
+    assert held_out and train_side and not {d.text for d in held_out} & {d.text for d in train_side}
+    again = evaluate(original, original.tokenizer, held_out, seq_len=64, max_tokens=512, progress=False)
+    assert again.perplexity == pytest.approx(results["original"]["val"]["perplexity"], rel=1e-5)
+    assert results["recovered"][0]["train_tokens"] > 0
+    assert "held-out split of --data" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_users_text_must_hold_a_training_window_and_nothing_is_left_behind(small, tmp_path):
+    (tmp_path / "notes.txt").write_text("".join(f"note {i:04d}: short.\n" for i in range(300)))   # 5,700 bytes
+    with pytest.raises(ConfigError, match="fewer than one training window of 8,194"):
+        run_shrink(str(small), tmp_path / "out", ShrinkConfig.quick(data=str(tmp_path / "notes.txt"), seq_len=8192),
+                   log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_directory_with_other_files_is_refused_untouched(small, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -169,7 +204,7 @@ def test_shrink_settings_are_checked():
         ShrinkConfig.quick(train="adapter")
     with pytest.raises(ConfigError, match="--lora-rank 0"):
         ShrinkConfig.quick(train="lora", lora_rank=0)
-    with pytest.raises(ConfigError, match="--data 'web'"):
+    with pytest.raises(ConfigError, match="data 'web' not found"):
         ShrinkConfig.quick(data="web")
 
 

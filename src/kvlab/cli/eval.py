@@ -64,7 +64,8 @@ def _run_seq2seq(args: argparse.Namespace, model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.data.corpus import corpus_fingerprint, read_documents
+    from kvlab.data.corpus import corpus_fingerprint
+    from kvlab.data.sources import read_documents
     from kvlab.eval.perplexity import evaluate
 
     model = load_model(args)

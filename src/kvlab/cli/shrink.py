@@ -36,12 +36,16 @@ def add_parser(sub) -> None:
                    help="what distillation trains: the attention, all weights, or the attention plus LoRA on "
                         "the MLPs, merged at the end (attention transfer always trains the attention)")
     p.add_argument("--lora-rank", type=int, default=16, metavar="R", help="--train lora: the adapters' rank")
-    p.add_argument("--data", choices=["builtin", "library", "generated", "mixed"], default="builtin",
-                   help="training text: the built-in train split (~270k tokens), the library corpus (the "
-                        "docstrings of kvlab's dependencies too, ~3.8M tokens), text the original model samples "
-                        "(its own distribution, what distillation matches), or the built-in split and samples")
+    p.add_argument("--data", default="builtin", metavar="SPEC",
+                   help="the run's text: builtin (the built-in train split, ~270k tokens), library (the "
+                        "docstrings of kvlab's dependencies too, ~3.8M tokens), generated (text the original "
+                        "model samples: its own distribution, what distillation matches), mixed (builtin and "
+                        "generated), or your own: a text file, a directory, a glob, a .jsonl of {\"text\": ...} or "
+                        "chat {\"messages\": [...]} records (rendered in the model's chat format); or a weighted "
+                        "mix such as notes/:0.7,builtin:0.3. A held-out split of your text is kept for the final "
+                        "scores; calibration, ranking and training read the rest")
     p.add_argument("--generated-tokens", type=int, default=65536, metavar="N",
-                   help="--data generated/mixed: tokens to sample (default 65536)")
+                   help="--data with generated text: tokens to sample (default 65536)")
     # The default is kvlab.recipes.shrink.config.PRECISION_NAMES (a test keeps them equal), written out so
     # that building the parser imports no model code.
     p.add_argument("--precisions", default="none,fp8,int8,int8/int4,int4,int8/int4-h,int4-h,by-layer", metavar="LIST",

@@ -45,9 +45,13 @@ _TEST_DIRS = {"test", "tests", "testing"}
 class Document:
     id: str
     text: str
+    # The side a document was assigned to (kvlab.data.sources.held_out); None: by the hash of its id.
+    held_out: bool | None = None
 
     @property
     def split(self) -> str:
+        if self.held_out is not None:
+            return "validation" if self.held_out else "train"
         return "validation" if hashlib.sha256(self.id.encode()).digest()[0] < 26 else "train"
 
 
@@ -154,49 +158,6 @@ def corpus_fingerprint(docs: list[Document]) -> str:
     for d in docs:
         h.update(d.id.encode() + b"\0" + d.text.encode() + b"\0")
     return h.hexdigest()[:16]
-
-
-def read_documents(source: str, field: str = "text") -> list[Document]:
-    """``builtin`` (validation split), ``builtin:train``, ``library`` / ``library:train`` (the larger
-    corpus, train split by default), a text file, a ``.jsonl`` file (one JSON object per line, text
-    under ``field``) or a directory of ``.txt`` files, each file one document."""
-    import json
-    from pathlib import Path
-
-    if not source.strip():
-        raise ConfigError("data '' is empty: give 'builtin', 'library', a text file, a .jsonl file or a directory "
-                          "of .txt files")
-    if source == "builtin" or source.startswith("builtin:"):
-        return builtin_corpus(source.partition(":")[2] or "validation")
-    if source == "library" or source.startswith("library:"):
-        return library_corpus(source.partition(":")[2] or "train")
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ConfigError(f"data directory {source!r} holds no .txt files")
-        docs = [Document(str(f.relative_to(path)), read_utf8(f)) for f in files]
-    elif not path.is_file():
-        raise ConfigError(f"data {source!r} not found: give a text file, a .jsonl file, a directory of .txt "
-                          f"files, 'builtin' or 'library'")
-    elif path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(read_utf8(path).splitlines()):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[field]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{source} line {i + 1} is not a JSON object with a {field!r} field") from None
-            if not isinstance(text, str):
-                raise ConfigError(f"{source} line {i + 1}: {field!r} holds a {type(text).__name__}, not text")
-            docs.append(Document(f"{path.name}:{i + 1}", text))
-    else:
-        docs = [Document(path.name, read_utf8(path))]
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise ConfigError(f"data {source!r} holds no text (empty or whitespace only)")
-    return docs
 
 
 def read_utf8(path) -> str:

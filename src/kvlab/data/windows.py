@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlab.data.corpus import Document, builtin_corpus, read_documents
+from kvlab.data.corpus import Document
+from kvlab.data.sources import split_documents
 from kvlab.errors import ConfigError
 from kvlab.progress import progress as show_progress
 
@@ -125,21 +126,87 @@ class Windows:
         return t[:, :-1], t[:, 1:]
 
 
+class MixedWindows:
+    """Batches like :class:`Windows`'s (``mode='random'``), each row drawn from one of several token
+    streams with probability its weight: the shares of a ``--data`` mix hold whatever the streams'
+    sizes (a small stream repeats, a large one is sampled). Batch ``i`` is a pure function of ``i``."""
+
+    def __init__(self, streams: Sequence[np.ndarray], weights: Sequence[float], seq_len: int, batch_size: int, *,
+                 names: Sequence[str] | None = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+        names = names or [f"part {k + 1}" for k in range(len(streams))]
+        for name, tokens in zip(names, streams):
+            if len(tokens) < seq_len + 2:
+                raise ConfigError(f"--data {name} has {len(tokens)} tokens, fewer than one window of seq_len+1="
+                                  f"{seq_len + 1}; give it more text or use a smaller --seq-len")
+        if batch_size % world_size:
+            raise ConfigError(f"global batch_size={batch_size} is not divisible by world_size={world_size}")
+        total = float(sum(weights))
+        self.streams, self.p = list(streams), np.asarray(weights, dtype=np.float64) / total
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        which = rng.choice(len(self.streams), size=self.batch_size, p=self.p)
+        offsets = [int(rng.integers(0, len(self.streams[w]) - self.seq_len)) for w in which]
+        per_rank = self.batch_size // self.world_size
+        mine = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        rows = np.stack([np.asarray(self.streams[which[r]][offsets[r]:offsets[r] + self.seq_len + 1], dtype=np.int64)
+                         for r in mine])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+class TokenMix:
+    """Training text as named token streams with their shares of the windows (``weight`` None for every
+    stream: one stream, the texts one after another, each in proportion to its size)."""
+
+    def __init__(self, parts: Sequence[tuple[str, np.ndarray, float | None]]):
+        if not parts:
+            raise ConfigError("a text mix needs at least one part")
+        self.parts = list(parts)
+
+    @property
+    def weighted(self) -> bool:
+        return self.parts[0][2] is not None and len(self.parts) > 1
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for _, t, _ in self.parts)
+
+    @property
+    def shortest(self) -> int:
+        """Tokens of the stream a window must fit in (the whole text when the parts are concatenated)."""
+        return min(len(t) for _, t, _ in self.parts) if self.weighted else self.n_tokens
+
+    def windows(self, seq_len: int, batch_size: int, *, mode: str = "random", seed: int = 0, rank: int = 0,
+                world_size: int = 1):
+        """:class:`Windows` over the text (``mode`` as it takes), or :class:`MixedWindows` for a weighted
+        mix (drawn at random: a mix has no one order to read in)."""
+        if not self.weighted:
+            streams = [np.asarray(t) for _, t, _ in self.parts]
+            tokens = streams[0] if len(streams) == 1 else np.concatenate(streams)
+            return Windows(tokens, seq_len, batch_size, mode=mode, seed=seed, rank=rank, world_size=world_size)
+        if mode != "random":
+            raise ConfigError(f"a weighted --data mix draws its windows at random; data mode {mode!r} reads one text "
+                              f"in order (give one source, or drop the weights)")
+        return MixedWindows([t for _, t, _ in self.parts], [w for _, _, w in self.parts], seq_len, batch_size,
+                            names=[n for n, _, _ in self.parts], seed=seed, rank=rank, world_size=world_size)
+
+
 def calibration_batches(tokenizer, n_tokens: int, *, seq_len: int = 512, batch_size: int = 8, data: str = "builtin",
-                        seed: int = 0, cache_dir: str | Path | None = None) -> list[torch.Tensor]:
+                        seed: int = 0, cache_dir: str | Path | None = None,
+                        text: TokenMix | None = None) -> list[torch.Tensor]:
     """About ``n_tokens`` tokens of calibration text as ``(batch, seq_len)`` batches: random windows
-    of the training split only (``data='builtin'``: the built-in corpus's train split; else a file or
-    directory read as :func:`kvlab.data.corpus.read_documents` does, without its validation
-    documents), so that evaluation text never calibrates a conversion."""
+    of the training split only (``data``: any source :func:`kvlab.data.corpus.split_documents` reads,
+    its train side; or ``text``, a mix already tokenized), so that evaluation text never calibrates a
+    conversion."""
     if not isinstance(n_tokens, int) or n_tokens < 1:
         raise ConfigError(f"calibration tokens={n_tokens!r} must be a positive integer")
-    if data in ("builtin", "builtin:train"):
-        docs = builtin_corpus("train")
-    else:
-        docs = [d for d in read_documents(data) if d.split != "validation"]
-    tokens = tokenize_to_file(docs, tokenizer, cache_dir=cache_dir, progress=False).tokens
-    seq_len = min(seq_len, n_tokens, len(tokens) - 2)
+    if text is None:
+        docs = split_documents(data, "train", tokenizer=tokenizer)
+        text = TokenMix([(data, tokenize_to_file(docs, tokenizer, cache_dir=cache_dir, progress=False).tokens, None)])
+    seq_len = min(seq_len, n_tokens, text.shortest - 2)
     rows = max(1, -(-n_tokens // seq_len))
-    windows = Windows(tokens, seq_len, rows, seed=seed)
-    x = windows.batch(0)[0]
+    x = text.windows(seq_len, rows, seed=seed).batch(0)[0]
     return [x[i:i + batch_size] for i in range(0, rows, batch_size)]

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from kvlab.config.model import ModelConfig
-from kvlab.data.corpus import builtin_corpus, read_documents
-from kvlab.data.windows import Windows, tokenize_to_file
+from kvlab.data.sources import parse_data, split_documents
+from kvlab.data.windows import TokenMix, Windows, tokenize_to_file
 from kvlab.errors import ConfigError
 from kvlab.io.kvlab_format import save_checkpoint
 from kvlab.io.provenance import record_step
@@ -118,16 +118,15 @@ def new_byte_level_model(model_cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def training_tokens(tokenizer, data: str = "builtin", *, data_field: str = "text", cache_dir: str | None = None):
-    """Train and validation token arrays of ``data`` ('builtin', a text file, JSONL, a directory)."""
-    if data in ("builtin", "builtin:train"):
-        train_docs, val_docs = builtin_corpus("train"), builtin_corpus("validation")
-    else:
-        docs = read_documents(data, field=data_field)
-        train_docs = [d for d in docs if d.split == "train"] or docs
-        val_docs = [d for d in docs if d.split == "validation"]
-    train_tokens = tokenize_to_file(train_docs, tokenizer, cache_dir=cache_dir).tokens
+    """``(train, validation)`` of ``data`` (:mod:`kvlab.data.sources`: 'builtin', 'library', files,
+    directories, globs, JSONL, or a weighted mix of these): the train sides as a
+    :class:`~kvlab.data.windows.TokenMix`, the validation sides' tokens together (None if none)."""
+    parts = parse_data(data, named=("builtin", "library"))
+    train = TokenMix([(p.source, tokenize_to_file(split_documents(p.source, "train", data_field, tokenizer),
+                                                  tokenizer, cache_dir=cache_dir).tokens, p.weight) for p in parts])
+    val_docs = [d for p in parts for d in split_documents(p.source, "validation", data_field, tokenizer)]
     val_tokens = tokenize_to_file(val_docs, tokenizer, cache_dir=cache_dir).tokens if val_docs else None
-    return train_tokens, val_tokens
+    return train, val_tokens
 
 
 def run_training(model: Transformer, cfg: TrainConfig, *, data: str = "builtin", data_field: str = "text",
@@ -145,7 +144,7 @@ def run_training(model: Transformer, cfg: TrainConfig, *, data: str = "builtin",
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     shard = dict(rank=dist_ctx.rank, world_size=dist_ctx.world_size)
-    train_windows = Windows(train_tokens, cfg.seq_len, cfg.batch_size, mode=cfg.data_mode, seed=cfg.seed, **shard)
+    train_windows = train_tokens.windows(cfg.seq_len, cfg.batch_size, mode=cfg.data_mode, seed=cfg.seed, **shard)
     val_windows = (Windows(val_tokens, cfg.seq_len, cfg.batch_size, mode="sequential", seed=cfg.seed, **shard)
                    if val_tokens is not None and len(val_tokens) > cfg.seq_len + 1 else None)
     summary = train(model, train_windows, val_windows, cfg, resume=resume, device=device, dist_ctx=dist_ctx,

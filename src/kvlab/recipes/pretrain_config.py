@@ -30,9 +30,10 @@ class PretrainConfig:
     cross_cla: int | None = option(None, "with --preset/--config of an encoder–decoder: share cross-attention K/V "
                                          "across K layers")
     out: str = option(help="run directory: metrics.jsonl, checkpoints/, final/")
-    data: str = option("builtin", "'builtin', a text file, a .jsonl file or a directory of .txt; for an "
-                                  "encoder–decoder 'builtin' (the instruction tasks) or a .jsonl file of "
-                                  "source/target pairs")
+    data: str = option("builtin", "'builtin', 'library', a text file, a directory, a glob, a .jsonl file of text or "
+                                  "chat records, or a weighted mix such as notes/:0.7,builtin:0.3 (a tenth of "
+                                  "your text held out for validation); for an encoder–decoder 'builtin' (the "
+                                  "instruction tasks) or a .jsonl file of source/target pairs")
     data_field: str = option("text", "the JSONL field holding the text (default %(default)r)")
     source_field: str = option("source", "encoder–decoders: the JSONL field of the source")
     target_field: str = option("target", "encoder–decoders: the JSONL field of the target")

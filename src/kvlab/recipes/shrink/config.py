@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from kvlab.errors import ConfigError
 from kvlab.recipes.shrink.candidates import PRECISIONS
 from kvlab.recipes.shrink.targets import TARGET_NAMES
+from kvlab.recipes.shrink.text import check_data
 
 TRAIN_SETS = ("attention", "all", "lora")
-DATA_SOURCES = ("builtin", "library", "generated", "mixed")
 PRECISION_NAMES = tuple("none" if p is None else p for p in PRECISIONS)     # as --precisions names them
 # A candidate whose decode step takes more than this times the original's (median ratio, measured
 # interleaved) is slower: on the 2-core VM two identical models read 0.94-1.06 against each other.
@@ -53,9 +53,10 @@ class ShrinkConfig:
     # the MLPs (merged into the weights at the end).
     train: str = "attention"
     lora_rank: int = 16
-    # Training text: the built-in train split, the larger library corpus (for budgets past its
-    # ~270k tokens), text the original model generates (its own distribution: what distillation
-    # matches), or the built-in split and generated text.
+    # The run's text (kvlab.recipes.shrink.text): the built-in train split, the larger library corpus
+    # (for budgets past its ~270k tokens), text the original model generates (its own distribution:
+    # what distillation matches), "mixed" (the built-in split and generated text), the user's files,
+    # or a weighted mix of these ("notes/:0.7,builtin:0.3").
     data: str = "builtin"
     generated_tokens: int = 65536
     curve_points: int = 4
@@ -108,8 +109,7 @@ class ShrinkConfig:
             raise ConfigError(f"--train {self.train!r} is not one of {', '.join(TRAIN_SETS)}")
         if self.train == "lora" and self.lora_rank < 1:
             raise ConfigError(f"--lora-rank {self.lora_rank} must be a positive integer (typical: 8-64)")
-        if self.data not in DATA_SOURCES:
-            raise ConfigError(f"--data {self.data!r} is not one of {', '.join(DATA_SOURCES)}")
+        parts = check_data(self.data)
         self.precisions = tuple(self.precisions)
         unknown = [p for p in self.precisions if p not in PRECISION_NAMES]
         if unknown or not self.precisions:
@@ -122,7 +122,7 @@ class ShrinkConfig:
         if min(self.rescore, self.speed_batch, self.speed_rounds, self.serve_clients, self.serve_prompt_tokens,
                self.serve_max_tokens, self.serve_original_seqs) < 1:
             raise ConfigError("rescore, speed_batch, speed_rounds and the serve_* settings must be positive integers")
-        if self.data in ("generated", "mixed") and self.generated_tokens < 1:
+        if any(p.source == "generated" for p in parts) and self.generated_tokens < 1:
             raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
 
     @classmethod

@@ -231,10 +231,11 @@ def write_report(results: dict, path: Path) -> None:
         *_serve_lines(results),
         "## Recovered candidates",
         "",
-        "Validation perplexity: the built-in corpus's validation split, which no stage trains, calibrates or selects "
-        "on, scored with the candidate's cache in its precision. Chat: greedy answers (16 tokens) to held-out "
-        "instruction prompts — exact-match accuracy against the tasks' answers, the share of answers identical to "
-        "the original model's, and the common prefix with the original's answer as a share of its length.",
+        f"Validation perplexity: {results.get('validation_text', 'the built-in validation split')}, which no stage "
+        "trains, calibrates or selects on, scored with the candidate's cache in its precision. Chat: greedy answers "
+        "(16 tokens) to held-out instruction prompts — exact-match accuracy against the tasks' answers, the share "
+        "of answers identical to the original model's, and the common prefix with the original's answer as a share "
+        "of its length.",
         "",
         "| model | cache | KV bytes/token | smaller | validation perplexity | vs original | chat accuracy | "
         "same answer as original | common prefix | training tokens |",

@@ -54,6 +54,7 @@ from kvlab.recipes.shrink.state import (
     ShrinkState,
 )
 from kvlab.recipes.shrink.targets import get_target
+from kvlab.recipes.shrink.text import RunText
 
 # What a shrink run writes into its directory (an --overwrite deletes these and nothing else).
 OUTPUTS = (STATE, "work", "model", "hf", "model.gguf", "report.md", "results.json", "pareto.png", "recovery.png")
@@ -90,9 +91,8 @@ class ShrinkRun:
         training come from the train split; the proxy is held-out windows of the train split (ranking
         and the recovery curve); the validation split serves only the final numbers."""
         import kvlab
-        from kvlab.data.corpus import builtin_corpus
         from kvlab.data.instruct import make_tasks
-        from kvlab.data.windows import Windows, calibration_batches, tokenize_to_file
+        from kvlab.data.windows import calibration_batches
 
         scfg = self.scfg
         self.base = frozen(kvlab.load(self.model_ref, device=scfg.device))
@@ -101,6 +101,9 @@ class ShrinkRun:
         if self.tok is None:
             raise ConfigError(f"{self.model_ref} has no tokenizer; kvlab shrink reads text (calibration, training, "
                               f"evaluation)")
+        self.text = RunText(scfg.data, self.tok, work=self.out / "work", generated_tokens=scfg.generated_tokens,
+                            window=scfg.seq_len, generate=self._generate, log=self.log)
+        self.state.validation_text = self.text.validation_name
         self.budget = parse_kv_budget(scfg.kv, self.base.cfg)
         self.candidates = self._candidates()
         original = self.base.cfg.kv_bytes_per_token("bf16")
@@ -108,8 +111,8 @@ class ShrinkRun:
                  f"({original / self.budget:.1f}x smaller); {len(self.candidates)} candidate caches"
                  + (f" that {self.target.name} runs ({len(self.state.refused)} it does not)"
                     if self.target.name != "kvlab" else ""))
-        self.builtin_train_tokens = tokenize_to_file(builtin_corpus("train"), self.tok, progress=False).tokens
-        self.calibration = calibration_batches(self.tok, scfg.calibration_tokens, seed=scfg.seed)
+        self.calibration = calibration_batches(self.tok, scfg.calibration_tokens, seed=scfg.seed,
+                                               text=self.text.reference)
         self.balance_text = None
         if (scfg.balance_keys and self.target.balances_keys and any(integer_keys(c.precision) for c in self.candidates)
                 and balanceable_layers(self.base.cfg)):
@@ -117,16 +120,18 @@ class ShrinkRun:
             # windows of BALANCE_WINDOW tokens (kvlab.convert.balance).
             seq_len = min(self.context, BALANCE_WINDOW)
             self.balance_text = calibration_batches(self.tok, scfg.calibration_tokens, seq_len=seq_len,
-                                                    batch_size=max(1, 4096 // seq_len), seed=scfg.seed)
+                                                    batch_size=max(1, 4096 // seq_len), seed=scfg.seed,
+                                                    text=self.text.reference)
             self.base = frozen(balance_keys(self.base, self.balance_text))
             self.state.keys_balanced = True
             self.log(f"  integer caches store the keys centred and balanced against the queries (fitted on "
                      f"{scfg.calibration_tokens:,} tokens in {seq_len:,}-token windows)")
         proxy_len = min(scfg.eval_seq_len, self.base.cfg.max_seq_len)
         rows = max(1, -(-scfg.proxy_tokens // proxy_len))
-        x, y = Windows(self.builtin_train_tokens, proxy_len, rows, seed=scfg.seed + 1_000_003).batch(0)
+        proxy_len = min(proxy_len, self.text.reference.shortest - 2)
+        x, y = self.text.reference.windows(proxy_len, rows, seed=scfg.seed + 1_000_003).batch(0)
         proxy = [torch.cat([x[i:i + 2], y[i:i + 2, -1:]], 1) for i in range(0, rows, 2)]
-        self.evalset = EvalSet(proxy, builtin_corpus("validation"), min(scfg.eval_seq_len, self.base.cfg.max_seq_len),
+        self.evalset = EvalSet(proxy, self.text.validation, min(scfg.eval_seq_len, self.base.cfg.max_seq_len),
                                scfg.eval_tokens, make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003))
 
     def _candidates(self) -> list[Candidate]:
@@ -197,37 +202,12 @@ class ShrinkRun:
             self.save()
         return self.chosen
 
-    def training_text(self) -> np.ndarray:
-        """The tokens recovery trains on (``--data``); generated text is kept in ``OUT/work``."""
-        scfg = self.scfg
-        tokens = self.builtin_train_tokens
-        if scfg.data == "library":
-            from kvlab.data.corpus import library_corpus
-            from kvlab.data.windows import tokenize_to_file
+    def _generate(self, n_tokens: int, prompts: np.ndarray) -> np.ndarray:
+        """``n_tokens`` of text the original samples (``--data generated``), prompted from ``prompts``."""
+        from kvlab.inference.generated_text import generate_corpus
 
-            self.log("reading the library corpus (the first time: about a minute, then cached)...")
-            tokens = tokenize_to_file(library_corpus("train"), self.tok, progress=False).tokens
-            self.log(f"  {len(tokens):,} tokens of training text")
-        if scfg.data in ("generated", "mixed"):
-            generated = self._generated_text()
-            tokens = generated if scfg.data == "generated" else np.concatenate([np.asarray(tokens), generated])
-        return tokens
-
-    def _generated_text(self) -> np.ndarray:
-        path = self.out / "work" / "generated.npy"
-        if not path.is_file():
-            from kvlab.inference.generated_text import generate_corpus
-
-            self.log(f"generating {self.scfg.generated_tokens:,} tokens of training text with the original model...")
-            t = time.perf_counter()
-            generated = generate_corpus(self.base, self.tok, self.scfg.generated_tokens,
-                                        prompts=self.builtin_train_tokens, seq_len=self.scfg.seq_len,
-                                        seed=self.scfg.seed)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path.with_suffix(".tmp.npy"), generated)
-            path.with_suffix(".tmp.npy").replace(path)
-            self.log(f"  {len(generated):,} tokens in {duration(time.perf_counter() - t)}")
-        return np.load(path)
+        return generate_corpus(self.base, self.tok, n_tokens, prompts=prompts, seq_len=self.scfg.seq_len,
+                               seed=self.scfg.seed)
 
     def plan_recovery(self, chosen: list[Candidate], train_tokens) -> RecoveryPlan:
         """Each chosen candidate's transfer and distillation steps within the budget."""
@@ -248,15 +228,14 @@ class ShrinkRun:
         each = ", ".join(f"{c.name}: {a} transfer + {b} distillation steps" for c, (a, b) in zip(chosen, plan.steps))
         self.log(f"recovering {len(chosen)} candidate(s): {total:,} training tokens in all ({each})")
         most = max((a + b for a, b in plan.steps), default=0) * tokens_per_step
-        if most > len(train_tokens):
-            self.log(f"  note: a candidate trains on {most:,} tokens, more than the {len(train_tokens):,} of --data "
-                     f"{scfg.data}; it will see the same text {most / len(train_tokens):.1f} times"
+        if most > train_tokens.n_tokens:
+            self.log(f"  note: a candidate trains on {most:,} tokens, more than the {train_tokens.n_tokens:,} of "
+                     f"--data {scfg.data}; it will see the same text {most / train_tokens.n_tokens:.1f} times"
                      + (" (--data library has 14 times more)" if scfg.data in ("builtin", "mixed") else ""))
         return plan
 
     def _step_times(self, chosen: list[Candidate], train_tokens) -> StepTimes:
         """Step times measured on the first chosen candidate, and the original's scoring times."""
-        from kvlab.data.windows import Windows
         from kvlab.training import AttentionTransfer, Distillation
 
         scfg, original = self.scfg, self.state.original
@@ -265,7 +244,7 @@ class ShrinkRun:
         if not trained:                    # quantized caches of the original: nothing to time
             return StepTimes(transfer_s=0.0, kd_s=0.0, proxy_s=original.proxy_s, refit_s=0.0, eval_s=eval_s)
         probe = convert_candidate(self.base, trained[0], self.calibration, self.moments(chosen), self.balance_text)
-        batch = Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed).batch(0)
+        batch = train_tokens.windows(scfg.seq_len, scfg.batch_size, seed=scfg.seed).batch(0)
         uses_transfer = any(transfer_fraction(scfg, cand) for cand in trained)
         t_transfer = (seconds_per_step(probe, AttentionTransfer(self.base), batch, "attention", scfg.device)
                       if uses_transfer else 0.0)
@@ -315,7 +294,6 @@ class ShrinkRun:
 
     def _train(self, student, cand: Candidate, steps: tuple[int, int], train_tokens, deadline: float | None,
                curve: list) -> dict:
-        from kvlab.data.windows import Windows
         from kvlab.training import AttentionTransfer, Distillation, TrainConfig, checkpoint_dirs, train
 
         scfg, work = self.scfg, self.out / "work" / cand.slug
@@ -338,7 +316,7 @@ class ShrinkRun:
                                eval_every=10**9, save_every=max(1, n_steps // 4), keep_last=1, log_every=10**9,
                                train_only=train_only, seed=seed)
             resumable = bool(checkpoint_dirs(work / name))   # a stage that an interruption cut short
-            summary = train(student, Windows(train_tokens, scfg.seq_len, scfg.batch_size, seed=scfg.seed + seed),
+            summary = train(student, train_tokens.windows(scfg.seq_len, scfg.batch_size, seed=scfg.seed + seed),
                             None, tcfg, resume=resumable, device=scfg.device, quiet=True, hooks=hook,
                             objective=objective)
             done = summary.get("step", n_steps)
@@ -460,7 +438,7 @@ class ShrinkRun:
         self.choose()
         measured = sum(1 for r in self.state.ranking if r.speed and "ratio" in r.speed)
         self.speed_seconds = (time.perf_counter() - t) / max(1, measured)
-        train_tokens = self.training_text()
+        train_tokens = self.text.training()
         plan = self.plan_recovery(self.chosen, train_tokens)
         deadlines = (plan.timing or {}).get("deadlines_s")      # None with a token budget
         for k, (cand, steps) in enumerate(zip(self.chosen, plan.steps)):

@@ -107,6 +107,7 @@ class ShrinkState:
     target_output: str | None = None             # the target runtime's format, relative to the run directory
     target_notes: list[str] = field(default_factory=list)   # what its user must know beyond the file
     keys_balanced: bool = False        # integer caches hold the keys balanced (kvlab.convert.balance)
+    validation_text: str = "the built-in validation split"    # what the final numbers are measured on
     refused: dict[str, str] = field(default_factory=dict)   # candidates the target does not run -> why
 
     @classmethod
@@ -141,6 +142,6 @@ class ShrinkState:
                 "best": self.best, "plan": dataclasses.asdict(self.plan), "hf_export": self.hf_export,
                 "hf_note": self.hf_note, "serving": self.serving, "target": self.config.get("target", "kvlab"),
                 "target_output": self.target_output, "target_notes": self.target_notes, "refused": self.refused,
-                "keys_balanced": self.keys_balanced,
+                "keys_balanced": self.keys_balanced, "validation_text": self.validation_text,
                 "config": self.config,
                 "elapsed_s": elapsed_s}

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 import kvlab
+from alpha0_record import write_alpha0_results  # benchmarks/, next to this script
 from kvlab.convert.calibrated import attention_input_moments
 from kvlab.convert.lowrank import convert_to_lowrank
 from kvlab.convert.refit import refit_outputs
-from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
+from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import calibration_batches
 from kvlab.eval.perplexity import evaluate
 
@@ -69,11 +68,8 @@ def main() -> None:
         refit_outputs(base, model, calibration)
         row["refit_perplexity"], row["refit_seconds"] = ppl(model), time.perf_counter() - t
         print(f"  refit {row['variant']}: {row['refit_perplexity']:.3f}", flush=True)
-    meta = {"model": args.model, "data_fingerprint": corpus_fingerprint(docs), "max_tokens": args.max_tokens,
-            "calibration_tokens": args.calibration_tokens, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_alpha0_results(args.out, rows, model=args.model, docs=docs, max_tokens=args.max_tokens,
+                         calibration_tokens=args.calibration_tokens)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
-from pathlib import Path
 
 import torch
 
 import kvlab
+from alpha0_record import write_alpha0_results  # benchmarks/, next to this script
 from kvlab.convert.calibrated import EPS, _augmented, _merge_keys, _rotate_query_rows, attention_input_moments
 from kvlab.convert.finish import finish_conversion, source_state
-from kvlab.data.corpus import builtin_corpus, corpus_fingerprint
+from kvlab.data.corpus import builtin_corpus
 from kvlab.data.windows import calibration_batches
 from kvlab.eval.perplexity import evaluate
 
@@ -150,11 +148,8 @@ def main() -> None:
                            progress=False).perplexity
         rows.append({"variant": name, "rope_channels": channels, "perplexity": ppl})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"model": "smollm2-135m", "data_fingerprint": corpus_fingerprint(docs), "max_tokens": args.max_tokens,
-            "calibration_tokens": args.calibration_tokens, "torch": torch.__version__,
-            "python": platform.python_version(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_alpha0_results(args.out, rows, model="smollm2-135m", docs=docs, max_tokens=args.max_tokens,
+                         calibration_tokens=args.calibration_tokens)
 
 
 if __name__ == "__main__":

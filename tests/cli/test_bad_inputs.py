@@ -279,6 +279,7 @@ CASES = [
     ("config-heads", ["info", "--config", "{ws}/cfg/heads.json"], 2, "n_head=3"),
     ("config-missing", ["info", "--config", "{ws}/cfg/none.json"], 2, "none.json"),
     ("data-missing", ["eval", M, "--data", "{ws}/data/none.txt"], 2, "none.txt"),
+    ("eval-original-missing", ["eval", M, "--original", "{ws}/nomodel"], 1, "nomodel"),
     ("data-binary", ["eval", M, "--data", "{ws}/data/bin.txt"], 2, "bin.txt"),
     ("data-latin1", ["eval", M, "--data", "{ws}/data/latin1.txt"], 2, "latin1.txt"),
     ("data-empty", ["eval", M, "--data", "{ws}/data/empty.txt"], 2, "empty.txt"),

@@ -342,6 +342,7 @@ def test_convert_to_lowrank_allocated_by_the_loss_equals_the_python_api(capsys, 
 def test_kv_quant_in_generate_eval_plan_and_info(capsys, tmp_path):
     from kvlab.config.accounting import cache_bytes
     from kvlab.data.corpus import builtin_corpus
+    from kvlab.eval.fidelity import fidelity
     from kvlab.eval.perplexity import evaluate
     from kvlab.eval.plan import max_batch, parse_size
 
@@ -362,6 +363,13 @@ def test_kv_quant_in_generate_eval_plan_and_info(capsys, tmp_path):
     assert got["kv_quant"] == "int4" and got["perplexity"] == pytest.approx(want.perplexity, rel=1e-6)
     assert got["perplexity"] != pytest.approx(plain.perplexity, rel=1e-6)
     assert got["kv_bytes_per_token"] == cache_bytes(model.cfg, model.dtype, "int4").per_token
+    # --original: the same model's int4 cache against its float cache, on the same tokens (the API's numbers).
+    code, out, _ = run(capsys, "eval", ckpt, "--seq-len", "32", "--max-tokens", "256", "--json", "--no-progress",
+                       "--kv-quant", "int4", "--original", ckpt)
+    got = json.loads(out)["fidelity"]
+    want = fidelity(model, model, tok, builtin_corpus("validation"), seq_len=32, max_tokens=256, kv_quant="int4")
+    assert got == pytest.approx(want.to_dict(), rel=1e-6) and got["kl"] > 0
+    assert got["perplexity_ratio"] == pytest.approx(want.perplexity / plain.perplexity, rel=1e-6)
     code, out, _ = run(capsys, "plan", "--preset", "tiny", "--kv-quant", "int8", "--json", "--memory", "1GiB")
     rows = json.loads(out)["variants"]
     cfg = kvlab.ModelConfig.from_preset("tiny")

@@ -13,6 +13,7 @@ from kvlab import ConfigError, ModelConfig
 from kvlab.cli import main
 from kvlab.data.corpus import builtin_corpus
 from kvlab.data.sources import read_documents
+from kvlab.eval.fidelity import fidelity
 from kvlab.eval.perplexity import evaluate
 from kvlab.recipes.pretrain import new_byte_level_model
 from kvlab.recipes.shrink import ShrinkConfig, enumerate_candidates, parse_kv_budget, run_shrink
@@ -138,7 +139,14 @@ def test_shrink_calibrates_and_trains_on_the_users_text_and_scores_its_held_out_
     again = evaluate(original, original.tokenizer, held_out, seq_len=64, max_tokens=512, progress=False)
     assert again.perplexity == pytest.approx(results["original"]["val"]["perplexity"], rel=1e-5)
     assert results["recovered"][0]["train_tokens"] > 0
-    assert "held-out split of --data" in (tmp_path / "out" / "report.md").read_text()
+    # Fidelity to the original on the same held-out text, recomputed from the saved model.
+    shrunk = kvlab.load(tmp_path / "out" / "model")
+    fid = fidelity(original, shrunk, original.tokenizer, held_out, seq_len=64, max_tokens=512)
+    got = results["recovered"][0]["fidelity"]
+    assert got["kl"] == pytest.approx(fid.kl, rel=1e-4) and got["top1_agreement"] == pytest.approx(fid.top1_agreement)
+    assert 0 < got["kl"] and 0 < got["top1_agreement"] <= 1
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "held-out split of --data" in report and "KL to original" in report
 
 
 def test_the_users_text_must_hold_a_training_window_and_nothing_is_left_behind(small, tmp_path):

@@ -16,7 +16,13 @@ def add_parser(sub) -> None:
                                    "by --stride, every token scored once.")
     model_args(p, adapter=True, window=True)
     p.add_argument("--data", default="builtin", help="'builtin' (validation split), 'builtin:train', a text "
-                                                     "file, a .jsonl file (field 'text') or a directory of .txt")
+                                                     "file, a .jsonl file (text or chat records), a directory, a "
+                                                     "glob; with ':validation' / ':train' after your own text, one "
+                                                     "side of its held-out split (as shrink and train hold it out)")
+    p.add_argument("--original", metavar="MODEL",
+                   help="also compare with this model (the original a model was shrunk from) on the same tokens: "
+                        "perplexity ratio, mean KL(original || model) per token and top-1 agreement; the original "
+                        "reads through a float cache")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--stride", type=int, help="window advance (default seq-len / 2)")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
@@ -74,17 +80,34 @@ def run(args: argparse.Namespace) -> int:
     if args.num_beams > 1:
         raise UsageError("kvlab eval: --num-beams scores an encoder–decoder's generated targets; this model is "
                          "decoder-only")
-    docs = read_documents(args.data)
+    docs = read_documents(args.data, tokenizer=model.tokenizer)
+    original = None
+    if args.original:           # loaded before any scoring, so that a wrong path fails at once
+        from kvlab.recipes.loading import ModelSource
+        from kvlab.recipes.loading import load_model as load
+
+        original = load(ModelSource(model=args.original, device=args.device, model_dtype=args.model_dtype),
+                        "kvlab eval --original")
     result = evaluate(model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
                       max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.no_progress,
                       backend=args.backend, kv_quant=args.kv_quant)
     out = {"model": str(args.model), "data": args.data, "data_fingerprint": corpus_fingerprint(docs),
            "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16"), "kv_quant": args.kv_quant,
            "kv_bytes_per_token": model.cfg.kv_bytes_per_token(model.dtype, args.kv_quant), **result.to_dict()}
+    if original is not None:
+        from kvlab.eval.fidelity import fidelity
+
+        out["fidelity"] = fidelity(original, model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
+                                   max_tokens=args.max_tokens, batch_size=args.batch_size, kv_quant=args.kv_quant,
+                                   progress=not args.no_progress).to_dict()
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         print(f"{args.model} on {args.data}: perplexity {result.perplexity:.3f}, {result.bits_per_byte:.4f} "
               f"bits/byte, {result.tokens:,} tokens ({result.bytes:,} bytes, {result.documents} documents), "
               f"windows of {result.seq_len} with stride {result.stride}")
+        if original is not None:
+            f = out["fidelity"]
+            print(f"against {args.original}: perplexity ratio {f['perplexity_ratio']:.4f}, KL(original || model) "
+                  f"{f['kl']:.4f} nats/token, top-1 agreement {f['top1_agreement']:.1%}")
     return 0

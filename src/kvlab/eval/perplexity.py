@@ -87,14 +87,21 @@ def document_ids(tokenizer, doc: Document, prefix_id: int) -> list[int]:
     return [prefix_id, *ids]
 
 
-@torch.inference_mode()
-def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
-             stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
-             progress: bool = True, backend: str | None = None, kv_quant: str | None = None) -> EvalResult:
-    """Perplexity and bits per byte of ``model`` on ``docs`` (see the module docstring).
+@dataclass
+class ScoredText:
+    """``docs`` cut into padded batches of windows, as :func:`evaluate` scores them."""
 
-    With ``kv_quant`` (``'fp8'``, ``'int8'``, ``'int4'`` or ``'int8/int4'``) each window runs through a
-    quantized KV cache, so every query attends to quantized keys and values — what generation with that cache sees."""
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]    # tokens, targets, mask (None: full)
+    n_bytes: int
+    documents: int
+    seq_len: int
+    stride: int
+
+
+def scored_text(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
+                stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4) -> ScoredText:
+    """The windows of ``docs`` that score each token once (module docstring), in batches, checked
+    against ``model``'s context: what :func:`evaluate` and :func:`kvlab.eval.fidelity.fidelity` read."""
     if tokenizer is None:
         raise ConfigError("evaluation needs a tokenizer; this model has none")
     if seq_len < 2:
@@ -109,7 +116,7 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     if model.cfg.extrapolates(seq_len):
         warnings.warn(f"seq_len={seq_len} goes past the context this model was trained for (max_seq_len="
-                      f"{model.cfg.max_seq_len}); its perplexity there measures extrapolation", stacklevel=2)
+                      f"{model.cfg.max_seq_len}); its perplexity there measures extrapolation", stacklevel=3)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
         raise ConfigError("the tokenizer has neither a BOS nor an EOS token to start documents with")
@@ -135,27 +142,46 @@ def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len
     if n_tokens == 0:
         raise ConfigError(f"the {len(docs)} document(s) hold no text to score")
     all_windows = [w for ids in work for w in windows(ids, seq_len, stride)]
-
-    total_nll, scored = 0.0, 0
-    device = model.device
-    batches = [all_windows[i:i + batch_size] for i in range(0, len(all_windows), batch_size)]
-    for batch in show_progress(batches, "scoring", progress):
+    batches = []
+    for i in range(0, len(all_windows), batch_size):
+        batch = all_windows[i:i + batch_size]
         width = max(len(w.tokens) for w in batch)
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         targets = torch.full((len(batch), width), -100, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, w in enumerate(batch):               # right padding; padded targets are ignored
-            tokens[i, :len(w.tokens)] = torch.tensor(w.tokens)
-            targets[i, :len(w.targets)] = torch.tensor(w.targets)
-            mask[i, :len(w.tokens)] = 1
-        padded = bool((mask == 0).any())
-        cache = model.new_cache(len(batch), width, kv_quant=kv_quant) if kv_quant else None
-        logits = model(tokens.to(device), attention_mask=mask.to(device) if padded else None, backend=backend,
-                       cache=cache)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+        for k, w in enumerate(batch):               # right padding; padded targets are ignored
+            tokens[k, :len(w.tokens)] = torch.tensor(w.tokens)
+            targets[k, :len(w.targets)] = torch.tensor(w.targets)
+            mask[k, :len(w.tokens)] = 1
+        batches.append((tokens, targets, mask if bool((mask == 0).any()) else None))
+    return ScoredText(batches, n_bytes, len(work), seq_len, stride)
+
+
+def window_logits(model: Transformer, tokens: torch.Tensor, mask: torch.Tensor | None, *, backend: str | None = None,
+                  kv_quant=None) -> torch.Tensor:
+    """``model``'s float32 logits for a batch of :func:`scored_text` (through a ``kv_quant`` cache if given)."""
+    device = model.device
+    cache = model.new_cache(tokens.shape[0], tokens.shape[1], kv_quant=kv_quant) if kv_quant else None
+    return model(tokens.to(device), attention_mask=mask.to(device) if mask is not None else None, backend=backend,
+                 cache=cache).float()
+
+
+@torch.inference_mode()
+def evaluate(model: Transformer, tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
+             stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+             progress: bool = True, backend: str | None = None, kv_quant: str | None = None) -> EvalResult:
+    """Perplexity and bits per byte of ``model`` on ``docs`` (see the module docstring).
+
+    With ``kv_quant`` (``'fp8'``, ``'int8'``, ``'int4'`` or ``'int8/int4'``) each window runs through a
+    quantized KV cache, so every query attends to quantized keys and values — what generation with that cache sees."""
+    text = scored_text(model, tokenizer, docs, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                       batch_size=batch_size)
+    total_nll, scored = 0.0, 0
+    for tokens, targets, mask in show_progress(text.batches, "scoring", progress):
+        logits = window_logits(model, tokens, mask, backend=backend, kv_quant=kv_quant)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.to(logits.device).flatten(), reduction="sum")
         total_nll += float(nll)
         scored += int((targets != -100).sum())
-    return EvalResult(perplexity=math.exp(total_nll / scored), bits_per_byte=total_nll / math.log(2) / n_bytes,
-                      nll=total_nll, tokens=scored, bytes=n_bytes, documents=len(work), seq_len=seq_len,
-                      stride=stride)
-
+    return EvalResult(perplexity=math.exp(total_nll / scored), bits_per_byte=total_nll / math.log(2) / text.n_bytes,
+                      nll=total_nll, tokens=scored, bytes=text.n_bytes, documents=text.documents, seq_len=seq_len,
+                      stride=text.stride)

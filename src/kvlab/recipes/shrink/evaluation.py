@@ -1,6 +1,6 @@
 """How ``kvlab shrink`` measures a model: the held-out proxy perplexity (ranking and the recovery
 curve), and the final scores — validation perplexity and greedy chat replies, compared with the
-original's."""
+original's (fidelity: KL and top-1 agreement against the original on the validation text)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from kvlab.data.corpus import Document
 from kvlab.dtypes import KVQuant
+from kvlab.eval.fidelity import fidelity
 from kvlab.eval.perplexity import batch_loss, evaluate
 from kvlab.eval.tasks import greedy_replies, task_accuracy
 
@@ -33,10 +34,12 @@ class EvalSet:
     max_tokens: int | None
     chats: list
 
-    def score(self, model, tok, original_replies: list[str] | None = None, kv_quant: KVQuant | None = None) -> dict:
+    def score(self, model, tok, original_replies: list[str] | None = None, kv_quant: KVQuant | None = None,
+              original=None) -> dict:
         """Proxy perplexity, validation perplexity and chat replies of ``model`` (its cache stored in
         ``kv_quant``), timed; with the original's replies, also how often and how far ``model``'s
-        agree with them."""
+        agree with them; with the ``original`` model, the fidelity to it on the validation documents
+        (:func:`kvlab.eval.fidelity.fidelity`: KL(original ‖ model) per token and top-1 agreement)."""
         t = time.perf_counter()
         ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens, progress=False,
                       kv_quant=kv_quant)
@@ -50,6 +53,11 @@ class EvalSet:
         out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "chat": task_accuracy(model, tok, self.chats,
                                                                                    replies=replies),
                "replies": replies, "eval_s": eval_s, "chat_s": chat_s, "proxy_s": proxy_s}
+        if original is not None:
+            t = time.perf_counter()
+            out["fidelity"] = fidelity(original, model, tok, self.documents, seq_len=self.seq_len,
+                                       max_tokens=self.max_tokens, kv_quant=kv_quant).to_dict()
+            out["fidelity_s"] = time.perf_counter() - t
         if original_replies is not None:
             n = len(self.chats)
             out["chat_agreement"] = sum(a == b for a, b in zip(replies, original_replies)) / n

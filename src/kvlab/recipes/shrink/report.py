@@ -232,21 +232,25 @@ def write_report(results: dict, path: Path) -> None:
         "## Recovered candidates",
         "",
         f"Validation perplexity: {results.get('validation_text', 'the built-in validation split')}, which no stage "
-        "trains, calibrates or selects on, scored with the candidate's cache in its precision. Chat: greedy answers "
+        "trains, calibrates or selects on, scored with the candidate's cache in its precision; on the same tokens, "
+        "the mean KL(original ‖ candidate) of the next-token distributions and the share of tokens whose most "
+        "likely next token is the original's. Chat: greedy answers "
         "(16 tokens) to held-out instruction prompts — exact-match accuracy against the tasks' answers, the share "
         "of answers identical to the original model's, and the common prefix with the original's answer as a share "
         "of its length.",
         "",
-        "| model | cache | KV bytes/token | smaller | validation perplexity | vs original | chat accuracy | "
-        "same answer as original | common prefix | training tokens |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| original | bf16 | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | {orig['chat']['accuracy']:.0%} | – | – "
-        f"| – |",
+        "| model | cache | KV bytes/token | smaller | validation perplexity | vs original | KL to original "
+        "(nats/token) | top-1 agreement | chat accuracy | same answer as original | common prefix | training tokens |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| original | bf16 | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | 0 | 100% | "
+        f"{orig['chat']['accuracy']:.0%} | – | – | – |",
     ]
     for r in results["recovered"]:
+        fid = r.get("fidelity") or {}
         lines.append(f"| {r['name']} | {r['precision'] or 'bf16'} | {r['kv_bytes']:,} | "
                      f"{orig['kv_bytes'] / r['kv_bytes']:.1f}x | {r['val']['perplexity']:.3f} | "
-                     f"{_pct(r['val']['perplexity'], o_val)} | {r['chat']['accuracy']:.0%} | "
+                     f"{_pct(r['val']['perplexity'], o_val)} | {fid.get('kl', float('nan')):.4f} | "
+                     f"{fid.get('top1_agreement', float('nan')):.1%} | {r['chat']['accuracy']:.0%} | "
                      f"{r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | {r['train_tokens']:,} |")
     lines += ["", *_speed_lines(results), *_serving_lines(results)]
     lines += _ranking_lines(results)

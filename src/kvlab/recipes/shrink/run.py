@@ -335,7 +335,8 @@ class ShrinkRun:
         for p in student.parameters():
             p.requires_grad_(False)
         original = self.state.original
-        score = self.evalset.score(student, self.tok, original_replies=original.replies, kv_quant=cand.kv_quant)
+        score = self.evalset.score(student, self.tok, original_replies=original.replies, kv_quant=cand.kv_quant,
+                                   original=self.base)
         contexts = sorted({c for c in (512, 2048, self.context) if c <= self.base.cfg.max_seq_len} or {self.context})
         speed = {str(c): decode_ratio(self.base, student, cand.kv_quant, batch=self.scfg.speed_batch, context=c,
                                       rounds=self.scfg.speed_rounds, seed=self.scfg.seed).to_dict() for c in contexts}
@@ -344,10 +345,12 @@ class ShrinkRun:
             precision=cand.precision, proxy_ppl=score["proxy_ppl"], refit_proxy_ppl=record["refit_proxy_ppl"],
             refit_used=record["refit_used"], val=score["val"], curve=record["curve"], stages=record["stages"],
             train_tokens=record["train_tokens"], chat=score["chat"], chat_agreement=score["chat_agreement"],
-            chat_prefix_agreement=score["chat_prefix_agreement"], speed=speed)
+            chat_prefix_agreement=score["chat_prefix_agreement"], speed=speed, fidelity=score["fidelity"])
         self.state.recovered[cand.name] = result
         self.log(f"  {cand.name}: validation perplexity {result.val['perplexity']:.3f} "
-                 f"({100 * (result.val['perplexity'] / original.val['perplexity'] - 1):+.1f} %), proxy "
+                 f"({100 * (result.val['perplexity'] / original.val['perplexity'] - 1):+.1f} %), KL to the "
+                 f"original {result.fidelity['kl']:.4f} nats/token, top-1 agreement "
+                 f"{result.fidelity['top1_agreement']:.1%}, proxy "
                  f"{result.proxy_ppl:.3f}, chat replies equal to the original's {result.chat_agreement:.0%} "
                  f"(common prefix {result.chat_prefix_agreement:.0%} of their length); decode step "
                  + ", ".join(f"{v['ratio']:.2f}x at {int(c):,}" for c, v in speed.items()))

@@ -86,6 +86,8 @@ class RecoveredCandidate:
     chat_prefix_agreement: float
     # decode step against the original's by context (a SpeedRatio's fields), "512", "2048", ...
     speed: dict[str, dict] = field(default_factory=dict)
+    # against the original on the validation text (kvlab.eval.fidelity.Fidelity's fields)
+    fidelity: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -246,11 +246,11 @@ def write_report(results: dict, path: Path) -> None:
         f"{orig['chat']['accuracy']:.0%} | – | – | – |",
     ]
     for r in results["recovered"]:
-        fid = r.get("fidelity") or {}
+        fid = r.get("fidelity")         # absent from runs recorded before it was measured
+        kl, top1 = (f"{fid['kl']:.4f}", f"{fid['top1_agreement']:.1%}") if fid else ("–", "–")
         lines.append(f"| {r['name']} | {r['precision'] or 'bf16'} | {r['kv_bytes']:,} | "
                      f"{orig['kv_bytes'] / r['kv_bytes']:.1f}x | {r['val']['perplexity']:.3f} | "
-                     f"{_pct(r['val']['perplexity'], o_val)} | {fid.get('kl', float('nan')):.4f} | "
-                     f"{fid.get('top1_agreement', float('nan')):.1%} | {r['chat']['accuracy']:.0%} | "
+                     f"{_pct(r['val']['perplexity'], o_val)} | {kl} | {top1} | {r['chat']['accuracy']:.0%} | "
                      f"{r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | {r['train_tokens']:,} |")
     lines += ["", *_speed_lines(results), *_serving_lines(results)]
     lines += _ranking_lines(results)

@@ -8,7 +8,7 @@ import torch
 
 from kvlab.data.corpus import Document
 from kvlab.errors import ConfigError
-from kvlab.eval.fidelity import fidelity
+from kvlab.eval.fidelity import compare, fidelity
 from kvlab.eval.perplexity import evaluate
 from kvlab.io.tokenizer import ByteTokenizer
 
@@ -58,8 +58,11 @@ def test_fidelity_equals_a_float64_computation_and_a_model_against_itself_is_exa
     assert got.perplexity_ratio == pytest.approx(ppl / ppl_original, rel=1e-4)
     assert got.kl == pytest.approx(kl, rel=1e-3) and kl > 1e-3
     assert got.top1_agreement == pytest.approx(agree, abs=1e-9) and 0 < agree < 1
-    # The perplexities are evaluate's (the same windows).
+    # The perplexities are evaluate's (the same windows), and compare gives evaluate's whole result.
     assert got.perplexity == pytest.approx(evaluate(model, tok, DOCS, seq_len=64, progress=False).perplexity, rel=1e-6)
+    result, _ = compare(original, model, tok, DOCS, seq_len=64, batch_size=2)
+    assert result.to_dict() == pytest.approx(evaluate(model, tok, DOCS, seq_len=64, progress=False).to_dict(),
+                                             rel=1e-6)
     same = fidelity(original, original, tok, DOCS, seq_len=64)
     assert same.kl == pytest.approx(0, abs=1e-6) and same.top1_agreement == 1 and same.perplexity_ratio == 1
 

@@ -88,18 +88,21 @@ def run(args: argparse.Namespace) -> int:
 
         original = load(ModelSource(model=args.original, device=args.device, model_dtype=args.model_dtype),
                         "kvlab eval --original")
-    result = evaluate(model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
-                      max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.no_progress,
-                      backend=args.backend, kv_quant=args.kv_quant)
+    if original is None:
+        result = evaluate(model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
+                          max_tokens=args.max_tokens, batch_size=args.batch_size, progress=not args.no_progress,
+                          backend=args.backend, kv_quant=args.kv_quant)
+    else:                           # the same perplexity, and the fidelity, from one pass over the text
+        from kvlab.eval.fidelity import compare
+
+        result, fid = compare(original, model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
+                              max_tokens=args.max_tokens, batch_size=args.batch_size, kv_quant=args.kv_quant,
+                              backend=args.backend, progress=not args.no_progress)
     out = {"model": str(args.model), "data": args.data, "data_fingerprint": corpus_fingerprint(docs),
            "kv_bytes_per_token_bf16": model.cfg.kv_bytes_per_token("bf16"), "kv_quant": args.kv_quant,
            "kv_bytes_per_token": model.cfg.kv_bytes_per_token(model.dtype, args.kv_quant), **result.to_dict()}
     if original is not None:
-        from kvlab.eval.fidelity import fidelity
-
-        out["fidelity"] = fidelity(original, model, model.tokenizer, docs, seq_len=args.seq_len, stride=args.stride,
-                                   max_tokens=args.max_tokens, batch_size=args.batch_size, kv_quant=args.kv_quant,
-                                   progress=not args.no_progress).to_dict()
+        out["fidelity"] = fid.to_dict()
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -34,7 +34,7 @@ from kvlab.data.corpus import SPLITS, Document, builtin_corpus, library_corpus, 
 from kvlab.errors import ConfigError
 
 __all__ = ["NAMED_SOURCES", "TEXT_SUFFIXES", "VALIDATION_SHARE", "DataPart", "data_files", "held_out", "parse_data",
-           "read_documents", "split_documents", "user_documents"]
+           "document_sides", "read_documents", "split_documents", "user_documents"]
 
 # Sources with a name instead of a path: the built-in corpus, the library corpus, and text the
 # original model generates (shrink only: it needs the model).
@@ -102,12 +102,9 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def user_documents(source: str, tokenizer=None, field: str = "text", split: str | None = None) -> list[Document]:
-    """The documents of a file, directory or glob (module docstring): all of them as they are
-    (``split=None``), or one side of the held-out split (``"train"`` / ``"validation"``,
-    :func:`held_out`). ``tokenizer`` renders chat records (its chat template)."""
-    if split not in (None, "train", "validation"):
-        raise ConfigError(f"split={split!r} is not one of ['train', 'validation']")
+def user_documents(source: str, tokenizer=None, field: str = "text") -> list[Document]:
+    """The documents of a file, directory or glob (module docstring), as they are (their held-out
+    split: :func:`document_sides`). ``tokenizer`` renders chat records (its chat template)."""
     files = data_files(source)
     docs = []
     for f, name in files:
@@ -118,9 +115,7 @@ def user_documents(source: str, tokenizer=None, field: str = "text", split: str 
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise ConfigError(f"data {source!r} holds no text (its files are empty or whitespace only)")
-    if split is None:
-        return docs
-    return [d for d in held_out(docs, source) if d.split == split]
+    return docs
 
 
 def data_files(source: str) -> list[tuple[Path, str]]:
@@ -236,18 +231,24 @@ def read_documents(source: str, field: str = "text", tokenizer=None) -> list[Doc
         return library_corpus(source.partition(":")[2] or "train")
     path, _, split = source.rpartition(":")
     if split in SPLITS and path:
-        return user_documents(path, tokenizer, field, split=split)
+        return document_sides(path, field, tokenizer)[split]
     return user_documents(source, tokenizer, field)
 
 
-def split_documents(source: str, split: str, field: str = "text", tokenizer=None) -> list[Document]:
-    """One side (``train`` / ``validation``) of any source :func:`read_documents` reads: the built-in or
-    library corpus's own split, or the held-out split of the user's text."""
-    if split not in SPLITS:
-        raise ConfigError(f"split={split!r} is not one of {list(SPLITS)}")
+def document_sides(source: str, field: str = "text", tokenizer=None) -> dict[str, list[Document]]:
+    """Both sides (``train``, ``validation``) of any source :func:`read_documents` reads, its files read
+    once: the built-in or library corpus's own split, or the held-out split of the user's text."""
     if not source.strip():
-        return read_documents(source)          # its one line for empty data
+        return {"train": read_documents(source)}          # its one line for empty data
     name = source.partition(":")[0]
     if name in ("builtin", "library"):
-        return read_documents(f"{name}:{split}")
-    return read_documents(f"{source}:{split}", field, tokenizer)
+        return {split: read_documents(f"{name}:{split}") for split in SPLITS}
+    docs = held_out(user_documents(source, tokenizer, field), source)
+    return {split: [d for d in docs if d.split == split] for split in SPLITS}
+
+
+def split_documents(source: str, split: str, field: str = "text", tokenizer=None) -> list[Document]:
+    """One side (``train`` / ``validation``) of a source (:func:`document_sides`)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} is not one of {list(SPLITS)}")
+    return document_sides(source, field, tokenizer)[split]

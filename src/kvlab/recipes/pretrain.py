@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kvlab.config.model import ModelConfig
-from kvlab.data.sources import parse_data, split_documents
+from kvlab.data.sources import document_sides, parse_data
 from kvlab.data.windows import TokenMix, Windows, tokenize_to_file
 from kvlab.errors import ConfigError
 from kvlab.io.kvlab_format import save_checkpoint
@@ -122,9 +122,10 @@ def training_tokens(tokenizer, data: str = "builtin", *, data_field: str = "text
     directories, globs, JSONL, or a weighted mix of these): the train sides as a
     :class:`~kvlab.data.windows.TokenMix`, the validation sides' tokens together (None if none)."""
     parts = parse_data(data, named=("builtin", "library"))
-    train = TokenMix([(p.source, tokenize_to_file(split_documents(p.source, "train", data_field, tokenizer),
-                                                  tokenizer, cache_dir=cache_dir).tokens, p.weight) for p in parts])
-    val_docs = [d for p in parts for d in split_documents(p.source, "validation", data_field, tokenizer)]
+    sides = [document_sides(p.source, data_field, tokenizer) for p in parts]
+    train = TokenMix([(p.source, tokenize_to_file(side["train"], tokenizer, cache_dir=cache_dir).tokens, p.weight)
+                      for p, side in zip(parts, sides)])
+    val_docs = [d for side in sides for d in side["validation"]]
     val_tokens = tokenize_to_file(val_docs, tokenizer, cache_dir=cache_dir).tokens if val_docs else None
     return train, val_tokens
 

@@ -13,7 +13,7 @@ import torch
 
 from kvlab.data.corpus import Document
 from kvlab.dtypes import KVQuant
-from kvlab.eval.fidelity import fidelity
+from kvlab.eval.fidelity import compare
 from kvlab.eval.perplexity import batch_loss, evaluate
 from kvlab.eval.tasks import greedy_replies, task_accuracy
 
@@ -41,8 +41,13 @@ class EvalSet:
         agree with them; with the ``original`` model, the fidelity to it on the validation documents
         (:func:`kvlab.eval.fidelity.fidelity`: KL(original ‖ model) per token and top-1 agreement)."""
         t = time.perf_counter()
-        ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens, progress=False,
-                      kv_quant=kv_quant)
+        fid = None
+        if original is None:
+            ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens,
+                          progress=False, kv_quant=kv_quant)
+        else:                       # the same perplexity, and the fidelity, from one pass over the text
+            ev, fid = compare(original, model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens,
+                              kv_quant=kv_quant)
         eval_s = time.perf_counter() - t
         t = time.perf_counter()
         replies = greedy_replies(model, tok, self.chats, kv_quant=kv_quant)
@@ -53,11 +58,8 @@ class EvalSet:
         out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "chat": task_accuracy(model, tok, self.chats,
                                                                                    replies=replies),
                "replies": replies, "eval_s": eval_s, "chat_s": chat_s, "proxy_s": proxy_s}
-        if original is not None:
-            t = time.perf_counter()
-            out["fidelity"] = fidelity(original, model, tok, self.documents, seq_len=self.seq_len,
-                                       max_tokens=self.max_tokens, kv_quant=kv_quant).to_dict()
-            out["fidelity_s"] = time.perf_counter() - t
+        if fid is not None:
+            out["fidelity"] = fid.to_dict()
         if original_replies is not None:
             n = len(self.chats)
             out["chat_agreement"] = sum(a == b for a, b in zip(replies, original_replies)) / n

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kvlab.data.corpus import Document
-from kvlab.data.sources import NAMED_SOURCES, DataPart, data_files, parse_data, split_documents
+from kvlab.data.sources import NAMED_SOURCES, DataPart, data_files, document_sides, parse_data, split_documents
 from kvlab.data.windows import TokenMix, tokenize_to_file
 from kvlab.errors import ConfigError
 from kvlab.recipes.shrink.evaluation import duration
@@ -58,15 +58,14 @@ class RunText:
         self.parts = data_parts(spec)
         self.generated_tokens, self._generate = generated_tokens, generate
         self.user_parts = [p for p in self.parts if p.source not in NAMED_SOURCES]
-        self._train: dict[str, np.ndarray] = {}
-        for p in self.parts:
-            if p.source != "generated":
-                self._train[p.source] = self._tokens(p.source, "train")
         texts = [p for p in self.parts if p.source != "generated"] or [DataPart("builtin")]
-        self.reference = TokenMix([(p.source, self._train_tokens(p.source), p.weight) for p in texts])
+        if any(p.source == "library" for p in texts):
+            self.log("reading the library corpus (the first time: about a minute, then cached)...")
+        sides = {p.source: document_sides(p.source, tokenizer=tokenizer) for p in texts}   # each file read once
+        self._train = {source: self._tokens(source, side["train"]) for source, side in sides.items()}
+        self.reference = TokenMix([(p.source, self._train[p.source], p.weight) for p in texts])
         if self.user_parts:
-            self.validation = [d for p in self.user_parts for d in split_documents(p.source, "validation",
-                                                                                    tokenizer=tokenizer)]
+            self.validation = [d for p in self.user_parts for d in sides[p.source]["validation"]]
             self.validation_name = f"the held-out split of --data {', '.join(p.source for p in self.user_parts)}"
             held = sum(len(tokenizer.encode(d.text, add_special_tokens=False)) for d in self.validation)
             if held < MIN_VALIDATION_TOKENS:
@@ -82,19 +81,11 @@ class RunText:
                                   f"window of {window + 2:,}; give more text (or a smaller --seq-len)")
             self.log(f"--data {p.source}: {n:,} training tokens; validation on its held-out split")
 
-    def _tokens(self, source: str, split: str) -> np.ndarray:
-        if source == "library":
-            self.log("reading the library corpus (the first time: about a minute, then cached)...")
-        docs: list[Document] = split_documents(source, split, tokenizer=self.tok)
+    def _tokens(self, source: str, docs: list[Document]) -> np.ndarray:
         tokens = tokenize_to_file(docs, self.tok, progress=False).tokens
         if source == "library":
             self.log(f"  {len(tokens):,} tokens of training text")
         return tokens
-
-    def _train_tokens(self, source: str) -> np.ndarray:
-        if source not in self._train:
-            self._train[source] = self._tokens(source, "train")
-        return self._train[source]
 
     @property
     def prompts(self) -> np.ndarray:
@@ -103,7 +94,7 @@ class RunText:
 
     def training(self) -> TokenMix:
         """The text recovery trains on: every part, generated text sampled the first time."""
-        return TokenMix([(p.source, self._generated() if p.source == "generated" else self._train_tokens(p.source),
+        return TokenMix([(p.source, self._generated() if p.source == "generated" else self._train[p.source],
                           p.weight) for p in self.parts])
 
     def _generated(self) -> np.ndarray:

@@ -4,8 +4,8 @@ The stages (:class:`~kvlab.recipes.shrink.run.ShrinkRun`; each stage's result is
 ``OUT/shrink_state.json``, so ``resume`` continues where a run stopped, and the training stages
 resume from their own checkpoints):
 
-1. **Score the original**: held-out proxy perplexity, validation perplexity, chat replies
-   (:mod:`~kvlab.recipes.shrink.evaluation`).
+1. **Score the original**: held-out proxy perplexity, validation perplexity, passkey retrieval and the
+   next-line and recall tasks (:mod:`~kvlab.recipes.shrink.evaluation`, :mod:`kvlab.eval.suite`).
 2. **Enumerate** the wirings that meet the KV budget (bytes per token, bf16), family by family
    (:mod:`~kvlab.recipes.shrink.candidates`): fewer KV heads with the least cross-layer sharing that
    fits; MLA with a shared RoPE key of a quarter, half or three quarters of a head and the rest of the
@@ -18,8 +18,9 @@ resume from their own checkpoints):
    for the whole run, from measured step times: :mod:`~kvlab.recipes.shrink.planning`).
 5. **Recover** each: layer-wise attention transfer to the original, then distillation of its logits
    (the original is the frozen teacher); the recovery curve is recorded on the held-out windows.
-6. **Evaluate** each recovered candidate as the original was, with its replies' agreement with the
-   original's; the best (lowest held-out proxy perplexity) is kept.
+6. **Evaluate** each recovered candidate as the original was, with its fidelity to the original (KL,
+   top-1 agreement) on the validation text and on each off-domain set; the best (lowest held-out proxy
+   perplexity) is kept.
 7. **Export** the best as a kvlab checkpoint in ``OUT/model`` and, where transformers has its
    architecture, an HF export in ``OUT/hf``.
 8. **Report**: ``report.md``, ``results.json``, ``pareto.png`` and ``recovery.png``

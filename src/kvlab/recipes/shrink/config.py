@@ -31,7 +31,15 @@ class ShrinkConfig:
     proxy_tokens: int = 4096
     eval_tokens: int | None = 8192        # validation tokens scored at the end (None: the whole split)
     eval_seq_len: int = 1024
-    chat_prompts: int = 32
+    # Beside the validation text, every recovered model is scored against the original on what no stage
+    # saw (kvlab.eval.suite): each off-domain set the machine has (this many tokens of each; 0: none),
+    # passkey retrieval at these prompt lengths (each at depths 0.1, 0.5, 0.9; those past the model's
+    # context left out; empty: none) and task_items items of the next-line and recall tasks (0: none).
+    # Each costs scoring time that recovery does not get (about a minute per model at these sizes on 2
+    # cores); kvlab eval --original measures a finished model at any size.
+    offdomain_tokens: int = 1024
+    passkey_lengths: tuple[int, ...] = (1024, 2048)
+    task_items: int = 32
     # Training windows as long as the evaluation's: the converted layers' position-free channels must
     # learn long distances (at 256-token windows a KV/2 MLA reached +14 % on 512-token windows but
     # +57 % at 1,024 tokens of context).
@@ -122,13 +130,17 @@ class ShrinkConfig:
         if min(self.rescore, self.speed_batch, self.speed_rounds, self.serve_clients, self.serve_prompt_tokens,
                self.serve_max_tokens, self.serve_original_seqs) < 1:
             raise ConfigError("rescore, speed_batch, speed_rounds and the serve_* settings must be positive integers")
+        self.passkey_lengths = tuple(self.passkey_lengths)
+        if self.offdomain_tokens < 0 or self.task_items < 0 or any(n < 1 for n in self.passkey_lengths):
+            raise ConfigError("offdomain_tokens and task_items must be >= 0 and passkey_lengths positive token counts")
         if any(p.source == "generated" for p in parts) and self.generated_tokens < 1:
             raise ConfigError(f"--generated-tokens {self.generated_tokens} must be positive with --data {self.data}")
 
     @classmethod
     def quick(cls, **overrides) -> "ShrinkConfig":
         base = dict(minutes=None, tokens=2 * 8 * 2 * 32, candidates=2, calibration_tokens=512, proxy_tokens=256,
-                    eval_tokens=512, eval_seq_len=64, chat_prompts=4, seq_len=32, batch_size=2, curve_points=2,
+                    eval_tokens=512, eval_seq_len=64, offdomain_tokens=64, passkey_lengths=(), task_items=4,
+                    seq_len=32, batch_size=2, curve_points=2,
                     serve_clients=4, serve_prompt_tokens=8, serve_max_tokens=4, serve_original_seqs=1)
         return cls(**{**base, **overrides})
 

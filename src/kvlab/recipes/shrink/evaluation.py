@@ -1,6 +1,7 @@
 """How ``kvlab shrink`` measures a model: the held-out proxy perplexity (ranking and the recovery
-curve), and the final scores — validation perplexity and greedy chat replies, compared with the
-original's (fidelity: KL and top-1 agreement against the original on the validation text)."""
+curve), and the final scores — validation perplexity with the fidelity to the original on the same text
+(KL and top-1 agreement), and the trust suite (:mod:`kvlab.eval.suite`: fidelity on off-domain text,
+passkey retrieval, next-line and recall tasks), the original's scores beside each candidate's."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from kvlab.data.corpus import Document
 from kvlab.dtypes import KVQuant
 from kvlab.eval.fidelity import compare
 from kvlab.eval.perplexity import batch_loss, evaluate
-from kvlab.eval.tasks import greedy_replies, task_accuracy
+from kvlab.eval.suite import TrustSuite
 
 
 def proxy_perplexity(model, batches: list[torch.Tensor], kv_quant: KVQuant | None = None) -> float:
@@ -26,20 +27,18 @@ def proxy_perplexity(model, batches: list[torch.Tensor], kv_quant: KVQuant | Non
 @dataclass
 class EvalSet:
     """The held-out text every model of a run is scored on: proxy windows of the train split,
-    validation documents (no stage trains, calibrates or selects on them) and chat prompts."""
+    validation documents (no stage trains, calibrates or selects on them) and the trust suite."""
 
     proxy: list[torch.Tensor]
     documents: list[Document]
     seq_len: int
     max_tokens: int | None
-    chats: list
+    suite: TrustSuite
 
-    def score(self, model, tok, original_replies: list[str] | None = None, kv_quant: KVQuant | None = None,
-              original=None) -> dict:
-        """Proxy perplexity, validation perplexity and chat replies of ``model`` (its cache stored in
-        ``kv_quant``), timed; with the original's replies, also how often and how far ``model``'s
-        agree with them; with the ``original`` model, the fidelity to it on the validation documents
-        (:func:`kvlab.eval.fidelity.fidelity`: KL(original ‖ model) per token and top-1 agreement)."""
+    def score(self, model, tok, kv_quant: KVQuant | None = None, original=None) -> dict:
+        """Proxy perplexity, validation perplexity and the suite's scores of ``model`` (its cache stored
+        in ``kv_quant``), timed; with the ``original`` model, the fidelity to it on the validation
+        documents (:func:`kvlab.eval.fidelity.compare`) and on each off-domain set."""
         t = time.perf_counter()
         fid = None
         if original is None:
@@ -50,31 +49,23 @@ class EvalSet:
                               kv_quant=kv_quant)
         eval_s = time.perf_counter() - t
         t = time.perf_counter()
-        replies = greedy_replies(model, tok, self.chats, kv_quant=kv_quant)
-        chat_s = time.perf_counter() - t
+        # the original's own perplexity on each off-domain set comes with every candidate's fidelity
+        suite = self.suite.score(model, tok, original=original, kv_quant=kv_quant, domains=original is not None)
+        suite_s = time.perf_counter() - t
         t = time.perf_counter()
         proxy_ppl = proxy_perplexity(model, self.proxy, kv_quant)
         proxy_s = time.perf_counter() - t
-        out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "chat": task_accuracy(model, tok, self.chats,
-                                                                                   replies=replies),
-               "replies": replies, "eval_s": eval_s, "chat_s": chat_s, "proxy_s": proxy_s}
+        out = {"proxy_ppl": proxy_ppl, "val": ev.to_dict(), "suite": suite, "eval_s": eval_s, "suite_s": suite_s,
+               "proxy_s": proxy_s}
         if fid is not None:
             out["fidelity"] = fid.to_dict()
-        if original_replies is not None:
-            n = len(self.chats)
-            out["chat_agreement"] = sum(a == b for a, b in zip(replies, original_replies)) / n
-            out["chat_prefix_agreement"] = sum(_common_prefix(a, b) / max(1, len(b))
-                                               for a, b in zip(replies, original_replies)) / n
         return out
 
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    def structure_alone(self, model, tok, original) -> dict:
+        """``model``'s fidelity to ``original`` on the validation documents with a float cache: a composed
+        candidate's structure without its quantized cache."""
+        _, fid = compare(original, model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens)
+        return fid.to_dict()
 
 
 def duration(seconds: float) -> str:

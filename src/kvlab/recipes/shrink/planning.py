@@ -19,7 +19,7 @@ class StepTimes:
 
     transfer_s: float
     kd_s: float
-    eval_s: float        # one model's final proxy, evaluation, chat replies, decode speeds and saving
+    eval_s: float        # one model's final proxy, evaluation, trust suite, decode speeds and saving
     proxy_s: float       # one proxy measurement (a curve point)
     refit_s: float       # the output refit, when asked for
 

@@ -234,25 +234,22 @@ def write_report(results: dict, path: Path) -> None:
         f"Validation perplexity: {results.get('validation_text', 'the built-in validation split')}, which no stage "
         "trains, calibrates or selects on, scored with the candidate's cache in its precision; on the same tokens, "
         "the mean KL(original ‖ candidate) of the next-token distributions and the share of tokens whose most "
-        "likely next token is the original's. Chat: greedy answers "
-        "(16 tokens) to held-out instruction prompts — exact-match accuracy against the tasks' answers, the share "
-        "of answers identical to the original model's, and the common prefix with the original's answer as a share "
-        "of its length.",
+        "likely next token is the original's. A structure with a quantized cache is scored with a float cache too: "
+        "the structure alone (its perplexity against the original's). Off the training text: the next section.",
         "",
         "| model | cache | KV bytes/token | smaller | validation perplexity | vs original | KL to original "
-        "(nats/token) | top-1 agreement | chat accuracy | same answer as original | common prefix | training tokens |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| original | bf16 | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | 0 | 100% | "
-        f"{orig['chat']['accuracy']:.0%} | – | – | – |",
+        "(nats/token) | top-1 agreement | structure alone | training tokens |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| original | bf16 | {orig['kv_bytes']:,} | 1.0x | {o_val:.3f} | – | 0 | 100% | – | – |",
     ]
     for r in results["recovered"]:
         fid = r.get("fidelity")         # absent from runs recorded before it was measured
         kl, top1 = (f"{fid['kl']:.4f}", f"{fid['top1_agreement']:.1%}") if fid else ("–", "–")
         lines.append(f"| {r['name']} | {r['precision'] or 'bf16'} | {r['kv_bytes']:,} | "
                      f"{orig['kv_bytes'] / r['kv_bytes']:.1f}x | {r['val']['perplexity']:.3f} | "
-                     f"{_pct(r['val']['perplexity'], o_val)} | {kl} | {top1} | {r['chat']['accuracy']:.0%} | "
-                     f"{r['chat_agreement']:.0%} | {r['chat_prefix_agreement']:.0%} | {r['train_tokens']:,} |")
-    lines += ["", *_speed_lines(results), *_serving_lines(results)]
+                     f"{_pct(r['val']['perplexity'], o_val)} | {kl} | {top1} | {_structure_alone(r)} | "
+                     f"{r['train_tokens']:,} |")
+    lines += ["", *trust_lines(results), *_speed_lines(results), *_serving_lines(results)]
     lines += _ranking_lines(results)
     timing = results["plan"].get("timing")
     if timing and timing["kd_s_per_step"]:
@@ -262,6 +259,55 @@ def write_report(results: dict, path: Path) -> None:
                   f"{timing['train_seconds']:.0f} s of training (a start fitted by the loss gets no attention "
                   f"transfer, which would undo it).", ""]
     Path(path).write_text("\n".join(lines))
+
+
+def _structure_alone(r: dict) -> str:
+    alone = r.get("structure_alone")
+    return "–" if not alone else f"{alone['perplexity']:.3f} ({100 * (alone['perplexity_ratio'] - 1):+.1f} %)"
+
+
+def trust_lines(results: dict) -> list[str]:
+    """The section on what no stage saw (kvlab.eval.suite): fidelity per off-domain set, passkey
+    retrieval and the tasks, the original's scores first."""
+    orig, recovered = results["original"], results["recovered"]
+    if not orig.get("suite") and not any(r.get("suite") for r in recovered):
+        return []                   # a run recorded before the suite existed
+    lines = ["## Off the training text", "",
+             "Text no stage of this run trained, calibrated or selected on, none of it Python: off-domain sets "
+             "assembled from what this machine ships (`kvlab.data.offdomain`: C headers, manual pages, "
+             "JavaScript in packages, licence texts), each model against the original on the same tokens; "
+             "passkey retrieval (a five-digit key at depths 0.1, 0.5 and 0.9 of a filler text, retrieved when "
+             "greedy decoding repeats it); next-line (pick the true next line of a passage among four, by "
+             "log-likelihood; chance 25 %) and recall (continue a passage with an identifier it used before, "
+             "exact match), both built from the off-domain text. `kvlab eval MODEL --original ORIGINAL "
+             "--data offdomain --passkey --tasks next-line,recall` measures a model at any size.", ""]
+    sets = sorted({name for r in recovered for name in r.get("suite", {}).get("domains", {})})
+    if sets:
+        lines += ["| model | " + " | ".join(f"{name}: ratio / KL / top-1" for name in sets) + " |",
+                  "|---|" + "---:|" * len(sets)]
+        first = next(r["suite"]["domains"] for r in recovered if r.get("suite", {}).get("domains"))
+        lines.append("| original (perplexity) | " + " | ".join(
+            f"{first[name]['original_perplexity']:.3f}" if name in first else "–" for name in sets) + " |")
+        for r in recovered:
+            d = r.get("suite", {}).get("domains", {})
+            lines.append(f"| {r['name']} | " + " | ".join(
+                f"{d[n]['perplexity_ratio']:.3f} / {d[n]['kl']:.4f} / {d[n]['top1_agreement']:.1%}" if n in d
+                else "–" for n in sets) + " |")
+        lines.append("")
+    lengths = sorted({int(k) for e in (orig, *recovered) for k in e.get("suite", {}).get("passkey", {})
+                      .get("by_length", {})})
+    lines += ["| model | " + "".join(f"passkey at {n:,} | " for n in lengths) + "next-line (acc / acc_norm) | "
+              "recall (exact match) |", "|---|" + "---:|" * (len(lengths) + 2)]
+    for e in (orig, *recovered):
+        suite = e.get("suite", {})
+        by_length = suite.get("passkey", {}).get("by_length", {})
+        tasks = suite.get("tasks", {})
+        nl, rc = tasks.get("next-line"), tasks.get("recall")
+        lines.append(f"| {e['name']} | " + "".join(
+            f"{by_length[str(n)]:.0%} | " if str(n) in by_length else "– | " for n in lengths)
+            + (f"{nl['accuracy']:.1%} / {nl['accuracy_norm']:.1%} (n={nl['n']}) | " if nl else "– | ")
+            + (f"{rc['accuracy']:.1%} (n={rc['n']}) |" if rc else "– |"))
+    return lines + [""]
 
 
 def _ranking_lines(results: dict) -> list[str]:

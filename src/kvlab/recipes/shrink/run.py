@@ -20,6 +20,7 @@ import torch
 
 from kvlab.convert.balance import BALANCE_WINDOW, balance_keys, balanceable_layers
 from kvlab.errors import ConfigError
+from kvlab.eval.suite import suite_summary
 from kvlab.models.modes import frozen
 from kvlab.recipes.shrink.candidates import (
     Candidate,
@@ -91,8 +92,8 @@ class ShrinkRun:
         training come from the train split; the proxy is held-out windows of the train split (ranking
         and the recovery curve); the validation split serves only the final numbers."""
         import kvlab
-        from kvlab.data.instruct import make_tasks
         from kvlab.data.windows import calibration_batches
+        from kvlab.eval.suite import build_suite
 
         scfg = self.scfg
         self.base = frozen(kvlab.load(self.model_ref, device=scfg.device))
@@ -131,8 +132,11 @@ class ShrinkRun:
         proxy_len = min(proxy_len, self.text.reference.shortest - 2)
         x, y = self.text.reference.windows(proxy_len, rows, seed=scfg.seed + 1_000_003).batch(0)
         proxy = [torch.cat([x[i:i + 2], y[i:i + 2, -1:]], 1) for i in range(0, rows, 2)]
-        self.evalset = EvalSet(proxy, self.text.validation, min(scfg.eval_seq_len, self.base.cfg.max_seq_len),
-                               scfg.eval_tokens, make_tasks(scfg.chat_prompts, seed=scfg.seed + 1_000_003))
+        eval_len = min(scfg.eval_seq_len, self.base.cfg.max_seq_len)
+        suite = build_suite(self.tok, self.base.cfg.max_seq_len, domain_tokens=scfg.offdomain_tokens,
+                            passkey_lengths=scfg.passkey_lengths, task_items=scfg.task_items, seq_len=eval_len,
+                            seed=scfg.seed)
+        self.evalset = EvalSet(proxy, self.text.validation, eval_len, scfg.eval_tokens, suite)
 
     def _candidates(self) -> list[Candidate]:
         """The caches within the budget that the target runtime executes (the others, with the reason,
@@ -177,7 +181,7 @@ class ShrinkRun:
             self.save()
         original = self.state.original
         self.log(f"  original: validation perplexity {original.val['perplexity']:.3f}, proxy "
-                 f"{original.proxy_ppl:.3f}, chat exact match {original.chat['accuracy']:.0%}")
+                 f"{original.proxy_ppl:.3f}" + suite_summary(original.suite))
         return original
 
     def rank(self) -> list[RankedCandidate]:
@@ -239,7 +243,12 @@ class ShrinkRun:
         from kvlab.training import AttentionTransfer, Distillation
 
         scfg, original = self.scfg, self.state.original
-        eval_s = original.eval_s + original.chat_s + original.proxy_s + 3 * self.speed_seconds + 20
+        # a candidate's scoring reads each text twice (it and the original: the fidelity), the tasks once
+        domain_tokens = self.evalset.suite.domain_tokens * len(self.evalset.suite.domains)
+        # and a structure with a quantized cache is scored once more with a float cache (the structure alone)
+        composed = any(c.restructured and c.kv_quant is not None for c in chosen)
+        eval_s = (2 * original.eval_s * (1 + composed + domain_tokens / max(1, original.val["tokens"]))
+                  + original.suite_s + original.proxy_s + 3 * self.speed_seconds + 20)
         trained = [c for c in chosen if c.restructured]
         if not trained:                    # quantized caches of the original: nothing to time
             return StepTimes(transfer_s=0.0, kd_s=0.0, proxy_s=original.proxy_s, refit_s=0.0, eval_s=eval_s)
@@ -335,8 +344,9 @@ class ShrinkRun:
         for p in student.parameters():
             p.requires_grad_(False)
         original = self.state.original
-        score = self.evalset.score(student, self.tok, original_replies=original.replies, kv_quant=cand.kv_quant,
-                                   original=self.base)
+        score = self.evalset.score(student, self.tok, kv_quant=cand.kv_quant, original=self.base)
+        if cand.restructured and cand.kv_quant is not None:    # what the structure costs without its precision
+            score["structure_alone"] = self.evalset.structure_alone(student, self.tok, self.base)
         contexts = sorted({c for c in (512, 2048, self.context) if c <= self.base.cfg.max_seq_len} or {self.context})
         speed = {str(c): decode_ratio(self.base, student, cand.kv_quant, batch=self.scfg.speed_batch, context=c,
                                       rounds=self.scfg.speed_rounds, seed=self.scfg.seed).to_dict() for c in contexts}
@@ -344,15 +354,14 @@ class ShrinkRun:
             name=cand.name, family=cand.family, kind=cand.kind, change=cand.change, kv_bytes=cand.kv_bytes,
             precision=cand.precision, proxy_ppl=score["proxy_ppl"], refit_proxy_ppl=record["refit_proxy_ppl"],
             refit_used=record["refit_used"], val=score["val"], curve=record["curve"], stages=record["stages"],
-            train_tokens=record["train_tokens"], chat=score["chat"], chat_agreement=score["chat_agreement"],
-            chat_prefix_agreement=score["chat_prefix_agreement"], speed=speed, fidelity=score["fidelity"])
+            train_tokens=record["train_tokens"], speed=speed, fidelity=score["fidelity"], suite=score["suite"],
+            structure_alone=score.get("structure_alone"))
         self.state.recovered[cand.name] = result
         self.log(f"  {cand.name}: validation perplexity {result.val['perplexity']:.3f} "
                  f"({100 * (result.val['perplexity'] / original.val['perplexity'] - 1):+.1f} %), KL to the "
                  f"original {result.fidelity['kl']:.4f} nats/token, top-1 agreement "
                  f"{result.fidelity['top1_agreement']:.1%}, proxy "
-                 f"{result.proxy_ppl:.3f}, chat replies equal to the original's {result.chat_agreement:.0%} "
-                 f"(common prefix {result.chat_prefix_agreement:.0%} of their length); decode step "
+                 f"{result.proxy_ppl:.3f}" + suite_summary(result.suite, original.suite) + "; decode step "
                  + ", ".join(f"{v['ratio']:.2f}x at {int(c):,}" for c, v in speed.items()))
         best = self.state.best
         if best is None or result.proxy_ppl < self.state.recovered[best].proxy_ppl:

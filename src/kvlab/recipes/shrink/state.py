@@ -25,11 +25,11 @@ class OriginalScore:
     kv_bytes: int
     proxy_ppl: float
     val: dict
-    chat: dict
-    replies: list[str]
     eval_s: float
-    chat_s: float
     proxy_s: float
+    # passkey retrieval and task scores (kvlab.eval.suite.TrustSuite.score), and the seconds they took
+    suite: dict = field(default_factory=dict)
+    suite_s: float = 0.0
 
 
 @dataclass
@@ -81,13 +81,14 @@ class RecoveredCandidate:
     curve: list
     stages: list[dict]
     train_tokens: int
-    chat: dict
-    chat_agreement: float
-    chat_prefix_agreement: float
     # decode step against the original's by context (a SpeedRatio's fields), "512", "2048", ...
     speed: dict[str, dict] = field(default_factory=dict)
     # against the original on the validation text (kvlab.eval.fidelity.Fidelity's fields)
     fidelity: dict = field(default_factory=dict)
+    # against the original on what no stage saw (kvlab.eval.suite.TrustSuite.score)
+    suite: dict = field(default_factory=dict)
+    # a structure with a quantized cache: its fidelity on the validation text with a float cache
+    structure_alone: dict | None = None
 
 
 @dataclass
@@ -117,13 +118,14 @@ class ShrinkState:
         raw = json.loads(path.read_text())
         state = cls(**{k: v for k, v in raw.items() if k not in ("original", "ranking", "plan", "recovered")})
         if raw.get("original") is not None:
-            state.original = OriginalScore(**raw["original"])
+            state.original = OriginalScore(**_known(OriginalScore, raw["original"]))
         if raw.get("ranking") is not None:
             state.ranking = [RankedCandidate(**r) for r in raw["ranking"]]
         if raw.get("plan") is not None:
             plan = raw["plan"]
             state.plan = RecoveryPlan(plan["tokens_per_step"], [tuple(s) for s in plan["steps"]], plan["timing"])
-        state.recovered = {name: RecoveredCandidate(**r) for name, r in raw.get("recovered", {}).items()}
+        state.recovered = {name: RecoveredCandidate(**_known(RecoveredCandidate, r))
+                           for name, r in raw.get("recovered", {}).items()}
         return state
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,10 +135,10 @@ class ShrinkState:
         write_json(path, self.to_dict())
 
     def results(self, model_ref: str, budget: int, elapsed_s: float) -> dict[str, Any]:
-        """``results.json``: the run's settings, the original's and every candidate's numbers (chat
-        replies left out), the plan and what was chosen and exported."""
+        """``results.json``: the run's settings, the original's and every candidate's numbers, the plan and
+        what was chosen and exported."""
         def public(entry) -> dict:
-            return {k: v for k, v in dataclasses.asdict(entry).items() if k != "replies"}
+            return dataclasses.asdict(entry)
 
         return {"model": model_ref, "budget_bytes_per_token": budget, "original": public(self.original),
                 "ranking": [dataclasses.asdict(r) for r in self.ranking], "chosen": self.chosen,
@@ -147,3 +149,11 @@ class ShrinkState:
                 "keys_balanced": self.keys_balanced, "validation_text": self.validation_text,
                 "config": self.config,
                 "elapsed_s": elapsed_s}
+
+
+def _known(cls, raw: dict) -> dict:
+    """``raw``'s fields that ``cls`` has: a state written before a field was dropped still loads (the
+    chat replies of runs before the trust suite), and one written before a field was added takes its
+    default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}

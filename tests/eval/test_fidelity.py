@@ -76,3 +76,16 @@ def test_each_model_reads_through_its_own_cache():
                                                         progress=False).perplexity, rel=1e-6)
     with pytest.raises(ConfigError, match="vocabularies differ"):
         fidelity(original, make_model(seed=0, vocab_size=300), tok, DOCS)
+
+
+def test_several_models_against_one_pass_of_the_original_equal_each_compared_alone():
+    from kvlab.eval.fidelity import compare_each
+
+    tok = ByteTokenizer()
+    original, model = make_model(seed=0, vocab_size=259), _perturbed()
+    together = compare_each(original, [(model, "int4"), (model, None)], tok, DOCS, seq_len=16, batch_size=2)
+    for (result, fid), kv_quant in zip(together, ("int4", None)):
+        alone_result, alone_fid = compare(original, model, tok, DOCS, seq_len=16, batch_size=2, kv_quant=kv_quant)
+        assert result.to_dict() == pytest.approx(alone_result.to_dict(), rel=1e-6)
+        assert fid.to_dict() == pytest.approx(alone_fid.to_dict(), rel=1e-6)
+    assert together[0][1].kl != together[1][1].kl

@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from kvlab.cli.common import add_overwrite, device_arg, seed_arg
+from kvlab.cli.common import add_overwrite, device_arg, number_list, seed_arg
 
 
 def add_parser(sub) -> None:
@@ -74,6 +74,13 @@ def add_parser(sub) -> None:
                         "gain measured so far is small)")
     p.add_argument("--eval-tokens", type=int, default=8192, metavar="N",
                    help="validation tokens scored per model (0: the whole split)")
+    p.add_argument("--offdomain-tokens", type=int, default=1024, metavar="N",
+                   help="tokens of each off-domain set every recovered model is compared with the original on (0: "
+                        "none)")
+    p.add_argument("--passkey-lengths", type=number_list(int, "token counts"), default=(1024, 2048), metavar="N,...",
+                   help="passkey retrieval at these prompt lengths, depths 0.1, 0.5, 0.9 (an empty string: none)")
+    p.add_argument("--task-items", type=int, default=32, metavar="N",
+                   help="items of the next-line and recall tasks scored per model (0: none)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("-o", "--out", metavar="DIR", help="output directory (default: shrink-MODEL-KV, new or empty)")
@@ -101,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         budget = {"tokens": args.tokens, "minutes": None} if args.tokens is not None else {
             "minutes": args.minutes if args.minutes is not None else 15.0}
         scfg = ShrinkConfig(**common, **budget, calibration_tokens=args.calibration_tokens,
-                            eval_tokens=args.eval_tokens or None)
+                            eval_tokens=args.eval_tokens or None, offdomain_tokens=args.offdomain_tokens,
+                            passkey_lengths=args.passkey_lengths, task_items=args.task_items)
     out = args.out or "shrink-" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{args.model}-{args.kv}").strip("-")
     from kvlab.io.atomic import refuse_output_over_input
 

@@ -40,34 +40,50 @@ def fidelity(original, model, tokenizer, docs: Sequence[Document], **options) ->
     return compare(original, model, tokenizer, docs, **options)[1]
 
 
-@torch.inference_mode()
-def compare(original, model, tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
-            stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4, kv_quant=None,
-            original_kv_quant=None, backend: str | None = None,
-            progress: bool = False) -> tuple[EvalResult, Fidelity]:
+def compare(original, model, tokenizer, docs: Sequence[Document], *, kv_quant=None,
+            **options) -> tuple[EvalResult, Fidelity]:
     """``model``'s :func:`~kvlab.eval.perplexity.evaluate` result and its :class:`Fidelity` to ``original``
     on ``docs``, from one pass of each model; each reads through its own cache format (``kv_quant`` /
-    ``original_kv_quant``; None: a float cache). The two must share a vocabulary."""
-    if original.cfg.vocab_size != model.cfg.vocab_size:
-        raise ConfigError(f"the models' vocabularies differ ({original.cfg.vocab_size} and {model.cfg.vocab_size}); "
-                          f"compare a model with the original it was shrunk from")
-    text = scored_text(model, tokenizer, docs, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+    ``original_kv_quant``; None: a float cache). The two must share a vocabulary. ``options``: as
+    :func:`compare_each` takes."""
+    return compare_each(original, [(model, kv_quant)], tokenizer, docs, **options)[0]
+
+
+@torch.inference_mode()
+def compare_each(original, models: Sequence[tuple], tokenizer, docs: Sequence[Document], *, seq_len: int = 1024,
+                 stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+                 original_kv_quant=None, backend: str | None = None,
+                 progress: bool = False) -> list[tuple[EvalResult, Fidelity]]:
+    """:func:`compare` for each ``(model, kv_quant)`` of ``models`` on the same tokens, the original read
+    once for all of them (a structure with a quantized cache and with a float cache: one original pass)."""
+    for model, _ in models:
+        if original.cfg.vocab_size != model.cfg.vocab_size:
+            raise ConfigError(f"the models' vocabularies differ ({original.cfg.vocab_size} and "
+                              f"{model.cfg.vocab_size}); compare a model with the original it was shrunk from")
+    text = scored_text(models[0][0], tokenizer, docs, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                        batch_size=batch_size)
-    nll = nll_original = kl = 0.0
-    agree = scored = 0
+    sums = [dict(nll=0.0, kl=0.0, agree=0) for _ in models]
+    nll_original, scored = 0.0, 0
     for tokens, targets, mask in show_progress(text.batches, "comparing", progress):
         p_log = F.log_softmax(window_logits(original, tokens, mask, backend=backend, kv_quant=original_kv_quant), -1)
-        q_log = F.log_softmax(window_logits(model, tokens, mask, backend=backend, kv_quant=kv_quant), -1)
-        q_log = q_log.to(p_log.device)
         keep = (targets != -100).to(p_log.device)
-        t = targets.to(p_log.device).clamp(min=0)
-        nll -= float(q_log.gather(-1, t.unsqueeze(-1)).squeeze(-1)[keep].sum())
-        nll_original -= float(p_log.gather(-1, t.unsqueeze(-1)).squeeze(-1)[keep].sum())
-        kl += float((p_log.exp() * (p_log - q_log)).sum(-1)[keep].sum())
-        agree += int((p_log.argmax(-1) == q_log.argmax(-1))[keep].sum())
+        t = targets.to(p_log.device).clamp(min=0).unsqueeze(-1)
+        nll_original -= float(p_log.gather(-1, t).squeeze(-1)[keep].sum())
         scored += int(keep.sum())
-    ppl, ppl_original = math.exp(nll / scored), math.exp(nll_original / scored)
-    result = EvalResult(perplexity=ppl, bits_per_byte=nll / math.log(2) / text.n_bytes, nll=nll, tokens=scored,
-                        bytes=text.n_bytes, documents=text.documents, seq_len=seq_len, stride=text.stride)
-    return result, Fidelity(perplexity=ppl, original_perplexity=ppl_original, perplexity_ratio=ppl / ppl_original,
-                            kl=kl / scored, top1_agreement=agree / scored, tokens=scored)
+        for acc, (model, kv_quant) in zip(sums, models):
+            q_log = F.log_softmax(window_logits(model, tokens, mask, backend=backend, kv_quant=kv_quant), -1)
+            q_log = q_log.to(p_log.device)
+            acc["nll"] -= float(q_log.gather(-1, t).squeeze(-1)[keep].sum())
+            acc["kl"] += float((p_log.exp() * (p_log - q_log)).sum(-1)[keep].sum())
+            acc["agree"] += int((p_log.argmax(-1) == q_log.argmax(-1))[keep].sum())
+    ppl_original = math.exp(nll_original / scored)
+    out = []
+    for acc in sums:
+        nll = acc["nll"]
+        ppl = math.exp(nll / scored)
+        result = EvalResult(perplexity=ppl, bits_per_byte=nll / math.log(2) / text.n_bytes, nll=nll, tokens=scored,
+                            bytes=text.n_bytes, documents=text.documents, seq_len=seq_len, stride=text.stride)
+        out.append((result, Fidelity(perplexity=ppl, original_perplexity=ppl_original,
+                                     perplexity_ratio=ppl / ppl_original, kl=acc["kl"] / scored,
+                                     top1_agreement=acc["agree"] / scored, tokens=scored)))
+    return out

@@ -14,7 +14,7 @@ import torch
 
 from kvlab.data.corpus import Document
 from kvlab.dtypes import KVQuant
-from kvlab.eval.fidelity import compare
+from kvlab.eval.fidelity import compare_each
 from kvlab.eval.perplexity import batch_loss, evaluate
 from kvlab.eval.suite import TrustSuite
 
@@ -35,18 +35,22 @@ class EvalSet:
     max_tokens: int | None
     suite: TrustSuite
 
-    def score(self, model, tok, kv_quant: KVQuant | None = None, original=None) -> dict:
+    def score(self, model, tok, kv_quant: KVQuant | None = None, original=None, structure_alone: bool = False) -> dict:
         """Proxy perplexity, validation perplexity and the suite's scores of ``model`` (its cache stored
         in ``kv_quant``), timed; with the ``original`` model, the fidelity to it on the validation
-        documents (:func:`kvlab.eval.fidelity.compare`) and on each off-domain set."""
+        documents (:func:`kvlab.eval.fidelity.compare`) and on each off-domain set; with
+        ``structure_alone``, also the fidelity with a float cache (``"structure_alone"``: a composed
+        candidate's structure without its precision), the original read once for both."""
         t = time.perf_counter()
-        fid = None
+        fid = alone = None
         if original is None:
             ev = evaluate(model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens,
                           progress=False, kv_quant=kv_quant)
         else:                       # the same perplexity, and the fidelity, from one pass over the text
-            ev, fid = compare(original, model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens,
-                              kv_quant=kv_quant)
+            variants = [(model, kv_quant)] + ([(model, None)] if structure_alone else [])
+            scores = compare_each(original, variants, tok, self.documents, seq_len=self.seq_len,
+                                  max_tokens=self.max_tokens)
+            (ev, fid), alone = scores[0], (scores[1][1] if structure_alone else None)
         eval_s = time.perf_counter() - t
         t = time.perf_counter()
         # the original's own perplexity on each off-domain set comes with every candidate's fidelity
@@ -59,13 +63,9 @@ class EvalSet:
                "proxy_s": proxy_s}
         if fid is not None:
             out["fidelity"] = fid.to_dict()
+        if alone is not None:
+            out["structure_alone"] = alone.to_dict()
         return out
-
-    def structure_alone(self, model, tok, original) -> dict:
-        """``model``'s fidelity to ``original`` on the validation documents with a float cache: a composed
-        candidate's structure without its quantized cache."""
-        _, fid = compare(original, model, tok, self.documents, seq_len=self.seq_len, max_tokens=self.max_tokens)
-        return fid.to_dict()
 
 
 def duration(seconds: float) -> str:

@@ -245,9 +245,9 @@ class ShrinkRun:
         scfg, original = self.scfg, self.state.original
         # a candidate's scoring reads each text twice (it and the original: the fidelity), the tasks once
         domain_tokens = self.evalset.suite.domain_tokens * len(self.evalset.suite.domains)
-        # and a structure with a quantized cache is scored once more with a float cache (the structure alone)
+        # and a structure with a quantized cache once more with a float cache (the structure alone)
         composed = any(c.restructured and c.kv_quant is not None for c in chosen)
-        eval_s = (2 * original.eval_s * (1 + composed + domain_tokens / max(1, original.val["tokens"]))
+        eval_s = (original.eval_s * (2 + composed + 2 * domain_tokens / max(1, original.val["tokens"]))
                   + original.suite_s + original.proxy_s + 3 * self.speed_seconds + 20)
         trained = [c for c in chosen if c.restructured]
         if not trained:                    # quantized caches of the original: nothing to time
@@ -344,9 +344,9 @@ class ShrinkRun:
         for p in student.parameters():
             p.requires_grad_(False)
         original = self.state.original
-        score = self.evalset.score(student, self.tok, kv_quant=cand.kv_quant, original=self.base)
-        if cand.restructured and cand.kv_quant is not None:    # what the structure costs without its precision
-            score["structure_alone"] = self.evalset.structure_alone(student, self.tok, self.base)
+        # a structure with a quantized cache is also scored with a float cache: what the structure costs alone
+        score = self.evalset.score(student, self.tok, kv_quant=cand.kv_quant, original=self.base,
+                                   structure_alone=cand.restructured and cand.kv_quant is not None)
         contexts = sorted({c for c in (512, 2048, self.context) if c <= self.base.cfg.max_seq_len} or {self.context})
         speed = {str(c): decode_ratio(self.base, student, cand.kv_quant, batch=self.scfg.speed_batch, context=c,
                                       rounds=self.scfg.speed_rounds, seed=self.scfg.seed).to_dict() for c in contexts}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvlab.cli import main
-from kvlab.data.chat import IGNORE_INDEX, ChatBatches, encode_chat, read_chat_jsonl
+from kvlab.data.chat import IGNORE_INDEX, ChatBatches, encode_chat, read_chat_data, read_chat_jsonl
 from kvlab.data.instruct import TASKS, make_tasks
 from kvlab.errors import ConfigError
 from kvlab.io import save_checkpoint
@@ -255,3 +255,26 @@ def test_finetune_usage_errors_write_nothing(tiny_checkpoint, tmp_path, capsys, 
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_finetune_data_takes_directories_globs_and_weighted_mixes_of_chat_files(tmp_path):
+    def conv(text):
+        return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text.upper()}]}
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "a.jsonl").write_text("".join(json.dumps(conv(f"a{i}")) + "\n" for i in range(6)))
+    (tmp_path / "sft" / "b.jsonl").write_text("".join(json.dumps(conv(f"b{i}")) + "\n" for i in range(2)))
+    (tmp_path / "sft" / "notes.txt").write_text("not chat")
+    (tmp_path / "extra.jsonl").write_text(json.dumps(conv("x0")) + "\n")
+    whole = read_chat_data(str(tmp_path / "sft"))
+    assert [c[0]["content"] for c in whole] == [f"a{i}" for i in range(6)] + ["b0", "b1"]     # .jsonl, path order
+    assert read_chat_data(str(tmp_path / "sft" / "*.jsonl")) == whole
+    mix = read_chat_data(f"{tmp_path / 'sft'}:0.75,{tmp_path / 'extra.jsonl'}:0.25", seed=1)
+    firsts = [c[0]["content"] for c in mix]
+    # 9 conversations in all: 0.25 of them (2) from the one-line file, repeated; 0.75 (7) of the 8 sampled
+    assert len(mix) == 9 and firsts.count("x0") == 2 and len(set(firsts) - {"x0"}) == 7
+    assert mix == read_chat_data(f"{tmp_path / 'sft'}:0.75,{tmp_path / 'extra.jsonl'}:0.25", seed=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "n.txt").write_text("text only")
+    with pytest.raises(ConfigError, match="holds no .jsonl file"):
+        read_chat_data(str(tmp_path / "empty"))

@@ -86,6 +86,36 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     return conversations
 
 
+def read_chat_data(spec: str, seed: int = 0) -> list[list[dict]]:
+    """Conversations from ``--data``: a chat JSONL file, a directory or glob of them (every ``.jsonl``,
+    in path order), or a weighted mix (``sft/:0.8,extra.jsonl:0.2``, parsed as
+    :func:`kvlab.data.sources.parse_data` parses text mixes). In a mix each part gives its weight's share
+    of the total number of conversations: a small part repeats (whole passes, then a sample), a large
+    one is sampled, drawn from ``seed``; without weights the parts' conversations come as they are."""
+    import random
+
+    from kvlab.data.sources import data_files, parse_data
+
+    parts = parse_data(spec, named=())
+    per_part = []
+    for part in parts:
+        files = data_files(part.source)
+        jsonl = [f for f, _ in files if f.suffix == ".jsonl"] if len(files) > 1 or Path(part.source).is_dir() \
+            else [f for f, _ in files]
+        if not jsonl:
+            raise ConfigError(f"--data {part.source!r} holds no .jsonl file of chat records")
+        per_part.append([c for f in jsonl for c in read_chat_jsonl(f)])
+    if parts[0].weight is None:
+        return [c for convs in per_part for c in convs]
+    total, rng, out = sum(map(len, per_part)), random.Random(seed), []
+    for part, convs in zip(parts, per_part):
+        want = max(1, round(part.weight * total))
+        whole, rest = divmod(want, len(convs))
+        out += convs * whole + rng.sample(convs, rest)
+    rng.shuffle(out)
+    return out
+
+
 def encode_chat(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
     """Token ids of the whole conversation and, per token, whether it is an assistant token."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False)

@@ -45,8 +45,9 @@ class FinetuneConfig:
                                    "tasks: groups sampled with the KV cache, rewarded by exact match with the answer "
                                    "or by --reward-model) or ppo (the same rollouts, one per prompt by default, a "
                                    "value head, GAE and a per-token KL penalty)")
-    data: str = option(help="chat JSONL (sft) or preference JSONL in TRL's formats (reward, dpo); kvlab tasks writes "
-                            "both")
+    data: str = option(help="chat JSONL (sft: also a directory or glob of them, or a weighted mix such as "
+                            "sft/:0.8,extra.jsonl:0.2) or preference JSONL in TRL's formats (reward, dpo); kvlab "
+                            "tasks writes both")
     eval_data: str | None = option(None, "held-out chat JSONL (sft, dpo: exact-match accuracy) or preference JSONL "
                                          "(reward: pairwise accuracy), before and after")
     eval_limit: int | None = option(None, "score at most this many held-out conversations")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvlab.data.chat import ChatBatches, read_chat_jsonl
+from kvlab.data.chat import ChatBatches, read_chat_data, read_chat_jsonl
 from kvlab.errors import ConfigError
 from kvlab.models.heads import add_score_head
 from kvlab.recipes.finetune_config import PREFERENCE_OBJECTIVES, RL_OBJECTIVES, FinetuneConfig
@@ -42,7 +42,7 @@ class TrainingSetup:
 def read_finetune_data(cfg: FinetuneConfig) -> FinetuneData:
     """``cfg.data`` and ``cfg.eval_data`` (at most ``cfg.eval_limit`` held-out records), validated."""
     if cfg.objective not in PREFERENCE_OBJECTIVES:
-        return FinetuneData(read_chat_jsonl(cfg.data),
+        return FinetuneData(read_chat_data(cfg.data, seed=cfg.seed),
                             read_chat_jsonl(cfg.eval_data)[:cfg.eval_limit] if cfg.eval_data else None)
     from kvlab.data.preferences import read_preference_jsonl
 

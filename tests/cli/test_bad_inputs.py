@@ -387,8 +387,9 @@ CASES = [
                               "--out", "{ws}/o"], 2, "--epochs 0"),
     ("finetune-virtual-tokens-huge", ["finetune", M, "--method", "prompt", "--virtual-tokens", "100000", "--max-steps",
                                       "1", "--data", "{ws}/chat/good.jsonl", "--out", "{ws}/o"], 2, "100000"),
+    # a directory of chat files is data now: its bad file is named, with the line
     ("finetune-data-directory", ["finetune", M, "--method", "lora", "--max-steps", "1", "--data", "{ws}/chat",
-                                 "--out", "{ws}/o"], 2, "is a directory"),
+                                 "--out", "{ws}/o"], 2, "chat/badrole.jsonl:1: message"),
     ("eval-batch-size-0", ["eval", M, "--batch-size", "0"], 2, "0 must be at least 1"),
     ("generate-max-new-huge", ["generate", M, "--prompt-ids", "1,2", "--max-new-tokens", "100000000000"], 2,
      "GiB of memory"),

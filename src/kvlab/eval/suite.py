@@ -73,8 +73,7 @@ def build_suite(tokenizer, max_seq_len: int, *, domain_tokens: int = 1024, passk
     names = available_sets() if domain_tokens or task_items else []
     task_text = 0 if not task_items else max(2048, 64 * task_items)     # about a passage per 8 items and set
     text = {name: offdomain_documents(name, tokenizer, max(domain_tokens, task_text)) for name in names}
-    domains = ({name: _first_tokens(docs, tokenizer, domain_tokens) for name, docs in text.items()}
-               if domain_tokens else {})
+    domains = text if domain_tokens else {}        # scoring stops at domain_tokens of each (max_tokens)
     every = [d for docs in text.values() for d in docs]
     makers = {"next-line": next_line_items, "recall": recall_items}
     unknown = [t for t in tasks if t not in makers]
@@ -84,17 +83,6 @@ def build_suite(tokenizer, max_seq_len: int, *, domain_tokens: int = 1024, passk
     lengths = [n for n in passkey_lengths if n <= max_seq_len]
     trials = passkey_trials(tokenizer, lengths, passkey_depths, passkey_trials_per_cell, seed) if lengths else []
     return TrustSuite(domains, trials, tasks, min(seq_len, max_seq_len), domain_tokens)
-
-
-def _first_tokens(docs: list[Document], tokenizer, n: int) -> list[Document]:
-    """The first documents of ``docs`` that hold ``n`` tokens (the last one whole)."""
-    out, total = [], 0
-    for d in docs:
-        if total >= n:
-            break
-        out.append(d)
-        total += len(tokenizer.encode(d.text, add_special_tokens=False))
-    return out
 
 
 def suite_summary(scores: dict, original: dict | None = None) -> str:
